@@ -1,0 +1,64 @@
+"""Checkpoints in and out: Hugging Face folders (safetensors, no torch) and Orbax."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from jaxpatch.errors import CheckpointNotFoundError
+from jaxpatch.io.hf import load_hf, save_hf
+from jaxpatch.io.orbax import is_orbax_checkpoint, load_orbax, save_orbax
+from jaxpatch.models.model import Model
+
+
+def load(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
+    """Loads a model from a Hugging Face checkpoint folder or a jaxpatch Orbax folder.
+
+    Arguments:
+        path: the checkpoint folder.
+        dtype: cast floating params to "float32", "bfloat16" or "float16" (default: as stored).
+
+    Returns:
+        A `Model` with `.config`, `.params`, `.tokenizer` (or None) and `__call__(tokens)`.
+
+    Raises:
+        JaxpatchError: a subclass naming the file, tensor or setting at fault.
+
+    Example:
+        >>> import jaxpatch
+        >>> model = jaxpatch.load("tests/fixtures/llama-gqa")  # doctest: +SKIP
+        >>> model([[1, 2, 3]]).shape  # doctest: +SKIP
+        (1, 3, 96)
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointNotFoundError(f"{folder}: checkpoint folder not found")
+    if is_orbax_checkpoint(folder):
+        return load_orbax(folder, dtype)
+    return load_hf(folder, dtype)
+
+
+def save(model: Model, path: str | os.PathLike[str], format: Literal["hf", "orbax"] = "hf",
+         overwrite: bool = False) -> None:
+    """Writes a model as a Hugging Face folder (default) or an Orbax checkpoint, atomically.
+
+    Arguments:
+        model: the model.
+        path: the folder to create; an existing non-empty folder is refused unless `overwrite`.
+        format: "hf" (config.json + safetensors + tokenizer.json) or "orbax".
+        overwrite: replace an existing folder.
+
+    Example:
+        >>> import jaxpatch
+        >>> jaxpatch.save(model, "out/copy", format="orbax")  # doctest: +SKIP
+    """
+    if format == "hf":
+        save_hf(model, path, overwrite=overwrite)
+    elif format == "orbax":
+        save_orbax(model, path, overwrite=overwrite)
+    else:
+        raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
+
+
+__all__ = ["load", "save", "load_hf", "save_hf", "load_orbax", "save_orbax"]

@@ -1,0 +1,75 @@
+"""Atomic outputs: a folder or file appears complete or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from jaxpatch.errors import OutputExistsError
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary folder beside `path` that becomes `path` when the block succeeds.
+
+    On any exception the temporary folder is removed and `path` is left as it was.
+
+    Arguments:
+        path: the folder to create.
+        overwrite: replace an existing folder at `path` (else an existing, non-empty `path`
+            raises `OutputExistsError` before anything is written).
+
+    Returns:
+        A context manager yielding the temporary folder to write into.
+
+    Example:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "out"
+        >>> with atomic_directory(target) as tmp:
+        ...     _ = (tmp / "a.txt").write_text("hi")
+        >>> (target / "a.txt").read_text()
+        'hi'
+    """
+    path = Path(path)
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise OutputExistsError(f"{path}: already exists; choose another output path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Writes a text file atomically (a temporary file beside it, then a rename).
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "x.json"
+        >>> atomic_write_text(p, "{}")
+        >>> p.read_text()
+        '{}'
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

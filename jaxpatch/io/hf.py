@@ -1,0 +1,255 @@
+"""Hugging Face checkpoint folders in and out, with no torch.
+
+A folder holds `config.json`, the weights as `model.safetensors` or as shards listed in
+`model.safetensors.index.json`, and optionally `tokenizer.json`. Loading validates the config
+and every tensor's name and shape against the architecture before reading any data, then
+fills the params tree one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpatch.errors import (CheckpointNotFoundError, CorruptCheckpointError, MissingTensorError,
+                             PickleCheckpointError, TensorShapeError, UnexpectedTensorError,
+                             UnsafePathError)
+from jaxpatch.io import safetensors
+from jaxpatch.io.atomic import atomic_directory
+from jaxpatch.models.config import ModelConfig, Params, flatten_params, param_shapes
+from jaxpatch.models.families import (config_from_hf, config_to_hf, hf_prefix, is_ignored_tensor,
+                                      tensor_rules)
+from jaxpatch.models.model import Model
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+
+
+def read_json(path: Path) -> Any:
+    """Parses a JSON file, refusing a malformed one with its name.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "c.json"
+        >>> _ = p.write_text('{"a": 1}')
+        >>> read_json(p)
+        {'a': 1}
+    """
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_config(folder: Path) -> ModelConfig:
+    """The `ModelConfig` of a Hugging Face checkpoint folder.
+
+    Example:
+        >>> # read_config(Path("tests/fixtures/gpt2")).family  -> 'gpt2'
+    """
+    raw = read_json(folder / "config.json")
+    if not isinstance(raw, dict):
+        raise CorruptCheckpointError(f"{folder / 'config.json'}: not a JSON object")
+    return config_from_hf(raw, str(folder / "config.json"))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, checked to lie inside it.
+
+    Raises:
+        PickleCheckpointError: only pickle-based weights are present.
+        UnsafePathError: the sharded index names a file outside the folder.
+        CheckpointNotFoundError: no weights at all, or a shard the index names is missing.
+
+    Example:
+        >>> # weight_files(Path("tests/fixtures/gpt2"))  -> [.../model.safetensors]
+    """
+    index = folder / INDEX_FILE
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CorruptCheckpointError(f"{index}: has no weight_map")
+        return [_shard_path(folder, index, name) for name in dict.fromkeys(weight_map.values())]
+    if (folder / SINGLE_FILE).exists():
+        return [folder / SINGLE_FILE]
+    pickles = [name for name in PICKLE_FILES if (folder / name).exists()]
+    if pickles:
+        raise PickleCheckpointError(
+            f"{folder / pickles[0]}: jaxpatch never unpickles weights; convert the checkpoint to "
+            "safetensors first, e.g. in Python with transformers: "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR, "
+            "safe_serialization=True)")
+    raise CheckpointNotFoundError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} found")
+
+
+def _shard_path(folder: Path, index: Path, name: object) -> Path:
+    if not isinstance(name, str) or not name:
+        raise CorruptCheckpointError(f"{index}: weight_map names a file {name!r}")
+    root = folder.resolve()
+    resolved = (folder / name).resolve()
+    if os.path.isabs(name) or ".." in Path(name).parts or not resolved.is_relative_to(root):
+        raise UnsafePathError(
+            f"{index}: shard file {name!r} points outside the checkpoint folder; refusing to read it")
+    if not resolved.exists():
+        raise CheckpointNotFoundError(f"{index}: shard file {name!r} is missing")
+    return resolved
+
+
+def tensor_index(config: ModelConfig, files: list[Path]) -> dict[str, safetensors.TensorInfo]:
+    """Every tensor of a checkpoint, by the family's canonical Hugging Face name.
+
+    A checkpoint saved from the base model class (no `model.`/`transformer.` prefix) is
+    accepted: its names are given the prefix.
+
+    Example:
+        >>> # tensor_index(cfg, weight_files(folder))["model.norm.weight"].shape
+    """
+    infos: dict[str, safetensors.TensorInfo] = {}
+    expected = {rule.hf_name for rule in tensor_rules(config)}
+    prefix = hf_prefix(config)
+    for file in files:
+        for name, info in safetensors.read_header(file).items():
+            key = prefix + name if name not in expected and prefix + name in expected else name
+            if key in infos:
+                raise CorruptCheckpointError(f"{file}: tensor {name!r} appears in more than one file")
+            infos[key] = info
+    return infos
+
+
+def load_hf(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
+    """Loads a Hugging Face checkpoint folder.
+
+    Arguments:
+        path: the folder (`config.json`, `model.safetensors` or a sharded index, and
+            optionally `tokenizer.json`).
+        dtype: cast floating params to "float32", "bfloat16" or "float16" (default: keep the
+            stored dtype).
+
+    Returns:
+        The `Model`.
+
+    Raises:
+        JaxpatchError: a subclass naming the file, tensor or setting at fault.
+
+    Example:
+        >>> # model = load_hf("tests/fixtures/llama-gqa")
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointNotFoundError(f"{folder}: checkpoint folder not found")
+    config = read_config(folder)
+    infos = tensor_index(config, weight_files(folder))
+    rules = tensor_rules(config)
+    _check_tensors(config, rules, infos)
+    stored = str(infos[rules[0].hf_name].dtype)
+    config = config.replace(dtype=dtype or (stored if stored in ("float32", "bfloat16", "float16")
+                                            else config.dtype))
+    leaves: dict[str, jax.Array] = {}
+    for rule in rules:
+        array = safetensors.read_tensor(infos[rule.hf_name])
+        if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
+            array = array.astype(config.jnp_dtype)
+        for leaf, value in zip(rule.leaves, rule.to_canonical(array)):
+            leaves[leaf] = jnp.asarray(value)
+        del array
+    return Model(config, _fill(config, leaves), load_tokenizer(folder))
+
+
+def _check_tensors(config: ModelConfig, rules: list, infos: dict[str, safetensors.TensorInfo]) -> None:
+    for rule in rules:
+        info = infos.get(rule.hf_name)
+        if info is None:
+            raise MissingTensorError(
+                f"tensor {rule.hf_name!r} of shape {rule.hf_shape} is missing from the checkpoint")
+        if info.shape != rule.hf_shape:
+            raise TensorShapeError(
+                f"{info.file.name}: tensor {rule.hf_name!r} has shape {info.shape}, "
+                f"expected {rule.hf_shape} from config.json")
+    used = {rule.hf_name for rule in rules}
+    for name, info in infos.items():
+        if name not in used and not is_ignored_tensor(config, name):
+            raise UnexpectedTensorError(
+                f"{info.file.name}: tensor {name!r} is not part of a {config.family} model with "
+                "this config.json")
+
+
+def _fill(config: ModelConfig, leaves: dict[str, jax.Array]) -> Params:
+    """Puts named leaves into the params tree of `config`, in the tree's own order."""
+    shapes = param_shapes(config)
+    names = list(flatten_params(shapes))
+    treedef = jax.tree_util.tree_structure(shapes)
+    return jax.tree_util.tree_unflatten(treedef, [leaves[name] for name in names])
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The `tokenizers.Tokenizer` in `folder/tokenizer.json`, or None when there is none.
+
+    Example:
+        >>> # load_tokenizer(Path("tests/fixtures/gpt2")).encode("hello").ids
+    """
+    file = folder / "tokenizer.json"
+    if not file.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        raise CorruptCheckpointError(f"{file}: cannot be read as a tokenizer ({e})") from None
+
+
+def save_hf(model: Model, path: str | os.PathLike[str], max_shard_bytes: int = 2 * 1024**3,
+            overwrite: bool = False) -> None:
+    """Writes a Hugging Face checkpoint folder that transformers loads with the same logits.
+
+    Arguments:
+        model: the model.
+        path: the folder to create (written atomically).
+        max_shard_bytes: split the weights into shards of at most this size, with an index.
+        overwrite: replace an existing folder.
+
+    Example:
+        >>> # save_hf(model, "out/my-model")
+    """
+    config = model.config
+    flat = {name: np.asarray(leaf) for name, leaf in flatten_params(model.params).items()}
+    tensors = {rule.hf_name: rule.to_hf([flat[leaf] for leaf in rule.leaves])
+               for rule in tensor_rules(config)}
+    shards = _split_shards(tensors, max_shard_bytes)
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        hf_config = {**config_to_hf(config), "torch_dtype": str(next(iter(tensors.values())).dtype)}
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        if len(shards) == 1:
+            safetensors.write_file(tmp / SINGLE_FILE, shards[0], {"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                safetensors.write_file(tmp / name, shard, {"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(a.nbytes for a in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if model.tokenizer is not None:
+            (tmp / "tokenizer.json").write_text(model.tokenizer.to_str())
+
+
+def _split_shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    return shards

@@ -1,0 +1,384 @@
+"""One decoder-only transformer, written as pure functions over a params pytree.
+
+Every family (GPT-2, Llama, Qwen2, Mistral, Gemma) runs through the same code; the differences
+are fields of `ModelConfig`. The numerics follow Hugging Face transformers' eager attention:
+norms computed in float32 and cast back, rotary tables computed in float32 and cast to the
+activation dtype, attention softmax in float32.
+
+All functions are safe under `jax.jit` (with the config static), `jax.vmap` and `jax.grad`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpatch.models.config import ModelConfig, Params, RopeScaling
+
+Array = jax.Array
+
+
+class ForwardOutput(NamedTuple):
+    """What `forward` returns.
+
+    Attributes:
+        logits: float32 `[batch, seq, vocab]`, or None when the pass stopped early.
+        residual: the residual stream after the last block run, `[batch, seq, d_model]`.
+        residuals: with `collect=True`, the residual stream after each block run, in order
+            (block `start_layer` first); else an empty tuple.
+        modules: with `collect=True`, each module's output by name:
+            `layers.{i}.self_attn` and `layers.{i}.mlp` (what the module adds to the residual
+            stream, `[batch, seq, d_model]`) and `layers.{i}.self_attn.heads` (each head's
+            output before o_proj, `[batch, seq, n_heads, head_dim]`); else empty.
+    """
+
+    logits: Array | None
+    residual: Array
+    residuals: tuple[Array, ...]
+    modules: dict[str, Array]
+
+
+def forward(
+    config: ModelConfig,
+    params: Params,
+    tokens: Array,
+    attention_mask: Array | None = None,
+    *,
+    start_layer: int = 0,
+    residual: Array | None = None,
+    stop_layer: int | None = None,
+    collect: bool = False,
+) -> ForwardOutput:
+    """Runs the model on a batch of token ids.
+
+    Arguments:
+        config: the architecture (static under jit).
+        params: the params pytree (see `param_shapes`).
+        tokens: int `[batch, seq]` token ids. Batches are right-padded.
+        attention_mask: optional `[batch, seq]`, 1 for real tokens, 0 for padding.
+        start_layer: begin at this block (0-based); `residual` must then hold the residual
+            stream before it, as returned by an earlier pass stopped at `start_layer - 1`.
+        residual: the residual stream to start from, `[batch, seq, d_model]`.
+        stop_layer: stop after this block (0-based, inclusive); no final norm or logits.
+        collect: also return the residual after every block and every module's output.
+
+    Returns:
+        A `ForwardOutput`.
+
+    Example:
+        >>> import jax
+        >>> from jaxpatch.models.config import ModelConfig, init_params
+        >>> cfg = ModelConfig.tiny("llama")
+        >>> params = init_params(cfg, jax.random.key(0))
+        >>> out = forward(cfg, params, jnp.zeros((2, 5), jnp.int32))
+        >>> out.logits.shape
+        (2, 5, 128)
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    batch, seq = tokens.shape
+    if start_layer > 0 and residual is None:
+        raise ValueError(f"start_layer={start_layer} needs the residual stream before that block")
+    last = config.n_layers - 1 if stop_layer is None else stop_layer
+    if not 0 <= start_layer <= last + 1 or last >= config.n_layers:
+        raise ValueError(
+            f"blocks {start_layer}..{last} are out of range for {config.n_layers} layers"
+        )
+    if attention_mask is None:
+        attention_mask = jnp.ones((batch, seq), jnp.bool_)
+    attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
+
+    x = embed(config, params, tokens) if residual is None else residual
+    rope = rope_tables(config, seq, x.dtype) if config.positional == "rope" else None
+    residuals: list[Array] = []
+    modules: dict[str, Array] = {}
+    for i in range(start_layer, last + 1):
+        allowed = attention_allowed(attention_mask, config.sliding_windows[i])
+        x, outputs = block(config, params["layers"][i], x, allowed, rope)
+        if collect:
+            residuals.append(x)
+            modules.update({f"layers.{i}.{name}": value for name, value in outputs.items()})
+    logits = unembed(config, params, x) if stop_layer is None else None
+    return ForwardOutput(logits, x, tuple(residuals), modules)
+
+
+def embed(config: ModelConfig, params: Params, tokens: Array) -> Array:
+    """Token (and, for learned positions, position) embeddings: the residual stream before
+    block 0, `[batch, seq, d_model]`.
+
+    Example:
+        >>> import jax
+        >>> from jaxpatch.models.config import ModelConfig, init_params
+        >>> cfg = ModelConfig.tiny("gpt2")
+        >>> embed(cfg, init_params(cfg, jax.random.key(0)), jnp.ones((1, 3), jnp.int32)).shape
+        (1, 3, 32)
+    """
+    table = params["embed_tokens"]["weight"]
+    x = jnp.take(table, tokens, axis=0)
+    if config.scale_embeddings:
+        x = x * jnp.asarray(math.sqrt(config.d_model), dtype=x.dtype)
+    if config.positional == "learned":
+        positions = jnp.arange(tokens.shape[1])
+        x = x + jnp.take(params["embed_positions"]["weight"], positions, axis=0)[None]
+    return x
+
+
+def unembed(config: ModelConfig, params: Params, x: Array) -> Array:
+    """Final norm and output projection: float32 logits `[batch, seq, vocab]`.
+
+    Example:
+        >>> import jax
+        >>> from jaxpatch.models.config import ModelConfig, init_params
+        >>> cfg = ModelConfig.tiny("qwen2")
+        >>> unembed(cfg, init_params(cfg, jax.random.key(0)), jnp.ones((1, 2, 32))).shape
+        (1, 2, 128)
+    """
+    h = norm(config, params["norm"], x)
+    if config.tie_embeddings:
+        logits = jnp.einsum("bsd,vd->bsv", h, params["embed_tokens"]["weight"])
+    else:
+        logits = jnp.einsum("bsd,dv->bsv", h, params["lm_head"]["weight"])
+    return logits.astype(jnp.float32)
+
+
+def block(
+    config: ModelConfig,
+    layer: Params,
+    x: Array,
+    allowed: Array,
+    rope: tuple[Array, Array] | None,
+) -> tuple[Array, dict[str, Array]]:
+    """One pre-norm transformer block.
+
+    Arguments:
+        config: the architecture.
+        layer: this block's params (`params["layers"][i]`).
+        x: the residual stream before the block, `[batch, seq, d_model]`.
+        allowed: boolean `[batch, 1, seq, seq]`: may query position q attend to key k.
+        rope: `(cos, sin)` tables from `rope_tables`, or None for learned positions.
+
+    Returns:
+        The residual stream after the block, and the module outputs
+        (`self_attn`, `self_attn.heads`, `mlp`).
+
+    Example:
+        >>> import jax
+        >>> from jaxpatch.models.config import ModelConfig, init_params
+        >>> cfg = ModelConfig.tiny("mistral")
+        >>> p = init_params(cfg, jax.random.key(0))
+        >>> allowed = attention_allowed(jnp.ones((1, 4), bool), None)
+        >>> y, outs = block(cfg, p["layers"][0], jnp.ones((1, 4, 32)), allowed,
+        ...                 rope_tables(cfg, 4, jnp.float32))
+        >>> sorted(outs)
+        ['mlp', 'self_attn', 'self_attn.heads']
+    """
+    heads = attention_heads(config, layer["self_attn"], norm(config, layer["input_layernorm"], x),
+                            allowed, rope)
+    attn_out = linear(layer["self_attn"]["o_proj"], heads, "bshk,hkd->bsd")
+    x = x + attn_out
+    mlp_out = mlp(config, layer["mlp"], norm(config, layer["post_attention_layernorm"], x))
+    x = x + mlp_out
+    return x, {"self_attn": attn_out, "self_attn.heads": heads, "mlp": mlp_out}
+
+
+def linear(module: Params, x: Array, spec: str) -> Array:
+    """`einsum(spec, x, weight) + bias` for one linear module (bias optional).
+
+    Example:
+        >>> linear({"weight": jnp.ones((2, 3))}, jnp.ones((1, 2)), "bi,io->bo").tolist()
+        [[2.0, 2.0, 2.0]]
+    """
+    y = jnp.einsum(spec, x, module["weight"])
+    if "bias" in module:
+        y = y + module["bias"]
+    return y
+
+
+def attention_heads(
+    config: ModelConfig,
+    attn: Params,
+    h: Array,
+    allowed: Array,
+    rope: tuple[Array, Array] | None,
+) -> Array:
+    """Per-head attention outputs before o_proj, `[batch, seq, n_heads, head_dim]`.
+
+    Query head j reads key/value head `j // queries_per_kv_head` (Hugging Face's repeat_kv).
+
+    Example:
+        >>> import jax
+        >>> from jaxpatch.models.config import ModelConfig, init_params
+        >>> cfg = ModelConfig.tiny("gemma")
+        >>> p = init_params(cfg, jax.random.key(0))["layers"][0]["self_attn"]
+        >>> allowed = attention_allowed(jnp.ones((1, 3), bool), None)
+        >>> attention_heads(cfg, p, jnp.ones((1, 3, 32)), allowed,
+        ...                 rope_tables(cfg, 3, jnp.float32)).shape
+        (1, 3, 4, 16)
+    """
+    q = linear(attn["q_proj"], h, "bsd,dhk->bshk")
+    k = linear(attn["k_proj"], h, "bsd,dhk->bshk")
+    v = linear(attn["v_proj"], h, "bsd,dhk->bshk")
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    batch, seq = h.shape[:2]
+    group = config.queries_per_kv_head
+    q = q.reshape(batch, seq, config.n_kv_heads, group, config.head_dim)
+    scores = jnp.einsum("bqgrk,bsgk->bgrqs", q, k) * jnp.asarray(config.head_dim**-0.5, q.dtype)
+    scores = scores.astype(jnp.float32)
+    scores = jnp.where(allowed[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v)
+    return out.reshape(batch, seq, config.n_heads, config.head_dim)
+
+
+def mlp(config: ModelConfig, params: Params, h: Array) -> Array:
+    """The MLP: `down(act(gate(h)) * up(h))` if gated, else `down(act(up(h)))`.
+
+    Example:
+        >>> import jax
+        >>> from jaxpatch.models.config import ModelConfig, init_params
+        >>> cfg = ModelConfig.tiny("llama")
+        >>> p = init_params(cfg, jax.random.key(0))["layers"][0]["mlp"]
+        >>> mlp(cfg, p, jnp.ones((1, 2, 32))).shape
+        (1, 2, 32)
+    """
+    up = linear(params["up_proj"], h, "bsd,df->bsf")
+    if config.gated_mlp:
+        hidden = activation(config.activation, linear(params["gate_proj"], h, "bsd,df->bsf")) * up
+    else:
+        hidden = activation(config.activation, up)
+    return linear(params["down_proj"], hidden, "bsf,fd->bsd")
+
+
+def activation(name: str, x: Array) -> Array:
+    """The named activation function ("gelu_tanh", "gelu", "silu", "relu").
+
+    Example:
+        >>> float(activation("relu", jnp.asarray(-1.0)))
+        0.0
+    """
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def norm(config: ModelConfig, params: Params, x: Array) -> Array:
+    """LayerNorm or RMSNorm, computed in float32 and cast back to the input dtype.
+
+    Example:
+        >>> from jaxpatch.models.config import ModelConfig
+        >>> cfg = ModelConfig.tiny("llama")
+        >>> y = norm(cfg, {"weight": jnp.ones(32)}, jnp.full((1, 32), 3.0))
+        >>> round(float(y[0, 0]), 4)
+        1.0
+    """
+    dtype = x.dtype
+    xf = x.astype(jnp.float32)
+    if config.norm == "layernorm":
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + config.norm_eps)
+        y = y * params["weight"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
+        return y.astype(dtype)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + config.norm_eps)
+    if config.norm_weight_offset:
+        # Gemma: (1 + w) applied in float32, then cast.
+        return (y * (config.norm_weight_offset + params["weight"].astype(jnp.float32))).astype(dtype)
+    # Llama: cast first, then scale in the weight's dtype.
+    return params["weight"] * y.astype(dtype)
+
+
+def attention_allowed(attention_mask: Array, window: int | None) -> Array:
+    """Which keys each query may attend to: causal, not padding, within the sliding window.
+
+    Arguments:
+        attention_mask: bool `[batch, seq]`, True for real tokens.
+        window: attend only to the last `window` positions (the query's own included), or
+            None for full causal attention.
+
+    Returns:
+        bool `[batch, 1, seq, seq]` indexed `[b, 0, query, key]`.
+
+    Example:
+        >>> attention_allowed(jnp.ones((1, 3), bool), 2)[0, 0].astype(int).tolist()
+        [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    """
+    seq = attention_mask.shape[1]
+    q = jnp.arange(seq)[:, None]
+    k = jnp.arange(seq)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    return allowed[None, None] & attention_mask[:, None, None, :]
+
+
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+    """The rotary inverse frequencies, float32 `[head_dim // 2]`, rescaled as configured.
+
+    Example:
+        >>> from jaxpatch.models.config import ModelConfig
+        >>> rope_frequencies(ModelConfig.tiny("llama"))[:2].tolist()
+        [1.0, 0.10000000149011612]
+    """
+    dim = config.head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    return _rescale(inv_freq, config.rope_scaling)
+
+
+def _rescale(inv_freq: np.ndarray, scaling: RopeScaling | None) -> np.ndarray:
+    if scaling is None:
+        return inv_freq
+    factor = np.float32(scaling.factor)
+    if scaling.kind == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+    old_len = np.float32(scaling.original_max_position_embeddings)
+    low, high = np.float32(scaling.low_freq_factor), np.float32(scaling.high_freq_factor)
+    low_freq_wavelen = old_len / low
+    high_freq_wavelen = old_len / high
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(config: ModelConfig, seq: int, dtype: jnp.dtype) -> tuple[Array, Array]:
+    """`(cos, sin)` for positions `0..seq-1`, each `[seq, head_dim]`, cast to `dtype`.
+
+    Example:
+        >>> from jaxpatch.models.config import ModelConfig
+        >>> cos, sin = rope_tables(ModelConfig.tiny("llama"), 4, jnp.float32)
+        >>> cos.shape, float(cos[0, 0])
+        ((4, 8), 1.0)
+    """
+    inv_freq = jnp.asarray(rope_frequencies(config))
+    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates `[batch, seq, heads, head_dim]` by the rotary tables (rotate-half layout).
+
+    Example:
+        >>> x = jnp.ones((1, 1, 1, 2))
+        >>> apply_rope(x, jnp.ones((1, 2)), jnp.zeros((1, 2))).tolist()
+        [[[[1.0, 1.0]]]]
+    """
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
