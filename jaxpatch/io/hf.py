@@ -159,7 +159,8 @@ def load_hf(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
         if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
             array = array.astype(config.jnp_dtype)
         for leaf, value in zip(rule.leaves, rule.to_canonical(array)):
-            leaves[leaf] = jnp.asarray(value)
+            # device_put, unlike jnp.asarray, may adopt the host buffer without a copy (CPU).
+            leaves[leaf] = jax.device_put(np.ascontiguousarray(value))
         del array
     return Model(config, _fill(config, leaves), load_tokenizer(folder))
 
