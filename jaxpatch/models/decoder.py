@@ -17,9 +17,48 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpatch.errors import InvalidInputError
 from jaxpatch.models.config import ModelConfig, Params, RopeScaling
 
 Array = jax.Array
+
+
+class MixedWeight(NamedTuple):
+    """A parameter `base + alpha * delta`, kept factored.
+
+    A matmul with a `MixedWeight` whose alpha varies only along output axes (or only along input
+    axes, or not at all) never builds the mixed weight: it computes `x @ base` plus the alpha-
+    scaled `x @ delta`. This is how many candidate patches run in one batch without a weight copy
+    per candidate. Any params leaf may be a `MixedWeight`.
+
+    Attributes:
+        base: the starting weight.
+        delta: the difference towards the target weight (same shape).
+        alpha: coefficients of the same rank, broadcastable to `base`.
+
+    Example:
+        >>> w = MixedWeight(jnp.zeros((2, 2)), jnp.ones((2, 2)), jnp.array([[0.0, 1.0]]))
+        >>> w.value().tolist()
+        [[0.0, 1.0], [0.0, 1.0]]
+    """
+
+    base: Array
+    delta: Array
+    alpha: Array
+
+    def value(self) -> Array:
+        """The mixed weight, materialized."""
+        return self.base + self.alpha.astype(self.base.dtype) * self.delta
+
+
+def dense(leaf: Array | MixedWeight) -> Array:
+    """A params leaf as a plain array (materializing a `MixedWeight`).
+
+    Example:
+        >>> dense(jnp.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    return leaf.value() if isinstance(leaf, MixedWeight) else leaf
 
 
 class ForwardOutput(NamedTuple):
@@ -52,6 +91,7 @@ def forward(
     residual: Array | None = None,
     stop_layer: int | None = None,
     collect: bool = False,
+    readout_positions: Array | None = None,
 ) -> ForwardOutput:
     """Runs the model on a batch of token ids.
 
@@ -65,6 +105,10 @@ def forward(
         residual: the residual stream to start from, `[batch, seq, d_model]`.
         stop_layer: stop after this block (0-based, inclusive); no final norm or logits.
         collect: also return the residual after every block and every module's output.
+        readout_positions: optional int `[batch, q]`: the last block run computes its output
+            only at these positions (keys and values still cover the whole sequence), so the
+            returned residual and logits are `[batch, q, ...]`. Used when a metric reads only
+            a few positions.
 
     Returns:
         A `ForwardOutput`.
@@ -93,13 +137,19 @@ def forward(
         attention_mask = jnp.ones((batch, seq), jnp.bool_)
     attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
 
+    if seq > config.max_position_embeddings:
+        raise InvalidInputError(f"sequence of {seq} tokens is longer than the model's context of "
+                                f"{config.max_position_embeddings}")
     x = embed(config, params, tokens) if residual is None else residual
     rope = rope_tables(config, seq, x.dtype) if config.positional == "rope" else None
     residuals: list[Array] = []
     modules: dict[str, Array] = {}
+    if readout_positions is not None and last < start_layer:  # no block runs: just gather
+        x = jnp.take_along_axis(x, readout_positions[..., None], axis=1)
     for i in range(start_layer, last + 1):
         allowed = attention_allowed(attention_mask, config.sliding_windows[i])
-        x, outputs = block(config, params["layers"][i], x, allowed, rope)
+        queries = readout_positions if i == last else None
+        x, outputs = block(config, params["layers"][i], x, allowed, rope, queries)
         if collect:
             residuals.append(x)
             modules.update({f"layers.{i}.{name}": value for name, value in outputs.items()})
@@ -118,14 +168,27 @@ def embed(config: ModelConfig, params: Params, tokens: Array) -> Array:
         >>> embed(cfg, init_params(cfg, jax.random.key(0)), jnp.ones((1, 3), jnp.int32)).shape
         (1, 3, 32)
     """
-    table = params["embed_tokens"]["weight"]
-    x = jnp.take(table, tokens, axis=0)
+    x = lookup(params["embed_tokens"]["weight"], tokens)
     if config.scale_embeddings:
         x = x * jnp.asarray(math.sqrt(config.d_model), dtype=x.dtype)
     if config.positional == "learned":
-        positions = jnp.arange(tokens.shape[1])
-        x = x + jnp.take(params["embed_positions"]["weight"], positions, axis=0)[None]
+        positions = jnp.arange(tokens.shape[1])[None]
+        x = x + lookup(params["embed_positions"]["weight"], positions)
     return x
+
+
+def lookup(table: Array | MixedWeight, ids: Array) -> Array:
+    """Rows `ids` of an embedding table (a factored `MixedWeight` with scalar alpha stays
+    factored).
+
+    Example:
+        >>> lookup(jnp.eye(3), jnp.array([[2]])).tolist()
+        [[[0.0, 0.0, 1.0]]]
+    """
+    if isinstance(table, MixedWeight) and table.alpha.size == 1:
+        alpha = table.alpha.reshape(()).astype(table.base.dtype)
+        return jnp.take(table.base, ids, axis=0) + alpha * jnp.take(table.delta, ids, axis=0)
+    return jnp.take(dense(table), ids, axis=0)
 
 
 def unembed(config: ModelConfig, params: Params, x: Array) -> Array:
@@ -140,9 +203,9 @@ def unembed(config: ModelConfig, params: Params, x: Array) -> Array:
     """
     h = norm(config, params["norm"], x)
     if config.tie_embeddings:
-        logits = jnp.einsum("bsd,vd->bsv", h, params["embed_tokens"]["weight"])
+        logits = linear({"weight": params["embed_tokens"]["weight"]}, h, "bsd,vd->bsv")
     else:
-        logits = jnp.einsum("bsd,dv->bsv", h, params["lm_head"]["weight"])
+        logits = linear(params["lm_head"], h, "bsd,dv->bsv")
     return logits.astype(jnp.float32)
 
 
@@ -152,6 +215,7 @@ def block(
     x: Array,
     allowed: Array,
     rope: tuple[Array, Array] | None,
+    queries: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """One pre-norm transformer block.
 
@@ -161,10 +225,11 @@ def block(
         x: the residual stream before the block, `[batch, seq, d_model]`.
         allowed: boolean `[batch, 1, seq, seq]`: may query position q attend to key k.
         rope: `(cos, sin)` tables from `rope_tables`, or None for learned positions.
+        queries: optional int `[batch, q]`: compute the block's output only at these positions.
 
     Returns:
-        The residual stream after the block, and the module outputs
-        (`self_attn`, `self_attn.heads`, `mlp`).
+        The residual stream after the block (`[batch, q, d_model]` with `queries`), and the
+        module outputs (`self_attn`, `self_attn.heads`, `mlp`).
 
     Example:
         >>> import jax
@@ -178,8 +243,10 @@ def block(
         ['mlp', 'self_attn', 'self_attn.heads']
     """
     heads = attention_heads(config, layer["self_attn"], norm(config, layer["input_layernorm"], x),
-                            allowed, rope)
+                            allowed, rope, queries)
     attn_out = linear(layer["self_attn"]["o_proj"], heads, "bshk,hkd->bsd")
+    if queries is not None:
+        x = jnp.take_along_axis(x, queries[..., None], axis=1)
     x = x + attn_out
     mlp_out = mlp(config, layer["mlp"], norm(config, layer["post_attention_layernorm"], x))
     x = x + mlp_out
@@ -193,10 +260,42 @@ def linear(module: Params, x: Array, spec: str) -> Array:
         >>> linear({"weight": jnp.ones((2, 3))}, jnp.ones((1, 2)), "bi,io->bo").tolist()
         [[2.0, 2.0, 2.0]]
     """
-    y = jnp.einsum(spec, x, module["weight"])
+    weight = module["weight"]
+    y = mixed_einsum(spec, x, weight) if isinstance(weight, MixedWeight) else jnp.einsum(spec, x, weight)
     if "bias" in module:
-        y = y + module["bias"]
+        y = y + dense(module["bias"])
     return y
+
+
+def mixed_einsum(spec: str, x: Array, weight: MixedWeight) -> Array:
+    """`einsum(spec, x, weight.value())` without building the mixed weight when alpha varies
+    only along the weight's output axes, only along its input axes, or not at all.
+
+    Example:
+        >>> w = MixedWeight(jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.array([[0.0, 1.0, 0.5]]))
+        >>> mixed_einsum("bi,io->bo", jnp.ones((1, 2)), w).tolist()
+        [[2.0, 4.0, 3.0]]
+    """
+    x_spec, rest = spec.split(",")
+    w_spec, y_spec = rest.split("->")
+    alpha = weight.alpha.astype(x.dtype)
+    varying = {letter for letter, n in zip(w_spec, alpha.shape) if n != 1}
+    y = jnp.einsum(spec, x, weight.base)
+    if not varying:
+        return y + alpha.reshape(()) * jnp.einsum(spec, x, weight.delta)
+    if varying <= set(y_spec) - set(x_spec):
+        return y + jnp.einsum(spec, x, weight.delta) * _align(alpha, w_spec, y_spec)
+    if varying <= set(x_spec) - set(y_spec):
+        return y + jnp.einsum(spec, x * _align(alpha, w_spec, x_spec), weight.delta)
+    return jnp.einsum(spec, x, weight.value())
+
+
+def _align(alpha: Array, w_spec: str, target_spec: str) -> Array:
+    """Reorders alpha's axes to broadcast against an array labelled `target_spec`."""
+    shared = "".join(letter for letter in target_spec if letter in w_spec)
+    moved = jnp.einsum(f"{w_spec}->{shared}", alpha)  # other axes of alpha have size 1
+    sizes = dict(zip(shared, moved.shape))
+    return moved.reshape([sizes.get(letter, 1) for letter in target_spec])
 
 
 def attention_heads(
@@ -205,10 +304,12 @@ def attention_heads(
     h: Array,
     allowed: Array,
     rope: tuple[Array, Array] | None,
+    queries: Array | None = None,
 ) -> Array:
     """Per-head attention outputs before o_proj, `[batch, seq, n_heads, head_dim]`.
 
     Query head j reads key/value head `j // queries_per_kv_head` (Hugging Face's repeat_kv).
+    With `queries` (int `[batch, q]`), only those query positions are computed.
 
     Example:
         >>> import jax
@@ -220,20 +321,28 @@ def attention_heads(
         ...                 rope_tables(cfg, 3, jnp.float32)).shape
         (1, 3, 4, 16)
     """
-    q = linear(attn["q_proj"], h, "bsd,dhk->bshk")
+    h_q = h if queries is None else jnp.take_along_axis(h, queries[..., None], axis=1)
+    q = linear(attn["q_proj"], h_q, "bsd,dhk->bshk")
     k = linear(attn["k_proj"], h, "bsd,dhk->bshk")
     v = linear(attn["v_proj"], h, "bsd,dhk->bshk")
     if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    batch, seq = h.shape[:2]
+        cos, sin = rope
+        if queries is None:
+            q = apply_rope(q, cos, sin)
+        else:
+            q = apply_rope(q, jnp.take(cos, queries, axis=0), jnp.take(sin, queries, axis=0))
+        k = apply_rope(k, cos, sin)
+    if queries is not None:
+        allowed = jnp.take_along_axis(allowed, queries[:, None, :, None], axis=2)
+    batch, n_queries = q.shape[:2]
     group = config.queries_per_kv_head
-    q = q.reshape(batch, seq, config.n_kv_heads, group, config.head_dim)
+    q = q.reshape(batch, n_queries, config.n_kv_heads, group, config.head_dim)
     scores = jnp.einsum("bqgrk,bsgk->bgrqs", q, k) * jnp.asarray(config.head_dim**-0.5, q.dtype)
     scores = scores.astype(jnp.float32)
     scores = jnp.where(allowed[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v)
-    return out.reshape(batch, seq, config.n_heads, config.head_dim)
+    return out.reshape(batch, n_queries, config.n_heads, config.head_dim)
 
 
 def mlp(config: ModelConfig, params: Params, h: Array) -> Array:
@@ -283,6 +392,7 @@ def norm(config: ModelConfig, params: Params, x: Array) -> Array:
         >>> round(float(y[0, 0]), 4)
         1.0
     """
+    params = {name: dense(leaf) for name, leaf in params.items()}
     dtype = x.dtype
     xf = x.astype(jnp.float32)
     if config.norm == "layernorm":
@@ -374,6 +484,8 @@ def rope_tables(config: ModelConfig, seq: int, dtype: jnp.dtype) -> tuple[Array,
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     """Rotates `[batch, seq, heads, head_dim]` by the rotary tables (rotate-half layout).
 
+    The tables are `[seq, head_dim]`, or `[batch, seq, head_dim]` for per-row positions.
+
     Example:
         >>> x = jnp.ones((1, 1, 1, 2))
         >>> apply_rope(x, jnp.ones((1, 2)), jnp.zeros((1, 2))).tolist()
@@ -381,4 +493,4 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     """
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return x * cos[..., None, :] + rotated * sin[..., None, :]

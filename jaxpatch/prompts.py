@@ -1,0 +1,261 @@
+"""Prompts: reading the JSON Lines file, batching, readout positions, donor continuations.
+
+A prompts file has one JSON object per line:
+
+    {"text": "The capital of France is", "target": " Paris", "foil": " London"}
+    {"tokens": [464, 3139, 286], "target_tokens": [6342], "foil_tokens": [3576]}
+
+`text` is tokenized with the base checkpoint's tokenizer; `tokens` are used as given.
+`target`/`foil` (or `target_tokens`/`foil_tokens`) are what `logit-diff` and `logprob` read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpatch.errors import InvalidInputError, JaxpatchError
+from jaxpatch.models.config import ModelConfig, Params
+from jaxpatch.models.decoder import forward
+from jaxpatch.models.model import check_tokens
+
+POSITIONS: tuple[str, ...] = ("last", "prompt", "continuation")
+
+
+class PromptsError(JaxpatchError):
+    """The prompts file is missing, empty or malformed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One prompt: its token ids and, optionally, target and foil token ids.
+
+    Example:
+        >>> Prompt((1, 2, 3), target=(4,)).target
+        (4,)
+    """
+
+    tokens: tuple[int, ...]
+    target: tuple[int, ...] | None = None
+    foil: tuple[int, ...] | None = None
+
+
+class Batch(NamedTuple):
+    """A right-padded batch with the positions a metric reads (a pytree).
+
+    Attributes:
+        tokens: int32 `[P, S]`.
+        mask: bool `[P, S]`, True on real tokens.
+        positions: int32 `[P, Q]`: the positions whose outputs the metric reads.
+        weights: float32 `[P, Q]`: each prompt's weights over its positions (sum to 1; 0 on
+            padding).
+        targets: int32 `[P, Q]`: the token the metric reads at each position (-1: none).
+        foils: int32 `[P, Q]`: the foil token at each position (-1: none).
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    positions: jax.Array
+    weights: jax.Array
+    targets: jax.Array
+    foils: jax.Array
+
+
+def read_prompts(path: str | os.PathLike[str], tokenizer: Any = None) -> list[Prompt]:
+    """Reads a prompts JSON Lines file.
+
+    Arguments:
+        path: the file.
+        tokenizer: a `tokenizers.Tokenizer` for `text` lines (None: only `tokens` lines).
+
+    Returns:
+        The prompts, in file order.
+
+    Raises:
+        PromptsError: a missing or empty file, or a malformed line (with its line number).
+
+    Example:
+        >>> import tempfile
+        >>> f = Path(tempfile.mkdtemp()) / "p.jsonl"
+        >>> _ = f.write_text('{"tokens": [1, 2], "target_tokens": [3]}\\n')
+        >>> read_prompts(f)
+        [Prompt(tokens=(1, 2), target=(3,), foil=None)]
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise PromptsError(f"{path}: prompts file not found") from None
+    except UnicodeDecodeError:
+        raise PromptsError(f"{path}: not a UTF-8 text file") from None
+    prompts = [_parse_line(path, n, line, tokenizer)
+               for n, line in enumerate(lines, 1) if line.strip()]
+    if not prompts:
+        raise PromptsError(f"{path}: no prompts (the file is empty)")
+    return prompts
+
+
+def _parse_line(path: Path, number: int, line: str, tokenizer: Any) -> Prompt:
+    where = f"{path}:{number}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise PromptsError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(item, dict):
+        raise PromptsError(f"{where}: expected a JSON object with 'text' or 'tokens'")
+
+    def ids(text_key: str, tokens_key: str, required: bool) -> tuple[int, ...] | None:
+        if tokens_key in item:
+            value = item[tokens_key]
+            if not (isinstance(value, list) and value
+                    and all(isinstance(t, int) and not isinstance(t, bool) for t in value)):
+                raise PromptsError(f"{where}: {tokens_key!r} must be a non-empty list of integers")
+            return tuple(value)
+        if text_key in item:
+            if not isinstance(item[text_key], str):
+                raise PromptsError(f"{where}: {text_key!r} must be a string")
+            if tokenizer is None:
+                raise PromptsError(f"{where}: {text_key!r} needs a tokenizer, but the base "
+                                   "checkpoint has no tokenizer.json; give token ids instead")
+            encoded = tuple(tokenizer.encode(item[text_key], add_special_tokens=text_key == "text").ids)
+            if not encoded:
+                raise PromptsError(f"{where}: {text_key!r} tokenizes to nothing")
+            return encoded
+        if required:
+            raise PromptsError(f"{where}: needs 'text' or 'tokens'")
+        return None
+
+    return Prompt(ids("text", "tokens", True), ids("target", "target_tokens", False),  # type: ignore[arg-type]
+                  ids("foil", "foil_tokens", False))
+
+
+def make_batch(config: ModelConfig, prompts: Sequence[Prompt], positions: str = "last",
+               continuations: Sequence[Sequence[int]] | None = None,
+               append_targets: bool = False) -> Batch:
+    """Builds a right-padded `Batch` with the positions a metric reads.
+
+    Arguments:
+        config: the architecture (to validate token ids and lengths).
+        prompts: the prompts.
+        positions: "last" (the last prompt token), "prompt" (every prompt token) or
+            "continuation" (the tokens of `continuations`, appended after each prompt).
+        continuations: per prompt, the generated tokens (for "continuation").
+        append_targets: append each prompt's target tokens and read the positions that predict
+            them (for log-probability metrics); overrides `positions`.
+
+    Returns:
+        The batch.
+
+    Example:
+        >>> b = make_batch(ModelConfig.tiny("llama"), [Prompt((1, 2, 3)), Prompt((4,))])
+        >>> b.positions.tolist(), b.mask.sum(1).tolist()
+        ([[2], [0]], [3, 1])
+    """
+    if positions not in POSITIONS:
+        raise InvalidInputError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    rows, spans = [], []
+    for i, p in enumerate(prompts):
+        extra: Sequence[int] = ()
+        if append_targets:
+            if p.target is None:
+                raise PromptsError(f"prompt {i + 1} has no target, which this metric needs")
+            extra = p.target
+        elif positions == "continuation":
+            if continuations is None:
+                raise InvalidInputError("positions='continuation' needs the donor's continuations")
+            extra = tuple(continuations[i])
+        row = list(p.tokens) + list(extra)
+        rows.append(row)
+        if append_targets:  # position t-1 predicts token t
+            spans.append(list(range(len(p.tokens) - 1, len(row) - 1)))
+        elif positions == "last":
+            spans.append([len(p.tokens) - 1])
+        elif positions == "prompt":
+            spans.append(list(range(len(p.tokens))))
+        else:
+            spans.append(list(range(len(p.tokens), len(row))))
+        if not spans[-1]:
+            raise PromptsError(f"prompt {i + 1} has no positions to read for {positions!r}")
+    width = max(len(r) for r in rows)
+    tokens = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = row
+        mask[i, : len(row)] = True
+    check_tokens(config, tokens)
+    q = max(len(s) for s in spans)
+    pos = np.zeros((len(rows), q), np.int32)
+    weights = np.zeros((len(rows), q), np.float32)
+    targets = np.full((len(rows), q), -1, np.int32)
+    foils = np.full((len(rows), q), -1, np.int32)
+    for i, span in enumerate(spans):
+        pos[i, : len(span)] = span
+        weights[i, : len(span)] = 1.0 / len(span)
+        if append_targets:
+            targets[i, : len(span)] = [int(tokens[i, s + 1]) for s in span]
+        else:
+            p = prompts[i]
+            if p.target is not None:
+                targets[i, 0] = p.target[0]
+            if p.foil is not None:
+                foils[i, 0] = p.foil[0]
+    for name, ids in (("target", targets), ("foil", foils)):
+        if (ids >= config.vocab_size).any():
+            raise PromptsError(f"a {name} token id is out of range for the vocabulary of "
+                               f"{config.vocab_size}")
+    return Batch(*(jnp.asarray(a) for a in (tokens, mask, pos, weights, targets, foils)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _next_tokens(config: ModelConfig, params: Params, tokens: jax.Array, mask: jax.Array,
+                 last: jax.Array) -> jax.Array:
+    out = forward(config, params, tokens, mask, readout_positions=last[:, None])
+    return jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
+
+
+def greedy_continuations(config: ModelConfig, params: Params, prompts: Sequence[Prompt],
+                         n_tokens: int) -> list[list[int]]:
+    """Greedy continuations of each prompt by a model (used with positions="continuation").
+
+    Arguments:
+        config: the architecture.
+        params: the model that continues (the donor).
+        prompts: the prompts.
+        n_tokens: how many tokens to generate per prompt.
+
+    Returns:
+        Per prompt, the generated token ids.
+
+    Example:
+        >>> import jax
+        >>> from jaxpatch.models.config import init_params
+        >>> cfg = ModelConfig.tiny("llama")
+        >>> out = greedy_continuations(cfg, init_params(cfg, jax.random.key(0)), [Prompt((1, 2))], 3)
+        >>> len(out[0])
+        3
+    """
+    if n_tokens < 1:
+        raise InvalidInputError(f"continuation length must be at least 1, got {n_tokens}")
+    lengths = np.array([len(p.tokens) for p in prompts])
+    width = int(lengths.max()) + n_tokens
+    if width > config.max_position_embeddings:
+        raise InvalidInputError(f"prompt plus {n_tokens} continuation tokens ({width}) is longer "
+                                f"than the model's context of {config.max_position_embeddings}")
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p.tokens)] = p.tokens
+    for step in range(n_tokens):
+        current = lengths + step
+        mask = np.arange(width)[None, :] < current[:, None]
+        new = np.asarray(_next_tokens(config, params, jnp.asarray(tokens), jnp.asarray(mask),
+                                      jnp.asarray(current - 1)))
+        tokens[np.arange(len(prompts)), current] = new
+    return [tokens[i, lengths[i]: lengths[i] + n_tokens].tolist() for i in range(len(prompts))]
