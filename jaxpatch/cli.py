@@ -10,9 +10,10 @@ import argparse
 import json
 import sys
 import traceback
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from jaxpatch.errors import InvalidInputError, JaxpatchError
+from jaxpatch.io.atomic import atomic_directory
 
 EXIT_BAD_INPUT = 2
 
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="how many predictions to print (default 5)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params")
 
+    p = command("sweep", _sweep, "score every component by exact weight patching")
+    add_run_arguments(p)
+    p.add_argument("--chunk-size", type=int, help="candidates per batch (default: from free memory)")
+
     p = command("convert", _convert, "write a checkpoint in another format or dtype")
     p.add_argument("source", help="checkpoint folder to read (never modified)")
     p.add_argument("destination", help="folder to create")
@@ -91,6 +96,107 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return parser
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags shared by commands that score components of a base/donor pair."""
+    p.add_argument("--base", required=True, help="base checkpoint folder")
+    p.add_argument("--donor", required=True, help="donor (behavior-specialized) checkpoint folder")
+    p.add_argument("--prompts", required=True, help='JSON Lines: {"text": ...} or {"tokens": [...]}')
+    p.add_argument("--granularity", choices=["module", "head", "neuron", "layer"], default="module")
+    p.add_argument("--select", help="selector restricting the components, e.g. 'layers.2-3.mlp'")
+    p.add_argument("--metric", choices=["anchor", "logit-diff", "kl", "logprob"], default="anchor")
+    p.add_argument("--anchor-layer", type=int, help="block whose output the anchor reads "
+                   "(default: the last block)")
+    p.add_argument("--anchor-file", help="load the anchor direction from this file")
+    p.add_argument("--save-anchor", help="write the fitted anchor direction to this file")
+    p.add_argument("--positions", choices=["last", "prompt", "continuation"], default="last")
+    p.add_argument("--continuation-tokens", type=int, default=8,
+                   help="tokens the donor generates for --positions continuation (default 8)")
+    p.add_argument("--direction", choices=["denoise", "noise"], default="denoise")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params")
+    p.add_argument("--out", help="folder for scores.json, scores.csv and heatmap.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def prepare_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+    """Loads the pair, reads the prompts, builds the batch and the metric from the run flags.
+
+    Returns:
+        `(base, donor, batch, metric, inputs)`.
+    """
+    import jaxpatch
+    from jaxpatch.engine import check_pair
+    from jaxpatch.io.fingerprint import checkpoint_fingerprint, file_sha256, versions
+    from jaxpatch.metrics import metric_from_name
+    from jaxpatch.prompts import greedy_continuations, make_batch, read_prompts
+
+    base = jaxpatch.load(args.base, dtype=args.dtype)
+    donor = jaxpatch.load(args.donor, dtype=args.dtype)
+    check_pair(base, donor)
+    prompts = read_prompts(args.prompts, base.tokenizer)
+    layer = args.anchor_layer if args.anchor_layer is not None else base.config.n_layers - 1
+    metric = metric_from_name(args.metric, layer, args.anchor_file)
+    metric.check(base.config)
+    continuations = None
+    if args.positions == "continuation":
+        continuations = greedy_continuations(donor.config, donor.params, prompts,
+                                             args.continuation_tokens)
+    batch = make_batch(base.config, prompts, args.positions, continuations,
+                       append_targets=args.metric == "logprob")
+    if args.save_anchor and args.metric == "anchor":
+        from jaxpatch.metrics import save_anchor
+
+        save_anchor(args.save_anchor, metric.prepare(base.config, base.params, donor.params, batch),
+                    layer)
+    inputs = {"base": {"path": args.base, "sha256": checkpoint_fingerprint(base)},
+              "donor": {"path": args.donor, "sha256": checkpoint_fingerprint(donor)},
+              "prompts": {"path": args.prompts, "sha256": file_sha256(args.prompts),
+                          "count": len(prompts)},
+              "granularity": args.granularity, "select": args.select,
+              "continuations": continuations, "versions": versions()}
+    return base, donor, batch, metric, inputs
+
+
+def write_result(result: Any, out: str, overwrite: bool) -> None:
+    """Writes scores.json, scores.csv and heatmap.png into `out`, atomically."""
+    from jaxpatch.report import heatmap_png
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        (tmp / "scores.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        (tmp / "scores.csv").write_text(result.to_csv())
+        (tmp / "heatmap.png").write_bytes(heatmap_png(result))
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from jaxpatch.engine import sweep
+    from jaxpatch.report import summary_table
+
+    base, donor, batch, metric, inputs = prepare_run(args)
+    if args.out:  # refuse an existing output before the work, not after
+        check_output(args.out, args.overwrite)
+    result = sweep(base, donor, batch, metric, granularity=args.granularity, selector=args.select,
+                   direction=args.direction, chunk_size=args.chunk_size,
+                   progress=not args.no_progress, positions=args.positions, inputs=inputs)
+    print(summary_table(result))
+    t = result.timing
+    print(f"{len(result.names)} candidates in {t['wall_s']:.1f} s (compile {t['compile_s']:.1f} s, "
+          f"{t['candidates_per_s']:.1f} candidates/s)")
+    if args.out:
+        write_result(result, args.out, args.overwrite)
+        print(f"wrote {args.out}/scores.json, scores.csv, heatmap.png")
+
+
+def check_output(out: str, overwrite: bool) -> None:
+    """Refuses an existing, non-empty output folder unless overwriting."""
+    from pathlib import Path
+
+    from jaxpatch.errors import OutputExistsError
+
+    path = Path(out)
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise OutputExistsError(f"{path}: already exists; choose another --out or pass --overwrite")
 
 
 def _info(args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -59,7 +60,8 @@ class SweepResult:
         base_score, donor_score: the unpatched models' scores (recovery 0 and 1).
         names: candidate names.
         scores: raw metric scores of the patched models.
-        timing: wall_s, compile_s, candidates_per_s (excluding compilation).
+        timing: wall_s (all), prepare_s (base/donor runs, anchor, caches), compile_s,
+            sweep_s (the candidates, compilation excluded) and candidates_per_s over sweep_s.
         inputs: checkpoint and prompts fingerprints, versions, seeds.
         skipped: names of candidates after the anchor layer, reported without running.
 
@@ -261,10 +263,23 @@ def _per_candidate_bytes(config: ModelConfig, batch: Batch) -> int:
 
 # --------------------------------------------------------------------------------------- sweep
 
+@jax.jit
+def _all_finite(params: Params) -> Params:
+    return jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), params)
+
+
 def _check_finite(params: Params, which: str) -> None:
-    for name, leaf in flatten_params(params).items():
-        if not bool(jnp.all(jnp.isfinite(leaf))):
+    for name, ok in flatten_params(_all_finite(params)).items():
+        if not bool(ok):
             raise NonFiniteError(f"{which} tensor {name!r} holds NaN or Inf")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _residuals_before_blocks(config: ModelConfig, params: Params, batch: Batch,
+                             last_block: int) -> list[jax.Array]:
+    """The residual stream before each block 0..last_block, and after last_block."""
+    out = forward(config, params, batch.tokens, batch.mask, stop_layer=last_block, collect=True)
+    return [embed(config, params, batch.tokens), *out.residuals]
 
 
 def check_pair(base: Model, donor: Model) -> None:
@@ -384,10 +399,8 @@ def sweep(
     run = [c for c in cands if c.first_layer <= last_block or (stop is None and c.first_layer == config.n_layers)]
     skipped = [c.name for c in cands if c not in run]
 
-    # The start model's residual stream before each block (and after the last one run).
-    out = forward(config, start, batch.tokens, batch.mask, stop_layer=last_block, collect=True)
-    before = [embed(config, start, batch.tokens), *out.residuals]
-    deltas_all = jax.tree_util.tree_map(lambda t, s: t - s, target, start)
+    before = _residuals_before_blocks(config, start, batch, last_block)
+    deltas_all = jax.jit(lambda t, s: jax.tree_util.tree_map(jnp.subtract, t, s))(target, start)
     flat_delta = flatten_params(deltas_all)
 
     groups: dict[int, list[_Candidate]] = {}
@@ -401,6 +414,7 @@ def sweep(
 
     from tqdm.auto import tqdm
 
+    prepare_s = time.perf_counter() - wall_start
     bar = tqdm(total=len(run), unit="cand", desc=f"sweep {direction}", disable=not progress,
                dynamic_ncols=True)
     for first_layer, group in sorted(groups.items()):
@@ -432,8 +446,9 @@ def sweep(
         raise NonFiniteError(f"the score of {bad[0]!r} is NaN or Inf"
                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     wall = time.perf_counter() - wall_start
-    timing = {"wall_s": wall, "compile_s": compile_s,
-              "candidates_per_s": len(run) / max(wall - compile_s, 1e-9)}
+    sweep_s = wall - prepare_s - compile_s
+    timing = {"wall_s": wall, "prepare_s": prepare_s, "compile_s": compile_s, "sweep_s": sweep_s,
+              "candidates_per_s": len(run) / max(sweep_s, 1e-9)}
     return SweepResult(metric.name, direction, metric.layer, positions, base_score, donor_score,
                        names, values, timing, dict(inputs or {}), skipped)
 

@@ -13,6 +13,7 @@ next-token distribution) is its *state*, a pytree returned by `prepare`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,7 @@ class MetricError(JaxpatchError):
     """A metric cannot be computed: a zero-length anchor, a layer out of range, a bad file."""
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
 def readout(config: ModelConfig, params: Params, batch: Batch, layer: int | None) -> Array:
     """What a metric reads: the residual after block `layer` (or the logits when None) at the
     batch's readout positions, `[P, Q, d_model]` or `[P, Q, vocab]`.

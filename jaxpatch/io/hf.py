@@ -162,7 +162,7 @@ def load_hf(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
             # device_put, unlike jnp.asarray, may adopt the host buffer without a copy (CPU).
             leaves[leaf] = jax.device_put(np.ascontiguousarray(value))
         del array
-    return Model(config, _fill(config, leaves), load_tokenizer(folder))
+    return Model(config, _fill(config, leaves), load_tokenizer(folder), str(folder))
 
 
 def _check_tensors(config: ModelConfig, rules: list, infos: dict[str, safetensors.TensorInfo]) -> None:

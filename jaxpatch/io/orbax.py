@@ -112,4 +112,4 @@ def load_orbax(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
     if dtype is not None:
         config = config.replace(dtype=dtype)
         params = jax.tree_util.tree_map(lambda x: x.astype(config.jnp_dtype), params)
-    return Model(config, params, load_tokenizer(folder))
+    return Model(config, params, load_tokenizer(folder), str(folder))

@@ -29,6 +29,7 @@ class Model:
         config: the architecture (a frozen `ModelConfig`).
         params: the params pytree of jax arrays (see `jaxpatch.param_shapes`).
         tokenizer: a `tokenizers.Tokenizer`, or None when the checkpoint has no tokenizer.json.
+        source: the folder it was loaded from (None when built in memory).
 
     Example:
         >>> import jax
@@ -42,6 +43,7 @@ class Model:
     config: ModelConfig
     params: Params
     tokenizer: Any = None
+    source: str | None = None
 
     def __call__(self, tokens: Any, attention_mask: Any = None) -> jax.Array:
         """Float32 logits `[batch, seq, vocab]` for int token ids `[batch, seq]`.

@@ -1,0 +1,65 @@
+"""Fingerprints that identify a run's inputs: checkpoints, prompts, versions."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file, streamed.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "x"
+        >>> _ = p.write_bytes(b"")
+        >>> file_sha256(p)[:8]
+        'e3b0c442'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_fingerprint(model: Any) -> str:
+    """A SHA-256 identifying a model: over its checkpoint folder's files (names and bytes) when
+    it was loaded from one, else over its params.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from types import SimpleNamespace
+        >>> len(checkpoint_fingerprint(SimpleNamespace(source=None, params={"w": jnp.ones(2)})))
+        64
+    """
+    digest = hashlib.sha256()
+    if model.source is not None and Path(model.source).is_dir():
+        for path in sorted(p for p in Path(model.source).rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(model.source)).encode())
+            digest.update(file_sha256(path).encode())
+        return digest.hexdigest()
+    for leaf in jax.tree_util.tree_leaves(model.params):
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of jaxpatch and the libraries its numbers depend on.
+
+    Example:
+        >>> "jax" in versions()
+        True
+    """
+    import jaxpatch
+
+    return {"jaxpatch": jaxpatch.__version__, "jax": jax.__version__,
+            "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+            "numpy": np.__version__, "python": platform.python_version(),
+            "backend": jax.default_backend()}
