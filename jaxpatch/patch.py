@@ -110,14 +110,15 @@ def component_entries(config: ModelConfig, component: Component) -> dict[str, In
 
 # ------------------------------------------------------------------------------------ Patch
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Patch:
     """A pytree of coefficients, shaped like the params (see the module docstring).
 
     Attributes:
         alpha: the coefficient tree (same structure as the params).
-        label: a human description, e.g. the selector it was built from (not a pytree leaf).
+        label: a human description, e.g. the selector it was built from. It is not part of
+            the pytree, so patches with different labels stack and vmap together (and
+            tree transformations return unlabelled patches).
 
     Example:
         >>> cfg = ModelConfig.tiny("llama")
@@ -127,7 +128,7 @@ class Patch:
     """
 
     alpha: Params
-    label: str = dataclasses.field(default="", metadata=dict(static=True))
+    label: str = ""
 
     # ------------------------------------------------------------------ construction
 
@@ -251,6 +252,14 @@ class Patch:
             raise PatchError(f"{source}: not a jaxpatch patch ({e})") from None
 
 
+jax.tree_util.register_pytree_with_keys(
+    Patch,
+    lambda p: (((jax.tree_util.GetAttrKey("alpha"), p.alpha),), None),
+    lambda _, children: Patch(children[0]),
+    flatten_func=lambda p: ((p.alpha,), None),
+)
+
+
 def _unflatten(config: ModelConfig, flat: dict[str, Any]) -> Params:
     treedef = jax.tree_util.tree_structure(param_shapes(config))
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(flat[n]) for n in alpha_shapes(config)])
@@ -290,8 +299,9 @@ def _check_same_structure(a: Patch, b: Patch) -> None:
 # ------------------------------------------------------------------------------------ apply
 
 def _mix(alpha: jax.Array, start: jax.Array, target: jax.Array) -> jax.Array:
+    # Equal to start + alpha * (target - start), but exact at alpha = 0 and alpha = 1.
     alpha = jnp.asarray(alpha).astype(start.dtype)
-    return start + alpha * (target - start)
+    return (1 - alpha) * start + alpha * target
 
 
 @jax.jit

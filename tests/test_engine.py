@@ -1,0 +1,176 @@
+"""The sweep engine against the plain loop: patch one candidate, run the plain forward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxpatch
+from jaxpatch.components import select
+from jaxpatch.engine import NonFiniteError, SweepResult, score_patch, sweep
+from jaxpatch.errors import JaxpatchError
+from jaxpatch.metrics import KLDivergence, LogitDiff, LogProb, MetricError, VectorAnchor
+from jaxpatch.patch import Patch, PatchError, ablation_target, apply
+from jaxpatch.prompts import Prompt, make_batch
+
+
+def pair(family: str, **overrides: object) -> tuple[jaxpatch.Model, jaxpatch.Model]:
+    config = jaxpatch.ModelConfig.tiny(family, **overrides)
+    base = jaxpatch.init_params(config, jax.random.key(0), scale=0.2)
+    donor = jaxpatch.init_params(config, jax.random.key(1), scale=0.2)
+    return jaxpatch.Model(config, base), jaxpatch.Model(config, donor)
+
+
+PROMPTS = [Prompt((1, 2, 3, 4, 5), (9,), (8,)), Prompt((7, 8, 9), (3,), (4,)),
+           Prompt((11, 12, 13, 14), (5,), (6,))]
+
+
+def reference_scores(base, donor, batch, metric, components, direction="denoise") -> np.ndarray:
+    state = metric.prepare(base.config, base.params, donor.params, batch)
+    return np.array([score_patch(base, donor, Patch.from_components(base.config, [c]), batch, metric,
+                                 direction, state) for c in components])
+
+
+@pytest.mark.parametrize("family, granularity, metric, direction", [
+    ("llama", "module", VectorAnchor(layer=1), "denoise"),
+    ("llama", "head", VectorAnchor(layer=1), "noise"),
+    ("qwen2", "neuron", VectorAnchor(layer=0), "denoise"),
+    ("gpt2", "module", KLDivergence(), "denoise"),
+    ("gemma", "layer", LogitDiff(), "noise"),
+])
+def test_sweep_equals_patching_each_candidate_alone(family, granularity, metric, direction) -> None:
+    base, donor = pair(family, d_ff=16)
+    batch = make_batch(base.config, PROMPTS)
+    result = sweep(base, donor, batch, metric, granularity=granularity, direction=direction,
+                   progress=False)
+    components = select(base.config, None, granularity)
+    assert result.names == [c.name for c in components]
+    expected = reference_scores(base, donor, batch, metric, components, direction)
+    np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_size_and_weight_layout_do_not_change_scores() -> None:
+    base, donor = pair("llama", d_ff=16)
+    batch = make_batch(base.config, PROMPTS, "prompt")
+    metric = VectorAnchor(layer=1)
+    results = [sweep(base, donor, batch, metric, granularity="neuron", chunk_size=chunk,
+                     materialize=dense, progress=False).scores
+               for chunk, dense in ((None, None), (1, True), (5, False), (7, True))]
+    for other in results[1:]:
+        np.testing.assert_allclose(other, results[0], atol=1e-5)
+
+
+def test_components_after_the_anchor_are_exactly_unchanged() -> None:
+    base, donor = pair("llama")
+    batch = make_batch(base.config, PROMPTS)
+    result = sweep(base, donor, batch, VectorAnchor(layer=0), progress=False)
+    after = [n for n in result.names if n.startswith("layers.1") or n in ("norm", "lm_head")]
+    assert set(result.skipped) == set(after)
+    effect = dict(zip(result.names, result.effect))
+    assert all(effect[n] == 0.0 for n in after)
+    assert any(abs(effect[n]) > 1e-3 for n in result.names if n.startswith("layers.0"))
+    assert result.base_score != result.donor_score
+
+
+def test_logit_metrics_cover_the_final_modules_and_the_embedding() -> None:
+    base, donor = pair("llama")
+    batch = make_batch(base.config, PROMPTS, append_targets=True)
+    metric = LogProb()
+    chosen = select(base.config, "embed_tokens | norm | lm_head | layers.1.mlp.down_proj", "module")
+    result = sweep(base, donor, batch, metric, candidates=chosen, progress=False)
+    np.testing.assert_allclose(result.scores, reference_scores(base, donor, batch, metric, chosen),
+                               atol=1e-5)
+
+
+def test_custom_multi_layer_patches() -> None:
+    base, donor = pair("mistral", sliding_windows=(2, None))
+    batch = make_batch(base.config, PROMPTS)
+    config = base.config
+    patches = {
+        "both down_proj": Patch.from_selector(config, "layers.*.mlp.down_proj"),
+        "half of layer 0": Patch.from_selector(config, "layers.0").scale(0.5),
+        "heads 0 and neurons": Patch.from_selector(config, "layers.0.self_attn[head=0]", "head")
+        | Patch.from_selector(config, "layers.1.mlp[neuron=0-9]", "neuron"),
+    }
+    metric = VectorAnchor(layer=1)
+    result = sweep(base, donor, batch, metric, candidates=patches, progress=False)
+    state = metric.prepare(config, base.params, donor.params, batch)
+    expected = [score_patch(base, donor, p, batch, metric, state=state) for p in patches.values()]
+    np.testing.assert_allclose(result.scores, expected, atol=1e-5)
+
+
+def test_ablation_directions() -> None:
+    base, donor = pair("llama")
+    batch = make_batch(base.config, PROMPTS)
+    metric = VectorAnchor(layer=1)
+    chosen = select(base.config, "layers.*.mlp.*", "module")
+    state = metric.prepare(base.config, base.params, donor.params, batch)
+    result = sweep(base, donor, batch, metric, candidates=chosen, direction="zero", progress=False)
+    zero = ablation_target(donor.params)
+    expected = [float(metric.score(jaxpatch.metrics.readout(
+        base.config, apply(Patch.from_components(base.config, [c]), donor.params, zero), batch, 1),
+        batch, state).mean()) for c in chosen]
+    np.testing.assert_allclose(result.scores, expected, atol=1e-5)
+    mean = sweep(base, donor, batch, metric, candidates=chosen, direction="mean",
+                 references=[base.params, donor.params], progress=False)
+    assert not np.allclose(mean.scores, result.scores)
+
+
+def test_continuation_positions_teacher_force_the_donors_text() -> None:
+    base, donor = pair("llama")
+    from jaxpatch.prompts import greedy_continuations
+
+    continuations = greedy_continuations(donor.config, donor.params, PROMPTS, 3)
+    # Greedy decoding by hand, one token at a time, with the plain model call.
+    for prompt, generated in zip(PROMPTS, continuations):
+        tokens = list(prompt.tokens)
+        for _ in range(3):
+            tokens.append(int(np.argmax(np.asarray(donor([tokens]))[0, -1])))
+        assert generated == tokens[len(prompt.tokens):]
+    batch = make_batch(base.config, PROMPTS, "continuation", continuations)
+    assert batch.positions.shape == (3, 3) and batch.positions[1].tolist() == [3, 4, 5]
+    metric = VectorAnchor(layer=1)
+    chosen = select(base.config, "layers.0.self_attn", "head")
+    result = sweep(base, donor, batch, metric, candidates=chosen, progress=False)
+    np.testing.assert_allclose(result.scores, reference_scores(base, donor, batch, metric, chosen),
+                               atol=1e-5)
+
+
+def test_bad_pairs_and_values_are_refused() -> None:
+    base, donor = pair("llama")
+    batch = make_batch(base.config, PROMPTS)
+    other = jaxpatch.Model(base.config.replace(d_ff=48),
+                           jaxpatch.init_params(base.config.replace(d_ff=48), jax.random.key(2)))
+    with pytest.raises(PatchError, match="has shape \\(64, 32\\) in the base and \\(48, 32\\) in the donor"):
+        sweep(base, other, batch, VectorAnchor(layer=1), progress=False)
+    theta = jaxpatch.Model(base.config.replace(rope_theta=500.0), donor.params)
+    with pytest.raises(JaxpatchError, match="differ in rope_theta"):
+        sweep(base, theta, batch, VectorAnchor(layer=1), progress=False)
+    poisoned = jax.tree_util.tree_map(lambda x: x, donor.params)
+    poisoned["layers"][1]["mlp"]["up_proj"]["weight"] = poisoned["layers"][1]["mlp"]["up_proj"]["weight"].at[0, 0].set(jnp.nan)
+    with pytest.raises(NonFiniteError, match="donor tensor 'layers.1.mlp.up_proj.weight' holds NaN or Inf"):
+        sweep(base, jaxpatch.Model(base.config, poisoned), batch, VectorAnchor(layer=1), progress=False)
+    with pytest.raises(MetricError, match="zero length: donor and base do not differ"):
+        sweep(base, base, batch, VectorAnchor(layer=1), progress=False)
+    with pytest.raises(MetricError, match="anchor layer 2 is out of range"):
+        sweep(base, donor, batch, VectorAnchor(layer=2), progress=False)
+
+
+def test_result_serialization_round_trip(tmp_path: Path) -> None:
+    base, donor = pair("llama")
+    result = sweep(base, donor, make_batch(base.config, PROMPTS), VectorAnchor(layer=1),
+                   granularity="layer", progress=False)
+    data = json.loads(json.dumps(result.to_dict()))
+    back = SweepResult.from_dict(data)
+    np.testing.assert_array_equal(back.scores, result.scores)
+    assert set(data) >= {"metric", "direction", "anchor_layer", "positions", "base_score",
+                         "donor_score", "components", "timing", "inputs"}
+    assert set(data["timing"]) >= {"wall_s", "compile_s", "candidates_per_s"}
+    assert result.to_csv().splitlines()[0] == "name,score,recovery,effect"
+    np.testing.assert_allclose(result.recovery, (result.scores - result.base_score)
+                               / (result.donor_score - result.base_score))
