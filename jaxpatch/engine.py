@@ -34,9 +34,11 @@ import numpy as np
 
 from jaxpatch.components import Component, SelectorLike, select
 from jaxpatch.errors import JaxpatchError
-from jaxpatch.metrics import Metric, MetricError
+from jaxpatch.metrics import Metric, MetricError, mean_score, readout
 from jaxpatch.models.config import ModelConfig, Params, flatten_params
-from jaxpatch.models.decoder import MixedWeight, embed, forward
+from jaxpatch.models.decoder import (MixedWeight, attention_allowed, block, embed, forward,
+                                     layer_at, rope_tables, run_blocks, stack_layers, unembed,
+                                     window_at)
 from jaxpatch.models.model import Model
 from jaxpatch.patch import Patch, ablation_target, alpha_shapes, check_compatible, component_entries
 from jaxpatch.prompts import Batch
@@ -174,19 +176,21 @@ def _candidates(config: ModelConfig, items: Sequence[Component] | Mapping[str, P
     return out
 
 
-def _alpha_rows(config: ModelConfig, group: Sequence[_Candidate], signature: tuple[str, ...],
-                size: int) -> dict[str, np.ndarray]:
-    """Stacked alpha coefficients of a chunk of candidates, zero rows as padding."""
-    shapes = alpha_shapes(config)
-    rows = {name: np.zeros((size, *shapes[name]), np.float32) for name in signature}
+def _alpha_rows(config: ModelConfig, group: Sequence[_Candidate],
+                specs: Mapping[str, jax.ShapeDtypeStruct],
+                prefix: Callable[[_Candidate], str] = lambda c: "") -> dict[str, np.ndarray]:
+    """The alpha coefficients of a chunk of candidates, stacked as `specs` shapes them (zero
+    rows pad the chunk). Names in `specs` are leaf names with `prefix(candidate)` removed."""
+    rows = {name: np.zeros(spec.shape, np.float32) for name, spec in specs.items()}
     for i, cand in enumerate(group):
+        strip = len(prefix(cand))
         if cand.component is not None:
             for name, index in component_entries(config, cand.component).items():
-                rows[name][(i, *index)] = 1.0
+                rows[name[strip:]][(i, *index)] = 1.0
         else:
             flat = flatten_params(cand.patch.alpha)  # type: ignore[union-attr]
             for name in cand.leaves:
-                rows[name][i] = np.asarray(flat[name])
+                rows[name[strip:]][i] = np.asarray(flat[name])
     return rows
 
 
@@ -201,20 +205,69 @@ def _replace_leaves(params: Params, replacements: Mapping[str, Any]) -> Params:
     return jax.tree_util.tree_unflatten(treedef, [replacements.get(n, leaf) for n, leaf in zip(names, flat)])
 
 
-def _chunk_function(config: ModelConfig, metric: Metric, start_layer: int, stop_layer: int | None,
-                    signature: tuple[str, ...], materialize: bool) -> Callable[..., jax.Array]:
-    """Scores of a chunk of candidates: alpha rows -> `[chunk]` mean scores over prompts."""
+def _patched(leaves: Mapping[str, jax.Array], deltas: Mapping[str, jax.Array],
+             alpha: Mapping[str, jax.Array], materialize: bool) -> dict[str, Any]:
+    """Signature leaves as `MixedWeight`s (or their materialized values)."""
+    mixed = {n: MixedWeight(leaves[n], deltas[n], alpha[n]) for n in alpha}
+    return {n: m.value() for n, m in mixed.items()} if materialize else mixed
+
+
+def _rope(config: ModelConfig, batch: Batch, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array] | None:
+    return rope_tables(config, batch.tokens.shape[1], dtype) if config.positional == "rope" else None
+
+
+def _local_chunk_function(config: ModelConfig, metric: Metric, stop: int | None,
+                          materialize: bool) -> Callable[..., jax.Array]:
+    """Scores of a chunk of candidates that all patch one block, whose index is traced: one
+    compiled program serves every block. Patched block, then a loop over the following blocks
+    with the shared stacked weights, then the readout block at the readout positions."""
+    last = config.n_layers - 1 if stop is None else stop
+
+    def run(stacked: Params, deltas: dict[str, jax.Array], rest: Params, alphas: dict[str, jax.Array],
+            residual: jax.Array, index: jax.Array, batch: Batch, state: Any) -> jax.Array:
+        rope = _rope(config, batch, residual.dtype)
+        layer = layer_at(stacked, index)
+        flat = flatten_params(layer)
+        layer_deltas = {n: jax.lax.dynamic_index_in_dim(d, index, keepdims=False)
+                        for n, d in deltas.items()}
+        allowed = attention_allowed(batch.mask, window_at(config, index))
+
+        def one(alpha: dict[str, jax.Array]) -> jax.Array:
+            patched = _replace_leaves(layer, _patched(flat, layer_deltas, alpha, materialize))
+
+            def patched_is_readout(x: jax.Array) -> jax.Array:
+                return block(config, patched, x, allowed, rope, batch.positions)[0]
+
+            def patched_then_rest(x: jax.Array) -> jax.Array:
+                x = block(config, patched, x, allowed, rope)[0]
+                x = run_blocks(config, stacked, x, batch.mask, rope, index + 1, last)
+                readout_allowed = attention_allowed(batch.mask, window_at(config, last))
+                return block(config, layer_at(stacked, last), x, readout_allowed, rope,
+                             batch.positions)[0]
+
+            x = jax.lax.cond(index == last, patched_is_readout, patched_then_rest, residual)
+            if stop is None:
+                x = unembed(config, rest, x)
+            return jnp.mean(metric.score(x, batch, state))
+
+        return jax.vmap(one)(alphas)
+
+    return run
+
+
+def _general_chunk_function(config: ModelConfig, metric: Metric, start_layer: int,
+                            stop_layer: int | None, materialize: bool) -> Callable[..., jax.Array]:
+    """Scores of a chunk of candidates that may patch several blocks, the embeddings or the
+    final modules: the plain forward from `start_layer` with the signature leaves mixed."""
 
     def run(start: Params, deltas: dict[str, jax.Array], alphas: dict[str, jax.Array],
             residual: jax.Array | None, batch: Batch, state: Any) -> jax.Array:
         flat = flatten_params(start)
 
         def one(alpha: dict[str, jax.Array]) -> jax.Array:
-            mixed = {n: MixedWeight(flat[n], deltas[n], alpha[n]) for n in signature}
-            if materialize:
-                mixed = {n: m.value() for n, m in mixed.items()}
-            out = forward(config, _replace_leaves(start, mixed), batch.tokens, batch.mask,
-                          start_layer=start_layer, residual=residual, stop_layer=stop_layer,
+            params = _replace_leaves(start, _patched(flat, deltas, alpha, materialize))
+            out = forward(config, params, batch.tokens, batch.mask, start_layer=start_layer,
+                          residual=residual, stop_layer=stop_layer,
                           readout_positions=batch.positions)
             x = out.residual if stop_layer is not None else out.logits
             return jnp.mean(metric.score(x, batch, state))
@@ -224,15 +277,42 @@ def _chunk_function(config: ModelConfig, metric: Metric, start_layer: int, stop_
     return run
 
 
-def _compiled(key: Any, fn: Callable[..., Any], args: tuple) -> tuple[Any, float]:
-    shapes = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), args)
-    full_key = (key, jax.tree_util.tree_structure(args), tuple(jax.tree_util.tree_leaves(shapes)))
-    if full_key in _COMPILED:
-        return _COMPILED[full_key], 0.0
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A group of candidates, the compiled function that scores them, and its arguments.
+
+    `args` holds the arguments with `None` in the alpha slot (`alpha_slot`); `alpha_specs`
+    are the alpha rows' shapes, for compiling before any chunk is built.
+    """
+
+    groups: list[list[_Candidate]]
+    signature: tuple[str, ...]
+    prefix: Callable[[_Candidate], str]
+    size: int
+    args: list[tuple]
+    alpha_slot: int
+    key: tuple
+    fn: Callable[..., Any]
+    alpha_specs: dict[str, jax.ShapeDtypeStruct]
+
+    def with_alphas(self, args: tuple, alphas: Any) -> tuple:
+        return args[: self.alpha_slot] + (alphas,) + args[self.alpha_slot + 1:]
+
+
+def _compile_all(plans: Sequence[_Plan]) -> float:
+    """Compiles every plan's function once; returns the time spent."""
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    _COMPILED[full_key] = compiled
-    return compiled, time.perf_counter() - start
+    for plan in plans:
+        _compiled(plan.key, plan.fn, plan.with_alphas(plan.args[0], plan.alpha_specs))
+    return time.perf_counter() - start
+
+
+def _compiled(key: Any, fn: Callable[..., Any], args: tuple) -> Any:
+    shapes = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), args)
+    full_key = (key, jax.tree_util.tree_structure(args), tuple(jax.tree_util.tree_leaves(shapes)))
+    if full_key not in _COMPILED:
+        _COMPILED[full_key] = jax.jit(fn).lower(*args).compile()
+    return _COMPILED[full_key]
 
 
 # ------------------------------------------------------------------------------------ memory
@@ -264,22 +344,58 @@ def _per_candidate_bytes(config: ModelConfig, batch: Batch) -> int:
 # --------------------------------------------------------------------------------------- sweep
 
 @jax.jit
-def _all_finite(params: Params) -> Params:
-    return jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), params)
+def _stack_and_check(params: Params) -> tuple[Params, Params]:
+    """The blocks stacked (`stack_layers`), and per leaf whether it is all finite."""
+    finite = jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), params)
+    return stack_layers(params["layers"]), finite
 
 
-def _check_finite(params: Params, which: str) -> None:
-    for name, ok in flatten_params(_all_finite(params)).items():
+def _stacked_checked(params: Params, which: str) -> Params:
+    """Stacks a model's blocks, refusing NaN or Inf in any of its tensors."""
+    stacked, finite = _stack_and_check(params)
+    for name, ok in flatten_params(finite).items():
         if not bool(ok):
             raise NonFiniteError(f"{which} tensor {name!r} holds NaN or Inf")
+    return stacked
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _residuals_before_blocks(config: ModelConfig, params: Params, batch: Batch,
-                             last_block: int) -> list[jax.Array]:
-    """The residual stream before each block 0..last_block, and after last_block."""
-    out = forward(config, params, batch.tokens, batch.mask, stop_layer=last_block, collect=True)
-    return [embed(config, params, batch.tokens), *out.residuals]
+@functools.partial(jax.jit, static_argnums=2)
+def _deltas(target: Mapping[str, jax.Array], start: Mapping[str, jax.Array],
+            names: tuple[str, ...]) -> dict[str, jax.Array]:
+    return {n: target[n] - start[n] for n in names}
+
+
+def _stacked_deltas(target: Params, start: Params, names: tuple[str, ...]) -> dict[str, jax.Array]:
+    """`target - start` for the named leaves of stacked blocks (names relative to a block)."""
+    return _deltas(flatten_params(target), flatten_params(start), names)
+
+
+def _without_layers(params: Params) -> Params:
+    return {k: v for k, v in params.items() if k != "layers"}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _run_stacked(config: ModelConfig, stacked: Params, rest: Params, batch: Batch,
+                 layer: int | None, count: int) -> tuple[jax.Array, jax.Array]:
+    """One pass over stacked blocks (one compiled block whatever the depth) giving what a
+    metric reading after `layer` reads (`metrics.readout`) and the residual stream before
+    blocks 0 .. count - 1, `[count, P, S, d_model]` (an entry at n_layers, when asked for, is
+    the stream after the last block)."""
+    x = embed(config, rest, batch.tokens)
+    rope = _rope(config, batch, x.dtype)
+    last = config.n_layers - 1 if layer is None else layer
+
+    def step(h: jax.Array, i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        allowed = attention_allowed(batch.mask, window_at(config, i))
+        return block(config, layer_at(stacked, i), h, allowed, rope)[0], h
+
+    h, before = jax.lax.scan(step, x, jnp.arange(last))
+    before = jnp.concatenate([before, h[None]])  # before blocks 0 .. last
+    allowed = attention_allowed(batch.mask, window_at(config, last))
+    readout_x = block(config, layer_at(stacked, last), h, allowed, rope, batch.positions)[0]
+    if count > last + 1:  # the stream after block `last`, for the final modules
+        before = jnp.concatenate([before, block(config, layer_at(stacked, last), h, allowed, rope)[0][None]])
+    return (readout_x if layer is not None else unembed(config, rest, readout_x)), before[:count]
 
 
 def check_pair(base: Model, donor: Model) -> None:
@@ -318,6 +434,22 @@ def _endpoints(base: Model, donor: Model, direction: str,
     return start, target
 
 
+def _is_block_local(candidate: _Candidate, last_block: int) -> bool:
+    prefix = f"layers.{candidate.first_layer}."
+    return 0 <= candidate.first_layer <= last_block and all(n.startswith(prefix)
+                                                            for n in candidate.leaves)
+
+
+def _chunk_size(requested: int | None, auto: int, largest_group: int) -> int:
+    return max(1, min(requested or auto, largest_group))
+
+
+def _use_dense(materialize: bool | None, size: int, signature_bytes: int, budget: int) -> bool:
+    if materialize is not None:
+        return materialize
+    return size * signature_bytes <= min(_MATERIALIZE_BYTES, budget // 4)
+
+
 def sweep(
     base: Model,
     donor: Model,
@@ -351,7 +483,7 @@ def sweep(
             `references`).
         references: params of reference models for mean ablation.
         chunk_size: candidates per batch (default: sized from free memory).
-        materialize: build each candidate's patched block weights (True), keep them factored
+        materialize: build each candidate's patched weights (True), keep them factored
             (False), or choose by memory (None). The scores are the same either way.
         memory_fraction: share of free memory a chunk may use.
         progress: show a progress bar.
@@ -377,14 +509,22 @@ def sweep(
     config = base.config
     check_pair(base, donor)
     metric.check(config)
-    _check_finite(base.params, "base")
-    _check_finite(donor.params, "donor")
     start, target = _endpoints(base, donor, direction, references)
-    state = metric.prepare(config, base.params, donor.params, batch)
     stop = metric.layer
-    base_score = _score(config, base.params, batch, metric, state)
-    donor_score = _score(config, donor.params, batch, metric, state)
-    start_score = base_score if start is base.params else _score(config, start, batch, metric, state)
+    last_block = config.n_layers - 1 if stop is None else stop
+    count = last_block + 2 if stop is None else last_block + 1
+    stacked = {id(base.params): _stacked_checked(base.params, "base"),
+               id(donor.params): _stacked_checked(donor.params, "donor")}
+    for params in (start, target):
+        if id(params) not in stacked:
+            stacked[id(params)] = _stacked_checked(params, "ablation target")
+    runs = {key: _run_stacked(config, stacked[key], _without_layers(p), batch, stop, count)
+            for key, p in ((id(base.params), base.params), (id(donor.params), donor.params),
+                           (id(start), start))}
+    x_base, x_donor = runs[id(base.params)][0], runs[id(donor.params)][0]
+    state = metric.prepare(config, base.params, donor.params, batch, (x_base, x_donor))
+    base_score, donor_score, start_score = (float(mean_score(metric, runs[id(p)][0], batch, state))
+                                            for p in (base.params, donor.params, start))
     if not math.isfinite(base_score) or not math.isfinite(donor_score):
         raise NonFiniteError(f"the {metric.name} score is not finite (base {base_score}, donor "
                              f"{donor_score})")
@@ -395,48 +535,73 @@ def sweep(
     if candidates is None:
         candidates = select(config, selector, granularity)
     cands = _candidates(config, candidates)
-    last_block = config.n_layers - 1 if stop is None else stop
-    run = [c for c in cands if c.first_layer <= last_block or (stop is None and c.first_layer == config.n_layers)]
+    run = [c for c in cands if c.first_layer <= last_block
+           or (stop is None and c.first_layer == config.n_layers)]
     skipped = [c.name for c in cands if c not in run]
+    scores: dict[str, float] = {name: start_score for name in skipped}
 
-    before = _residuals_before_blocks(config, start, batch, last_block)
-    deltas_all = jax.jit(lambda t, s: jax.tree_util.tree_map(jnp.subtract, t, s))(target, start)
-    flat_delta = flatten_params(deltas_all)
-
-    groups: dict[int, list[_Candidate]] = {}
-    for c in run:
-        groups.setdefault(c.first_layer, []).append(c)
+    start_stacked, start_rest = stacked[id(start)], _without_layers(start)
+    before = runs[id(start)][1]
+    flat_start, flat_target = flatten_params(start), flatten_params(target)
     budget = int(available_memory_bytes() * memory_fraction)
-    per_candidate = _per_candidate_bytes(config, batch)
-    auto_chunk = max(1, min(256, budget // max(per_candidate, 1)))
-    scores: dict[str, float] = {c.name: start_score for c in cands if c.name in skipped}
-    compile_s = 0.0
+    auto_chunk = max(1, min(256, budget // max(_per_candidate_bytes(config, batch), 1)))
+    nbytes = lambda n: int(np.prod(flat_start[n].shape)) * flat_start[n].dtype.itemsize  # noqa: E731
+    shapes = alpha_shapes(config)
+    plans: list[_Plan] = []
 
-    from tqdm.auto import tqdm
+    local = [c for c in run if _is_block_local(c, last_block)]
+    if local:
+        by_layer: dict[int, list[_Candidate]] = {}
+        for c in local:
+            by_layer.setdefault(c.first_layer, []).append(c)
+        relative = lambda c: f"layers.{c.first_layer}."  # noqa: E731
+        signature = tuple(dict.fromkeys(
+            n[len(relative(c)):] for c in local for n in flat_start if n in c.leaves))
+        size = _chunk_size(chunk_size, auto_chunk, max(len(g) for g in by_layer.values()))
+        dense = _use_dense(materialize, size, sum(nbytes(f"layers.0.{n}") for n in signature), budget)
+        deltas = _stacked_deltas(stacked[id(target)], start_stacked, signature)
+        groups = [g for _, g in sorted(by_layer.items())]
+        args = [(start_stacked, deltas, start_rest, None, before[g[0].first_layer],
+                 jnp.int32(g[0].first_layer), batch, state) for g in groups]
+        plans.append(_Plan(groups, signature, relative, size, args, 3,
+                           ("local", config, metric, stop, signature, dense),
+                           _local_chunk_function(config, metric, stop, dense),
+                           {n: jax.ShapeDtypeStruct((size, *shapes[f"layers.0.{n}"]), jnp.float32)
+                            for n in signature}))
+
+    general: dict[int, list[_Candidate]] = {}
+    for c in run:
+        if not _is_block_local(c, last_block):
+            general.setdefault(c.first_layer, []).append(c)
+    for first_layer, group in sorted(general.items()):
+        signature = tuple(n for n in flat_start if any(n in c.leaves for c in group))
+        size = _chunk_size(chunk_size, auto_chunk, len(group))
+        dense = _use_dense(materialize, size, sum(nbytes(n) for n in signature), budget)
+        start_layer = max(first_layer, 0)
+        deltas = _deltas(flat_target, flat_start, signature)
+        residual = None if first_layer < 0 else before[start_layer]
+        plans.append(_Plan([group], signature, lambda c: "", size,
+                           [(start, deltas, None, residual, batch, state)], 2,
+                           ("general", config, metric, start_layer, stop, signature, dense),
+                           _general_chunk_function(config, metric, start_layer, stop, dense),
+                           {n: jax.ShapeDtypeStruct((size, *shapes[n]), jnp.float32)
+                            for n in signature}))
 
     prepare_s = time.perf_counter() - wall_start
+    compile_s = _compile_all(plans)
+    from tqdm.auto import tqdm
+
     bar = tqdm(total=len(run), unit="cand", desc=f"sweep {direction}", disable=not progress,
                dynamic_ncols=True)
-    for first_layer, group in sorted(groups.items()):
-        signature = tuple(n for n in flat_delta if any(n in c.leaves for c in group))
-        size = min(chunk_size or auto_chunk, len(group))
-        sig_bytes = sum(int(np.prod(flat_delta[n].shape)) * flat_delta[n].dtype.itemsize for n in signature)
-        use_dense = (materialize if materialize is not None
-                     else size * sig_bytes <= min(_MATERIALIZE_BYTES, budget // 4))
-        start_layer = max(first_layer, 0)
-        residual = None if first_layer < 0 else before[start_layer]
-        fn = _chunk_function(config, metric, start_layer, stop, signature, use_dense)
-        deltas = {n: flat_delta[n] for n in signature}
-        key = (config, metric, start_layer, stop, signature, use_dense)
-        for offset in range(0, len(group), size):
-            chunk = group[offset: offset + size]
-            alphas = {n: jnp.asarray(a) for n, a in _alpha_rows(config, chunk, signature, size).items()}
-            args = (start, deltas, alphas, residual, batch, state)
-            compiled, seconds = _compiled(key, fn, args)
-            compile_s += seconds
-            values = np.asarray(compiled(*args))
-            scores.update({c.name: float(v) for c, v in zip(chunk, values)})
-            bar.update(len(chunk))
+    for plan in plans:
+        for group, args in zip(plan.groups, plan.args):
+            for offset in range(0, len(group), plan.size):
+                chunk = group[offset: offset + plan.size]
+                rows = _alpha_rows(config, chunk, plan.alpha_specs, plan.prefix)
+                call_args = plan.with_alphas(args, {n: jnp.asarray(a) for n, a in rows.items()})
+                values = np.asarray(_compiled(plan.key, plan.fn, call_args)(*call_args))
+                scores.update({c.name: float(v) for c, v in zip(chunk, values)})
+                bar.update(len(chunk))
     bar.close()
 
     names = [c.name for c in cands]
@@ -454,9 +619,7 @@ def sweep(
 
 
 def _score(config: ModelConfig, params: Params, batch: Batch, metric: Metric, state: Any) -> float:
-    from jaxpatch.metrics import readout
-
-    return float(jnp.mean(metric.score(readout(config, params, batch, metric.layer), batch, state)))
+    return float(mean_score(metric, readout(config, params, batch, metric.layer), batch, state))
 
 
 def score_patch(base: Model, donor: Model, patch: Patch, batch: Batch, metric: Metric,

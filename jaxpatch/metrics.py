@@ -66,9 +66,20 @@ class Metric:
             raise MetricError(f"anchor layer {self.layer} is out of range: the model has blocks "
                               f"0..{config.n_layers - 1}")
 
-    def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch) -> Any:
-        """The metric's state, computed once per run from the base and donor models."""
+    def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch,
+                readouts: tuple[Array, Array] | None = None) -> Any:
+        """The metric's state, computed once per run from the base and donor models.
+
+        `readouts` may pass the base's and donor's readouts when the caller already has them.
+        """
         return ()
+
+    def readouts(self, config: ModelConfig, base: Params, donor: Params, batch: Batch,
+                 readouts: tuple[Array, Array] | None) -> tuple[Array, Array]:
+        """The base's and donor's readouts, computed unless given."""
+        if readouts is not None:
+            return readouts
+        return readout(config, base, batch, self.layer), readout(config, donor, batch, self.layer)
 
     def score(self, x: Array, batch: Batch, state: Any) -> Array:
         """Per-prompt scores `[P]` from a readout `x` (`[P, Q, d_model]` or `[P, Q, vocab]`)."""
@@ -102,12 +113,12 @@ class VectorAnchor(Metric):
     path: str | None = None
     name: str = "anchor"
 
-    def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch) -> Array:
+    def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch,
+                readouts: tuple[Array, Array] | None = None) -> Array:
         self.check(config)
         if self.path is not None:
             return load_anchor(self.path, config, self.layer)
-        h_base = readout(config, base, batch, self.layer)
-        h_donor = readout(config, donor, batch, self.layer)
+        h_base, h_donor = self.readouts(config, base, donor, batch, readouts)
         return anchor_direction(h_base, h_donor, batch, self.layer)
 
     def score(self, x: Array, batch: Batch, state: Array) -> Array:
@@ -127,14 +138,31 @@ def anchor_direction(h_base: Array, h_donor: Array, batch: Batch, layer: int) ->
         >>> anchor_direction(jnp.zeros((1, 1, 2)), jnp.ones((1, 1, 2)), b, 0).tolist()
         [0.7071067690849304, 0.7071067690849304]
     """
-    diff = (h_donor.astype(jnp.float32) - h_base.astype(jnp.float32)) * batch.weights[..., None]
-    v = diff.sum(axis=1).mean(axis=0)
-    length = float(jnp.linalg.norm(v))
-    scale = float(jnp.linalg.norm(h_base.astype(jnp.float32), axis=-1).max()) or 1.0
+    v, length, scale = (np.asarray(a) for a in _mean_difference(h_base, h_donor, batch.weights))
+    length, scale = float(length), float(scale) or 1.0
     if not np.isfinite(length) or length <= 1e-7 * scale:
         raise MetricError(f"the anchor direction at layer {layer} has zero length: donor and base "
                           "do not differ there on these prompts; choose another layer or prompts")
-    return v / length
+    return jnp.asarray(v / length)
+
+
+@jax.jit
+def _mean_difference(h_base: Array, h_donor: Array, weights: Array) -> tuple[Array, Array, Array]:
+    """The mean over prompts of the weighted donor-minus-base difference, its length, and the
+    largest base residual norm (to judge the length against)."""
+    diff = (h_donor.astype(jnp.float32) - h_base.astype(jnp.float32)) * weights[..., None]
+    v = diff.sum(axis=1).mean(axis=0)
+    return v, jnp.linalg.norm(v), jnp.linalg.norm(h_base.astype(jnp.float32), axis=-1).max()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def mean_score(metric: "Metric", x: Array, batch: Batch, state: Any) -> Array:
+    """The run's score: the mean over prompts of `metric.score` (jitted per metric).
+
+    Example:
+        >>> # mean_score(VectorAnchor(layer=1), readout(cfg, params, batch, 1), batch, state)
+    """
+    return jnp.mean(metric.score(x, batch, state))
 
 
 def save_anchor(path: str | os.PathLike[str], direction: Array, layer: int) -> None:
@@ -189,7 +217,8 @@ class LogitDiff(Metric):
 
     name: str = "logit-diff"
 
-    def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch) -> Any:
+    def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch,
+                readouts: tuple[Array, Array] | None = None) -> Any:
         if bool((batch.targets[:, 0] < 0).any() or (batch.foils[:, 0] < 0).any()):
             raise MetricError("logit-diff needs a 'target' and a 'foil' on every prompt line")
         return ()
@@ -213,8 +242,9 @@ class KLDivergence(Metric):
 
     name: str = "kl"
 
-    def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch) -> Array:
-        return jax.nn.log_softmax(readout(config, donor, batch, None), axis=-1)
+    def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch,
+                readouts: tuple[Array, Array] | None = None) -> Array:
+        return jax.nn.log_softmax(self.readouts(config, base, donor, batch, readouts)[1], axis=-1)
 
     def score(self, x: Array, batch: Batch, state: Array) -> Array:
         logp = jax.nn.log_softmax(x, axis=-1)
@@ -235,7 +265,8 @@ class LogProb(Metric):
 
     name: str = "logprob"
 
-    def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch) -> Any:
+    def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch,
+                readouts: tuple[Array, Array] | None = None) -> Any:
         if bool((batch.targets[:, 0] < 0).any()):
             raise MetricError("logprob needs a 'target' on every prompt line")
         return ()

@@ -209,3 +209,80 @@ def test_console_script_exits_with_status_2(tmp_path: Path) -> None:
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"jaxpatch: error: {tmp_path / 'x'}: checkpoint folder not found"]
+
+
+# ------------------------------------------------------------------------- the sweep command
+
+@pytest.fixture(scope="module")
+def donor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A donor for the llama-gqa fixture: every weight perturbed."""
+    import dataclasses
+
+    import jax
+
+    base = jaxpatch.load(FIXTURES / "llama-gqa")
+    leaves, treedef = jax.tree_util.tree_flatten(base.params)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    moved = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    folder = tmp_path_factory.mktemp("donor") / "donor"
+    jaxpatch.save(dataclasses.replace(base, params=jax.tree_util.tree_unflatten(treedef, moved)), folder)
+    return folder
+
+
+def write_prompts(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(text)
+    return str(path)
+
+
+PROMPT_LINES = ('{"text": "the quick brown fox", "target": " jumps", "foil": " dog"}\n'
+                '{"tokens": [5, 6, 7, 8, 9, 10], "target_tokens": [11], "foil_tokens": [12]}\n')
+
+
+@pytest.mark.slow
+def test_cli_sweep_writes_scores_and_heatmap(tmp_path: Path, donor_dir: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    prompts = write_prompts(tmp_path, PROMPT_LINES)
+    out = tmp_path / "run"
+    assert main(["sweep", "--base", str(FIXTURES / "llama-gqa"), "--donor", str(donor_dir),
+                 "--prompts", prompts, "--granularity", "head", "--no-progress",
+                 "--save-anchor", str(tmp_path / "anchor.npz"), "--out", str(out)]) == 0
+    data = json.loads((out / "scores.json").read_text())
+    assert data["metric"] == "anchor" and data["anchor_layer"] == 1 and data["positions"] == "last"
+    assert len(data["components"]) == 2 * (4 + 2)
+    assert set(data["components"][0]) >= {"name", "score", "recovery"}
+    assert set(data["timing"]) >= {"wall_s", "compile_s", "candidates_per_s"}
+    assert len(data["inputs"]["base"]["sha256"]) == 64 and data["inputs"]["prompts"]["count"] == 2
+    assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "scores.csv").read_text().count("\n") == 13
+    # The saved anchor reproduces the same scores in the noise direction's base/donor scores.
+    out2 = tmp_path / "run2"
+    assert main(["sweep", "--base", str(FIXTURES / "llama-gqa"), "--donor", str(donor_dir),
+                 "--prompts", prompts, "--metric", "logit-diff", "--direction", "noise",
+                 "--select", "layers.1.mlp", "--no-progress", "--out", str(out2)]) == 0
+    second = json.loads((out2 / "scores.json").read_text())
+    assert second["direction"] == "noise" and [c["name"] for c in second["components"]] == [
+        "layers.1.mlp.gate_proj", "layers.1.mlp.up_proj", "layers.1.mlp.down_proj"]
+    capsys.readouterr()
+
+
+def test_cli_sweep_refuses_bad_input(tmp_path: Path, donor_dir: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    base = str(FIXTURES / "llama-gqa")
+    good = write_prompts(tmp_path, PROMPT_LINES)
+    run = ["sweep", "--base", base, "--donor", str(donor_dir), "--no-progress"]
+    assert "none.jsonl: prompts file not found" in cli_error(
+        capsys, [*run, "--prompts", str(tmp_path / "none.jsonl")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"tokens": [1, 2]}\n{"tokens": [1, 2}\n')
+    assert "bad.jsonl:2: not valid JSON" in cli_error(capsys, [*run, "--prompts", str(bad)])
+    assert "anchor layer 5 is out of range" in cli_error(capsys, [*run, "--prompts", good,
+                                                                  "--anchor-layer", "5"])
+    assert "matches no component" in cli_error(capsys, [*run, "--prompts", good, "--select", "layers.9"])
+    gpt2 = ["sweep", "--base", str(FIXTURES / "gpt2"), "--donor", str(donor_dir), "--prompts", good]
+    assert "base and donor differ: tensor" in cli_error(capsys, gpt2)
+    assert "selector 'layers.[': expected a name" in cli_error(
+        capsys, [*run, "--prompts", good, "--select", "layers.["])
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    assert "already exists" in cli_error(capsys, [*run, "--prompts", good, "--out", str(tmp_path / "taken")])

@@ -409,13 +409,13 @@ def norm(config: ModelConfig, params: Params, x: Array) -> Array:
     return params["weight"] * y.astype(dtype)
 
 
-def attention_allowed(attention_mask: Array, window: int | None) -> Array:
+def attention_allowed(attention_mask: Array, window: int | Array | None) -> Array:
     """Which keys each query may attend to: causal, not padding, within the sliding window.
 
     Arguments:
         attention_mask: bool `[batch, seq]`, True for real tokens.
         window: attend only to the last `window` positions (the query's own included), or
-            None for full causal attention.
+            None for full causal attention (may be a traced scalar).
 
     Returns:
         bool `[batch, 1, seq, seq]` indexed `[b, 0, query, key]`.
@@ -431,6 +431,63 @@ def attention_allowed(attention_mask: Array, window: int | None) -> Array:
     if window is not None:
         allowed = allowed & (q - k < window)
     return allowed[None, None] & attention_mask[:, None, None, :]
+
+
+def stack_layers(layers: list[Params]) -> Params:
+    """The blocks' params stacked along a new leading axis (for loops over a traced index).
+
+    Example:
+        >>> stack_layers([{"w": jnp.ones(2)}, {"w": jnp.zeros(2)}])["w"].shape
+        (2, 2)
+    """
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+
+
+def layer_at(stacked: Params, index: Array | int) -> Params:
+    """Block `index`'s params from `stack_layers` output (`index` may be traced).
+
+    Example:
+        >>> float(layer_at({"w": jnp.arange(3.0)}, jnp.int32(2))["w"])
+        2.0
+    """
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False), stacked)
+
+
+def window_at(config: ModelConfig, index: Array | int) -> Array | None:
+    """Block `index`'s sliding window (`index` may be traced); None if no block has one.
+
+    Example:
+        >>> from jaxpatch.models.config import ModelConfig
+        >>> window_at(ModelConfig.tiny("llama"), 0) is None
+        True
+    """
+    if all(w is None for w in config.sliding_windows):
+        return None
+    unlimited = config.max_position_embeddings + 1
+    windows = jnp.asarray([unlimited if w is None else w for w in config.sliding_windows])
+    return windows[index]
+
+
+def run_blocks(config: ModelConfig, stacked: Params, x: Array, attention_mask: Array,
+               rope: tuple[Array, Array] | None, first: Array | int, stop: Array | int) -> Array:
+    """Runs blocks `first .. stop - 1` (bounds may be traced) over stacked params, in a loop
+    that compiles one block whatever the bounds.
+
+    Example:
+        >>> import jax
+        >>> from jaxpatch.models.config import ModelConfig, init_params
+        >>> cfg = ModelConfig.tiny("llama")
+        >>> stacked = stack_layers(init_params(cfg, jax.random.key(0))["layers"])
+        >>> x = jnp.ones((1, 3, 32))
+        >>> bool((run_blocks(cfg, stacked, x, jnp.ones((1, 3), bool), None, 1, 1) == x).all())
+        True
+    """
+    def body(i: Array, h: Array) -> Array:
+        allowed = attention_allowed(attention_mask, window_at(config, i))
+        return block(config, layer_at(stacked, i), h, allowed, rope)[0]
+
+    return jax.lax.fori_loop(first, stop, body, x)
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
