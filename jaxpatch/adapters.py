@@ -77,8 +77,8 @@ def nnx_apply(base: Any, donor: Any, selector: SelectorLike, strength: float = 1
     from flax import nnx
 
     graphdef, params, rest = nnx.split(base, nnx.Param, ...)
-    base_dict = params.to_pure_dict()
-    donor_dict = nnx.state(donor, nnx.Param).to_pure_dict()
+    base_dict = nnx.to_pure_dict(params)
+    donor_dict = nnx.to_pure_dict(nnx.state(donor, nnx.Param))
     alpha = tree_patch(base_dict, selector, strength)
     nnx.replace_by_pure_dict(params, apply(alpha, base_dict, donor_dict))
     return nnx.merge(graphdef, params, rest)

@@ -18,6 +18,8 @@ from jaxpatch.metrics import KLDivergence, LogitDiff, LogProb, MetricError, Vect
 from jaxpatch.patch import Patch, PatchError, ablation_target, apply
 from jaxpatch.prompts import Prompt, make_batch
 
+pytestmark = pytest.mark.slow  # every test here compiles sweeps (5-20 s each on 2 cores)
+
 
 def pair(family: str, **overrides: object) -> tuple[jaxpatch.Model, jaxpatch.Model]:
     config = jaxpatch.ModelConfig.tiny(family, **overrides)

@@ -48,6 +48,7 @@ def test_jit_vmap_and_grad_are_safe() -> None:
     m = tiny("qwen2")
     config = m.config
 
+    @jax.jit
     def loss(params: dict) -> jax.Array:
         logits = jaxpatch.forward(config, params, TOKENS, MASK).logits
         return jax.nn.logsumexp(logits, -1).mean()

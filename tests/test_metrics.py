@@ -24,6 +24,7 @@ def full_logits(params: dict, tokens: list[int]) -> np.ndarray:
     return np.asarray(jaxpatch.forward(CONFIG, params, jnp.array([tokens])).logits[0])
 
 
+@pytest.mark.slow
 def test_vector_anchor_matches_its_definition() -> None:
     batch = make_batch(CONFIG, PROMPTS, "prompt")
     metric = VectorAnchor(layer=0)
@@ -40,6 +41,7 @@ def test_vector_anchor_matches_its_definition() -> None:
     np.testing.assert_allclose(score, expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_logit_metrics_match_their_definitions() -> None:
     last = make_batch(CONFIG, PROMPTS)
     x = readout(CONFIG, BASE, last, None)
