@@ -22,7 +22,6 @@ import csv
 import dataclasses
 import functools
 import io
-import json
 import math
 import os
 import time

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -169,8 +168,8 @@ def save_anchor(path: str | os.PathLike[str], direction: Array, layer: int) -> N
     """Writes an anchor direction to an `.npz` file (atomically), to share across runs.
 
     Example:
-        >>> import tempfile
-        >>> f = Path(tempfile.mkdtemp()) / "a.npz"
+        >>> import pathlib, tempfile
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "a.npz"
         >>> save_anchor(f, jnp.ones(4) / 2, 1)
         >>> np.load(f)["layer"].item()
         1

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -165,8 +164,8 @@ class Patch:
         Example:
             >>> cfg = ModelConfig.tiny("llama")
             >>> p = Patch.from_selector(cfg, "layers.*.self_attn[head=0]", "head")
-            >>> p.num_nonzero()
-            8
+            >>> p.num_nonzero()  # q and o coefficients of head 0 in each of 2 blocks
+            4
         """
         return cls.from_components(config, select(config, selector, granularity), strength,
                                    label=str(selector) if not isinstance(selector, list)
@@ -269,8 +268,9 @@ def unflatten_dotted(flat: dict[str, Any]) -> Any:
     """Rebuilds nested dicts (and lists, where keys are 0..n-1) from dotted names.
 
     Example:
-        >>> unflatten_dotted({"layers.0.w": 1, "layers.1.w": 2, "norm.w": 3})
-        {'layers': [{'w': 1}, {'w': 2}], 'norm': {'w': 3}}
+        >>> tree = unflatten_dotted({"layers.0.w": 1, "layers.1.w": 2, "norm.w": 3})
+        >>> len(tree["layers"]), int(tree["layers"][1]["w"]), sorted(tree)
+        (2, 2, ['layers', 'norm'])
     """
     root: dict = {}
     for name, value in flat.items():
@@ -382,13 +382,3 @@ def ablation_target(params: Params, kind: str = "zero",
         return (sum(x.astype(jnp.float32) for x in xs) / len(xs)).astype(leaf.dtype)
 
     return jax.tree_util.tree_map(mean, params, *references)
-
-
-def leaf_count(config: ModelConfig) -> int:
-    """How many alpha coefficients a config has in all (the size of one dense patch).
-
-    Example:
-        >>> leaf_count(ModelConfig.tiny("gpt2")) > 0
-        True
-    """
-    return sum(math.prod(s) for s in alpha_shapes(config).values())

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import io
-import os
 import re
-from typing import Any
 
 import numpy as np
 
 from jaxpatch.engine import SweepResult
-from jaxpatch.io.atomic import atomic_write_bytes
 
 _INDEXED = re.compile(r"layers\.(\d+)\.(.+?)\[(\w+)=(\d+)\]$")
 _MODULE = re.compile(r"layers\.(\d+)\.(.+)$")
@@ -87,11 +84,6 @@ def heatmap_png(result: SweepResult, title: str | None = None) -> bytes:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
-
-
-def write_heatmap(result: SweepResult, path: str | os.PathLike[str], **kwargs: Any) -> None:
-    """Writes `heatmap_png` to a file, atomically."""
-    atomic_write_bytes(path, heatmap_png(result, **kwargs))
 
 
 def summary_table(result: SweepResult, k: int = 10) -> str:

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 SELECT = "layers.*.self_attn.*_proj | layers.*.mlp.*_proj"
 SHAPE = dict(family="llama", vocab_size=2048, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4,

@@ -82,16 +82,3 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Writes a text file atomically.
-
-    Example:
-        >>> import tempfile
-        >>> p = Path(tempfile.mkdtemp()) / "x.json"
-        >>> atomic_write_text(p, "{}")
-        >>> p.read_text()
-        '{}'
-    """
-    atomic_write_bytes(path, text.encode())
