@@ -89,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(p)
     p.add_argument("--chunk-size", type=int, help="candidates per batch (default: from free memory)")
 
+    p = command("attribute", _attribute, "score every component by gradient attribution")
+    add_run_arguments(p)
+    add_attribution_arguments(p)
+
+    p = command("localize", _localize, "rank by attribution, then verify the top k exactly")
+    add_run_arguments(p)
+    add_attribution_arguments(p)
+    p.add_argument("--top-k", type=int, default=20, help="components to verify exactly (default 20)")
+    p.add_argument("--controls", type=int, default=20,
+                   help="random other components to verify as a control (default 20)")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="also patch every component exactly, to report recall (small models)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the control sample")
+    p.set_defaults(granularity="neuron")
+
     p = command("convert", _convert, "write a checkpoint in another format or dtype")
     p.add_argument("source", help="checkpoint folder to read (never modified)")
     p.add_argument("destination", help="folder to create")
@@ -118,6 +133,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="folder for scores.json, scores.csv and heatmap.png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_attribution_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the attribution commands."""
+    p.add_argument("--method", choices=["first-order", "integrated-gradients"], default="first-order")
+    p.add_argument("--steps", type=int, default=16, help="integrated-gradients steps (default 16)")
+    p.add_argument("--prompt-batch", type=int, help="accumulate gradients over this many prompts at a time")
+    p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass")
 
 
 def prepare_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
@@ -186,6 +209,54 @@ def _sweep(args: argparse.Namespace) -> None:
     if args.out:
         write_result(result, args.out, args.overwrite)
         print(f"wrote {args.out}/scores.json, scores.csv, heatmap.png")
+
+
+def _attribute(args: argparse.Namespace) -> None:
+    from jaxpatch.attribution import attribute
+    from jaxpatch.report import summary_table
+
+    base, donor, batch, metric, inputs = prepare_run(args)
+    if args.out:
+        check_output(args.out, args.overwrite)
+    result = attribute(base, donor, batch, metric, granularity=args.granularity,
+                       selector=args.select, method=args.method, direction=args.direction,
+                       steps=args.steps, prompt_batch=args.prompt_batch, remat=args.remat,
+                       positions=args.positions, inputs=inputs)
+    print(summary_table(result))
+    if "completeness" in result.extra:
+        c = result.extra["completeness"]
+        print(f"completeness: attributions sum to {c['sum_of_attributions']:.6g}, the score "
+              f"difference is {c['score_difference']:.6g} (relative gap {c['relative_gap']:.2e})")
+    if args.out:
+        write_result(result, args.out, args.overwrite)
+        print(f"wrote {args.out}/scores.json, scores.csv, heatmap.png")
+
+
+def _localize(args: argparse.Namespace) -> None:
+    from jaxpatch.attribution import localize
+    from jaxpatch.report import heatmap_png
+
+    base, donor, batch, metric, inputs = prepare_run(args)
+    if args.out:
+        check_output(args.out, args.overwrite)
+    report = localize(base, donor, batch, metric, granularity=args.granularity,
+                      selector=args.select, top_k=args.top_k, controls=args.controls,
+                      method=args.method, direction=args.direction, steps=args.steps,
+                      exhaustive=args.exhaustive, seed=args.seed, progress=not args.no_progress,
+                      positions=args.positions, inputs=inputs)
+    print(f"verified {len(report.shortlist)} top components and {len(report.controls)} controls "
+          f"exactly; Spearman correlation of attribution and exact effects: {report.spearman:.3f}")
+    if report.recall is not None:
+        print(f"recall of the exact top {len(report.shortlist)}: {report.recall:.2f}")
+    for name, a, e in report.misranked:
+        print(f"  misranked: {name} (attribution rank {a}, exact rank {e})")
+    if args.out:
+        with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+            (tmp / "localize.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+            (tmp / "attribution.csv").write_text(report.attribution.to_csv())
+            (tmp / "exact.csv").write_text(report.exact.to_csv())
+            (tmp / "heatmap.png").write_bytes(heatmap_png(report.attribution))
+        print(f"wrote {args.out}/localize.json, attribution.csv, exact.csv, heatmap.png")
 
 
 def check_output(out: str, overwrite: bool) -> None:

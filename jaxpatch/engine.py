@@ -65,6 +65,8 @@ class SweepResult:
             sweep_s (the candidates, compilation excluded) and candidates_per_s over sweep_s.
         inputs: checkpoint and prompts fingerprints, versions, seeds.
         skipped: names of candidates after the anchor layer, reported without running.
+        method: "exact" for sweeps; the attribution method for attribution tables.
+        extra: method-specific details (e.g. integrated gradients' completeness gap).
 
     Example:
         >>> r = SweepResult("anchor", "denoise", 1, "last", 0.0, 2.0, ["a"], np.array([1.0]))
@@ -83,6 +85,8 @@ class SweepResult:
     timing: dict[str, float] = dataclasses.field(default_factory=dict)
     inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
     skipped: list[str] = dataclasses.field(default_factory=list)
+    method: str = "exact"
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def recovery(self) -> np.ndarray:
@@ -108,7 +112,8 @@ class SweepResult:
             "donor_score": self.donor_score,
             "components": [{"name": n, "score": float(s), "recovery": float(r), "effect": float(e)}
                            for n, s, r, e in zip(self.names, self.scores, self.recovery, self.effect)],
-            "skipped": self.skipped, "timing": self.timing, "inputs": self.inputs,
+            "skipped": self.skipped, "method": self.method, "extra": self.extra,
+            "timing": self.timing, "inputs": self.inputs,
         }
 
     @classmethod
@@ -118,7 +123,8 @@ class SweepResult:
         return cls(data["metric"], data["direction"], data["anchor_layer"], data["positions"],
                    data["base_score"], data["donor_score"], [c["name"] for c in comps],
                    np.array([c["score"] for c in comps], np.float64), dict(data.get("timing", {})),
-                   dict(data.get("inputs", {})), list(data.get("skipped", [])))
+                   dict(data.get("inputs", {})), list(data.get("skipped", [])),
+                   data.get("method", "exact"), dict(data.get("extra", {})))
 
     def to_csv(self) -> str:
         """The scores as CSV (`name,score,recovery,effect`)."""

@@ -58,6 +58,7 @@ class Metric:
 
     name: str = "metric"
     layer: int | None = None
+    state_per_prompt: bool = False  # the state has a leading prompt axis (sliced with the batch)
 
     def check(self, config: ModelConfig) -> None:
         """Refuses settings that do not fit the architecture."""
@@ -240,6 +241,7 @@ class KLDivergence(Metric):
     """
 
     name: str = "kl"
+    state_per_prompt: bool = True
 
     def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch,
                 readouts: tuple[Array, Array] | None = None) -> Array:

@@ -92,6 +92,7 @@ def forward(
     stop_layer: int | None = None,
     collect: bool = False,
     readout_positions: Array | None = None,
+    remat: bool = False,
 ) -> ForwardOutput:
     """Runs the model on a batch of token ids.
 
@@ -109,6 +110,8 @@ def forward(
             only at these positions (keys and values still cover the whole sequence), so the
             returned residual and logits are `[batch, q, ...]`. Used when a metric reads only
             a few positions.
+        remat: recompute each block's activations in the backward pass instead of storing
+            them (`jax.checkpoint`), so a gradient fits where the forward fits.
 
     Returns:
         A `ForwardOutput`.
@@ -146,10 +149,11 @@ def forward(
     modules: dict[str, Array] = {}
     if readout_positions is not None and last < start_layer:  # no block runs: just gather
         x = jnp.take_along_axis(x, readout_positions[..., None], axis=1)
+    run_block = jax.checkpoint(block, static_argnums=(0,)) if remat else block
     for i in range(start_layer, last + 1):
         allowed = attention_allowed(attention_mask, config.sliding_windows[i])
         queries = readout_positions if i == last else None
-        x, outputs = block(config, params["layers"][i], x, allowed, rope, queries)
+        x, outputs = run_block(config, params["layers"][i], x, allowed, rope, queries)
         if collect:
             residuals.append(x)
             modules.update({f"layers.{i}.{name}": value for name, value in outputs.items()})
