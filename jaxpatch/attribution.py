@@ -129,9 +129,15 @@ def component_scores(config: ModelConfig, grads: Params, items: Sequence[Compone
     Example:
         >>> # component_scores(cfg, alpha_gradients(...), select(cfg, None, "head"))
     """
-    flat = {name: np.asarray(g) for name, g in flatten_params(grads).items()}
-    return np.array([sum(float(flat[name][index].sum())
-                         for name, index in component_entries(config, c).items()) for c in items])
+    flat = {name: np.asarray(g, np.float64) for name, g in flatten_params(grads).items()}
+    totals = {name: float(g.sum()) for name, g in flat.items()}
+    # An alpha leaf has one axis of size > 1 at most, so an indexed entry is one element.
+    vectors = {name: g.reshape(-1) for name, g in flat.items()}
+    out = np.empty(len(items))
+    for i, c in enumerate(items):
+        entries = component_entries(config, c)
+        out[i] = sum(totals[name] if c.index is None else vectors[name][c.index] for name in entries)
+    return out
 
 
 def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,

@@ -57,6 +57,16 @@ def test_hf_round_trip_gives_identical_params_and_tensors(name: str, tmp_path: P
     assert digest(FIXTURES / name) == before, "the input checkpoint was modified"
 
 
+@pytest.mark.parametrize("family", jaxpatch.FAMILIES)
+def test_models_built_in_memory_round_trip(family: str, tmp_path: Path) -> None:
+    config = jaxpatch.ModelConfig.tiny(family)
+    model = jaxpatch.Model(config, jaxpatch.init_params(config, jax.random.key(0)))
+    jaxpatch.save(model, tmp_path / "hf")
+    again = jaxpatch.load(tmp_path / "hf")
+    assert again.config == model.config
+    leaves_equal(model.params, again.params)
+
+
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "llama-bf16"])
 def test_orbax_round_trip_gives_identical_params(name: str, tmp_path: Path) -> None:
     model = jaxpatch.load(FIXTURES / name)

@@ -225,7 +225,8 @@ def _mistral(r: ConfigReader) -> ModelConfig:
 
 def _qwen2(r: ConfigReader) -> ModelConfig:
     n_layers = r.require("num_hidden_layers")
-    window = r.get("sliding_window") if r.get("use_sliding_window", False) else None
+    window = r.get("sliding_window")  # read either way: it is inert without use_sliding_window
+    window = window if r.get("use_sliding_window", False) else None
     first_sliding = r.get("max_window_layers", 28)
     types = r.get("layer_types") or [
         "sliding_attention" if window is not None and i >= first_sliding else "full_attention"

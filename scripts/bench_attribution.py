@@ -1,0 +1,80 @@
+"""Benchmark: first-order attribution of every module, head and neuron, in forward passes.
+
+On the benchmark pair of `bench_sweep.py` (6 layers, d_model 512, 8 x 128 tokens, vector anchor
+after the last block at the last position), measures in one process, after compilation:
+  - one forward pass to the anchor (the reference unit: the cheapest forward that yields the
+    metric, the last block computed at the readout position only), and
+  - the first-order scores of every module, head and neuron (one forward and one backward over
+    the patch coefficients, then the per-component sums),
+and prints each as a multiple of the forward pass (target: at most 4). It also checks the
+first-order scores against central differences of exact patching on a few modules.
+
+Run: python scripts/bench_attribution.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+import jaxpatch
+from jaxpatch.attribution import alpha_gradients, component_scores
+from jaxpatch.metrics import VectorAnchor, readout
+from jaxpatch.prompts import Prompt, make_batch
+
+SHAPE = dict(family="llama", vocab_size=2048, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4,
+             head_dim=64, d_ff=1376, max_position_embeddings=256)
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    fn()  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    config = jaxpatch.ModelConfig(**SHAPE)
+    base_params = jaxpatch.init_params(config, jax.random.key(0), scale=0.05)
+    leaves, treedef = jax.tree_util.tree_flatten(base_params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    donor_params = jax.tree_util.tree_unflatten(
+        treedef, [x + 0.01 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    base, donor = jaxpatch.Model(config, base_params), jaxpatch.Model(config, donor_params)
+    tokens = np.random.default_rng(0).integers(1, config.vocab_size, (8, 128))
+    batch = make_batch(config, [Prompt(tuple(map(int, row))) for row in tokens])
+    metric = VectorAnchor(layer=config.n_layers - 1)
+    state = metric.prepare(config, base.params, donor.params, batch)
+
+    forward_s = best_of(lambda: jax.block_until_ready(readout(config, base.params, batch, metric.layer)))
+    grads_s = best_of(lambda: jax.block_until_ready(
+        alpha_gradients(base, donor, batch, metric, state=state)))
+    grads = alpha_gradients(base, donor, batch, metric, state=state)
+    print(f"forward pass to the anchor: {forward_s * 1e3:.1f} ms")
+    print(f"gradient over all patch coefficients: {grads_s * 1e3:.1f} ms "
+          f"= {grads_s / forward_s:.2f} forward passes")
+    for granularity in ("module", "head", "neuron"):
+        items = jaxpatch.select(config, None, granularity)
+        sum_s = best_of(lambda: component_scores(config, grads, items), repeats=3)
+        total = grads_s + sum_s
+        print(f"{granularity:>7}: {len(items):5d} components, {total * 1e3:.1f} ms "
+              f"= {total / forward_s:.2f} forward passes (target <= 4)")
+
+    # What is timed is the derivative of exact patching: check it by central differences.
+    modules = jaxpatch.select(config, "layers.5.mlp | layers.2.self_attn.o_proj", "module")
+    first_order = component_scores(config, grads, modules)
+    eps = 1e-2
+    patches = {f"{c.name} {sign:+d}": jaxpatch.Patch.from_components(config, [c]).scale(sign * eps)
+               for c in modules for sign in (1, -1)}
+    exact = jaxpatch.sweep(base, donor, batch, metric, candidates=patches, progress=False)
+    central = (exact.scores[0::2] - exact.scores[1::2]) / (2 * eps)
+    print(f"first-order vs central differences of exact patching on {len(modules)} modules: "
+          f"max relative difference {np.max(np.abs(first_order - central) / np.abs(central)):.2e}")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Gradient attribution against exact patching and against its own definitions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxpatch
+from jaxpatch.attribution import alpha_gradients, attribute, localize, spearman
+from jaxpatch.components import select
+from jaxpatch.engine import score_patch
+from jaxpatch.metrics import KLDivergence, VectorAnchor, readout
+from jaxpatch.patch import Patch
+from jaxpatch.prompts import Prompt, make_batch
+
+pytestmark = pytest.mark.slow
+
+CONFIG = jaxpatch.ModelConfig.tiny("qwen2", d_ff=16)
+BASE = jaxpatch.Model(CONFIG, jaxpatch.init_params(CONFIG, jax.random.key(0), scale=0.2))
+_leaves, _treedef = jax.tree_util.tree_flatten(BASE.params)
+DONOR = jaxpatch.Model(CONFIG, jax.tree_util.tree_unflatten(_treedef, [
+    x + 0.05 * jax.random.normal(k, x.shape)
+    for x, k in zip(_leaves, jax.random.split(jax.random.key(9), len(_leaves)))]))
+BATCH = make_batch(CONFIG, [Prompt((1, 2, 3, 4, 5)), Prompt((7, 8, 9)), Prompt((3, 1, 4, 1))])
+METRIC = VectorAnchor(layer=1)
+
+
+def test_first_order_is_the_derivative_of_exact_patching() -> None:
+    """(score(patch at strength e) - score(start)) / e -> the attribution, per component."""
+    result = attribute(BASE, DONOR, BATCH, METRIC, granularity="head")
+    state = METRIC.prepare(CONFIG, BASE.params, DONOR.params, BATCH)
+    items = select(CONFIG, None, "head")
+    eps = 1e-2
+    for i in (0, 3, 5, 9):
+        patch = Patch.from_components(CONFIG, [items[i]]).scale(eps)
+        hi = score_patch(BASE, DONOR, patch, BATCH, METRIC, state=state)
+        lo = score_patch(BASE, DONOR, patch.scale(-1.0), BATCH, METRIC, state=state)
+        central = (hi - lo) / (2 * eps)
+        np.testing.assert_allclose(result.scores[i] - result.base_score, central, rtol=2e-2, atol=2e-4)
+
+
+def test_first_order_equals_weight_gradient_dotted_with_the_difference() -> None:
+    state = METRIC.prepare(CONFIG, BASE.params, DONOR.params, BATCH)
+
+    def score(params: dict) -> jax.Array:
+        return jnp.mean(METRIC.score(readout(CONFIG, params, BATCH, 1), BATCH, state))
+
+    grad_w = jaxpatch.flatten_params(jax.grad(score)(BASE.params))
+    delta = {k: np.asarray(DONOR_FLAT[k]) - np.asarray(BASE_FLAT[k]) for k in BASE_FLAT}
+    result = attribute(BASE, DONOR, BATCH, METRIC, granularity="neuron", selector="layers.0")
+    for n, value in zip(range(16), result.scores - result.base_score):
+        expected = sum(float(np.take(np.asarray(grad_w[f"layers.0.mlp.{m}.weight"]) * delta[f"layers.0.mlp.{m}.weight"], n, axis).sum())
+                       for m, axis in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 0)))
+        np.testing.assert_allclose(value, expected, rtol=1e-4, atol=1e-6)
+
+
+BASE_FLAT = jaxpatch.flatten_params(BASE.params)
+DONOR_FLAT = jaxpatch.flatten_params(DONOR.params)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_integrated_gradients_are_complete(direction: str) -> None:
+    gaps = []
+    for steps in (2, 16):
+        result = attribute(BASE, DONOR, BATCH, METRIC, granularity="module",
+                           method="integrated-gradients", steps=steps, direction=direction)
+        completeness = result.extra["completeness"]
+        gaps.append(completeness["relative_gap"])
+        # Modules partition every coefficient, so their effects sum to the whole recovery.
+        np.testing.assert_allclose(result.effect.sum(), 1.0, atol=5 * completeness["relative_gap"] + 1e-4)
+    assert gaps[1] < 1e-3 and gaps[1] < gaps[0]
+
+
+def test_prompt_chunks_and_remat_do_not_change_gradients() -> None:
+    metric = KLDivergence()  # its state is per prompt, so chunking must slice it
+    full = alpha_gradients(BASE, DONOR, BATCH, metric)
+    chunked = alpha_gradients(BASE, DONOR, BATCH, metric, prompt_batch=2, remat=True)
+    for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(chunked)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_localize_verifies_the_shortlist_and_reports_recall() -> None:
+    report = localize(BASE, DONOR, BATCH, METRIC, granularity="neuron", top_k=5, controls=4,
+                      exhaustive=True, seed=3, progress=False)
+    attribution = dict(zip(report.attribution.names, np.abs(report.attribution.effect)))
+    top = sorted(attribution, key=lambda n: -attribution[n])[:5]
+    assert report.shortlist == top
+    assert len(report.controls) == 4 and not set(report.controls) & set(top)
+    assert sorted(report.exact.names) == sorted(top + report.controls)
+    exhaustive = dict(zip(report.exhaustive.names, report.exhaustive.scores))
+    for name, score in zip(report.exact.names, report.exact.scores):
+        assert score == pytest.approx(exhaustive[name], abs=1e-5)
+    truth = sorted(exhaustive, key=lambda n: -abs(exhaustive[n] - report.exhaustive.base_score))[:5]
+    assert report.recall == len(set(truth) & set(top)) / 5
+    assert -1 <= report.spearman <= 1
+    again = localize(BASE, DONOR, BATCH, METRIC, granularity="neuron", top_k=5, controls=4, seed=3,
+                     progress=False)
+    assert again.controls == report.controls
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_cli_attribute_and_localize(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from jaxpatch.cli import main
+
+    base, donor = tmp_path / "base", tmp_path / "donor"
+    jaxpatch.save(BASE, base)
+    jaxpatch.save(DONOR, donor)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"tokens": [1, 2, 3, 4]}\n{"tokens": [5, 6, 7]}\n')
+    run = ["--base", str(base), "--donor", str(donor), "--prompts", str(prompts), "--no-progress"]
+    assert main(["attribute", *run, "--method", "integrated-gradients", "--steps", "8",
+                 "--out", str(tmp_path / "a")]) == 0
+    data = json.loads((tmp_path / "a" / "scores.json").read_text())
+    assert data["method"] == "integrated-gradients" and "completeness" in data["extra"]
+    assert "completeness: attributions sum to" in capsys.readouterr().out
+    assert main(["localize", *run, "--top-k", "3", "--controls", "2", "--out", str(tmp_path / "l")]) == 0
+    report = json.loads((tmp_path / "l" / "localize.json").read_text())
+    assert len(report["shortlist"]) == 3 and len(report["controls"]) == 2
+    assert report["recall"] is None
