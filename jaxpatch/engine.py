@@ -18,6 +18,7 @@ the plain forward, but never computes what a candidate does not change:
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import functools
@@ -201,7 +202,8 @@ def _alpha_rows(config: ModelConfig, group: Sequence[_Candidate],
 
 # --------------------------------------------------------------------------- compiled chunks
 
-_COMPILED: dict[Any, Any] = {}
+_COMPILED: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
+_COMPILED_MAX = 64  # compiled sweep programs kept, least recently used dropped first
 
 
 def _replace_leaves(params: Params, replacements: Mapping[str, Any]) -> Params:
@@ -291,7 +293,6 @@ class _Plan:
     """
 
     groups: list[list[_Candidate]]
-    signature: tuple[str, ...]
     prefix: Callable[[_Candidate], str]
     size: int
     args: list[tuple]
@@ -317,6 +318,9 @@ def _compiled(key: Any, fn: Callable[..., Any], args: tuple) -> Any:
     full_key = (key, jax.tree_util.tree_structure(args), tuple(jax.tree_util.tree_leaves(shapes)))
     if full_key not in _COMPILED:
         _COMPILED[full_key] = jax.jit(fn).lower(*args).compile()
+        while len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.popitem(last=False)
+    _COMPILED.move_to_end(full_key)
     return _COMPILED[full_key]
 
 
@@ -560,15 +564,16 @@ def sweep(
         for c in local:
             by_layer.setdefault(c.first_layer, []).append(c)
         relative = lambda c: f"layers.{c.first_layer}."  # noqa: E731
-        signature = tuple(dict.fromkeys(
-            n[len(relative(c)):] for c in local for n in flat_start if n in c.leaves))
+        used = {n[len(relative(c)):] for c in local for n in c.leaves}
+        signature = tuple(n[len("layers.0."):] for n in flat_start
+                          if n.startswith("layers.0.") and n[len("layers.0."):] in used)
         size = _chunk_size(chunk_size, auto_chunk, max(len(g) for g in by_layer.values()))
         dense = _use_dense(materialize, size, sum(nbytes(f"layers.0.{n}") for n in signature), budget)
         deltas = _stacked_deltas(stacked[id(target)], start_stacked, signature)
         groups = [g for _, g in sorted(by_layer.items())]
         args = [(start_stacked, deltas, start_rest, None, before[g[0].first_layer],
                  jnp.int32(g[0].first_layer), batch, state) for g in groups]
-        plans.append(_Plan(groups, signature, relative, size, args, 3,
+        plans.append(_Plan(groups, relative, size, args, 3,
                            ("local", config, metric, stop, signature, dense),
                            _local_chunk_function(config, metric, stop, dense),
                            {n: jax.ShapeDtypeStruct((size, *shapes[f"layers.0.{n}"]), jnp.float32)
@@ -579,13 +584,14 @@ def sweep(
         if not _is_block_local(c, last_block):
             general.setdefault(c.first_layer, []).append(c)
     for first_layer, group in sorted(general.items()):
-        signature = tuple(n for n in flat_start if any(n in c.leaves for c in group))
+        used = {n for c in group for n in c.leaves}
+        signature = tuple(n for n in flat_start if n in used)
         size = _chunk_size(chunk_size, auto_chunk, len(group))
         dense = _use_dense(materialize, size, sum(nbytes(n) for n in signature), budget)
         start_layer = max(first_layer, 0)
         deltas = _deltas(flat_target, flat_start, signature)
         residual = None if first_layer < 0 else before[start_layer]
-        plans.append(_Plan([group], signature, lambda c: "", size,
+        plans.append(_Plan([group], lambda c: "", size,
                            [(start, deltas, None, residual, batch, state)], 2,
                            ("general", config, metric, start_layer, stop, signature, dense),
                            _general_chunk_function(config, metric, start_layer, stop, dense),
