@@ -155,6 +155,8 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str,
     from jaxpatch.metrics import metric_from_name
     from jaxpatch.prompts import greedy_continuations, make_batch, read_prompts
 
+    if args.out:  # refuse an existing output before any work
+        check_output(args.out, args.overwrite)
     base = jaxpatch.load(args.base, dtype=args.dtype)
     donor = jaxpatch.load(args.donor, dtype=args.dtype)
     check_pair(base, donor)
@@ -183,13 +185,14 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str,
 
 
 def write_result(result: Any, out: str, overwrite: bool) -> None:
-    """Writes scores.json, scores.csv and heatmap.png into `out`, atomically."""
+    """Writes scores.json, scores.csv and heatmap.png into `out`, atomically, and says so."""
     from jaxpatch.report import heatmap_png
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "scores.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         (tmp / "scores.csv").write_text(result.to_csv())
         (tmp / "heatmap.png").write_bytes(heatmap_png(result))
+    print(f"wrote {out}/scores.json, scores.csv, heatmap.png")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -197,8 +200,6 @@ def _sweep(args: argparse.Namespace) -> None:
     from jaxpatch.report import summary_table
 
     base, donor, batch, metric, inputs = prepare_run(args)
-    if args.out:  # refuse an existing output before the work, not after
-        check_output(args.out, args.overwrite)
     result = sweep(base, donor, batch, metric, granularity=args.granularity, selector=args.select,
                    direction=args.direction, chunk_size=args.chunk_size,
                    progress=not args.no_progress, positions=args.positions, inputs=inputs)
@@ -208,7 +209,6 @@ def _sweep(args: argparse.Namespace) -> None:
           f"{t['candidates_per_s']:.1f} candidates/s)")
     if args.out:
         write_result(result, args.out, args.overwrite)
-        print(f"wrote {args.out}/scores.json, scores.csv, heatmap.png")
 
 
 def _attribute(args: argparse.Namespace) -> None:
@@ -216,8 +216,6 @@ def _attribute(args: argparse.Namespace) -> None:
     from jaxpatch.report import summary_table
 
     base, donor, batch, metric, inputs = prepare_run(args)
-    if args.out:
-        check_output(args.out, args.overwrite)
     result = attribute(base, donor, batch, metric, granularity=args.granularity,
                        selector=args.select, method=args.method, direction=args.direction,
                        steps=args.steps, prompt_batch=args.prompt_batch, remat=args.remat,
@@ -229,7 +227,6 @@ def _attribute(args: argparse.Namespace) -> None:
               f"difference is {c['score_difference']:.6g} (relative gap {c['relative_gap']:.2e})")
     if args.out:
         write_result(result, args.out, args.overwrite)
-        print(f"wrote {args.out}/scores.json, scores.csv, heatmap.png")
 
 
 def _localize(args: argparse.Namespace) -> None:
@@ -237,8 +234,6 @@ def _localize(args: argparse.Namespace) -> None:
     from jaxpatch.report import heatmap_png
 
     base, donor, batch, metric, inputs = prepare_run(args)
-    if args.out:
-        check_output(args.out, args.overwrite)
     report = localize(base, donor, batch, metric, granularity=args.granularity,
                       selector=args.select, top_k=args.top_k, controls=args.controls,
                       method=args.method, direction=args.direction, steps=args.steps,
