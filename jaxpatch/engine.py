@@ -401,9 +401,12 @@ def _run_stacked(config: ModelConfig, stacked: Params, rest: Params, batch: Batc
     h, before = jax.lax.scan(step, x, jnp.arange(last))
     before = jnp.concatenate([before, h[None]])  # before blocks 0 .. last
     allowed = attention_allowed(batch.mask, window_at(config, last))
-    readout_x = block(config, layer_at(stacked, last), h, allowed, rope, batch.positions)[0]
-    if count > last + 1:  # the stream after block `last`, for the final modules
-        before = jnp.concatenate([before, block(config, layer_at(stacked, last), h, allowed, rope)[0][None]])
+    if count > last + 1:  # the final modules need the stream after block `last` everywhere
+        after = block(config, layer_at(stacked, last), h, allowed, rope)[0]
+        before = jnp.concatenate([before, after[None]])
+        readout_x = jnp.take_along_axis(after, batch.positions[..., None], axis=1)
+    else:
+        readout_x = block(config, layer_at(stacked, last), h, allowed, rope, batch.positions)[0]
     return (readout_x if layer is not None else unembed(config, rest, readout_x)), before[:count]
 
 
