@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpatch.components import Component, SelectorLike, select
-from jaxpatch.engine import SweepResult, check_pair, _endpoints, sweep
+from jaxpatch.engine import SweepResult, _endpoints, check_pair, endpoint_scores, sweep
 from jaxpatch.errors import JaxpatchError
-from jaxpatch.metrics import Metric, MetricError, mean_score, readout
+from jaxpatch.metrics import Metric, MetricError, readout
 from jaxpatch.models.config import ModelConfig, Params, flatten_params
 from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import Model
@@ -56,7 +56,7 @@ def _objective(config: ModelConfig, metric: Metric, remat: bool) -> Callable[...
 
 
 @functools.lru_cache(maxsize=32)
-def _gradient_function(config: ModelConfig, metric: Metric, remat: bool, steps: int) -> Callable[..., Any]:
+def _gradient_function(config: ModelConfig, metric: Metric, remat: bool) -> Callable[..., Any]:
     """Jitted: the gradient with respect to alpha, averaged over path points `t` (first order:
     the single point t = 0)."""
     grad = jax.grad(_objective(config, metric, remat))
@@ -109,17 +109,16 @@ def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     n = 1 if method == "first-order" else steps
     ts = jnp.zeros(1) if method == "first-order" else (jnp.arange(n) + 0.5) / n
     zero = Patch.zeros(config).alpha
-    run = _gradient_function(config, metric, remat, n)
+    run = _gradient_function(config, metric, remat)
     prompts = batch.tokens.shape[0]
     size = prompt_batch or prompts
-    total = None
+    total = jax.tree_util.tree_map(jnp.zeros_like, zero)
     for lo in range(0, prompts, size):
         hi = min(lo + size, prompts)
         chunk_state = _slice(state, lo, hi) if metric.state_per_prompt else state
         grads = run(ts, zero, start, target, _slice(batch, lo, hi), chunk_state)
         weight = (hi - lo) / prompts  # the metric is a mean over prompts
-        total = jax.tree_util.tree_map(lambda g, acc: acc + weight * g, grads,
-                                       total if total is not None else jax.tree_util.tree_map(jnp.zeros_like, grads))
+        total = jax.tree_util.tree_map(lambda acc, g: acc + weight * g, total, grads)
     return total
 
 
@@ -181,14 +180,9 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     config = base.config
     check_pair(base, donor)
     metric.check(config)
-    x_base = readout(config, base.params, batch, metric.layer)
-    x_donor = readout(config, donor.params, batch, metric.layer)
-    state = metric.prepare(config, base.params, donor.params, batch, (x_base, x_donor))
-    base_score = float(mean_score(metric, x_base, batch, state))
-    donor_score = float(mean_score(metric, x_donor, batch, state))
-    if not (math.isfinite(base_score) and math.isfinite(donor_score)) or base_score == donor_score:
-        raise MetricError(f"base and donor {metric.name} scores ({base_score}, {donor_score}) "
-                          "do not define a recovery")
+    readouts = (readout(config, base.params, batch, metric.layer),
+                readout(config, donor.params, batch, metric.layer))
+    state, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric, readouts)
     grads = alpha_gradients(base, donor, batch, metric, direction=direction, method=method,
                             steps=steps, prompt_batch=prompt_batch, remat=remat, state=state)
     items = select(config, selector, granularity)

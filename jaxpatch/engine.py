@@ -410,6 +410,34 @@ def _run_stacked(config: ModelConfig, stacked: Params, rest: Params, batch: Batc
     return (readout_x if layer is not None else unembed(config, rest, readout_x)), before[:count]
 
 
+def endpoint_scores(config: ModelConfig, base: Model, donor: Model, batch: Batch, metric: Metric,
+                    readouts: tuple[jax.Array, jax.Array]) -> tuple[Any, float, float]:
+    """Prepares a metric and scores the base and donor (recovery 0 and 1).
+
+    Arguments:
+        readouts: the base's and donor's readouts (`metrics.readout`).
+
+    Returns:
+        `(state, base_score, donor_score)`.
+
+    Raises:
+        NonFiniteError: a score is NaN or infinite.
+        MetricError: base and donor score the same, so recovery is undefined.
+
+    Example:
+        >>> # state, base_score, donor_score = endpoint_scores(cfg, base, donor, batch, metric, xs)
+    """
+    state = metric.prepare(config, base.params, donor.params, batch, readouts)
+    base_score, donor_score = (float(mean_score(metric, x, batch, state)) for x in readouts)
+    if not math.isfinite(base_score) or not math.isfinite(donor_score):
+        raise NonFiniteError(f"the {metric.name} score is not finite (base {base_score}, donor "
+                             f"{donor_score})")
+    if base_score == donor_score:
+        raise MetricError(f"base and donor have the same {metric.name} score ({base_score}): "
+                          "recovery is undefined on these prompts")
+    return state, base_score, donor_score
+
+
 def check_pair(base: Model, donor: Model) -> None:
     """Refuses a base/donor pair that is not the same architecture.
 
@@ -534,15 +562,9 @@ def sweep(
             for key, p in ((id(base.params), base.params), (id(donor.params), donor.params),
                            (id(start), start))}
     x_base, x_donor = runs[id(base.params)][0], runs[id(donor.params)][0]
-    state = metric.prepare(config, base.params, donor.params, batch, (x_base, x_donor))
-    base_score, donor_score, start_score = (float(mean_score(metric, runs[id(p)][0], batch, state))
-                                            for p in (base.params, donor.params, start))
-    if not math.isfinite(base_score) or not math.isfinite(donor_score):
-        raise NonFiniteError(f"the {metric.name} score is not finite (base {base_score}, donor "
-                             f"{donor_score})")
-    if base_score == donor_score:
-        raise MetricError(f"base and donor have the same {metric.name} score ({base_score}): "
-                          "recovery is undefined on these prompts")
+    state, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric,
+                                                     (x_base, x_donor))
+    start_score = float(mean_score(metric, runs[id(start)][0], batch, state))
 
     if candidates is None:
         candidates = select(config, selector, granularity)
