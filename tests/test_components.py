@@ -86,10 +86,7 @@ def test_every_component_name_selects_exactly_itself(granularity: str) -> None:
     everything = components(config, granularity)
     for component in everything:
         chosen = [c for c in everything if parse(component.name).matches(c)]
-        if granularity in ("module", "head", "neuron"):
-            assert chosen == [component]
-        else:  # a layer's name is a prefix of nothing else at layer granularity
-            assert chosen == [component]
+        assert chosen == [component]
 
 
 # ------------------------------------------------------------------------- property tests
