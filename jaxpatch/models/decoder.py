@@ -10,8 +10,9 @@ All functions are safe under `jax.jit` (with the config static), `jax.vmap` and 
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,20 @@ def dense(leaf: Array | MixedWeight) -> Array:
     return leaf.value() if isinstance(leaf, MixedWeight) else leaf
 
 
+Edit = Callable[[str, Array], Array]
+"""An activation edit: called as `edit(site, value)` on every site's output, returns the value
+to use instead. Sites (per block i, prefixed `layers.{i}.`): `input_layernorm`,
+`self_attn.{q,k,v}_proj` (`[batch, seq, heads, head_dim]`, before rotary embedding),
+`self_attn.heads` (each head's output before o_proj), `self_attn.o_proj`,
+`post_attention_layernorm`, `mlp.{gate,up}_proj`, `mlp.neurons` (the `[batch, seq, d_ff]`
+activations entering down_proj), `mlp.down_proj`; and `embed_tokens`, `embed_positions`
+(GPT-2), `norm`, `lm_head`."""
+
+
+def _no_edit(site: str, value: Array) -> Array:
+    return value
+
+
 class ForwardOutput(NamedTuple):
     """What `forward` returns.
 
@@ -93,6 +108,7 @@ def forward(
     collect: bool = False,
     readout_positions: Array | None = None,
     remat: bool = False,
+    edit: Edit | None = None,
 ) -> ForwardOutput:
     """Runs the model on a batch of token ids.
 
@@ -112,6 +128,7 @@ def forward(
             a few positions.
         remat: recompute each block's activations in the backward pass instead of storing
             them (`jax.checkpoint`), so a gradient fits where the forward fits.
+        edit: an activation edit (see `Edit`), e.g. to patch activations or record them.
 
     Returns:
         A `ForwardOutput`.
@@ -143,25 +160,31 @@ def forward(
     if seq > config.max_position_embeddings:
         raise InvalidInputError(f"sequence of {seq} tokens is longer than the model's context of "
                                 f"{config.max_position_embeddings}")
-    x = embed(config, params, tokens) if residual is None else residual
+    edit = edit or _no_edit
+    x = embed(config, params, tokens, edit) if residual is None else residual
     rope = rope_tables(config, seq, x.dtype) if config.positional == "rope" else None
     residuals: list[Array] = []
     modules: dict[str, Array] = {}
     if readout_positions is not None and last < start_layer:  # no block runs: just gather
         x = jnp.take_along_axis(x, readout_positions[..., None], axis=1)
-    run_block = jax.checkpoint(block, static_argnums=(0,)) if remat else block
+    run_block = jax.checkpoint(block, static_argnums=(0, 6)) if remat else block
     for i in range(start_layer, last + 1):
         allowed = attention_allowed(attention_mask, config.sliding_windows[i])
         queries = readout_positions if i == last else None
-        x, outputs = run_block(config, params["layers"][i], x, allowed, rope, queries)
+        block_edit = functools.partial(_edit_in_block, edit, i)
+        x, outputs = run_block(config, params["layers"][i], x, allowed, rope, queries, block_edit)
         if collect:
             residuals.append(x)
             modules.update({f"layers.{i}.{name}": value for name, value in outputs.items()})
-    logits = unembed(config, params, x) if stop_layer is None else None
+    logits = unembed(config, params, x, edit) if stop_layer is None else None
     return ForwardOutput(logits, x, tuple(residuals), modules)
 
 
-def embed(config: ModelConfig, params: Params, tokens: Array) -> Array:
+def _edit_in_block(edit: Edit, index: int, site: str, value: Array) -> Array:
+    return edit(f"layers.{index}.{site}", value)
+
+
+def embed(config: ModelConfig, params: Params, tokens: Array, edit: Edit = _no_edit) -> Array:
     """Token (and, for learned positions, position) embeddings: the residual stream before
     block 0, `[batch, seq, d_model]`.
 
@@ -172,12 +195,12 @@ def embed(config: ModelConfig, params: Params, tokens: Array) -> Array:
         >>> embed(cfg, init_params(cfg, jax.random.key(0)), jnp.ones((1, 3), jnp.int32)).shape
         (1, 3, 32)
     """
-    x = lookup(params["embed_tokens"]["weight"], tokens)
+    x = edit("embed_tokens", lookup(params["embed_tokens"]["weight"], tokens))
     if config.scale_embeddings:
         x = x * jnp.asarray(math.sqrt(config.d_model), dtype=x.dtype)
     if config.positional == "learned":
         positions = jnp.arange(tokens.shape[1])[None]
-        x = x + lookup(params["embed_positions"]["weight"], positions)
+        x = x + edit("embed_positions", lookup(params["embed_positions"]["weight"], positions))
     return x
 
 
@@ -195,7 +218,7 @@ def lookup(table: Array | MixedWeight, ids: Array) -> Array:
     return jnp.take(dense(table), ids, axis=0)
 
 
-def unembed(config: ModelConfig, params: Params, x: Array) -> Array:
+def unembed(config: ModelConfig, params: Params, x: Array, edit: Edit = _no_edit) -> Array:
     """Final norm and output projection: float32 logits `[batch, seq, vocab]`.
 
     Example:
@@ -205,11 +228,11 @@ def unembed(config: ModelConfig, params: Params, x: Array) -> Array:
         >>> unembed(cfg, init_params(cfg, jax.random.key(0)), jnp.ones((1, 2, 32))).shape
         (1, 2, 128)
     """
-    h = norm(config, params["norm"], x)
+    h = edit("norm", norm(config, params["norm"], x))
     if config.tie_embeddings:
         logits = linear({"weight": params["embed_tokens"]["weight"]}, h, "bsd,vd->bsv")
     else:
-        logits = linear(params["lm_head"], h, "bsd,dv->bsv")
+        logits = edit("lm_head", linear(params["lm_head"], h, "bsd,dv->bsv"))
     return logits.astype(jnp.float32)
 
 
@@ -220,6 +243,7 @@ def block(
     allowed: Array,
     rope: tuple[Array, Array] | None,
     queries: Array | None = None,
+    edit: Edit = _no_edit,
 ) -> tuple[Array, dict[str, Array]]:
     """One pre-norm transformer block.
 
@@ -230,6 +254,7 @@ def block(
         allowed: boolean `[batch, 1, seq, seq]`: may query position q attend to key k.
         rope: `(cos, sin)` tables from `rope_tables`, or None for learned positions.
         queries: optional int `[batch, q]`: compute the block's output only at these positions.
+        edit: an activation edit (see `Edit`; site names without the `layers.{i}.` prefix).
 
     Returns:
         The residual stream after the block (`[batch, q, d_model]` with `queries`), and the
@@ -246,13 +271,15 @@ def block(
         >>> sorted(outs)
         ['mlp', 'self_attn', 'self_attn.heads']
     """
-    heads = attention_heads(config, layer["self_attn"], norm(config, layer["input_layernorm"], x),
-                            allowed, rope, queries)
-    attn_out = linear(layer["self_attn"]["o_proj"], heads, "bshk,hkd->bsd")
+    normed = edit("input_layernorm", norm(config, layer["input_layernorm"], x))
+    heads = edit("self_attn.heads",
+                 attention_heads(config, layer["self_attn"], normed, allowed, rope, queries, edit))
+    attn_out = edit("self_attn.o_proj", linear(layer["self_attn"]["o_proj"], heads, "bshk,hkd->bsd"))
     if queries is not None:
         x = jnp.take_along_axis(x, queries[..., None], axis=1)
     x = x + attn_out
-    mlp_out = mlp(config, layer["mlp"], norm(config, layer["post_attention_layernorm"], x))
+    normed = edit("post_attention_layernorm", norm(config, layer["post_attention_layernorm"], x))
+    mlp_out = mlp(config, layer["mlp"], normed, edit)
     x = x + mlp_out
     return x, {"self_attn": attn_out, "self_attn.heads": heads, "mlp": mlp_out}
 
@@ -309,6 +336,7 @@ def attention_heads(
     allowed: Array,
     rope: tuple[Array, Array] | None,
     queries: Array | None = None,
+    edit: Edit = _no_edit,
 ) -> Array:
     """Per-head attention outputs before o_proj, `[batch, seq, n_heads, head_dim]`.
 
@@ -326,9 +354,9 @@ def attention_heads(
         (1, 3, 4, 16)
     """
     h_q = h if queries is None else jnp.take_along_axis(h, queries[..., None], axis=1)
-    q = linear(attn["q_proj"], h_q, "bsd,dhk->bshk")
-    k = linear(attn["k_proj"], h, "bsd,dhk->bshk")
-    v = linear(attn["v_proj"], h, "bsd,dhk->bshk")
+    q = edit("self_attn.q_proj", linear(attn["q_proj"], h_q, "bsd,dhk->bshk"))
+    k = edit("self_attn.k_proj", linear(attn["k_proj"], h, "bsd,dhk->bshk"))
+    v = edit("self_attn.v_proj", linear(attn["v_proj"], h, "bsd,dhk->bshk"))
     if rope is not None:
         cos, sin = rope
         if queries is None:
@@ -349,7 +377,7 @@ def attention_heads(
     return out.reshape(batch, n_queries, config.n_heads, config.head_dim)
 
 
-def mlp(config: ModelConfig, params: Params, h: Array) -> Array:
+def mlp(config: ModelConfig, params: Params, h: Array, edit: Edit = _no_edit) -> Array:
     """The MLP: `down(act(gate(h)) * up(h))` if gated, else `down(act(up(h)))`.
 
     Example:
@@ -360,12 +388,13 @@ def mlp(config: ModelConfig, params: Params, h: Array) -> Array:
         >>> mlp(cfg, p, jnp.ones((1, 2, 32))).shape
         (1, 2, 32)
     """
-    up = linear(params["up_proj"], h, "bsd,df->bsf")
+    up = edit("mlp.up_proj", linear(params["up_proj"], h, "bsd,df->bsf"))
     if config.gated_mlp:
-        hidden = activation(config.activation, linear(params["gate_proj"], h, "bsd,df->bsf")) * up
+        gate = edit("mlp.gate_proj", linear(params["gate_proj"], h, "bsd,df->bsf"))
+        hidden = activation(config.activation, gate) * up
     else:
         hidden = activation(config.activation, up)
-    return linear(params["down_proj"], hidden, "bsf,fd->bsd")
+    return edit("mlp.down_proj", linear(params["down_proj"], edit("mlp.neurons", hidden), "bsf,fd->bsd"))
 
 
 def activation(name: str, x: Array) -> Array:

@@ -1,0 +1,227 @@
+"""Activation patching: the baseline that moves activations instead of weights.
+
+For each component, the base model runs with that component's *output* replaced by the donor's
+output on the same prompts (denoise), or the donor runs with the base's output (noise). Which
+output a component owns:
+
+    module   its own output (`layers.i.self_attn.q_proj`: the query projection; a norm: the
+             normalized stream; `embed_tokens`: the embeddings; `lm_head`: the logits)
+    head     `[head=h]`: head h's output before o_proj; `[kv_head=g]`: head g of the key and
+             value projections
+    neuron   `[neuron=n]`: the activation entering down_proj
+    layer    the block's attention and MLP outputs
+
+Candidates are a leading axis on per-site coefficients (`beta`), vmapped over in padded chunks
+that compile once, as in `jaxpatch.engine.sweep`. Scores are on the sweep's scale, so the two
+methods' tables compare directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpatch.components import Component, SelectorLike, select
+from jaxpatch.engine import SweepResult, check_pair, endpoint_scores
+from jaxpatch.errors import JaxpatchError
+from jaxpatch.metrics import Metric, mean_score
+from jaxpatch.models.config import ModelConfig, Params
+from jaxpatch.models.decoder import forward
+from jaxpatch.models.model import Model
+from jaxpatch.prompts import Batch
+
+Betas = dict[str, jax.Array]
+
+
+def activation_sites(config: ModelConfig) -> dict[str, int]:
+    """Every site activation patching can edit, with the size of its component axis (1 when
+    only the whole output is patched).
+
+    Example:
+        >>> sites = activation_sites(ModelConfig.tiny("llama"))
+        >>> sites["layers.0.self_attn.heads"], sites["layers.0.self_attn.k_proj"], sites["norm"]
+        (4, 2, 1)
+    """
+    from jaxpatch.components import block_modules
+
+    sites = {"embed_tokens": 1}
+    if config.positional == "learned":
+        sites["embed_positions"] = 1
+    for i in range(config.n_layers):
+        for module in block_modules(config):
+            sites[f"layers.{i}.{module}"] = 1
+        sites[f"layers.{i}.self_attn.k_proj"] = config.n_kv_heads
+        sites[f"layers.{i}.self_attn.v_proj"] = config.n_kv_heads
+        sites[f"layers.{i}.self_attn.heads"] = config.n_heads
+        sites[f"layers.{i}.mlp.neurons"] = config.d_ff
+    sites["norm"] = 1
+    if not config.tie_embeddings:
+        sites["lm_head"] = 1
+    return sites
+
+
+def component_sites(component: Component) -> dict[str, int | None]:
+    """The sites a component's activation patch sets: site -> index on its axis (None: all).
+
+    Example:
+        >>> from jaxpatch.components import components
+        >>> component_sites(components(ModelConfig.tiny("llama"), "head")[5])
+        {'layers.0.self_attn.k_proj': 1, 'layers.0.self_attn.v_proj': 1}
+    """
+    prefix = ".".join(component.path)
+    if component.granularity == "module":
+        return {component.name: None}
+    if component.granularity == "layer":
+        return {f"{prefix}.self_attn.o_proj": None, f"{prefix}.mlp.down_proj": None}
+    if component.key == "head":
+        return {f"{prefix}.heads": component.index}
+    if component.key == "kv_head":
+        return {f"{prefix}.k_proj": component.index, f"{prefix}.v_proj": component.index}
+    return {f"{prefix}.neurons": component.index}
+
+
+def _betas(config: ModelConfig, chunk: Sequence[Component], size: int) -> dict[str, np.ndarray]:
+    """Per-site coefficients `[size, axis]` for a chunk (padding rows stay 0)."""
+    out = {site: np.zeros((size, n), np.float32) for site, n in activation_sites(config).items()}
+    for row, component in enumerate(chunk):
+        for site, index in component_sites(component).items():
+            out[site][row, slice(None) if index is None else index] = 1.0
+    return out
+
+
+def _broadcast(beta: jax.Array, value: jax.Array) -> jax.Array:
+    """A site's coefficients `[axis]` shaped to multiply its value: the axis is the value's
+    third (heads) or last (neurons) axis."""
+    if beta.shape[0] == 1:
+        return beta.reshape(())
+    if value.ndim == 4:  # [batch, seq, heads, head_dim]
+        return beta[:, None]
+    return beta
+
+
+def _record(store: dict[str, jax.Array], site: str, value: jax.Array) -> jax.Array:
+    store[site] = value
+    return value
+
+
+def _readout(config: ModelConfig, out: Any, batch: Batch, layer: int | None) -> jax.Array:
+    x = out.residual if layer is not None else out.logits
+    return jnp.take_along_axis(x, batch.positions[..., None], axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _sources(config: ModelConfig, params: Params, batch: Batch, layer: int | None) -> dict[str, jax.Array]:
+    """Every site's output in a clean run of `params`."""
+    store: dict[str, jax.Array] = {}
+    forward(config, params, batch.tokens, batch.mask, stop_layer=layer,
+            edit=functools.partial(_record, store))
+    return store
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _chunk_scores(config: ModelConfig, metric: Metric, params: Params, sources: dict[str, jax.Array],
+                  betas: Betas, batch: Batch, state: Any) -> jax.Array:
+    """Mean metric scores `[chunk]` of runs of `params` with site outputs moved towards
+    `sources` by each candidate's coefficients."""
+
+    def one(beta: Betas) -> jax.Array:
+        def edit(site: str, value: jax.Array) -> jax.Array:
+            if site not in sources:
+                return value
+            b = _broadcast(beta[site], value).astype(value.dtype)
+            return value + b * (sources[site] - value)
+
+        out = forward(config, params, batch.tokens, batch.mask, stop_layer=metric.layer, edit=edit)
+        return mean_score(metric, _readout(config, out, batch, metric.layer), batch, state)
+
+    return jax.vmap(one)(betas)
+
+
+def activation_patching(
+    base: Model,
+    donor: Model,
+    batch: Batch,
+    metric: Metric,
+    *,
+    granularity: str = "module",
+    selector: SelectorLike | None = None,
+    direction: str = "denoise",
+    chunk_size: int = 64,
+    progress: bool = True,
+    positions: str = "last",
+    inputs: dict[str, Any] | None = None,
+) -> SweepResult:
+    """Scores every component by patching its output activation between base and donor.
+
+    Arguments:
+        base, donor: the pair (same architecture).
+        batch: prompts and readout positions.
+        metric: the behavioral interface.
+        granularity: module, head, neuron or layer.
+        selector: restrict to these components.
+        direction: "denoise" (donor outputs into the base run) or "noise" (base outputs into
+            the donor run).
+        chunk_size: candidates per vmapped batch (chunks are padded to this size).
+        progress: show a progress bar.
+        positions, inputs: recorded in the result.
+
+    Returns:
+        A `SweepResult` with `method="activation"`, in candidate order; components after the
+        metric's anchor layer score exactly the unpatched model.
+
+    Example:
+        >>> import jax, jaxpatch
+        >>> from jaxpatch.prompts import Prompt, make_batch
+        >>> from jaxpatch.metrics import KLDivergence
+        >>> cfg = jaxpatch.ModelConfig.tiny("llama")
+        >>> base = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(0)))
+        >>> donor = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(1)))
+        >>> r = activation_patching(base, donor, make_batch(cfg, [Prompt((1, 2, 3))]),
+        ...                         KLDivergence(), progress=False)
+        >>> r.method, len(r.names)
+        ('activation', 21)
+    """
+    wall_start = time.perf_counter()
+    config = base.config
+    check_pair(base, donor)
+    metric.check(config)
+    if direction not in ("denoise", "noise"):
+        raise JaxpatchError(f"activation patching direction must be denoise or noise, got {direction!r}")
+    start, source = (base, donor) if direction == "denoise" else (donor, base)
+    items = select(config, selector, granularity)
+    readouts = metric.readouts(config, base.params, donor.params, batch, None)
+    state, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric, readouts)
+    sources = _sources(config, source.params, batch, metric.layer)
+    size = max(1, min(chunk_size, len(items)))
+    from tqdm.auto import tqdm
+
+    scores: list[float] = []
+    compile_start = time.perf_counter()
+    prepare_s, compile_s = compile_start - wall_start, 0.0
+    with tqdm(total=len(items), unit="cand", desc=f"activation {direction}", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for offset in range(0, len(items), size):
+            chunk = items[offset: offset + size]
+            betas = {k: jnp.asarray(v) for k, v in _betas(config, chunk, size).items()}
+            values = np.asarray(_chunk_scores(config, metric, start.params, sources, betas, batch, state))
+            if offset == 0:
+                compile_s = time.perf_counter() - compile_start  # the first chunk compiles
+            scores += [float(v) for v in values[: len(chunk)]]
+            bar.update(len(chunk))
+    values = np.array(scores, np.float64)
+    if not np.all(np.isfinite(values)):
+        from jaxpatch.engine import NonFiniteError
+
+        raise NonFiniteError(f"an activation patching score of {metric.name} is NaN or Inf")
+    wall = time.perf_counter() - wall_start
+    sweep_s = wall - prepare_s - compile_s
+    timing = {"wall_s": wall, "prepare_s": prepare_s, "compile_s": compile_s, "sweep_s": sweep_s,
+              "candidates_per_s": len(items) / max(sweep_s, 1e-9)}
+    return SweepResult(metric.name, direction, metric.layer, positions, base_score, donor_score,
+                       [c.name for c in items], values, timing, dict(inputs or {}),
+                       method="activation")
