@@ -343,8 +343,9 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
 
 def _prompt_lines(prompts: Sequence[Prompt], language: Language) -> str:
     vocab = language.vocabulary
-    return "".join(json.dumps({"text": " ".join(vocab[t] for t in p.tokens),
-                               "tokens": list(p.tokens), "target": list(p.target)}) + "\n"
+    return "".join(json.dumps({"text": " ".join(vocab[t] for t in p.tokens), "tokens": list(p.tokens),
+                               "target": " ".join(vocab[t] for t in p.target),
+                               "target_tokens": list(p.target)}) + "\n"
                    for p in prompts)
 
 

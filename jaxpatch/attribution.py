@@ -216,7 +216,8 @@ class Localization:
         shortlist: names of the top-k components by attribution effect.
         controls: names of the random control sample.
         spearman: rank correlation between attribution and exact effects on the verified set.
-        recall: with `exhaustive`, the share of the exact top-k that the shortlist caught.
+        recall: with `exhaustive`, the share of the exact top `recall_k` components that
+            the shortlist caught.
         misranked: the verified components whose attribution rank was furthest from their
             exact rank, as (name, attribution rank, exact rank).
         exhaustive: the exact scores of every component, when asked for.
@@ -267,7 +268,8 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
              granularity: str = "neuron", selector: SelectorLike | None = None, top_k: int = 20,
              controls: int = 20, method: str = "first-order", direction: str = "denoise",
-             steps: int = 16, exhaustive: bool = False, seed: int = 0, progress: bool = True,
+             steps: int = 16, exhaustive: bool = False, recall_k: int | None = None,
+             seed: int = 0, progress: bool = True,
              positions: str = "last", inputs: Mapping[str, Any] | None = None) -> Localization:
     """Ranks components by attribution, then patches the top k and a random control sample
     exactly and reports how far the ranking can be trusted.
@@ -278,6 +280,9 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         top_k: how many top-ranked components to verify.
         controls: how many of the remaining components to verify, drawn at random.
         exhaustive: also patch every component exactly (small models), to report recall.
+        recall_k: with `exhaustive`, the size of the exact top set whose recall is reported
+            (default `top_k`): with a shortlist larger than it, recall asks whether the
+            shortlist caught the truly strongest components.
         seed: the control sample's seed (recorded).
         progress: show progress bars.
 
@@ -312,8 +317,9 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     if exhaustive:
         full = sweep(base, donor, batch, metric, candidates=items, direction=direction,
                      progress=progress, positions=positions, inputs=inputs)
-        truth = set(np.argsort(-np.abs(full.effect), kind="stable")[:k].tolist())
-        recall = len(truth & set(shortlist)) / k
+        k_truth = min(recall_k or k, len(items))
+        truth = set(np.argsort(-np.abs(full.effect), kind="stable")[:k_truth].tolist())
+        recall = len(truth & set(shortlist)) / k_truth
     attribution.extra["seed"] = seed
     return Localization(attribution, exact, [items[i].name for i in shortlist],
                         [items[i].name for i in control], rho, recall, misranked, full)

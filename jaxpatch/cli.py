@@ -74,6 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         return p
 
+    p = command("demo", _demo, "score every localization method on the shipped planted pair and "
+                "write an HTML report")
+    p.add_argument("--pair", help="a planted pair folder (default: the shipped pair; make others "
+                   "with `python -m experiments.planted`)")
+    p.add_argument("--out", default="jaxpatch-demo", help="output folder (default ./jaxpatch-demo)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output folder (an earlier demo run is always replaced)")
+    p.add_argument("--granularity", action="append", choices=["module", "head", "neuron"],
+                   help="granularities to score (repeatable; default all three)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline and controls")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = command("report", _report, "re-render report.html from a demo run's saved results")
+    p.add_argument("run_dir", help="a folder written by `jaxpatch demo`")
+
     p = command("info", _info, "print a checkpoint's architecture and parameter count")
     p.add_argument("checkpoint", help="Hugging Face or jaxpatch Orbax checkpoint folder")
 
@@ -101,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random other components to verify as a control (default 20)")
     p.add_argument("--exhaustive", action="store_true",
                    help="also patch every component exactly, to report recall (small models)")
+    p.add_argument("--recall-k", type=int,
+                   help="with --exhaustive: recall of the exact top this many (default: --top-k)")
     p.add_argument("--seed", type=int, default=0, help="seed of the control sample")
     p.set_defaults(granularity="neuron")
 
@@ -237,12 +254,13 @@ def _localize(args: argparse.Namespace) -> None:
     report = localize(base, donor, batch, metric, granularity=args.granularity,
                       selector=args.select, top_k=args.top_k, controls=args.controls,
                       method=args.method, direction=args.direction, steps=args.steps,
-                      exhaustive=args.exhaustive, seed=args.seed, progress=not args.no_progress,
+                      exhaustive=args.exhaustive, recall_k=args.recall_k, seed=args.seed,
+                      progress=not args.no_progress,
                       positions=args.positions, inputs=inputs)
     print(f"verified {len(report.shortlist)} top components and {len(report.controls)} controls "
           f"exactly; Spearman correlation of attribution and exact effects: {report.spearman:.3f}")
     if report.recall is not None:
-        print(f"recall of the exact top {len(report.shortlist)}: {report.recall:.2f}")
+        print(f"recall of the exact top {args.recall_k or len(report.shortlist)}: {report.recall:.2f}")
     for name, a, e in report.misranked:
         print(f"  misranked: {name} (attribution rank {a}, exact rank {e})")
     if args.out:
@@ -252,6 +270,43 @@ def _localize(args: argparse.Namespace) -> None:
             (tmp / "exact.csv").write_text(report.exact.to_csv())
             (tmp / "heatmap.png").write_bytes(heatmap_png(report.attribution))
         print(f"wrote {args.out}/localize.json, attribution.csv, exact.csv, heatmap.png")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from jaxpatch.evaluate import GRANULARITIES, default_pair_dir, evaluate, load_planted
+    from jaxpatch.report import summary_lines, write_run
+
+    out = Path(args.out)
+    earlier_run = (out / "results.json").is_file() and (out / "report.html").is_file()
+    check_output(args.out, args.overwrite or earlier_run)
+    pair = load_planted(args.pair or default_pair_dir())
+    stages = iter(range(1, 11))
+
+    def stage(name: str, total: int) -> Any:
+        return tqdm(total=total, desc=f"[{next(stages)}/10] {name}", unit="step",
+                    disable=args.no_progress, dynamic_ncols=True, leave=True)
+
+    evaluation = evaluate(pair, granularities=tuple(args.granularity or GRANULARITIES),
+                          seed=args.seed, stage=stage)
+    write_run(evaluation.summary, evaluation.results, out, overwrite=True)
+    print(f"report: {out / 'report.html'} (results.json, auc.csv and scores/ beside it)")
+    print("\n".join(summary_lines(evaluation.summary)))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from jaxpatch.io.atomic import atomic_write_bytes
+    from jaxpatch.report import read_run, render_html
+
+    summary, results = read_run(args.run_dir)
+    target = Path(args.run_dir) / "report.html"
+    atomic_write_bytes(target, render_html(summary, results).encode())
+    print(f"wrote {target}")
 
 
 def check_output(out: str, overwrite: bool) -> None:

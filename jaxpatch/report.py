@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import io
+import json
+import math
 import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -98,3 +103,253 @@ def summary_table(result: SweepResult, k: int = 10) -> str:
              f"donor {result.donor_score:.6g}", f"{'component':<40} {'effect':>10}"]
     lines += [f"{name:<40} {effect:>10.4f}" for name, effect in result.top(k)]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the planted-pair report
+
+METHOD_LABELS: dict[str, str] = {
+    "exact-denoise": "exact weight patching, denoise", "exact-noise": "exact weight patching, noise",
+    "first-order": "first-order attribution", "integrated-gradients": "integrated gradients",
+    "activation-denoise": "activation patching, denoise",
+    "activation-noise": "activation patching, noise", "delta-norm": "|donor - base| per component",
+    "random": "random ranking",
+}
+
+CAVEATS: tuple[str, ...] = (
+    "Drift is a free parameter of the experiment. Here every component outside S moved only by "
+    "continued language-model training at a low learning rate, while S moved by task training, so "
+    "|donor - base| separates S almost by construction. Real fine-tunes move all weights by "
+    "comparable amounts; the |delta W| row says more about this planting than about real pairs.",
+    "S was trained on the very task and prompt distribution the metric measures (log-probability "
+    "of the answers), which favors methods that read that metric: exact patching and gradients.",
+    "Activation patching answers a different question: it also credits components that carry or "
+    "use S's signal downstream (here labelled negatives), so its AUC against a planted *source* "
+    "understates what it is good at.",
+    "Components differ in size (a norm vector vs. a projection; a query head vs. a key/value "
+    "head), which biases size-dependent scores such as |delta W| and summed attributions.",
+    "One task, one small architecture, and few positives per granularity (AUC moves in steps of "
+    "1/(positives x negatives)); the spread over seeds is in the README's table.",
+)
+
+
+def roc_png(labels: Sequence[bool], importances: Mapping[str, Sequence[float]], title: str) -> bytes:
+    """ROC curves of several methods' rankings against planted labels, as PNG bytes.
+
+    Example:
+        >>> roc_png([True, False], {"a": [1.0, 0.0]}, "t")[:4]
+        b'\\x89PNG'
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxpatch.scoring import roc_auc, roc_curve
+
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for method, scores in importances.items():
+        fpr, tpr = roc_curve(scores, labels)
+        ax.plot(fpr, tpr, label=f"{method} ({roc_auc(scores, labels):.3f})",
+                linestyle=":" if method == "random" else "-", linewidth=1.4)
+    ax.plot([0, 1], [0, 1], color="0.7", linewidth=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def summary_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The five-line summary of a planted-pair evaluation.
+
+    Example:
+        >>> # print("\\n".join(summary_lines(json.loads(Path("run/results.json").read_text()))))
+    """
+    pair, acc, grans = summary["pair"], summary["behavior"], summary["granularities"]
+    order = [g for g in ("module", "head", "neuron") if g in grans]
+
+    def aucs(method: str) -> str:
+        return "/".join(f"{grans[g]['auc'][method]:.2f}" for g in order)
+
+    ratio = acc["base_with_S_from_donor"] / acc["donor"] if acc["donor"] else float("nan")
+    v = summary.get("narrow_then_verify") or {}
+    lines = [
+        f"pair: {pair['task']} task, seed {pair['seed']}, planted set S = {pair['plant']}",
+        f"accuracy: base {acc['base']:.0%}, donor {acc['donor']:.0%}, base with S from donor "
+        f"{acc['base_with_S_from_donor']:.0%} ({ratio:.0%} of donor), donor with S from base "
+        f"{acc['donor_with_S_from_base']:.0%}",
+        f"ROC AUC vs S ({'/'.join(order)}): exact weight patching denoise {aucs('exact-denoise')}, "
+        f"noise {aucs('exact-noise')}",
+        f"  activation patching denoise {aucs('activation-denoise')}, first-order "
+        f"{aucs('first-order')}, IG {aucs('integrated-gradients')}, |dW| {aucs('delta-norm')}, "
+        f"random {aucs('random')}",
+    ]
+    if v:
+        lines.append(f"narrow-then-verify ({v['granularity']}s): exact patches on "
+                     f"{v['verified_fraction']:.1%} caught {v['recall']:.0%} of the exact top "
+                     f"{v['recall_k']}; Spearman {v['spearman']:.2f}")
+    else:
+        lines.append("narrow-then-verify: not run")
+    return lines
+
+
+def _img(png: bytes, alt: str) -> str:
+    import base64
+
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(x: Any) -> str:
+        if isinstance(x, float):
+            return f"<td class=num>{x:.3f}</td>" if math.isfinite(x) else "<td class=num>-</td>"
+        return f"<td>{html.escape(str(x))}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(x) for x in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(summary: Mapping[str, Any], results: Mapping[str, SweepResult]) -> str:
+    """The self-contained HTML report of a planted-pair evaluation (images inlined).
+
+    Arguments:
+        summary: `results.json` (`jaxpatch.evaluate.Evaluation.summary`).
+        results: the sweep-like tables by `"{granularity}/{method}"`.
+
+    Returns:
+        The HTML document.
+
+    Example:
+        >>> # Path("report.html").write_text(render_html(ev.summary, ev.results))
+    """
+    grans = summary["granularities"]
+    order = [g for g in ("module", "head", "neuron") if g in grans]
+    methods = list(next(iter(grans.values()))["auc"])
+    parts = [f"<h1>jaxpatch: localization on a planted pair</h1>",
+             "<pre class=summary>" + html.escape("\n".join(summary_lines(summary))) + "</pre>"]
+    acc = summary["behavior"]
+    parts += ["<h2>Behavior</h2>",
+              f"<p>Exact-match accuracy of the greedy answer on {summary['pair']['task']} "
+              "instructions held out from the patching prompts.</p>",
+              _table(["model", "accuracy"], [[k.replace("_", " "), float(v)] for k, v in acc.items()])]
+    parts += ["<h2>ROC AUC against the planted set</h2>",
+              "<p>Each method ranks components by the size of its effect (|delta W| by the norm "
+              "itself); AUC is the chance that a component in S outranks one outside it.</p>",
+              _table(["method", *(f"{g} ({sum(grans[g]['planted'])}/{len(grans[g]['names'])} in S)"
+                                  for g in order)],
+                     [[METHOD_LABELS.get(m, m), *(float(grans[g]["auc"][m]) for g in order)]
+                      for m in methods])]
+    parts.append("<div class=row>" + "".join(
+        _img(roc_png(grans[g]["planted"], grans[g]["importance"], f"{g} granularity"), f"ROC {g}")
+        for g in order) + "</div>")
+    v = summary.get("narrow_then_verify") or {}
+    if v:
+        parts += ["<h2>Narrow, then verify</h2>",
+                  f"<p>Ranked all {v['granularity']}s by {v['method']}, patched the top "
+                  f"{v['top_k']} and {v['controls']} random others exactly "
+                  f"({v['verified_fraction']:.1%} of all). Recall of the exhaustive exact top "
+                  f"{v['recall_k']}: <b>{v['recall']:.2f}</b>; Spearman correlation of attribution "
+                  f"and exact effects on the verified set: <b>{v['spearman']:.2f}</b>.</p>",
+                  _table(["most misranked", "attribution rank", "exact rank"],
+                         [[m["name"], m["attribution_rank"], m["exact_rank"]] for m in v["misranked"]])]
+    if summary.get("completeness"):
+        c = summary["completeness"]
+        parts.append(f"<p>Integrated gradients' completeness: attributions sum to "
+                     f"{c['sum_of_attributions']:.4g} against a score difference of "
+                     f"{c['score_difference']:.4g} (relative gap {c['relative_gap']:.1e}).</p>")
+    parts.append("<h2>Exact weight patching</h2>")
+    for g in order:
+        row = [_img(heatmap_png(results[f"{g}/{d}"], f"{g}s, {d}"), f"{g} {d}")
+               for d in ("exact-denoise", "exact-noise") if f"{g}/{d}" in results]
+        parts.append("<div class=row>" + "".join(row) + "</div>")
+    for d in ("exact-denoise", "exact-noise"):
+        key = f"{order[0]}/{d}"
+        if key in results:
+            planted = dict(zip(grans[order[0]]["names"], grans[order[0]]["planted"]))
+            parts += [f"<h3>Top {order[0]}s, {d}</h3>",
+                      _table(["component", "effect", "in S"],
+                             [[n, e, "yes" if planted.get(n) else ""] for n, e in results[key].top(10)])]
+    m = summary["metric"]
+    parts += ["<h2>What could make this comparison unfair</h2>",
+              "<ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in CAVEATS) + "</ul>",
+              "<h2>Run</h2>",
+              f"<p>Metric: {html.escape(m['name'])} of the answers over {m['prompts']} prompts "
+              f"(base {m['base_score']:.4g}, donor {m['donor_score']:.4g}). Pair: "
+              f"{html.escape(str(summary['pair']['folder']))}.</p>",
+              _table(["stage", "seconds"], [[k, float(v)] for k, v in summary["timing"].items()])]
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
+             "padding:3px 8px}td.num{text-align:right;font-variant-numeric:tabular-nums}"
+             ".row{display:flex;flex-wrap:wrap;gap:8px}.row img{max-width:100%}"
+             "pre.summary{background:#f4f4f4;padding:.8em;white-space:pre-wrap}")
+    return ("<!doctype html><html><head><meta charset=utf-8><title>jaxpatch report</title>"
+            f"<style>{style}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
+
+
+def write_run(summary: Mapping[str, Any], results: Mapping[str, SweepResult], out: str | Path,
+              overwrite: bool = False) -> None:
+    """Writes a run folder atomically: `results.json`, `auc.csv`, `scores/<granularity>-<method>
+    .json/.csv` and `report.html`.
+
+    Example:
+        >>> # write_run(ev.summary, ev.results, "jaxpatch-demo")
+    """
+    from jaxpatch.io.atomic import atomic_directory
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        (tmp / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (tmp / "auc.csv").write_text(auc_csv(summary))
+        (tmp / "scores").mkdir()
+        for key, result in results.items():
+            stem = key.replace("/", "-")
+            (tmp / "scores" / f"{stem}.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+            (tmp / "scores" / f"{stem}.csv").write_text(result.to_csv())
+        (tmp / "report.html").write_text(render_html(summary, results))
+
+
+def auc_csv(summary: Mapping[str, Any]) -> str:
+    """The AUC table as CSV (`method,granularity,auc`).
+
+    Example:
+        >>> auc_csv({"granularities": {"module": {"auc": {"random": 0.5}}}})
+        'method,granularity,auc\\nrandom,module,0.5\\n'
+    """
+    rows = ["method,granularity,auc"]
+    for g, data in summary["granularities"].items():
+        rows += [f"{m},{g},{a:.6g}" for m, a in data["auc"].items()]
+    return "\n".join(rows) + "\n"
+
+
+def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, SweepResult]]:
+    """Reads a run folder written by `write_run`.
+
+    Raises:
+        CheckpointNotFoundError: the folder or its `results.json` is missing.
+        InvalidInputError: a file is not what `write_run` writes.
+
+    Example:
+        >>> # summary, results = read_run("jaxpatch-demo")
+    """
+    from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
+
+    folder = Path(run_dir)
+    file = folder / "results.json"
+    if not file.is_file():
+        raise CheckpointNotFoundError(f"{file}: not found (is {folder} a `jaxpatch demo` run folder?)")
+    try:
+        summary = json.loads(file.read_text())
+        if summary.get("format") != "jaxpatch.planted-evaluation/1":
+            raise InvalidInputError(f"{file}: format {summary.get('format')!r} is not a planted-pair "
+                                    "evaluation")
+        results = {}
+        for path in sorted((folder / "scores").glob("*.json")):
+            granularity, method = path.stem.split("-", 1)
+            results[f"{granularity}/{method}"] = SweepResult.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InvalidInputError(f"{folder}: cannot read the saved results ({type(e).__name__}: {e})") from None
+    return summary, results

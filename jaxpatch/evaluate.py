@@ -1,0 +1,319 @@
+"""The reference experiment: every localization method scored against a planted set.
+
+A planted pair (`python -m experiments.planted`) is a folder with `base/`, `donor/`,
+`planted.json` (the planted set S and how the pair was trained) and `prompts/<task>.jsonl`
+(patching prompts) and `prompts/<task>-eval.jsonl` (accuracy prompts). `evaluate` runs, at
+module, head and neuron granularity:
+
+    exact-denoise, exact-noise     weight patching sweeps (`jaxpatch.engine.sweep`)
+    first-order                    attribution at the base (`jaxpatch.attribution`)
+    integrated-gradients           attribution along the whole patch path
+    activation-denoise/-noise      activation patching (`jaxpatch.trace`)
+    delta-norm                     |donor - base| over each component's parameters
+    random                         a seeded random ranking
+
+and ranks components by the size of their effect (`|effect|`; the norm itself for
+delta-norm), scoring each ranking by ROC AUC against S. It also measures the behavior (task
+accuracy of base, donor, S-patched base and S-reverted donor) and, at neuron granularity,
+narrow-then-verify (`jaxpatch.attribution.localize` with an exhaustive check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxpatch.attribution import attribute, localize
+from jaxpatch.components import Component, select
+from jaxpatch.engine import SweepResult, sweep
+from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
+from jaxpatch.metrics import LogProb
+from jaxpatch.models.config import ModelConfig, Params, flatten_params
+from jaxpatch.models.model import Model
+from jaxpatch.patch import Patch, apply, component_entries
+from jaxpatch.prompts import Batch, Prompt, greedy_continuations, make_batch, read_prompts
+from jaxpatch.scoring import plant_patch, planted_labels, roc_auc
+
+METHODS: tuple[str, ...] = ("exact-denoise", "exact-noise", "first-order", "integrated-gradients",
+                            "activation-denoise", "activation-noise", "delta-norm", "random")
+GRANULARITIES: tuple[str, ...] = ("module", "head", "neuron")
+RESULTS_FORMAT = "jaxpatch.planted-evaluation/1"
+
+
+@dataclasses.dataclass
+class PlantedPair:
+    """A planted pair loaded from its folder.
+
+    Attributes:
+        folder: where it was read from.
+        base, donor: the models.
+        plant: the planted set's selector.
+        task: the donor's instruction task.
+        prompts: the patching prompts (with their answers as targets).
+        eval_prompts: the accuracy prompts.
+        record: `planted.json`.
+    """
+
+    folder: Path
+    base: Model
+    donor: Model
+    plant: str
+    task: str
+    prompts: list[Prompt]
+    eval_prompts: list[Prompt]
+    record: dict[str, Any]
+
+
+def default_pair_dir() -> Path:
+    """The folder of the planted pair shipped with jaxpatch (`experiments/pairs/default`).
+
+    Example:
+        >>> (default_pair_dir() / "planted.json").is_file()
+        True
+    """
+    from importlib.resources import files
+
+    return Path(str(files("experiments") / "pairs" / "default"))
+
+
+def load_planted(folder: str | Path) -> PlantedPair:
+    """Loads a planted pair folder.
+
+    Raises:
+        CheckpointNotFoundError: the folder or its `planted.json` is missing.
+        InvalidInputError: `planted.json` is malformed.
+
+    Example:
+        >>> load_planted(default_pair_dir()).task
+        'map'
+    """
+    from jaxpatch.io import load
+
+    folder = Path(folder)
+    record_file = folder / "planted.json"
+    if not record_file.is_file():
+        raise CheckpointNotFoundError(f"{record_file}: not found (a planted pair folder holds "
+                                      "base/, donor/, prompts/ and planted.json)")
+    try:
+        record = json.loads(record_file.read_text())
+        settings = record["settings"]
+        plant, task = str(settings["plant"]), str(settings["task"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InvalidInputError(f"{record_file}: not a planted-pair record ({e})") from None
+    base, donor = load(folder / "base"), load(folder / "donor")
+    return PlantedPair(folder, base, donor, plant, task,
+                       read_prompts(folder / "prompts" / f"{task}.jsonl"),
+                       read_prompts(folder / "prompts" / f"{task}-eval.jsonl"), record)
+
+
+# ---------------------------------------------------------------------------------- behavior
+
+def task_accuracy(config: ModelConfig, params: Params, prompts: Sequence[Prompt]) -> float:
+    """The share of prompts whose greedy continuation equals their whole target.
+
+    Example:
+        >>> pair = load_planted(default_pair_dir())
+        >>> task_accuracy(pair.base.config, pair.base.params, pair.eval_prompts[:8])
+        0.0
+    """
+    n = max(len(p.target or ()) for p in prompts)
+    out = greedy_continuations(config, params, prompts, n)
+    return float(np.mean([tuple(o[: len(p.target)]) == p.target for o, p in zip(out, prompts)]))
+
+
+def behavior(pair: PlantedPair) -> dict[str, float]:
+    """Task accuracy of the base, the donor, the base with S patched in from the donor, and
+    the donor with S reverted to the base.
+
+    Example:
+        >>> # behavior(load_planted(default_pair_dir()))["donor"]
+    """
+    config = pair.base.config
+    plant = plant_patch(config, pair.plant)
+    models = {"base": pair.base.params, "donor": pair.donor.params,
+              "base_with_S_from_donor": apply(plant, pair.base.params, pair.donor.params),
+              "donor_with_S_from_base": apply(plant, pair.donor.params, pair.base.params)}
+    return {name: task_accuracy(config, params, pair.eval_prompts) for name, params in models.items()}
+
+
+# ------------------------------------------------------------------------------- baselines
+
+def delta_norms(config: ModelConfig, base: Params, donor: Params,
+                items: Sequence[Component]) -> np.ndarray:
+    """The Frobenius norm of `donor - base` over each component's parameters.
+
+    Example:
+        >>> import jax
+        >>> from jaxpatch.components import components
+        >>> from jaxpatch.models.config import init_params
+        >>> cfg = ModelConfig.tiny("llama")
+        >>> p = init_params(cfg, jax.random.key(0))
+        >>> delta_norms(cfg, p, p, components(cfg, "head")).max()
+        0.0
+    """
+    flat_base, flat_donor = flatten_params(base), flatten_params(donor)
+    squares = {n: (np.asarray(flat_donor[n], np.float64) - np.asarray(flat_base[n], np.float64)) ** 2
+               for n in flat_base}
+    out = []
+    for c in items:
+        total = 0.0
+        for name, index in component_entries(config, c).items():
+            total += float(squares[name][index].sum())
+        out.append(np.sqrt(total))
+    return np.array(out)
+
+
+def importance(result: SweepResult) -> np.ndarray:
+    """How strongly a method says each component matters: the size of its effect."""
+    return np.abs(result.effect)
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+@dataclasses.dataclass
+class Evaluation:
+    """What `evaluate` measured (everything `write_run` saves and the report shows).
+
+    Attributes:
+        summary: the JSON document (`results.json`): pair, behavior, per-granularity names,
+            planted labels, importances and AUCs, narrow-then-verify, timings.
+        results: the full tables of the sweep-like methods, by `"{granularity}/{method}"`.
+    """
+
+    summary: dict[str, Any]
+    results: dict[str, SweepResult]
+
+
+def evaluate(pair: PlantedPair, *, granularities: Sequence[str] = GRANULARITIES,
+             ig_steps: int = 16, verify_fraction: float = 0.1, controls: int = 6,
+             recall_k: int = 20, seed: int = 0,
+             stage: Callable[[str, int], Any] | None = None) -> Evaluation:
+    """Runs every method at every granularity and scores it against the planted set.
+
+    Arguments:
+        pair: the planted pair.
+        granularities: which of module, head, neuron.
+        ig_steps: integrated-gradients quadrature points.
+        verify_fraction, controls, recall_k: narrow-then-verify at neuron granularity: rank
+            by integrated gradients, verify exactly this share of all neurons (the top ones
+            and `controls` random others) and report the recall of the exact top `recall_k`.
+        seed: the random baseline's and the control sample's seed.
+        stage: called as `stage(name, total)` at the start of each stage; returns an object
+            with `update(n)` and `close()` (a progress bar), or None.
+
+    Returns:
+        An `Evaluation`.
+
+    Example:
+        >>> # ev = evaluate(load_planted(default_pair_dir()))
+        >>> # ev.summary["granularities"]["module"]["auc"]["exact-noise"]
+    """
+    base, donor, config = pair.base, pair.donor, pair.base.config
+    metric = LogProb()
+    batch = make_batch(config, pair.prompts, append_targets=True)
+    plant = plant_patch(config, pair.plant)
+    timing: dict[str, float] = {}
+    results: dict[str, SweepResult] = {}
+    importances: dict[str, dict[str, np.ndarray]] = {g: {} for g in granularities}
+    items = {g: select(config, None, g) for g in granularities}
+    from jaxpatch.io.fingerprint import checkpoint_fingerprint
+
+    inputs = {"base": checkpoint_fingerprint(base), "donor": checkpoint_fingerprint(donor)}
+
+    def run_stage(name: str, fn: Callable[[str], SweepResult | np.ndarray | None],
+                  which: Sequence[str] = granularities) -> None:
+        bar = stage(name, len(which)) if stage else None
+        t0 = time.perf_counter()
+        for g in which:
+            out = fn(g)
+            if isinstance(out, SweepResult):
+                results[f"{g}/{name}"] = out
+                importances[g][name] = importance(out)
+            elif out is not None:
+                importances[g][name] = np.asarray(out, np.float64)
+            if bar:
+                bar.update(1)
+        if bar:
+            bar.close()
+        timing[name] = round(time.perf_counter() - t0, 2)
+
+    common = dict(inputs=inputs, positions="targets")
+    t0 = time.perf_counter()
+    bar = stage("behavior", 1) if stage else None
+    accuracy = behavior(pair)
+    if bar:
+        bar.update(1)
+        bar.close()
+    timing["behavior"] = round(time.perf_counter() - t0, 2)
+
+    verification: dict[str, Any] = {}
+
+    def narrow_then_verify(g: str) -> None:  # neuron granularity: also the exact denoise sweep
+        budget = max(1, int(verify_fraction * len(items[g])))
+        report = localize(base, donor, batch, metric, granularity=g, method="integrated-gradients",
+                          steps=ig_steps, top_k=max(1, budget - controls),
+                          controls=min(controls, budget - 1), exhaustive=True, recall_k=recall_k,
+                          seed=seed, progress=False, **common)
+        for method, result in (("exact-denoise", report.exhaustive),
+                               ("integrated-gradients", report.attribution)):
+            results[f"{g}/{method}"] = result
+            importances[g][method] = importance(result)
+        verification.update({
+            "granularity": g, "method": "integrated-gradients", "recall_k": recall_k,
+            "top_k": len(report.shortlist), "controls": len(report.controls),
+            "verified_fraction": (len(report.shortlist) + len(report.controls)) / len(items[g]),
+            "spearman": report.spearman, "recall": report.recall,
+            "misranked": [{"name": n, "attribution_rank": a, "exact_rank": e}
+                          for n, a, e in report.misranked]})
+
+    exhaustive = [g for g in granularities if g != "neuron"]
+    if "neuron" in granularities:
+        run_stage("narrow-then-verify", narrow_then_verify, ["neuron"])
+    run_stage("exact-denoise", lambda g: sweep(base, donor, batch, metric, granularity=g,
+                                               direction="denoise", progress=False, **common),
+              exhaustive)
+    run_stage("exact-noise", lambda g: sweep(base, donor, batch, metric, granularity=g,
+                                             direction="noise", progress=False, **common))
+    run_stage("first-order", lambda g: attribute(base, donor, batch, metric, granularity=g,
+                                                 **common))
+    run_stage("integrated-gradients", lambda g: attribute(
+        base, donor, batch, metric, granularity=g, method="integrated-gradients", steps=ig_steps,
+        **common), exhaustive)
+    from jaxpatch.trace import activation_patching
+
+    for direction in ("denoise", "noise"):
+        run_stage(f"activation-{direction}", lambda g: activation_patching(
+            base, donor, batch, metric, granularity=g, direction=direction, progress=False,
+            **common))
+    run_stage("delta-norm", lambda g: delta_norms(config, base.params, donor.params, items[g]))
+    rng = np.random.default_rng(seed)
+    run_stage("random", lambda g: rng.random(len(items[g])))
+
+    per_granularity = {}
+    for g in granularities:
+        labels = planted_labels(config, plant, items[g])
+        per_granularity[g] = {
+            "names": [c.name for c in items[g]], "planted": labels.tolist(),
+            "importance": {m: importances[g][m].tolist() for m in METHODS},
+            "auc": {m: roc_auc(importances[g][m], labels) for m in METHODS},
+        }
+    ig = results.get(f"{granularities[0]}/integrated-gradients")
+    summary = {
+        "format": RESULTS_FORMAT,
+        "pair": {"folder": str(pair.folder), "plant": pair.plant, "task": pair.task,
+                 "seed": pair.record["settings"].get("seed"), "settings": pair.record["settings"],
+                 "base_text": pair.record.get("base", {}).get("text"), "inputs": inputs},
+        "metric": {"name": metric.name, "prompts": len(pair.prompts),
+                   "base_score": results[f"{granularities[0]}/exact-noise"].base_score,
+                   "donor_score": results[f"{granularities[0]}/exact-noise"].donor_score},
+        "behavior": accuracy, "granularities": per_granularity, "narrow_then_verify": verification,
+        "completeness": ig.extra.get("completeness") if ig else None,
+        "timing": timing, "seed": seed,
+    }
+    return Evaluation(summary, results)
