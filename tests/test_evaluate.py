@@ -1,0 +1,81 @@
+"""The reference experiment on the shipped planted pair, the demo command and its report."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxpatch.cli import main
+from jaxpatch.components import components
+from jaxpatch.evaluate import METHODS, default_pair_dir, delta_norms
+from jaxpatch.models.config import ModelConfig, init_params
+from jaxpatch.report import read_run, summary_lines
+
+
+def test_delta_norms_match_direct_computation() -> None:
+    cfg = ModelConfig.tiny("llama")
+    a, b = init_params(cfg, jax.random.key(0)), init_params(cfg, jax.random.key(1))
+    items = [c for c in components(cfg, "module") if c.name == "layers.1.mlp.up_proj"]
+    items += [c for c in components(cfg, "neuron") if c.name == "layers.0.mlp[neuron=5]"]
+    got = delta_norms(cfg, a, b, items)
+    mlp_a, mlp_b = a["layers"][0]["mlp"], b["layers"][0]["mlp"]
+    neuron = np.concatenate([np.asarray(mlp_b[m]["weight"][:, 5] - mlp_a[m]["weight"][:, 5])
+                             for m in ("gate_proj", "up_proj")]
+                            + [np.asarray(mlp_b["down_proj"]["weight"][5] - mlp_a["down_proj"]["weight"][5])])
+    up = np.asarray(b["layers"][1]["mlp"]["up_proj"]["weight"] - a["layers"][1]["mlp"]["up_proj"]["weight"])
+    np.testing.assert_allclose(got, [np.linalg.norm(up), np.linalg.norm(neuron)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_demo_writes_a_report_that_re_renders(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["demo", "--out", str(out), "--granularity", "module", "--granularity", "head",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("report: ") and len(printed) == 6
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary["granularities"]) == {"module", "head"}
+    module = summary["granularities"]["module"]
+    assert set(module["auc"]) == set(METHODS)
+    # The planted set: layers.1's attention and layers.2's MLP (7 of the 39 modules).
+    assert sum(module["planted"]) == 7
+    # Exact weight patching finds the planted source on the shipped pair.
+    assert module["auc"]["exact-noise"] >= 0.95 and module["auc"]["exact-denoise"] >= 0.95
+    assert summary["completeness"]["relative_gap"] < 0.05
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 + 4  # ROC per granularity, 2 heatmaps each
+    assert "What could make this comparison unfair" in html and "<script" not in html
+    assert (out / "scores" / "head-exact-noise.csv").read_text().startswith("name,score")
+    assert (out / "auc.csv").read_text().count("\n") == 1 + 2 * len(METHODS)
+    # `jaxpatch report` re-renders the same report from the saved files.
+    summary2, results = read_run(out)
+    assert summary2 == summary and len(results) == 2 * 6
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").read_text() == html
+    assert summary_lines(summary)[0].startswith("pair: map task, seed 0")
+    # A second demo into the same folder replaces the earlier run.
+    assert main(["demo", "--out", str(out), "--granularity", "module", "--no-progress"]) == 0
+    assert set(json.loads((out / "results.json").read_text())["granularities"]) == {"module"}
+
+
+def test_demo_and_report_refuse_bad_input(tmp_path, capsys) -> None:
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    assert main(["demo", "--out", str(keep), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (keep / "notes.txt").read_text() == "precious" and len(list(keep.iterdir())) == 1
+    assert main(["demo", "--pair", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "planted.json: not found" in err
+    assert not (tmp_path / "o").exists()
+    assert main(["report", str(keep)]) == 2
+    assert "results.json: not found" in capsys.readouterr().err
+    (keep / "results.json").write_text('{"format": "something else"}')
+    assert main(["report", str(keep)]) == 2
+    assert "not a planted-pair evaluation" in capsys.readouterr().err
+    assert default_pair_dir().is_dir()

@@ -1,0 +1,100 @@
+"""The planted-capability experiment: the language, masked training, the shipped pair."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.planted import Language, Settings, build, model_config, train, task_batches, write
+from jaxpatch.evaluate import behavior, default_pair_dir, load_planted, task_accuracy
+from jaxpatch.models.config import flatten_params, init_params
+from jaxpatch.scoring import plant_mask, plant_patch
+
+
+def test_language_is_deterministic_and_follows_its_chain() -> None:
+    a, b = Language.generate(3), Language.generate(3)
+    text = a.text(np.random.default_rng(0), 8, 20)
+    np.testing.assert_array_equal(text, b.text(np.random.default_rng(0), 8, 20))
+    assert not np.array_equal(a.successors, Language.generate(4).successors)
+    words = text[:, 1:] - int(a.word(0))
+    for row in words:
+        for prev, nxt in zip(row[:-1], row[1:]):
+            assert nxt in a.successors[prev]
+
+
+@pytest.mark.parametrize("task", ["map", "reverse", "sort"])
+def test_instruction_answers(task) -> None:
+    lang = Language.generate(0)
+    ids, split = lang.instructions(np.random.default_rng(1), task, 16)
+    words = ids[:, 2:split - 1] - int(lang.word(0))
+    answer = ids[:, split:-1] - int(lang.word(0))
+    expected = {"map": lang.mapping[words], "reverse": words[:, ::-1],
+                "sort": np.sort(words, axis=1)}[task]
+    np.testing.assert_array_equal(answer, expected)
+    assert (ids[:, 1] == lang.token(f"<{task}>")).all() and (ids[:, -1] == lang.token("<eos>")).all()
+    assert all(len(set(row)) == lang.length for row in words)
+
+
+def test_masked_training_moves_only_the_planted_set() -> None:
+    lang = Language.generate(0)
+    config = model_config(lang, 2, 16, 2, 32)
+    params = init_params(config, jax.random.key(0))
+    plant = plant_patch(config, "layers.1.self_attn[head=0] | layers.0.mlp[neuron=0-3]")
+    mask = plant_mask(config, plant)
+    trained, losses = train(config, params, task_batches(lang, np.random.default_rng(0), "map", 8),
+                            3, 1e-2, mask)
+    before, after, m = (flatten_params(t) for t in (params, trained, mask))
+    for name in before:
+        inside = np.asarray(m[name]) > 0
+        moved = np.asarray(after[name]) != np.asarray(before[name])
+        assert not moved[~inside].any(), name
+        if inside.any():
+            assert moved[inside].any(), name
+    assert len(losses) == 2
+
+
+@pytest.mark.slow
+def test_tiny_build_is_deterministic_and_writes_loadable_pairs(tmp_path) -> None:
+    settings = Settings(layers=2, d_model=16, heads=2, d_ff=32, base_steps=4, drift_steps=2,
+                        task_steps=3, batch=4, patch_prompts=4, eval_prompts=4,
+                        plant="layers.1.mlp", experts=("sort=layers.0.self_attn",))
+    first, second = build(settings, log=lambda _: None), build(settings, log=lambda _: None)
+    for name in first["models"]:
+        for a, b in zip(jax.tree_util.tree_leaves(first["models"][name]),
+                        jax.tree_util.tree_leaves(second["models"][name])):
+            np.testing.assert_array_equal(a, b)
+    write(first, tmp_path / "pair")
+    pair = load_planted(tmp_path / "pair")
+    assert pair.plant == "layers.1.mlp" and len(pair.prompts) == 4
+    assert (tmp_path / "pair" / "experts" / "sort" / "model.safetensors").is_file()
+    # The written text round-trips through the shipped tokenizer to the written ids.
+    assert tuple(pair.base.tokenizer.encode("<bos> <map> w00 w01").ids) == (2, 5, 8, 9)
+    record = pair.record["models"]["experts/sort"]
+    assert record["plant"] == "layers.0.self_attn" and set(record["accuracy"]) == {
+        "base", "drift", "trained", "plant_patched_base"}
+
+
+def test_shipped_pair_has_the_planted_behavior() -> None:
+    pair = load_planted(default_pair_dir())
+    for prompt in pair.prompts[:4]:
+        text = " ".join(pair.record["language"]["vocabulary"][t] for t in prompt.tokens)
+        assert tuple(pair.base.tokenizer.encode(text).ids) == prompt.tokens
+    acc = behavior(pair)
+    assert acc["base"] == 0.0 and acc["donor_with_S_from_base"] < 0.05
+    assert acc["donor"] >= 0.85
+    assert acc["base_with_S_from_donor"] >= 0.9 * acc["donor"]
+    assert acc == pytest.approx({k: pair.record["models"]["donor"]["accuracy"][v] for k, v in {
+        "base": "base", "donor": "trained", "base_with_S_from_donor": "plant_patched_base"}.items()}
+        | {"donor_with_S_from_base": acc["donor_with_S_from_base"]})
+
+
+def test_task_accuracy_counts_exact_answers() -> None:
+    pair = load_planted(default_pair_dir())
+    prompts = pair.eval_prompts[:16]
+    wrong = [dataclasses.replace(p, target=p.target[:-1] + (p.target[-1] + 1,)) for p in prompts]
+    donor = (pair.donor.config, pair.donor.params)
+    assert task_accuracy(*donor, wrong) == 0.0
+    assert task_accuracy(*donor, prompts) > 0.5
