@@ -35,12 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxpatch.errors import JaxpatchError
+from jaxpatch.evaluate import task_accuracy
 from jaxpatch.io import save
 from jaxpatch.models.config import ModelConfig, Params, init_params
 from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import Model
 from jaxpatch.patch import apply
-from jaxpatch.prompts import Prompt, greedy_continuations
+from jaxpatch.prompts import Prompt
 from jaxpatch.scoring import plant_mask, plant_patch
 
 SPECIALS: tuple[str, ...] = ("<pad>", "<unk>", "<bos>", "<eos>", "<sep>")
@@ -219,17 +221,6 @@ def task_batches(language: Language, rng: np.random.Generator, task: str,
 
 # ------------------------------------------------------------------------------- evaluation
 
-def accuracy(config: ModelConfig, params: Params, prompts: Sequence[Prompt]) -> float:
-    """The share of prompts whose greedy answer (all words and `<eos>`) is exactly right.
-
-    Example:
-        >>> # accuracy(donor.config, donor.params, language.prompts(rng, "map", 256))
-    """
-    n = len(prompts[0].target)
-    out = greedy_continuations(config, params, prompts, n)
-    return float(np.mean([tuple(o) == p.target for o, p in zip(out, prompts)]))
-
-
 def next_word_accuracy(config: ModelConfig, params: Params, language: Language,
                        rng: np.random.Generator) -> dict[str, float]:
     """How well a model continues text: its loss and its top-1 accuracy against the true
@@ -321,10 +312,11 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
             "task": task, "plant": plant_text, "plant_parameters": int(sum(
                 np.count_nonzero(m) for m in jax.tree_util.tree_leaves(plant_mask(config, plant)))),
             "task_losses": losses,
-            "accuracy": {"base": accuracy(config, base, evals),
-                         "drift": accuracy(config, drift, evals),
-                         "trained": accuracy(config, trained, evals),
-                         "plant_patched_base": accuracy(config, apply(plant, base, trained), evals)},
+            "accuracy": {"base": task_accuracy(config, base, evals),
+                         "drift": task_accuracy(config, drift, evals),
+                         "trained": task_accuracy(config, trained, evals),
+                         "plant_patched_base": task_accuracy(config, apply(plant, base, trained),
+                                                             evals)},
         }
         log(f"{name}: {task} accuracy {record_models[name]['accuracy']}")
     record = {
@@ -334,9 +326,10 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
                  "text": next_word_accuracy(config, base, language, rng(7))},
         "drift": {"losses": drift_losses,
                   "text": next_word_accuracy(config, drift, language, rng(7))},
-        "models": record_models, "train_s": round(time.perf_counter() - t0, 1),
+        "models": record_models,
     }
-    log(f"base text: {record['base']['text']}; drift text: {record['drift']['text']}")
+    log(f"base text: {record['base']['text']}; drift text: {record['drift']['text']}; trained in "
+        f"{time.perf_counter() - t0:.0f} s")
     return {"language": language, "config": config, "models": models, "prompts": prompts,
             "record": record}
 
@@ -378,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         flag = "--" + field.name.replace("_", "-")
         p.add_argument(flag, type=type(getattr(defaults, field.name)),
-                       default=getattr(defaults, field.name), help=f"default: %(default)s")
+                       default=getattr(defaults, field.name), help="default: %(default)s")
     args = p.parse_args(argv)
     experts = () if args.no_experts else tuple(args.expert or DEFAULT_EXPERTS)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name != "experts"}
@@ -388,12 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out.exists() and not args.overwrite:
         p.error(f"{out} exists (pass --overwrite to replace it)")
     settings = Settings(**values, experts=experts)
+    config = model_config(Language.generate(0, settings.n_words), settings.layers, settings.d_model,
+                          settings.heads, settings.d_ff)
     for task, plant in [(settings.task, settings.plant)] + [parse_expert(e) for e in experts]:
-        from jaxpatch.errors import JaxpatchError
-
-        try:
-            plant_patch(model_config(Language.generate(0, settings.n_words), settings.layers,
-                                     settings.d_model, settings.heads, settings.d_ff), plant)
+        try:  # refuse a bad planted set before any training
+            plant_patch(config, plant)
         except JaxpatchError as e:
             print(f"planted: error: {task}: {e}", file=sys.stderr)
             return 2

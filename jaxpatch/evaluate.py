@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import jax
 import numpy as np
 
 from jaxpatch.attribution import attribute, localize
@@ -36,8 +35,8 @@ from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
 from jaxpatch.metrics import LogProb
 from jaxpatch.models.config import ModelConfig, Params, flatten_params
 from jaxpatch.models.model import Model
-from jaxpatch.patch import Patch, apply, component_entries
-from jaxpatch.prompts import Batch, Prompt, greedy_continuations, make_batch, read_prompts
+from jaxpatch.patch import apply, component_entries
+from jaxpatch.prompts import Prompt, greedy_continuations, make_batch, read_prompts
 from jaxpatch.scoring import plant_patch, planted_labels, roc_auc
 
 METHODS: tuple[str, ...] = ("exact-denoise", "exact-noise", "first-order", "integrated-gradients",

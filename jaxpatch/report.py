@@ -230,7 +230,7 @@ def render_html(summary: Mapping[str, Any], results: Mapping[str, SweepResult]) 
     grans = summary["granularities"]
     order = [g for g in ("module", "head", "neuron") if g in grans]
     methods = list(next(iter(grans.values()))["auc"])
-    parts = [f"<h1>jaxpatch: localization on a planted pair</h1>",
+    parts = ["<h1>jaxpatch: localization on a planted pair</h1>",
              "<pre class=summary>" + html.escape("\n".join(summary_lines(summary))) + "</pre>"]
     acc = summary["behavior"]
     parts += ["<h2>Behavior</h2>",

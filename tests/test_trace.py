@@ -107,3 +107,18 @@ def test_bad_direction_is_refused() -> None:
     with pytest.raises(JaxpatchError, match="denoise or noise"):
         activation_patching(base, donor, make_batch(base.config, PROMPTS), KLDivergence(),
                             direction="zero", progress=False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma"])
+def test_every_site_is_recorded_and_an_identity_edit_changes_nothing(family) -> None:
+    from jaxpatch.trace import _sources, activation_sites
+
+    base, _ = pair(family)
+    config = base.config
+    batch = make_batch(config, PROMPTS)
+    recorded = _sources(config, base.params, batch, None)
+    assert set(recorded) == set(activation_sites(config))
+    assert recorded["layers.1.mlp.neurons"].shape[-1] == config.d_ff
+    plain = forward(config, base.params, batch.tokens, batch.mask).logits
+    edited = forward(config, base.params, batch.tokens, batch.mask, edit=lambda site, v: v * 1.0)
+    np.testing.assert_array_equal(plain, edited.logits)
