@@ -111,7 +111,7 @@ METHOD_LABELS: dict[str, str] = {
     "exact-denoise": "exact weight patching, denoise", "exact-noise": "exact weight patching, noise",
     "first-order": "first-order attribution", "integrated-gradients": "integrated gradients",
     "activation-denoise": "activation patching, denoise",
-    "activation-noise": "activation patching, noise", "delta-norm": "|donor - base| per component",
+    "activation-noise": "activation patching, noise", "delta-norm": "‖donor − base‖ per component",
     "random": "random ranking",
 }
 
