@@ -226,9 +226,8 @@ def next_word_accuracy(config: ModelConfig, params: Params, language: Language,
     """How well a model continues text: its loss and its top-1 accuracy against the true
     chain's most likely next word, next to the chain's own loss (the best possible)."""
     ids = language.text(rng, 256, 24)
-    logits = np.asarray(forward(config, params, jnp.asarray(ids[:, :-1])).logits)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
+    logits = forward(config, params, jnp.asarray(ids[:, :-1])).logits
+    logp, logits = np.asarray(jax.nn.log_softmax(logits, axis=-1)), np.asarray(logits)
     target = ids[:, 1:]
     model_loss = -np.take_along_axis(logp, target[..., None], -1)[..., 0][:, 2:].mean()
     words = ids[:, 1:] - int(language.word(0))

@@ -109,7 +109,7 @@ def _record(store: dict[str, jax.Array], site: str, value: jax.Array) -> jax.Arr
     return value
 
 
-def _readout(config: ModelConfig, out: Any, batch: Batch, layer: int | None) -> jax.Array:
+def _readout(out: Any, batch: Batch, layer: int | None) -> jax.Array:
     x = out.residual if layer is not None else out.logits
     return jnp.take_along_axis(x, batch.positions[..., None], axis=1)
 
@@ -137,7 +137,7 @@ def _chunk_scores(config: ModelConfig, metric: Metric, params: Params, sources: 
             return value + b * (sources[site] - value)
 
         out = forward(config, params, batch.tokens, batch.mask, stop_layer=metric.layer, edit=edit)
-        return mean_score(metric, _readout(config, out, batch, metric.layer), batch, state)
+        return mean_score(metric, _readout(out, batch, metric.layer), batch, state)
 
     return jax.vmap(one)(betas)
 
