@@ -153,7 +153,7 @@ def delta_norms(config: ModelConfig, base: Params, donor: Params,
         >>> from jaxpatch.models.config import init_params
         >>> cfg = ModelConfig.tiny("llama")
         >>> p = init_params(cfg, jax.random.key(0))
-        >>> delta_norms(cfg, p, p, components(cfg, "head")).max()
+        >>> float(delta_norms(cfg, p, p, components(cfg, "head")).max())
         0.0
     """
     flat_base, flat_donor = flatten_params(base), flatten_params(donor)

@@ -40,8 +40,9 @@ def plant_patch(config: ModelConfig, selector: SelectorLike) -> Patch:
 
     Example:
         >>> cfg = ModelConfig.tiny("llama")
+        >>> # down_proj's 64 per-neuron coefficients, then head 1's q and o coefficients
         >>> plant_patch(cfg, "layers.0.mlp.down_proj | layers.1.self_attn[head=1]").num_nonzero()
-        3
+        66
     """
     chosen: list[Component] = []
     for granularity in PLANT_GRANULARITIES:
