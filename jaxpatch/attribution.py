@@ -30,9 +30,9 @@ from jaxpatch.engine import SweepResult, _endpoints, check_pair, endpoint_scores
 from jaxpatch.errors import JaxpatchError
 from jaxpatch.metrics import Metric, MetricError, readout
 from jaxpatch.models.config import ModelConfig, Params, flatten_params
-from jaxpatch.models.decoder import forward
+from jaxpatch.models.decoder import Probe, forward
 from jaxpatch.models.model import Model
-from jaxpatch.patch import Patch, apply, component_entries
+from jaxpatch.patch import Patch, component_entries, indexed_leaves, mix_leaf
 from jaxpatch.prompts import Batch
 
 METHODS: tuple[str, ...] = ("first-order", "integrated-gradients")
@@ -42,11 +42,18 @@ def _slice(tree: Any, start: int, stop: int) -> Any:
     return jax.tree_util.tree_map(lambda a: a[start:stop], tree)
 
 
-def _objective(config: ModelConfig, metric: Metric, remat: bool) -> Callable[..., jax.Array]:
-    """`alpha -> metric score of the patched model` (the mean over the batch's prompts)."""
+@jax.jit
+def _add(a: Params, b: Params) -> Params:
+    return jax.tree_util.tree_map(jnp.add, a, b)
 
-    def objective(alpha: Params, start: Params, target: Params, batch: Batch, state: Any) -> jax.Array:
-        params = apply(alpha, start, target)
+
+def _objective(config: ModelConfig, metric: Metric, remat: bool) -> Callable[..., jax.Array]:
+    """`alpha -> metric score` of the model running with `base`, probed along `target - start`
+    (the mean over the batch's prompts); alpha is zero, only its gradient is used."""
+
+    def objective(alpha: Params, base: Params, start: Params, target: Params, batch: Batch,
+                  state: Any) -> jax.Array:
+        params = jax.tree_util.tree_map(Probe, base, start, target, alpha)
         out = forward(config, params, batch.tokens, batch.mask, stop_layer=metric.layer,
                       readout_positions=batch.positions, remat=remat)
         x = out.residual if metric.layer is not None else out.logits
@@ -56,24 +63,37 @@ def _objective(config: ModelConfig, metric: Metric, remat: bool) -> Callable[...
 
 
 @functools.lru_cache(maxsize=32)
-def _gradient_function(config: ModelConfig, metric: Metric, remat: bool) -> Callable[..., Any]:
-    """Jitted: the gradient with respect to alpha, averaged over path points `t` (first order:
-    the single point t = 0)."""
+def _gradient_function(config: ModelConfig, metric: Metric, remat: bool,
+                       first_order: bool) -> Callable[..., Any]:
+    """Jitted: the gradient with respect to every alpha, summed over the path points `ts`
+    (first order: at the start params themselves, `ts` unused).
+
+    Every weight is a `Probe`, so each matmul computes its coefficients' derivatives in the
+    backward pass without a weight gradient or a mixed copy of the params at the start point
+    (docs/decisions/0008)."""
     grad = jax.grad(_objective(config, metric, remat))
 
     @jax.jit
-    def run(ts: jax.Array, zero: Params, start: Params, target: Params, batch: Batch, state: Any) -> Params:
-        def at(t: jax.Array) -> Params:
-            return grad(jax.tree_util.tree_map(lambda a: a + t, zero), start, target, batch, state)
+    def run(ts: jax.Array, weight: jax.Array, start: Params, target: Params, batch: Batch,
+            state: Any) -> Params:
+        zero = Patch.zeros(config).alpha  # constants of the program
 
-        return jax.tree_util.tree_map(lambda g: g.mean(0), jax.vmap(at)(ts))
+        def at(base: Params) -> Params:
+            return jax.tree_util.tree_map(lambda g: weight * g,
+                                          grad(zero, base, start, target, batch, state))
+
+        if first_order:
+            return at(start)
+        mixed = jax.vmap(lambda t: at(jax.tree_util.tree_map(lambda s, g: mix_leaf(t, s, g),
+                                                             start, target)))(ts)
+        return jax.tree_util.tree_map(lambda g: g.sum(0), mixed)
 
     return run
 
 
 def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
                     direction: str = "denoise", method: str = "first-order", steps: int = 16,
-                    prompt_batch: int | None = None, remat: bool = False,
+                    step_batch: int = 1, prompt_batch: int | None = None, remat: bool = False,
                     state: Any = None) -> Params:
     """The metric's gradient with respect to every patch coefficient (an alpha tree).
 
@@ -86,15 +106,25 @@ def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         method: "first-order" (the gradient at alpha = 0) or "integrated-gradients" (its mean
             over `steps` midpoints of the path alpha = t, t in [0, 1]).
         steps: quadrature points for integrated gradients.
+        step_batch: how many path points run at once (vmapped); each holds its own mixed copy
+            of the params and its own activations, so 1 keeps memory at one gradient's.
         prompt_batch: accumulate over chunks of this many prompts (default: all at once).
         remat: recompute block activations in the backward pass to save memory.
         state: the metric's prepared state (default: prepared here).
 
     Returns:
-        A tree shaped like the coefficients (`jaxpatch.patch.alpha_shapes`).
+        A float32 tree shaped like the coefficients (`jaxpatch.patch.alpha_shapes`).
 
     Example:
-        >>> # grads = alpha_gradients(base, donor, batch, VectorAnchor(layer=3))
+        >>> import jax, jaxpatch
+        >>> from jaxpatch.prompts import Prompt, make_batch
+        >>> cfg = jaxpatch.ModelConfig.tiny("llama")
+        >>> base = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(0)))
+        >>> donor = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(1)))
+        >>> grads = alpha_gradients(base, donor, make_batch(cfg, [Prompt((1, 2, 3))]),
+        ...                         jaxpatch.VectorAnchor(layer=1))
+        >>> grads["layers"][0]["mlp"]["down_proj"]["weight"].shape  # one coefficient per neuron
+        (64, 1)
     """
     if method not in METHODS:
         raise JaxpatchError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -102,48 +132,71 @@ def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         raise JaxpatchError(f"attribution directions are denoise and noise, got {direction!r}")
     if steps < 1:
         raise JaxpatchError(f"integrated gradients need at least 1 step, got {steps}")
+    if step_batch < 1:
+        raise JaxpatchError(f"step_batch must be at least 1, got {step_batch}")
     config = base.config
     start, target = _endpoints(base, donor, direction, None)
     if state is None:
         state = metric.prepare(config, base.params, donor.params, batch)
-    n = 1 if method == "first-order" else steps
-    ts = jnp.zeros(1) if method == "first-order" else (jnp.arange(n) + 0.5) / n
-    zero = Patch.zeros(config).alpha
-    run = _gradient_function(config, metric, remat)
+    first_order = method == "first-order"
+    n = 1 if first_order else steps
+    ts = (np.arange(n) + 0.5) / n
+    step_chunks = [ts[:1]] if first_order else [ts[i:i + step_batch] for i in range(0, n, step_batch)]
+    run = _gradient_function(config, metric, remat, first_order)
     prompts = batch.tokens.shape[0]
     size = prompt_batch or prompts
-    total = jax.tree_util.tree_map(jnp.zeros_like, zero)
+    total = None
     for lo in range(0, prompts, size):
         hi = min(lo + size, prompts)
-        chunk_state = _slice(state, lo, hi) if metric.state_per_prompt else state
-        grads = run(ts, zero, start, target, _slice(batch, lo, hi), chunk_state)
-        weight = (hi - lo) / prompts  # the metric is a mean over prompts
-        total = jax.tree_util.tree_map(lambda acc, g: acc + weight * g, total, grads)
+        whole = hi - lo == prompts
+        chunk = batch if whole else _slice(batch, lo, hi)
+        chunk_state = _slice(state, lo, hi) if metric.state_per_prompt and not whole else state
+        weight = jnp.float32((hi - lo) / prompts / n)  # the metric is a mean over prompts and path points
+        for t in step_chunks:
+            grads = run(jnp.asarray(t, jnp.float32), weight, start, target, chunk, chunk_state)
+            total = grads if total is None else _add(total, grads)
     return total
 
 
 def component_scores(config: ModelConfig, grads: Params, items: Sequence[Component]) -> np.ndarray:
     """Sums a coefficient gradient over each component's entries.
 
+    Arguments:
+        config: the architecture.
+        grads: a tree shaped like the coefficients (from `alpha_gradients`).
+        items: the components to score.
+
+    Returns:
+        float64 `[len(items)]`: each component's share of the gradient.
+
     Example:
-        >>> # component_scores(cfg, alpha_gradients(...), select(cfg, None, "head"))
+        >>> import jax
+        >>> from jaxpatch.components import select
+        >>> cfg = ModelConfig.tiny("llama")
+        >>> ones = jax.tree_util.tree_map(jnp.ones_like, Patch.zeros(cfg).alpha)
+        >>> component_scores(cfg, ones, select(cfg, "layers.0.mlp", "neuron"))[:2].tolist()
+        [3.0, 3.0]
     """
-    flat = {name: np.asarray(g, np.float64) for name, g in flatten_params(grads).items()}
-    totals = {name: float(g.sum()) for name, g in flat.items()}
     # An alpha leaf has one axis of size > 1 at most, so an indexed entry is one element.
-    vectors = {name: g.reshape(-1) for name, g in flat.items()}
+    flat = {name: np.asarray(g, np.float64).reshape(-1) for name, g in flatten_params(grads).items()}
     out = np.empty(len(items))
+    indexed: dict[tuple[tuple[str, ...], str], list[int]] = {}
     for i, c in enumerate(items):
-        entries = component_entries(config, c)
-        out[i] = sum(totals[name] if c.index is None else vectors[name][c.index] for name in entries)
+        if c.index is None:
+            out[i] = sum(flat[name].sum() for name in component_entries(config, c))
+        else:
+            indexed.setdefault((c.path, c.key), []).append(i)
+    for (path, key), members in indexed.items():  # one vectorized gather per module
+        index = np.array([items[i].index for i in members])
+        out[members] = sum(flat[name][index] for name, _ in indexed_leaves(config, path, key))
     return out
 
 
 def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
               granularity: str = "module", selector: SelectorLike | None = None,
               method: str = "first-order", direction: str = "denoise", steps: int = 16,
-              prompt_batch: int | None = None, remat: bool = False, positions: str = "last",
-              inputs: Mapping[str, Any] | None = None) -> SweepResult:
+              step_batch: int = 1, prompt_batch: int | None = None, remat: bool = False,
+              positions: str = "last", inputs: Mapping[str, Any] | None = None) -> SweepResult:
     """Attribution scores for every component, in the same table as `sweep`.
 
     A component's `score` is the predicted metric of the model with that component patched:
@@ -157,6 +210,7 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         method: "first-order" or "integrated-gradients".
         direction: "denoise" or "noise".
         steps: quadrature points for integrated gradients.
+        step_batch: path points run at once (vmapped; memory grows with it).
         prompt_batch: accumulate gradients over chunks of this many prompts.
         remat: rematerialize blocks in the backward pass.
         positions: recorded in the result.
@@ -184,7 +238,8 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
                 readout(config, donor.params, batch, metric.layer))
     state, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric, readouts)
     grads = alpha_gradients(base, donor, batch, metric, direction=direction, method=method,
-                            steps=steps, prompt_batch=prompt_batch, remat=remat, state=state)
+                            steps=steps, step_batch=step_batch, prompt_batch=prompt_batch,
+                            remat=remat, state=state)
     items = select(config, selector, granularity)
     values = component_scores(config, grads, items)
     start_score = base_score if direction == "denoise" else donor_score
@@ -268,15 +323,16 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
              granularity: str = "neuron", selector: SelectorLike | None = None, top_k: int = 20,
              controls: int = 20, method: str = "first-order", direction: str = "denoise",
-             steps: int = 16, exhaustive: bool = False, recall_k: int | None = None,
+             steps: int = 16, step_batch: int = 1, prompt_batch: int | None = None,
+             remat: bool = False, exhaustive: bool = False, recall_k: int | None = None,
              seed: int = 0, progress: bool = True,
              positions: str = "last", inputs: Mapping[str, Any] | None = None) -> Localization:
     """Ranks components by attribution, then patches the top k and a random control sample
     exactly and reports how far the ranking can be trusted.
 
     Arguments:
-        base, donor, batch, metric, granularity, selector, method, direction, steps: as for
-            `attribute`.
+        base, donor, batch, metric, granularity, selector, method, direction, steps,
+            step_batch, prompt_batch, remat: as for `attribute`.
         top_k: how many top-ranked components to verify.
         controls: how many of the remaining components to verify, drawn at random.
         exhaustive: also patch every component exactly (small models), to report recall.
@@ -293,7 +349,8 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         >>> # report = localize(base, donor, batch, VectorAnchor(layer=3), top_k=20)
     """
     attribution = attribute(base, donor, batch, metric, granularity=granularity, selector=selector,
-                            method=method, direction=direction, steps=steps, positions=positions,
+                            method=method, direction=direction, steps=steps, step_batch=step_batch,
+                            prompt_batch=prompt_batch, remat=remat, positions=positions,
                             inputs=inputs)
     items = select(base.config, selector, granularity)
     order = np.argsort(-np.abs(attribution.effect), kind="stable")

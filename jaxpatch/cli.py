@@ -156,6 +156,8 @@ def add_attribution_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of the attribution commands."""
     p.add_argument("--method", choices=["first-order", "integrated-gradients"], default="first-order")
     p.add_argument("--steps", type=int, default=16, help="integrated-gradients steps (default 16)")
+    p.add_argument("--step-batch", type=int, default=1,
+                   help="integrated-gradients steps run at once (default 1; memory grows with it)")
     p.add_argument("--prompt-batch", type=int, help="accumulate gradients over this many prompts at a time")
     p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass")
 
@@ -235,7 +237,8 @@ def _attribute(args: argparse.Namespace) -> None:
     base, donor, batch, metric, inputs = prepare_run(args)
     result = attribute(base, donor, batch, metric, granularity=args.granularity,
                        selector=args.select, method=args.method, direction=args.direction,
-                       steps=args.steps, prompt_batch=args.prompt_batch, remat=args.remat,
+                       steps=args.steps, step_batch=args.step_batch,
+                       prompt_batch=args.prompt_batch, remat=args.remat,
                        positions=args.positions, inputs=inputs)
     print(summary_table(result))
     if "completeness" in result.extra:
@@ -254,6 +257,7 @@ def _localize(args: argparse.Namespace) -> None:
     report = localize(base, donor, batch, metric, granularity=args.granularity,
                       selector=args.select, top_k=args.top_k, controls=args.controls,
                       method=args.method, direction=args.direction, steps=args.steps,
+                      step_batch=args.step_batch, prompt_batch=args.prompt_batch, remat=args.remat,
                       exhaustive=args.exhaustive, recall_k=args.recall_k, seed=args.seed,
                       progress=not args.no_progress,
                       positions=args.positions, inputs=inputs)

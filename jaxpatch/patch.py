@@ -98,13 +98,33 @@ def component_entries(config: ModelConfig, component: Component) -> dict[str, In
     everything = (slice(None),)
     if component.granularity in ("module", "layer"):
         return {name: everything for name, _ in _leaves_under(config, component.name + ".")}
-    projections = {"head": ("q_proj", "o_proj"), "kv_head": ("k_proj", "v_proj"),
-                   "neuron": ("gate_proj", "up_proj", "down_proj")}[component.key]
-    out: dict[str, Index] = {}
-    for name, axis in _leaves_under(config, ".".join(component.path) + "."):
-        if axis is not None and name.split(".")[-2] in projections:
-            out[name] = (slice(None),) * axis + (component.index,)
-    return out
+    return {name: (slice(None),) * axis + (component.index,)
+            for name, axis in indexed_leaves(config, component.path, component.key)}
+
+
+_PROJECTIONS = {"head": ("q_proj", "o_proj"), "kv_head": ("k_proj", "v_proj"),
+                "neuron": ("gate_proj", "up_proj", "down_proj")}
+
+
+@functools.lru_cache(maxsize=4096)
+def indexed_leaves(config: ModelConfig, path: tuple[str, ...], key: str) -> tuple[tuple[str, int], ...]:
+    """The alpha leaves that the indexed components (heads, kv heads, neurons) of one module
+    set, with the axis that the index runs along.
+
+    Arguments:
+        config: the architecture.
+        path: the module's path segments, e.g. `("layers", "0", "mlp")`.
+        key: "head", "kv_head" or "neuron".
+
+    Returns:
+        (leaf name, axis) pairs in params order.
+
+    Example:
+        >>> indexed_leaves(ModelConfig.tiny("llama"), ("layers", "0", "mlp"), "neuron")[0]
+        ('layers.0.mlp.down_proj.weight', 0)
+    """
+    return tuple((name, axis) for name, axis in _leaves_under(config, ".".join(path) + ".")
+                 if axis is not None and name.split(".")[-2] in _PROJECTIONS[key])
 
 
 # ------------------------------------------------------------------------------------ Patch
@@ -298,8 +318,21 @@ def _check_same_structure(a: Patch, b: Patch) -> None:
 
 # ------------------------------------------------------------------------------------ apply
 
-def _mix(alpha: jax.Array, start: jax.Array, target: jax.Array) -> jax.Array:
-    # Equal to start + alpha * (target - start), but exact at alpha = 0 and alpha = 1.
+def mix_leaf(alpha: jax.Array | float, start: jax.Array, target: jax.Array) -> jax.Array:
+    """One patched leaf: `start + alpha * (target - start)`, computed as
+    `(1 - alpha) * start + alpha * target` so it is exact at alpha = 0 and alpha = 1.
+
+    Arguments:
+        alpha: coefficients broadcastable to the leaf (or one number).
+        start, target: the leaf in the model patched into and the model copied from.
+
+    Returns:
+        The mixed leaf, in the start's dtype.
+
+    Example:
+        >>> mix_leaf(0.25, jnp.zeros(2), jnp.ones(2)).tolist()
+        [0.25, 0.25]
+    """
     alpha = jnp.asarray(alpha).astype(start.dtype)
     return (1 - alpha) * start + alpha * target
 
@@ -330,7 +363,7 @@ def apply(patch: Patch | Params, start: Params, target: Params) -> Params:
         True
     """
     alpha = patch.alpha if isinstance(patch, Patch) else patch
-    return jax.tree_util.tree_map(_mix, alpha, start, target)
+    return jax.tree_util.tree_map(mix_leaf, alpha, start, target)
 
 
 def check_compatible(a: Params, b: Params, names: tuple[str, str] = ("base", "donor")) -> None:

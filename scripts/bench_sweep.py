@@ -138,9 +138,10 @@ def run(code: str, *args: str) -> dict:
     return result
 
 
-def sweep_flops(shape: dict, n_prompts: int, length: int, n_candidates_per_layer: int) -> float:
-    """FLOPs the sweep must do: a candidate in block i runs blocks i..L-1 on every token and
-    block L's keys and values on every token and the rest at the readout position."""
+def forward_flops(shape: dict, n_prompts: int, length: int, first_block: int = 0) -> float:
+    """FLOPs of a forward pass from block `first_block` to the anchor after the last block:
+    the blocks before the last on every token, the last block's keys and values on every token
+    and the rest at the readout position (matmuls and attention; norms and activations omitted)."""
     d, h, kv, hd, ff, layers = (shape[k] for k in ("d_model", "n_heads", "n_kv_heads", "head_dim",
                                                    "d_ff", "n_layers"))
     tokens = n_prompts * length
@@ -150,10 +151,13 @@ def sweep_flops(shape: dict, n_prompts: int, length: int, n_candidates_per_layer
     attention = 2 * h * hd * length  # scores and weighted values per query token (causal: half)
     block = 2 * tokens * (q_o + k_v + mlp) + 2 * tokens * attention / 2 * 2
     last_block = 2 * tokens * k_v + 2 * n_prompts * (q_o + mlp) + 2 * n_prompts * attention * 2
-    total = 0.0
-    for i in range(layers):
-        total += n_candidates_per_layer * ((layers - 1 - i) * block + last_block)
-    return total
+    return (layers - 1 - first_block) * block + last_block
+
+
+def sweep_flops(shape: dict, n_prompts: int, length: int, n_candidates_per_layer: int) -> float:
+    """FLOPs the sweep must do: a candidate in block i runs the forward pass from block i."""
+    return sum(n_candidates_per_layer * forward_flops(shape, n_prompts, length, i)
+               for i in range(shape["n_layers"]))
 
 
 def main() -> None:

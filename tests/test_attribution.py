@@ -15,7 +15,7 @@ from jaxpatch.attribution import alpha_gradients, attribute, localize, spearman
 from jaxpatch.components import select
 from jaxpatch.engine import score_patch
 from jaxpatch.metrics import KLDivergence, VectorAnchor, readout
-from jaxpatch.patch import Patch
+from jaxpatch.patch import Patch, apply
 from jaxpatch.prompts import Prompt, make_batch
 
 pytestmark = pytest.mark.slow
@@ -74,6 +74,40 @@ def test_integrated_gradients_are_complete(direction: str) -> None:
         # Modules partition every coefficient, so their effects sum to the whole recovery.
         np.testing.assert_allclose(result.effect.sum(), 1.0, atol=5 * completeness["relative_gap"] + 1e-4)
     assert gaps[1] < 1e-3 and gaps[1] < gaps[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma"])
+def test_first_order_equals_the_gradient_of_patching_for_every_leaf(family: str) -> None:
+    """Every coefficient: matmuls, norm weights, biases, (tied) embeddings, learned positions."""
+    config = jaxpatch.ModelConfig.tiny(family)
+    base = jaxpatch.Model(config, jaxpatch.init_params(config, jax.random.key(0), scale=0.2))
+    donor = jaxpatch.Model(config, jaxpatch.init_params(config, jax.random.key(1), scale=0.2))
+    batch = make_batch(config, [Prompt((1, 2, 3, 4)), Prompt((5, 6))])
+    metric = KLDivergence()
+    state = metric.prepare(config, base.params, donor.params, batch)
+
+    def patched_score(alpha: dict) -> jax.Array:
+        params = apply(alpha, base.params, donor.params)
+        return jnp.mean(metric.score(jaxpatch.forward(config, params, batch.tokens, batch.mask,
+                                                      readout_positions=batch.positions).logits,
+                                     batch, state))
+
+    want = jax.grad(patched_score)(Patch.zeros(config).alpha)
+    got = alpha_gradients(base, donor, batch, metric, state=state)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_integrated_gradient_steps_run_in_batches_alike() -> None:
+    one = alpha_gradients(BASE, DONOR, BATCH, METRIC, method="integrated-gradients", steps=4)
+    for step_batch in (3, 4):  # uneven and whole
+        batched = alpha_gradients(BASE, DONOR, BATCH, METRIC, method="integrated-gradients",
+                                  steps=4, step_batch=step_batch)
+        for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(batched)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+    with pytest.raises(jaxpatch.JaxpatchError, match="step_batch"):
+        alpha_gradients(BASE, DONOR, BATCH, METRIC, method="integrated-gradients", step_batch=0)
 
 
 def test_prompt_chunks_and_remat_do_not_change_gradients() -> None:

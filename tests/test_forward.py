@@ -100,3 +100,37 @@ def test_model_refuses_bad_tokens() -> None:
         m([[1.5, 2.0]])
     with pytest.raises(InvalidInputError, match="attention_mask has shape"):
         m([[1, 2]], [[1]])
+
+
+@pytest.mark.parametrize("spec, x_shape, w_shape, alpha_shape", [
+    ("bsd,df->bsf", (2, 3, 4), (4, 5), (1, 5)),           # output axis: a neuron of up_proj
+    ("bsf,fd->bsd", (2, 3, 5), (5, 4), (5, 1)),           # input axis: a neuron of down_proj
+    ("bsd,dhk->bshk", (2, 3, 4), (4, 2, 3), (1, 2, 1)),   # a head of q_proj
+    ("bshk,hkd->bsd", (2, 3, 2, 3), (2, 3, 4), (2, 1, 1)),  # a head of o_proj
+    ("bsd,df->bsf", (2, 3, 4), (4, 5), (1, 1)),           # a whole module
+    ("bsd,df->bsf", (2, 3, 4), (4, 5), (4, 5)),           # both axes: the weight-gradient path
+])
+def test_probe_matmul_has_the_derivatives_of_the_mixed_weight(
+        spec: str, x_shape: tuple, w_shape: tuple, alpha_shape: tuple) -> None:
+    """A `Probe` gives d/d alpha and d/d x of `x @ (base + alpha * (target - start))` at
+    alpha = 0, whichever axes alpha varies along."""
+    from jaxpatch.models.decoder import Probe, probe_einsum
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], x_shape)
+    start, target, base = (jax.random.normal(k, w_shape) for k in keys[1:4])
+    y_shape = jax.eval_shape(lambda: jnp.einsum(spec, x, base)).shape
+    readout = jax.random.normal(keys[4], y_shape)
+    zero = jnp.zeros(alpha_shape)
+
+    def probed(alpha: jax.Array, x: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.tanh(probe_einsum(spec, x, Probe(base, start, target, alpha))) * readout)
+
+    def mixed(alpha: jax.Array, x: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.tanh(jnp.einsum(spec, x, base + alpha * (target - start))) * readout)
+
+    assert float(probed(zero, x)) == pytest.approx(float(mixed(zero, x)), rel=1e-6)
+    got = jax.grad(probed, argnums=(0, 1))(zero, x)
+    want = jax.grad(mixed, argnums=(0, 1))(zero, x)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,14 +52,51 @@ class MixedWeight(NamedTuple):
         return self.base + self.alpha.astype(self.base.dtype) * self.delta
 
 
-def dense(leaf: Array | MixedWeight) -> Array:
-    """A params leaf as a plain array (materializing a `MixedWeight`).
+class Probe(NamedTuple):
+    """A weight `base` carrying a zero-valued patch direction, for first-order attribution.
+
+    Its value is `base + alpha * (target - start)` at alpha = 0, i.e. `base`; what it adds is
+    the derivative with respect to alpha, `<dL/dW, target - start>` summed over the axes alpha
+    broadcasts along. A matmul with a probe (`probe_einsum`) computes that derivative in its
+    backward pass from the layer's input and output gradient, in the same matmul layouts as the
+    forward pass, without forming the weight gradient or the difference of the whole model.
+    Any other use (norm weights, biases, embedding rows) differentiates `value()`.
+
+    Only alpha = 0 is supported: a matmul with a probe uses `base` alone.
+
+    Attributes:
+        base: the weight the model runs with.
+        start, target: the pair whose difference is the patch direction.
+        alpha: zeros of the same rank, broadcastable to `base` (the coefficient layout).
+
+    Example:
+        >>> p = Probe(jnp.ones(2), jnp.zeros(2), jnp.full(2, 3.0), jnp.zeros(1))
+        >>> float(jax.grad(lambda a: p._replace(alpha=a).value().sum())(p.alpha)[0])
+        6.0
+    """
+
+    base: Array
+    start: Array
+    target: Array
+    alpha: Array
+
+    def delta(self) -> Array:
+        """The patch direction `target - start`."""
+        return self.target - self.start
+
+    def value(self) -> Array:
+        """The weight, `base + alpha * delta` (differentiable in alpha)."""
+        return self.base + self.alpha.astype(self.base.dtype) * self.delta()
+
+
+def dense(leaf: Array | MixedWeight | Probe) -> Array:
+    """A params leaf as a plain array (materializing a `MixedWeight` or `Probe`).
 
     Example:
         >>> dense(jnp.ones(2)).tolist()
         [1.0, 1.0]
     """
-    return leaf.value() if isinstance(leaf, MixedWeight) else leaf
+    return leaf.value() if isinstance(leaf, (MixedWeight, Probe)) else leaf
 
 
 Edit = Callable[[str, Array], Array]
@@ -204,9 +241,9 @@ def embed(config: ModelConfig, params: Params, tokens: Array, edit: Edit = _no_e
     return x
 
 
-def lookup(table: Array | MixedWeight, ids: Array) -> Array:
-    """Rows `ids` of an embedding table (a factored `MixedWeight` with scalar alpha stays
-    factored).
+def lookup(table: Array | MixedWeight | Probe, ids: Array) -> Array:
+    """Rows `ids` of an embedding table (a factored `MixedWeight` or `Probe` with scalar alpha
+    stays factored: only the rows are read).
 
     Example:
         >>> lookup(jnp.eye(3), jnp.array([[2]])).tolist()
@@ -215,6 +252,10 @@ def lookup(table: Array | MixedWeight, ids: Array) -> Array:
     if isinstance(table, MixedWeight) and table.alpha.size == 1:
         alpha = table.alpha.reshape(()).astype(table.base.dtype)
         return jnp.take(table.base, ids, axis=0) + alpha * jnp.take(table.delta, ids, axis=0)
+    if isinstance(table, Probe) and table.alpha.size == 1:
+        alpha = table.alpha.reshape(()).astype(table.base.dtype)
+        delta = jnp.take(table.target, ids, axis=0) - jnp.take(table.start, ids, axis=0)
+        return jnp.take(table.base, ids, axis=0) + alpha * delta
     return jnp.take(dense(table), ids, axis=0)
 
 
@@ -292,7 +333,12 @@ def linear(module: Params, x: Array, spec: str) -> Array:
         [[2.0, 2.0, 2.0]]
     """
     weight = module["weight"]
-    y = mixed_einsum(spec, x, weight) if isinstance(weight, MixedWeight) else jnp.einsum(spec, x, weight)
+    if isinstance(weight, MixedWeight):
+        y = mixed_einsum(spec, x, weight)
+    elif isinstance(weight, Probe):
+        y = probe_einsum(spec, x, weight)
+    else:
+        y = jnp.einsum(spec, x, weight)
     if "bias" in module:
         y = y + dense(module["bias"])
     return y
@@ -319,6 +365,61 @@ def mixed_einsum(spec: str, x: Array, weight: MixedWeight) -> Array:
     if varying <= set(x_spec) - set(y_spec):
         return y + jnp.einsum(spec, x * _align(alpha, w_spec, x_spec), weight.delta)
     return jnp.einsum(spec, x, weight.value())
+
+
+def probe_einsum(spec: str, x: Array, weight: Probe) -> Array:
+    """`einsum(spec, x, weight.base)`, whose derivative with respect to `weight.alpha` is
+    computed in the backward pass without a weight gradient.
+
+    With alpha varying along the weight's output axes (e.g. a neuron of up_proj), the
+    derivative is `sum(einsum(spec, x, delta) * dy)` over the other axes; along its input axes
+    (a neuron of down_proj, a head of o_proj), `sum(x * einsum(dy, delta))`. Both are matmuls of
+    the forward or input-gradient shape. Other layouts contract the weight gradient with delta.
+
+    Example:
+        >>> w = Probe(jnp.ones((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3)), jnp.zeros((1, 3)))
+        >>> def score(alpha):
+        ...     return probe_einsum("bi,io->bo", jnp.ones((1, 2)), w._replace(alpha=alpha)).sum()
+        >>> jax.grad(score)(w.alpha).tolist()  # each output column's delta, summed over the input
+        [[2.0, 2.0, 2.0]]
+    """
+    return _probe_einsum(spec, x, weight.base, weight.start, weight.target, weight.alpha)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _probe_einsum(spec: str, x: Array, base: Array, start: Array, target: Array,
+                  alpha: Array) -> Array:
+    return jnp.einsum(spec, x, base)
+
+
+def _probe_einsum_fwd(spec: str, x: Array, base: Array, start: Array, target: Array,
+                      alpha: Array) -> tuple[Array, tuple[Array, ...]]:
+    return jnp.einsum(spec, x, base), (x, base, start, target, alpha)
+
+
+def _probe_einsum_bwd(spec: str, residuals: tuple[Array, ...], dy: Array) -> tuple[Any, ...]:
+    x, base, start, target, alpha = residuals
+    x_spec, rest = spec.split(",")
+    w_spec, y_spec = rest.split("->")
+    to_input = f"{y_spec},{w_spec}->{x_spec}"
+    dx = jnp.einsum(to_input, dy, base).astype(x.dtype)
+    delta = target - start
+    varying = "".join(letter for letter, n in zip(w_spec, alpha.shape) if n != 1)
+    f32 = jnp.float32
+    if varying and set(varying) <= set(x_spec) - set(y_spec):
+        product = x.astype(f32) * jnp.einsum(to_input, dy, delta, preferred_element_type=f32)
+        labels = x_spec
+    elif set(varying) <= set(y_spec) - set(x_spec):
+        product = jnp.einsum(spec, x, delta, preferred_element_type=f32) * dy.astype(f32)
+        labels = y_spec
+    else:
+        grad_w = jnp.einsum(f"{x_spec},{y_spec}->{w_spec}", x, dy, preferred_element_type=f32)
+        product, labels = grad_w * delta.astype(f32), w_spec
+    d_alpha = jnp.einsum(f"{labels}->{varying}", product).reshape(alpha.shape).astype(alpha.dtype)
+    return dx, None, None, None, d_alpha
+
+
+_probe_einsum.defvjp(_probe_einsum_fwd, _probe_einsum_bwd)
 
 
 def _align(alpha: Array, w_spec: str, target_spec: str) -> Array:
