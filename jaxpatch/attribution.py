@@ -30,7 +30,8 @@ from jaxpatch.engine import SweepResult, _endpoints, check_pair, endpoint_scores
 from jaxpatch.errors import JaxpatchError
 from jaxpatch.metrics import Metric, MetricError, readout
 from jaxpatch.models.config import ModelConfig, Params, flatten_params
-from jaxpatch.models.decoder import Probe, forward
+from jaxpatch.models.decoder import (Probe, attention_allowed, block, embed, forward,
+                                     rope_tables, unembed)
 from jaxpatch.models.model import Model
 from jaxpatch.patch import Patch, component_entries, indexed_leaves, mix_leaf
 from jaxpatch.prompts import Batch
@@ -47,15 +48,14 @@ def _add(a: Params, b: Params) -> Params:
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def _objective(config: ModelConfig, metric: Metric, remat: bool) -> Callable[..., jax.Array]:
+def _objective(config: ModelConfig, metric: Metric) -> Callable[..., jax.Array]:
     """`alpha -> metric score` of the model running with `base`, probed along `target - start`
     (the mean over the batch's prompts); alpha is zero, only its gradient is used."""
 
     def objective(alpha: Params, base: Params, start: Params, target: Params, batch: Batch,
                   state: Any) -> jax.Array:
-        params = jax.tree_util.tree_map(Probe, base, start, target, alpha)
-        out = forward(config, params, batch.tokens, batch.mask, stop_layer=metric.layer,
-                      readout_positions=batch.positions, remat=remat)
+        out = forward(config, _probes(alpha, base, start, target), batch.tokens, batch.mask,
+                      stop_layer=metric.layer, readout_positions=batch.positions)
         x = out.residual if metric.layer is not None else out.logits
         return jnp.mean(metric.score(x, batch, state))
 
@@ -63,15 +63,14 @@ def _objective(config: ModelConfig, metric: Metric, remat: bool) -> Callable[...
 
 
 @functools.lru_cache(maxsize=32)
-def _gradient_function(config: ModelConfig, metric: Metric, remat: bool,
-                       first_order: bool) -> Callable[..., Any]:
+def _gradient_function(config: ModelConfig, metric: Metric, first_order: bool) -> Callable[..., Any]:
     """Jitted: the gradient with respect to every alpha, summed over the path points `ts`
-    (first order: at the start params themselves, `ts` unused).
+    (first order: at the start params themselves, `ts` unused), times `weight`.
 
     Every weight is a `Probe`, so each matmul computes its coefficients' derivatives in the
     backward pass without a weight gradient or a mixed copy of the params at the start point
     (docs/decisions/0008)."""
-    grad = jax.grad(_objective(config, metric, remat))
+    grad = jax.grad(_objective(config, metric))
 
     @jax.jit
     def run(ts: jax.Array, weight: jax.Array, start: Params, target: Params, batch: Batch,
@@ -79,16 +78,105 @@ def _gradient_function(config: ModelConfig, metric: Metric, remat: bool,
         zero = Patch.zeros(config).alpha  # constants of the program
 
         def at(base: Params) -> Params:
-            return jax.tree_util.tree_map(lambda g: weight * g,
-                                          grad(zero, base, start, target, batch, state))
+            return _scale(weight, grad(zero, base, start, target, batch, state))
 
         if first_order:
             return at(start)
-        mixed = jax.vmap(lambda t: at(jax.tree_util.tree_map(lambda s, g: mix_leaf(t, s, g),
-                                                             start, target)))(ts)
-        return jax.tree_util.tree_map(lambda g: g.sum(0), mixed)
+        return jax.tree_util.tree_map(lambda g: g.sum(0),
+                                      jax.vmap(lambda t: at(_mix_all(t, start, target)))(ts))
 
     return run
+
+
+@jax.jit
+def _mix_all(t: jax.Array, start: Params, target: Params) -> Params:
+    return jax.tree_util.tree_map(lambda s, g: mix_leaf(t, s, g), start, target)
+
+
+@jax.jit
+def _scale(weight: jax.Array, tree: Params) -> Params:
+    return jax.tree_util.tree_map(lambda g: weight * g, tree)
+
+
+def _probes(alpha: Any, base: Any, start: Any, target: Any) -> Any:
+    return jax.tree_util.tree_map(Probe, base, start, target, alpha)
+
+
+def _top(tree: Params) -> Params:
+    """The params outside the blocks (embeddings, final norm, lm_head)."""
+    return {name: value for name, value in tree.items() if name != "layers"}
+
+
+@functools.lru_cache(maxsize=32)
+def _blockwise_functions(config: ModelConfig, metric: Metric) -> dict[str, Callable[..., Any]]:
+    """Jitted stages of a block-by-block gradient: each holds one block's activations at most
+    (docs/decisions/0008)."""
+
+    @jax.jit
+    def embed_forward(base: Params, tokens: jax.Array) -> jax.Array:
+        return embed(config, base, tokens)
+
+    @jax.jit
+    def block_forward(base: Params, x: jax.Array, allowed: jax.Array, rope: Any,
+                      queries: jax.Array | None) -> jax.Array:
+        return block(config, base, x, allowed, rope, queries)[0]
+
+    @jax.jit
+    def head_backward(zero: Params, base: Params, start: Params, target: Params, x: jax.Array,
+                      batch: Batch, state: Any) -> tuple[Params, jax.Array]:
+        def score(alpha: Params, h: jax.Array) -> jax.Array:
+            if metric.layer is None:
+                h = unembed(config, _probes(alpha, base, start, target), h)
+            return jnp.mean(metric.score(h, batch, state))
+
+        return jax.grad(score, argnums=(0, 1))(zero, x)
+
+    @jax.jit
+    def block_backward(zero: Params, base: Params, start: Params, target: Params, x: jax.Array,
+                       allowed: jax.Array, rope: Any, queries: jax.Array | None,
+                       dy: jax.Array) -> tuple[Params, jax.Array]:
+        def run(alpha: Params, h: jax.Array) -> jax.Array:
+            return block(config, _probes(alpha, base, start, target), h, allowed, rope, queries)[0]
+
+        return jax.vjp(run, zero, x)[1](dy)
+
+    @jax.jit
+    def embed_backward(zero: Params, base: Params, start: Params, target: Params,
+                       tokens: jax.Array, dx: jax.Array) -> Params:
+        return jax.vjp(lambda a: embed(config, _probes(a, base, start, target), tokens), zero)[1](dx)[0]
+
+    return {"embed_forward": embed_forward, "block_forward": block_forward,
+            "head_backward": head_backward, "block_backward": block_backward,
+            "embed_backward": embed_backward}
+
+
+def _blockwise_gradients(config: ModelConfig, metric: Metric, base: Params, start: Params,
+                         target: Params, batch: Batch, state: Any) -> Params:
+    """The alpha gradient (first order at `base`) computed block by block: a forward pass that
+    keeps only each block's input, then each block's backward pass recomputing its activations.
+    Memory: the residual stream before each block plus one block's activations, on any backend
+    (XLA's CPU compiler does not reduce the memory of `jax.checkpoint`)."""
+    run = _blockwise_functions(config, metric)
+    zero = Patch.zeros(config).alpha
+    last = config.n_layers - 1 if metric.layer is None else metric.layer
+    x = run["embed_forward"](_top(base), batch.tokens)
+    rope = rope_tables(config, batch.tokens.shape[1], x.dtype) if config.positional == "rope" else None
+    allowed = [attention_allowed(batch.mask, config.sliding_windows[i]) for i in range(last + 1)]
+    inputs = []
+    for i in range(last + 1):
+        inputs.append(x)
+        queries = batch.positions if i == last else None
+        x = run["block_forward"](base["layers"][i], x, allowed[i], rope, queries)
+    top, dx = run["head_backward"](_top(zero), _top(base), _top(start), _top(target), x, batch, state)
+    layers = [jax.tree_util.tree_map(jnp.zeros_like, layer) for layer in zero["layers"]]
+    for i in reversed(range(last + 1)):
+        queries = batch.positions if i == last else None
+        layers[i], dx = run["block_backward"](zero["layers"][i], base["layers"][i], start["layers"][i],
+                                              target["layers"][i], inputs[i], allowed[i], rope,
+                                              queries, dx)
+    embedding = run["embed_backward"](_top(zero), _top(base), _top(start), _top(target),
+                                      batch.tokens, dx)
+    return {**_add(top, embedding), "layers": layers}
 
 
 def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
@@ -109,7 +197,10 @@ def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         step_batch: how many path points run at once (vmapped); each holds its own mixed copy
             of the params and its own activations, so 1 keeps memory at one gradient's.
         prompt_batch: accumulate over chunks of this many prompts (default: all at once).
-        remat: recompute block activations in the backward pass to save memory.
+        remat: run the gradient block by block, keeping only each block's input from the
+            forward pass and recomputing its activations in its backward pass (one more
+            forward pass of compute; memory of one block's activations). Path points then run
+            one at a time.
         state: the metric's prepared state (default: prepared here).
 
     Returns:
@@ -141,8 +232,8 @@ def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     first_order = method == "first-order"
     n = 1 if first_order else steps
     ts = (np.arange(n) + 0.5) / n
-    step_chunks = [ts[:1]] if first_order else [ts[i:i + step_batch] for i in range(0, n, step_batch)]
-    run = _gradient_function(config, metric, remat, first_order)
+    chunk_size = 1 if first_order or remat else step_batch
+    step_chunks = [jnp.asarray(ts[i:i + chunk_size], jnp.float32) for i in range(0, n, chunk_size)]
     prompts = batch.tokens.shape[0]
     size = prompt_batch or prompts
     total = None
@@ -153,7 +244,13 @@ def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         chunk_state = _slice(state, lo, hi) if metric.state_per_prompt and not whole else state
         weight = jnp.float32((hi - lo) / prompts / n)  # the metric is a mean over prompts and path points
         for t in step_chunks:
-            grads = run(jnp.asarray(t, jnp.float32), weight, start, target, chunk, chunk_state)
+            if remat:
+                at = start if first_order else _mix_all(t[0], start, target)
+                grads = _scale(weight, _blockwise_gradients(config, metric, at, start, target,
+                                                            chunk, chunk_state))
+            else:
+                grads = _gradient_function(config, metric, first_order)(
+                    t, weight, start, target, chunk, chunk_state)
             total = grads if total is None else _add(total, grads)
     return total
 
@@ -212,7 +309,7 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         steps: quadrature points for integrated gradients.
         step_batch: path points run at once (vmapped; memory grows with it).
         prompt_batch: accumulate gradients over chunks of this many prompts.
-        remat: rematerialize blocks in the backward pass.
+        remat: compute the gradient block by block, recomputing activations (less memory).
         positions: recorded in the result.
         inputs: fingerprints to record.
 

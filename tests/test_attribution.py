@@ -93,10 +93,13 @@ def test_first_order_equals_the_gradient_of_patching_for_every_leaf(family: str)
                                      batch, state))
 
     want = jax.grad(patched_score)(Patch.zeros(config).alpha)
-    got = alpha_gradients(base, donor, batch, metric, state=state)
-    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    for remat in (False, True):
+        got = alpha_gradients(base, donor, batch, metric, state=state, remat=remat)
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got),
+                                jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6,
+                                       err_msg=f"remat={remat} {jax.tree_util.keystr(path)}")
 
 
 def test_integrated_gradient_steps_run_in_batches_alike() -> None:
@@ -110,12 +113,50 @@ def test_integrated_gradient_steps_run_in_batches_alike() -> None:
         alpha_gradients(BASE, DONOR, BATCH, METRIC, method="integrated-gradients", step_batch=0)
 
 
-def test_prompt_chunks_and_remat_do_not_change_gradients() -> None:
-    metric = KLDivergence()  # its state is per prompt, so chunking must slice it
-    full = alpha_gradients(BASE, DONOR, BATCH, metric)
-    chunked = alpha_gradients(BASE, DONOR, BATCH, metric, prompt_batch=2, remat=True)
-    for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(chunked)):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+@pytest.mark.parametrize("metric", [KLDivergence(), VectorAnchor(layer=0)], ids=["kl", "anchor"])
+def test_prompt_chunks_and_remat_do_not_change_gradients(metric) -> None:
+    """KL's state is per prompt, so chunking must slice it; the anchor stops before the last
+    block, whose coefficients then have no effect."""
+    for method in ("first-order", "integrated-gradients"):
+        full = alpha_gradients(BASE, DONOR, BATCH, metric, method=method, steps=3)
+        chunked = alpha_gradients(BASE, DONOR, BATCH, metric, method=method, steps=3,
+                                  prompt_batch=2, remat=True)
+        for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(chunked)):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+    if metric.layer == 0:
+        for leaf in jax.tree_util.tree_leaves(chunked["layers"][1]):
+            assert not np.any(np.asarray(leaf))
+
+
+def _planned_bytes(n_layers: int) -> tuple[int, int]:
+    """XLA's planned temporary memory of the one-program gradient, and of the block-by-block
+    gradient (its largest stage plus the residual stream kept before every block)."""
+    from jaxpatch.attribution import _blockwise_functions, _gradient_function
+    from jaxpatch.models.decoder import attention_allowed, rope_tables
+
+    config = jaxpatch.ModelConfig.tiny("llama", n_layers=n_layers)
+    base = jaxpatch.init_params(config, jax.random.key(0), scale=0.2)
+    donor = jaxpatch.init_params(config, jax.random.key(1), scale=0.2)
+    batch = make_batch(config, [Prompt(tuple(range(1, 49)))] * 8)
+    metric = KLDivergence()
+    state = metric.prepare(config, base, donor, batch)
+    one = _gradient_function(config, metric, True).lower(
+        jnp.zeros(1), jnp.float32(1), base, donor, batch, state).compile()
+    x = jnp.zeros((8, 48, config.d_model))
+    stage = _blockwise_functions(config, metric)["block_backward"].lower(
+        Patch.zeros(config).alpha["layers"][0], base["layers"][0], base["layers"][0],
+        donor["layers"][0], x, attention_allowed(batch.mask, None),
+        rope_tables(config, 48, jnp.float32), None, x).compile()
+    blockwise = stage.memory_analysis().temp_size_in_bytes + n_layers * x.nbytes
+    return one.memory_analysis().temp_size_in_bytes, blockwise
+
+
+def test_remat_keeps_gradient_memory_flat_in_depth() -> None:
+    one_2, blockwise_2 = _planned_bytes(2)
+    one_8, blockwise_8 = _planned_bytes(8)
+    assert one_8 > 3 * one_2  # every block's activations are held for the backward pass
+    assert blockwise_8 < 1.2 * blockwise_2
+    assert blockwise_8 < one_8 / 4
 
 
 def test_localize_verifies_the_shortlist_and_reports_recall() -> None:
