@@ -179,6 +179,62 @@ def _blockwise_gradients(config: ModelConfig, metric: Metric, base: Params, star
     return {**_add(top, embedding), "layers": layers}
 
 
+def planned_gradient_bytes(base: Model, donor: Model, batch: Batch, metric: Metric, *,
+                           remat: bool = False, state: Any = None) -> int:
+    """XLA's planned temporary memory of a first-order gradient, in bytes (params and outputs
+    excluded): what `alpha_gradients` needs beyond the pair itself.
+
+    With `remat`, the largest stage of the block-by-block gradient plus the residual stream kept
+    before every block. Compiles the programs without running them.
+
+    Arguments:
+        base, donor, batch, metric: as for `alpha_gradients`.
+        remat: plan the block-by-block gradient.
+        state: the metric's prepared state (default: prepared here).
+
+    Returns:
+        Bytes.
+
+    Example:
+        >>> import jax, jaxpatch
+        >>> from jaxpatch.prompts import Prompt, make_batch
+        >>> cfg = jaxpatch.ModelConfig.tiny("llama")
+        >>> base = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(0)))
+        >>> donor = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(1)))
+        >>> batch = make_batch(cfg, [Prompt(tuple(range(1, 40)))] * 4)
+        >>> metric = jaxpatch.VectorAnchor(layer=1)
+        >>> a = planned_gradient_bytes(base, donor, batch, metric)
+        >>> b = planned_gradient_bytes(base, donor, batch, metric, remat=True)
+        >>> b < a
+        True
+    """
+    config = base.config
+    start, target = base.params, donor.params
+    if state is None:
+        state = metric.prepare(config, start, target, batch)
+    if not remat:
+        program = _gradient_function(config, metric, True).lower(
+            jnp.zeros(1), jnp.float32(1), start, target, batch, state)
+        return int(program.compile().memory_analysis().temp_size_in_bytes)
+    run = _blockwise_functions(config, metric)
+    zero = Patch.zeros(config).alpha
+    x = jax.eval_shape(run["embed_forward"], _top(start), batch.tokens)
+    x = jnp.zeros(x.shape, x.dtype)
+    rope = rope_tables(config, batch.tokens.shape[1], x.dtype) if config.positional == "rope" else None
+    allowed = attention_allowed(batch.mask, config.sliding_windows[0])
+    last = config.n_layers - 1 if metric.layer is None else metric.layer
+    readout_x = x[:, :batch.positions.shape[1]]  # the last block's output: readout positions only
+    stages = [run["block_backward"].lower(zero["layers"][0], start["layers"][0], start["layers"][0],
+                                          target["layers"][0], x, allowed, rope, queries, dy)
+              for queries, dy in ((None, x), (batch.positions, readout_x))]
+    stages.append(run["head_backward"].lower(_top(zero), _top(start), _top(start), _top(target),
+                                             readout_x, batch, state))
+    stages.append(run["embed_backward"].lower(_top(zero), _top(start), _top(start), _top(target),
+                                              batch.tokens, x))
+    largest = max(stage.compile().memory_analysis().temp_size_in_bytes for stage in stages)
+    return int(largest + (last + 1) * x.nbytes)
+
+
 def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
                     direction: str = "denoise", method: str = "first-order", steps: int = 16,
                     step_batch: int = 1, prompt_batch: int | None = None, remat: bool = False,

@@ -32,7 +32,7 @@ import numpy as np
 from bench_sweep import LENGTH, MATMUL, PROMPTS, SHAPE, forward_flops, run
 
 import jaxpatch
-from jaxpatch.attribution import alpha_gradients, component_scores
+from jaxpatch.attribution import alpha_gradients, component_scores, planned_gradient_bytes
 from jaxpatch.metrics import VectorAnchor, readout
 from jaxpatch.prompts import Prompt, make_batch
 
@@ -91,6 +91,7 @@ def main() -> None:
     print(f"FLOP rate: {flops / grads_s / 1e9:.1f} GFLOP/s on the gradient's {flops / 1e9:.1f} GFLOP; "
           f"measured float32 matmul rate {matmul / 1e9:.1f} GFLOP/s "
           f"({100 * flops / grads_s / matmul:.0f}%)")
+    memory_and_variants(base, donor, batch, metric, state)
 
     # What is timed is the derivative of exact patching: check it by central differences.
     modules = jaxpatch.select(config, "layers.5.mlp | layers.2.self_attn.o_proj", "module")
@@ -104,6 +105,30 @@ def main() -> None:
           f"max relative difference {np.max(np.abs(first_order - central) / np.abs(central)):.2e}")
     if not args.skip_recall:
         planted_recall()
+
+
+def memory_and_variants(base, donor, batch, metric, state) -> None:
+    """The block-by-block gradient (remat) and one integrated-gradient step, in forward passes,
+    and XLA's planned temporary memory of the forward pass and of both gradients."""
+    config = base.config
+    times = alternating_best({
+        "forward": lambda: readout(config, base.params, batch, metric.layer),
+        "remat": lambda: alpha_gradients(base, donor, batch, metric, state=state, remat=True),
+        "ig": lambda: alpha_gradients(base, donor, batch, metric, state=state, steps=2,
+                                      method="integrated-gradients")}, repeats=3)
+    forward_s = times["forward"]
+    print(f"block by block (remat=True): {times['remat'] * 1e3:.1f} ms = "
+          f"{times['remat'] / forward_s:.2f} forward passes")
+    print(f"integrated gradients: {times['ig'] / 2 * 1e3:.1f} ms per step = "
+          f"{times['ig'] / 2 / forward_s:.2f} forward passes")
+    forward_program = jax.jit(lambda p: readout(config, p, batch, metric.layer)).lower(base.params)
+    mib = 2.0**20
+    params = sum(x.nbytes for x in jax.tree_util.tree_leaves(base.params)) / mib
+    forward_bytes = forward_program.compile().memory_analysis().temp_size_in_bytes / mib
+    one = planned_gradient_bytes(base, donor, batch, metric, state=state) / mib
+    blockwise = planned_gradient_bytes(base, donor, batch, metric, state=state, remat=True) / mib
+    print(f"planned temporary memory (params {params:.0f} MiB each model): forward {forward_bytes:.0f} MiB, "
+          f"gradient {one:.0f} MiB, block by block {blockwise:.0f} MiB")
 
 
 def planted_recall(recall_k: int = 20, budget: float = 0.1, controls: int = 6) -> None:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import jaxpatch
-from jaxpatch.attribution import alpha_gradients, attribute, localize, spearman
+from jaxpatch.attribution import (alpha_gradients, attribute, localize, planned_gradient_bytes,
+                                  spearman)
 from jaxpatch.components import select
 from jaxpatch.engine import score_patch
 from jaxpatch.metrics import KLDivergence, VectorAnchor, readout
@@ -129,26 +130,13 @@ def test_prompt_chunks_and_remat_do_not_change_gradients(metric) -> None:
 
 
 def _planned_bytes(n_layers: int) -> tuple[int, int]:
-    """XLA's planned temporary memory of the one-program gradient, and of the block-by-block
-    gradient (its largest stage plus the residual stream kept before every block)."""
-    from jaxpatch.attribution import _blockwise_functions, _gradient_function
-    from jaxpatch.models.decoder import attention_allowed, rope_tables
-
+    """Planned gradient memory without and with remat, on a model of this depth."""
     config = jaxpatch.ModelConfig.tiny("llama", n_layers=n_layers)
-    base = jaxpatch.init_params(config, jax.random.key(0), scale=0.2)
-    donor = jaxpatch.init_params(config, jax.random.key(1), scale=0.2)
+    base = jaxpatch.Model(config, jaxpatch.init_params(config, jax.random.key(0), scale=0.2))
+    donor = jaxpatch.Model(config, jaxpatch.init_params(config, jax.random.key(1), scale=0.2))
     batch = make_batch(config, [Prompt(tuple(range(1, 49)))] * 8)
-    metric = KLDivergence()
-    state = metric.prepare(config, base, donor, batch)
-    one = _gradient_function(config, metric, True).lower(
-        jnp.zeros(1), jnp.float32(1), base, donor, batch, state).compile()
-    x = jnp.zeros((8, 48, config.d_model))
-    stage = _blockwise_functions(config, metric)["block_backward"].lower(
-        Patch.zeros(config).alpha["layers"][0], base["layers"][0], base["layers"][0],
-        donor["layers"][0], x, attention_allowed(batch.mask, None),
-        rope_tables(config, 48, jnp.float32), None, x).compile()
-    blockwise = stage.memory_analysis().temp_size_in_bytes + n_layers * x.nbytes
-    return one.memory_analysis().temp_size_in_bytes, blockwise
+    return tuple(planned_gradient_bytes(base, donor, batch, KLDivergence(), remat=remat)
+                 for remat in (False, True))
 
 
 def test_remat_keeps_gradient_memory_flat_in_depth() -> None:

@@ -164,7 +164,8 @@ def forward(
             returned residual and logits are `[batch, q, ...]`. Used when a metric reads only
             a few positions.
         remat: recompute each block's activations in the backward pass instead of storing
-            them (`jax.checkpoint`), so a gradient fits where the forward fits.
+            them (`jax.checkpoint`). XLA's CPU compiler keeps most activations anyway;
+            `jaxpatch.attribute(..., remat=True)` runs block by block instead.
         edit: an activation edit (see `Edit`), e.g. to patch activations or record them.
 
     Returns:
