@@ -82,6 +82,8 @@ def _gradient_function(config: ModelConfig, metric: Metric, first_order: bool) -
 
         if first_order:
             return at(start)
+        if ts.shape[0] == 1:  # a vmap of one would batch every matmul for nothing
+            return at(_mix_all(ts[0], start, target))
         return jax.tree_util.tree_map(lambda g: g.sum(0),
                                       jax.vmap(lambda t: at(_mix_all(t, start, target)))(ts))
 
