@@ -93,7 +93,7 @@ def test_first_order_equals_the_gradient_of_patching_for_every_leaf(family: str)
                                                       readout_positions=batch.positions).logits,
                                      batch, state))
 
-    want = jax.grad(patched_score)(Patch.zeros(config).alpha)
+    want = jax.jit(jax.grad(patched_score))(Patch.zeros(config).alpha)
     for remat in (False, True):
         got = alpha_gradients(base, donor, batch, metric, state=state, remat=remat)
         assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
