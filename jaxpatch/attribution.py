@@ -3,7 +3,10 @@
 With patched params `start + alpha * (target - start)`, the first-order effect of component c
 is the derivative of the metric with respect to c's coefficients at alpha = 0, i.e.
 `<grad_W metric(start), target - start>` restricted to c. Because a `Patch` is a coefficient tree
-(`jaxpatch.patch`), one forward and one backward give it for every module, head and neuron.
+(`jaxpatch.patch`), one forward and one backward give it for every module, head and neuron. Each
+weight enters that pass as a `Probe` (`jaxpatch.models.decoder`), whose matmul computes the
+derivatives of its coefficients in the backward pass without forming the weight gradient
+(docs/decisions/0008).
 
 Integrated gradients average that derivative along the whole patch path (all alphas = t, t in
 [0, 1]); the per-component scores then sum to `metric(target) - metric(start)` up to the
@@ -170,7 +173,9 @@ def _blockwise_gradients(config: ModelConfig, metric: Metric, base: Params, star
         queries = batch.positions if i == last else None
         x = run["block_forward"](base["layers"][i], x, allowed[i], rope, queries)
     top, dx = run["head_backward"](_top(zero), _top(base), _top(start), _top(target), x, batch, state)
-    layers = [jax.tree_util.tree_map(jnp.zeros_like, layer) for layer in zero["layers"]]
+    # Blocks after the anchor do not reach the metric: their coefficients have no effect.
+    layers = [jax.tree_util.tree_map(jnp.zeros_like, layer) if i > last else None
+              for i, layer in enumerate(zero["layers"])]
     for i in reversed(range(last + 1)):
         queries = batch.positions if i == last else None
         layers[i], dx = run["block_backward"](zero["layers"][i], base["layers"][i], start["layers"][i],
