@@ -107,6 +107,12 @@ def _probes(alpha: Any, base: Any, start: Any, target: Any) -> Any:
     return jax.tree_util.tree_map(Probe, base, start, target, alpha)
 
 
+@functools.lru_cache(maxsize=32)
+def _zero_alpha(config: ModelConfig) -> Params:
+    """The all-zero coefficient tree (built once per architecture: it costs tens of ms)."""
+    return Patch.zeros(config).alpha
+
+
 def _top(tree: Params) -> Params:
     """The params outside the blocks (embeddings, final norm, lm_head)."""
     return {name: value for name, value in tree.items() if name != "layers"}
@@ -162,7 +168,7 @@ def _blockwise_gradients(config: ModelConfig, metric: Metric, base: Params, star
     Memory: the residual stream before each block plus one block's activations, on any backend
     (XLA's CPU compiler does not reduce the memory of `jax.checkpoint`)."""
     run = _blockwise_functions(config, metric)
-    zero = Patch.zeros(config).alpha
+    zero = _zero_alpha(config)
     last = config.n_layers - 1 if metric.layer is None else metric.layer
     x = run["embed_forward"](_top(base), batch.tokens)
     rope = rope_tables(config, batch.tokens.shape[1], x.dtype) if config.positional == "rope" else None
@@ -221,7 +227,7 @@ def planned_gradient_bytes(base: Model, donor: Model, batch: Batch, metric: Metr
             jnp.zeros(1), jnp.float32(1), start, target, batch, state)
         return int(program.compile().memory_analysis().temp_size_in_bytes)
     run = _blockwise_functions(config, metric)
-    zero = Patch.zeros(config).alpha
+    zero = _zero_alpha(config)
     x = jax.eval_shape(run["embed_forward"], _top(start), batch.tokens)
     x = jnp.zeros(x.shape, x.dtype)
     rope = rope_tables(config, batch.tokens.shape[1], x.dtype) if config.positional == "rope" else None
