@@ -75,7 +75,7 @@ class Language:
 
     @classmethod
     def generate(cls, seed: int, n_words: int = 32, branching: int = 4, n_classes: int = 4,
-                 length: int = 4) -> "Language":
+                 length: int = 4) -> Language:
         """A random language; the same seed gives the same language.
 
         Example:
@@ -161,7 +161,7 @@ def model_config(language: Language, layers: int, d_model: int, heads: int, d_ff
 
 def _loss(config: ModelConfig, params: Params, ids: jax.Array, weights: jax.Array) -> jax.Array:
     """Mean cross-entropy of predicting `ids[:, 1:]`, weighted per position."""
-    logits = forward(config, params, ids[:, :-1]).logits
+    logits = forward(config, params, ids[:, :-1]).read(None)
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     return -jnp.sum(picked * weights) / jnp.sum(weights)
@@ -226,7 +226,7 @@ def next_word_accuracy(config: ModelConfig, params: Params, language: Language,
     """How well a model continues text: its loss and its top-1 accuracy against the true
     chain's most likely next word, next to the chain's own loss (the best possible)."""
     ids = language.text(rng, 256, 24)
-    logits = forward(config, params, jnp.asarray(ids[:, :-1])).logits
+    logits = forward(config, params, jnp.asarray(ids[:, :-1])).read(None)
     logp, logits = np.asarray(jax.nn.log_softmax(logits, axis=-1)), np.asarray(logits)
     target = ids[:, 1:]
     model_loss = -np.take_along_axis(logp, target[..., None], -1)[..., 0][:, 2:].mean()
@@ -287,7 +287,7 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
     s = settings
     language = Language.generate(s.seed, s.n_words, length=s.length)
     config = model_config(language, s.layers, s.d_model, s.heads, s.d_ff)
-    rng = lambda *stream: np.random.default_rng([s.seed, *stream])  # noqa: E731
+    rng = lambda *stream: np.random.default_rng([s.seed, *stream])
     t0 = time.perf_counter()
     base, base_losses = train(config, init_params(config, jax.random.key(s.seed)),
                               text_batches(language, rng(2), s.batch, s.seq), s.base_steps,
@@ -335,10 +335,13 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
 
 def _prompt_lines(prompts: Sequence[Prompt], language: Language) -> str:
     vocab = language.vocabulary
-    return "".join(json.dumps({"text": " ".join(vocab[t] for t in p.tokens), "tokens": list(p.tokens),
-                               "target": " ".join(vocab[t] for t in p.target),
-                               "target_tokens": list(p.target)}) + "\n"
-                   for p in prompts)
+    lines = []
+    for p in prompts:
+        target = p.target or ()
+        lines.append(json.dumps({"text": " ".join(vocab[t] for t in p.tokens), "tokens": list(p.tokens),
+                                 "target": " ".join(vocab[t] for t in target),
+                                 "target_tokens": list(target)}) + "\n")
+    return "".join(lines)
 
 
 def write(built: dict, out: str | Path, overwrite: bool = False) -> None:
@@ -359,7 +362,8 @@ def write(built: dict, out: str | Path, overwrite: bool = False) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = Settings()
-    p = argparse.ArgumentParser(prog="python -m experiments.planted", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.planted",
+                                description=(__doc__ or "").split("\n")[0])
     p.add_argument("--out", default="experiments/pairs/default", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-experts", action="store_true", help="train only the donor")

@@ -12,8 +12,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxpatch.components import Component, SelectorError, SelectorLike, as_selector
-from jaxpatch.models.config import flatten_params
+from jaxpatch._tree import flatten_params
+from jaxpatch.components import Component, SelectorLike, as_selector
+from jaxpatch.errors import SelectorError
 from jaxpatch.patch import apply
 
 

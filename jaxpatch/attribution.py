@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,18 +27,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpatch._tree import flatten_params, without_layers
 from jaxpatch.components import Component, SelectorLike, select
-from jaxpatch.engine import SweepResult, _endpoints, check_pair, endpoint_scores, sweep
+from jaxpatch.engine import sweep
 from jaxpatch.errors import JaxpatchError
-from jaxpatch.metrics import Metric, MetricError, readout
-from jaxpatch.models.config import ModelConfig, Params, flatten_params
-from jaxpatch.models.decoder import (Probe, attention_allowed, block, embed, forward,
-                                     rope_tables, unembed)
+from jaxpatch.metrics import Metric
+from jaxpatch.models.config import ModelConfig, Params
+from jaxpatch.models.decoder import Probe, attention_allowed, block, embed, forward, rope_tables, unembed
 from jaxpatch.models.model import Model
+from jaxpatch.modes import (
+    ATTRIBUTION_METHODS,
+    PAIR_DIRECTIONS,
+    AttributionMethod,
+    Granularity,
+    PairDirection,
+    Positions,
+    check_mode,
+)
+from jaxpatch.pair import check_pair, endpoint_scores, endpoints
 from jaxpatch.patch import Patch, component_entries, indexed_leaves, mix_leaf
 from jaxpatch.prompts import Batch
+from jaxpatch.results import Misranked, SweepResult, check_finite_scores, misranked_to_dicts
+from jaxpatch.stats import average_ranks, spearman
 
-METHODS: tuple[str, ...] = ("first-order", "integrated-gradients")
+__all__ = ["alpha_gradients", "planned_gradient_bytes", "component_scores", "attribute",
+           "Localization", "localize"]
 
 
 def _slice(tree: Any, start: int, stop: int) -> Any:
@@ -59,8 +71,7 @@ def _objective(config: ModelConfig, metric: Metric) -> Callable[..., jax.Array]:
                   state: Any) -> jax.Array:
         out = forward(config, _probes(alpha, base, start, target), batch.tokens, batch.mask,
                       stop_layer=metric.layer, readout_positions=batch.positions)
-        x = out.residual if metric.layer is not None else out.logits
-        return jnp.mean(metric.score(x, batch, state))
+        return jnp.mean(metric.score(out.read(metric.layer), batch, state))
 
     return objective
 
@@ -111,11 +122,6 @@ def _probes(alpha: Any, base: Any, start: Any, target: Any) -> Any:
 def _zero_alpha(config: ModelConfig) -> Params:
     """The all-zero coefficient tree (built once per architecture: it costs tens of ms)."""
     return Patch.zeros(config).alpha
-
-
-def _top(tree: Params) -> Params:
-    """The params outside the blocks (embeddings, final norm, lm_head)."""
-    return {name: value for name, value in tree.items() if name != "layers"}
 
 
 @functools.lru_cache(maxsize=32)
@@ -170,15 +176,16 @@ def _blockwise_gradients(config: ModelConfig, metric: Metric, base: Params, star
     run = _blockwise_functions(config, metric)
     zero = _zero_alpha(config)
     last = config.n_layers - 1 if metric.layer is None else metric.layer
-    x = run["embed_forward"](_top(base), batch.tokens)
-    rope = rope_tables(config, batch.tokens.shape[1], x.dtype) if config.positional == "rope" else None
+    x = run["embed_forward"](without_layers(base), batch.tokens)
+    rope = rope_tables(config, batch.tokens.shape[1], x.dtype)
     allowed = [attention_allowed(batch.mask, config.sliding_windows[i]) for i in range(last + 1)]
     inputs = []
     for i in range(last + 1):
         inputs.append(x)
         queries = batch.positions if i == last else None
         x = run["block_forward"](base["layers"][i], x, allowed[i], rope, queries)
-    top, dx = run["head_backward"](_top(zero), _top(base), _top(start), _top(target), x, batch, state)
+    outside = [without_layers(tree) for tree in (zero, base, start, target)]  # embeddings, head
+    top, dx = run["head_backward"](*outside, x, batch, state)
     # Blocks after the anchor do not reach the metric: their coefficients have no effect.
     layers = [jax.tree_util.tree_map(jnp.zeros_like, layer) if i > last else None
               for i, layer in enumerate(zero["layers"])]
@@ -187,8 +194,7 @@ def _blockwise_gradients(config: ModelConfig, metric: Metric, base: Params, star
         layers[i], dx = run["block_backward"](zero["layers"][i], base["layers"][i], start["layers"][i],
                                               target["layers"][i], inputs[i], allowed[i], rope,
                                               queries, dx)
-    embedding = run["embed_backward"](_top(zero), _top(base), _top(start), _top(target),
-                                      batch.tokens, dx)
+    embedding = run["embed_backward"](*outside, batch.tokens, dx)
     return {**_add(top, embedding), "layers": layers}
 
 
@@ -209,12 +215,6 @@ def planned_gradient_bytes(base: Model, donor: Model, batch: Batch, metric: Metr
         Bytes.
 
     Example:
-        >>> import jax, jaxpatch
-        >>> from jaxpatch.prompts import Prompt, make_batch
-        >>> cfg = jaxpatch.ModelConfig.tiny("llama")
-        >>> base = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(0)))
-        >>> donor = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(1)))
-        >>> batch = make_batch(cfg, [Prompt(tuple(range(1, 40)))] * 4)
         >>> planned_gradient_bytes(base, donor, batch, jaxpatch.VectorAnchor(layer=1)) > 0
         True
     """
@@ -228,25 +228,25 @@ def planned_gradient_bytes(base: Model, donor: Model, batch: Batch, metric: Metr
         return int(program.compile().memory_analysis().temp_size_in_bytes)
     run = _blockwise_functions(config, metric)
     zero = _zero_alpha(config)
-    x = jax.eval_shape(run["embed_forward"], _top(start), batch.tokens)
+    x = jax.eval_shape(run["embed_forward"], without_layers(start), batch.tokens)
     x = jnp.zeros(x.shape, x.dtype)
-    rope = rope_tables(config, batch.tokens.shape[1], x.dtype) if config.positional == "rope" else None
+    rope = rope_tables(config, batch.tokens.shape[1], x.dtype)
     allowed = attention_allowed(batch.mask, config.sliding_windows[0])
     last = config.n_layers - 1 if metric.layer is None else metric.layer
     readout_x = x[:, :batch.positions.shape[1]]  # the last block's output: readout positions only
     stages = [run["block_backward"].lower(zero["layers"][0], start["layers"][0], start["layers"][0],
                                           target["layers"][0], x, allowed, rope, queries, dy)
               for queries, dy in ((None, x), (batch.positions, readout_x))]
-    stages.append(run["head_backward"].lower(_top(zero), _top(start), _top(start), _top(target),
-                                             readout_x, batch, state))
-    stages.append(run["embed_backward"].lower(_top(zero), _top(start), _top(start), _top(target),
-                                              batch.tokens, x))
+    outside = [without_layers(tree) for tree in (zero, start, start, target)]
+    stages.append(run["head_backward"].lower(*outside, readout_x, batch, state))
+    stages.append(run["embed_backward"].lower(*outside, batch.tokens, x))
     largest = max(stage.compile().memory_analysis().temp_size_in_bytes for stage in stages)
     return int(largest + (last + 1) * x.nbytes)
 
 
 def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
-                    direction: str = "denoise", method: str = "first-order", steps: int = 16,
+                    direction: PairDirection = "denoise",
+                    method: AttributionMethod = "first-order", steps: int = 16,
                     step_batch: int = 1, prompt_batch: int | None = None, remat: bool = False,
                     state: Any = None) -> Params:
     """The metric's gradient with respect to every patch coefficient (an alpha tree).
@@ -273,26 +273,18 @@ def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         A float32 tree shaped like the coefficients (`jaxpatch.patch.alpha_shapes`).
 
     Example:
-        >>> import jax, jaxpatch
-        >>> from jaxpatch.prompts import Prompt, make_batch
-        >>> cfg = jaxpatch.ModelConfig.tiny("llama")
-        >>> base = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(0)))
-        >>> donor = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(1)))
-        >>> grads = alpha_gradients(base, donor, make_batch(cfg, [Prompt((1, 2, 3))]),
-        ...                         jaxpatch.VectorAnchor(layer=1))
+        >>> grads = alpha_gradients(base, donor, batch, jaxpatch.VectorAnchor(layer=1))
         >>> grads["layers"][0]["mlp"]["down_proj"]["weight"].shape  # one coefficient per neuron
         (64, 1)
     """
-    if method not in METHODS:
-        raise JaxpatchError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if direction not in ("denoise", "noise"):
-        raise JaxpatchError(f"attribution directions are denoise and noise, got {direction!r}")
+    check_mode("method", method, ATTRIBUTION_METHODS, JaxpatchError)
+    check_mode("attribution direction", direction, PAIR_DIRECTIONS, JaxpatchError)
     if steps < 1:
         raise JaxpatchError(f"integrated gradients need at least 1 step, got {steps}")
     if step_batch < 1:
         raise JaxpatchError(f"step_batch must be at least 1, got {step_batch}")
     config = base.config
-    start, target = _endpoints(base, donor, direction, None)
+    start, target = endpoints(base, donor, direction)
     if state is None:
         state = metric.prepare(config, base.params, donor.params, batch)
     first_order = method == "first-order"
@@ -318,6 +310,7 @@ def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
                 grads = _gradient_function(config, metric, first_order)(
                     t, weight, start, target, chunk, chunk_state)
             total = grads if total is None else _add(total, grads)
+    assert total is not None  # at least one prompt chunk and one path point ran
     return total
 
 
@@ -345,7 +338,7 @@ def component_scores(config: ModelConfig, grads: Params, items: Sequence[Compone
     out = np.empty(len(items))
     indexed: dict[tuple[tuple[str, ...], str], list[int]] = {}
     for i, c in enumerate(items):
-        if c.index is None:
+        if c.key is None:
             out[i] = sum(flat[name].sum() for name in component_entries(config, c))
         else:
             indexed.setdefault((c.path, c.key), []).append(i)
@@ -356,10 +349,11 @@ def component_scores(config: ModelConfig, grads: Params, items: Sequence[Compone
 
 
 def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
-              granularity: str = "module", selector: SelectorLike | None = None,
-              method: str = "first-order", direction: str = "denoise", steps: int = 16,
-              step_batch: int = 1, prompt_batch: int | None = None, remat: bool = False,
-              positions: str = "last", inputs: Mapping[str, Any] | None = None) -> SweepResult:
+              granularity: Granularity = "module", selector: SelectorLike | None = None,
+              method: AttributionMethod = "first-order", direction: PairDirection = "denoise",
+              steps: int = 16, step_batch: int = 1, prompt_batch: int | None = None,
+              remat: bool = False, positions: Positions = "last",
+              inputs: Mapping[str, Any] | None = None) -> SweepResult:
     """Attribution scores for every component, in the same table as `sweep`.
 
     A component's `score` is the predicted metric of the model with that component patched:
@@ -383,13 +377,7 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         A `SweepResult` with `method` set.
 
     Example:
-        >>> import jax, jaxpatch
-        >>> from jaxpatch.prompts import Prompt, make_batch
-        >>> cfg = jaxpatch.ModelConfig.tiny("llama")
-        >>> base = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(0)))
-        >>> donor = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(1)))
-        >>> r = attribute(base, donor, make_batch(cfg, [Prompt((1, 2, 3))]),
-        ...               jaxpatch.VectorAnchor(layer=1), granularity="head")
+        >>> r = attribute(base, donor, batch, jaxpatch.VectorAnchor(layer=1), granularity="head")
         >>> len(r.names), r.method
         (12, 'first-order')
     """
@@ -397,9 +385,7 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     config = base.config
     check_pair(base, donor)
     metric.check(config)
-    readouts = (readout(config, base.params, batch, metric.layer),
-                readout(config, donor.params, batch, metric.layer))
-    state, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric, readouts)
+    state, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric)
     grads = alpha_gradients(base, donor, batch, metric, direction=direction, method=method,
                             steps=steps, step_batch=step_batch, prompt_batch=prompt_batch,
                             remat=remat, state=state)
@@ -413,9 +399,7 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         extra["completeness"] = {"sum_of_attributions": total, "score_difference": expected,
                                  "gap": total - expected,
                                  "relative_gap": abs(total - expected) / abs(expected)}
-    bad = [c.name for c, v in zip(items, values) if not math.isfinite(v)]
-    if bad:
-        raise MetricError(f"the attribution of {bad[0]!r} is NaN or Inf")
+    check_finite_scores([c.name for c in items], values, "attribution")
     wall = time.perf_counter() - wall_start
     return SweepResult(metric.name, direction, metric.layer, positions, base_score, donor_score,
                        [c.name for c in items], start_score + values, {"wall_s": wall},
@@ -447,49 +431,25 @@ class Localization:
     controls: list[str]
     spearman: float
     recall: float | None
-    misranked: list[tuple[str, int, int]]
+    misranked: list[Misranked]
     exhaustive: SweepResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON data."""
         return {"shortlist": self.shortlist, "controls": self.controls, "spearman": self.spearman,
                 "recall": self.recall,
-                "misranked": [{"name": n, "attribution_rank": a, "exact_rank": e}
-                              for n, a, e in self.misranked],
+                "misranked": misranked_to_dicts(self.misranked),
                 "attribution": self.attribution.to_dict(), "exact": self.exact.to_dict(),
                 "exhaustive": self.exhaustive.to_dict() if self.exhaustive is not None else None}
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties).
-
-    Example:
-        >>> spearman([1, 2, 3], [10, 20, 30])
-        1.0
-    """
-    ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x))
-    for value in np.unique(x):  # average ranks of ties
-        tied = x == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
 def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
-             granularity: str = "neuron", selector: SelectorLike | None = None, top_k: int = 20,
-             controls: int = 20, method: str = "first-order", direction: str = "denoise",
-             steps: int = 16, step_batch: int = 1, prompt_batch: int | None = None,
-             remat: bool = False, exhaustive: bool = False, recall_k: int | None = None,
-             seed: int = 0, progress: bool = True,
-             positions: str = "last", inputs: Mapping[str, Any] | None = None) -> Localization:
+             granularity: Granularity = "neuron", selector: SelectorLike | None = None,
+             top_k: int = 20, controls: int = 20, method: AttributionMethod = "first-order",
+             direction: PairDirection = "denoise", steps: int = 16, step_batch: int = 1,
+             prompt_batch: int | None = None, remat: bool = False, exhaustive: bool = False,
+             recall_k: int | None = None, seed: int = 0, progress: bool = True,
+             positions: Positions = "last", inputs: Mapping[str, Any] | None = None) -> Localization:
     """Ranks components by attribution, then patches the top k and a random control sample
     exactly and reports how far the ranking can be trusted.
 
@@ -509,7 +469,10 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         A `Localization`.
 
     Example:
-        >>> # report = localize(base, donor, batch, VectorAnchor(layer=3), top_k=20)
+        >>> report = localize(base, donor, batch, jaxpatch.VectorAnchor(layer=1), top_k=4,
+        ...                   controls=4, exhaustive=True, progress=False)
+        >>> len(report.shortlist), len(report.exact.names), 0.0 <= report.recall <= 1.0
+        (4, 8, True)
     """
     attribution = attribute(base, donor, batch, metric, granularity=granularity, selector=selector,
                             method=method, direction=direction, steps=steps, step_batch=step_batch,
@@ -527,10 +490,10 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
                   direction=direction, progress=progress, positions=positions, inputs=inputs)
     approx = attribution.effect[verified]
     rho = spearman(approx, exact.effect)
-    rank_attr = _ranks(-np.abs(approx))
-    rank_exact = _ranks(-np.abs(exact.effect))
+    rank_attr = average_ranks(-np.abs(approx))
+    rank_exact = average_ranks(-np.abs(exact.effect))
     gaps = np.abs(rank_attr - rank_exact)
-    misranked = [(exact.names[i], int(rank_attr[i]) + 1, int(rank_exact[i]) + 1)
+    misranked = [(exact.names[i], int(rank_attr[i]), int(rank_exact[i]))
                  for i in np.argsort(-gaps, kind="stable")[:5] if gaps[i] > 0]
     full = None
     recall = None

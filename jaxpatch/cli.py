@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 from jaxpatch.errors import InvalidInputError, JaxpatchError
 from jaxpatch.io.atomic import atomic_directory
+from jaxpatch.modes import Positions
 
 EXIT_BAD_INPUT = 2
 
@@ -162,6 +163,12 @@ def add_attribution_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass")
 
 
+def positions_of(args: argparse.Namespace) -> Positions:
+    """Where the metric reads: `--positions`, except that log-probability reads the positions
+    predicting each prompt's target tokens ("targets")."""
+    return "targets" if args.metric == "logprob" else args.positions
+
+
 def prepare_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
     """Loads the pair, reads the prompts, builds the batch and the metric from the run flags.
 
@@ -169,9 +176,9 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str,
         `(base, donor, batch, metric, inputs)`.
     """
     import jaxpatch
-    from jaxpatch.engine import check_pair
     from jaxpatch.io.fingerprint import checkpoint_fingerprint, file_sha256, versions
     from jaxpatch.metrics import metric_from_name
+    from jaxpatch.pair import check_pair
     from jaxpatch.prompts import greedy_continuations, make_batch, read_prompts
 
     if args.out:  # refuse an existing output before any work
@@ -184,11 +191,10 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str,
     metric = metric_from_name(args.metric, layer, args.anchor_file)
     metric.check(base.config)
     continuations = None
-    if args.positions == "continuation":
+    if positions_of(args) == "continuation":
         continuations = greedy_continuations(donor.config, donor.params, prompts,
                                              args.continuation_tokens)
-    batch = make_batch(base.config, prompts, args.positions, continuations,
-                       append_targets=args.metric == "logprob")
+    batch = make_batch(base.config, prompts, positions_of(args), continuations)
     if args.save_anchor and args.metric == "anchor":
         from jaxpatch.metrics import save_anchor
 
@@ -221,7 +227,7 @@ def _sweep(args: argparse.Namespace) -> None:
     base, donor, batch, metric, inputs = prepare_run(args)
     result = sweep(base, donor, batch, metric, granularity=args.granularity, selector=args.select,
                    direction=args.direction, chunk_size=args.chunk_size,
-                   progress=not args.no_progress, positions=args.positions, inputs=inputs)
+                   progress=not args.no_progress, positions=positions_of(args), inputs=inputs)
     print(summary_table(result))
     t = result.timing
     print(f"{len(result.names)} candidates in {t['wall_s']:.1f} s (compile {t['compile_s']:.1f} s, "
@@ -239,7 +245,7 @@ def _attribute(args: argparse.Namespace) -> None:
                        selector=args.select, method=args.method, direction=args.direction,
                        steps=args.steps, step_batch=args.step_batch,
                        prompt_batch=args.prompt_batch, remat=args.remat,
-                       positions=args.positions, inputs=inputs)
+                       positions=positions_of(args), inputs=inputs)
     print(summary_table(result))
     if "completeness" in result.extra:
         c = result.extra["completeness"]
@@ -260,7 +266,7 @@ def _localize(args: argparse.Namespace) -> None:
                       step_batch=args.step_batch, prompt_batch=args.prompt_batch, remat=args.remat,
                       exhaustive=args.exhaustive, recall_k=args.recall_k, seed=args.seed,
                       progress=not args.no_progress,
-                      positions=args.positions, inputs=inputs)
+                      positions=positions_of(args), inputs=inputs)
     print(f"verified {len(report.shortlist)} top components and {len(report.controls)} controls "
           f"exactly; Spearman correlation of attribution and exact effects: {report.spearman:.3f}")
     if report.recall is not None:
@@ -281,7 +287,8 @@ def _demo(args: argparse.Namespace) -> None:
 
     from tqdm.auto import tqdm
 
-    from jaxpatch.evaluate import GRANULARITIES, default_pair_dir, evaluate, load_planted
+    from jaxpatch.evaluate import default_pair_dir, evaluate, load_planted
+    from jaxpatch.modes import SCORED_GRANULARITIES
     from jaxpatch.report import summary_lines, write_run
 
     out = Path(args.out)
@@ -294,7 +301,7 @@ def _demo(args: argparse.Namespace) -> None:
         return tqdm(total=total, desc=f"[{next(stages)}/10] {name}", unit="step",
                     disable=args.no_progress, dynamic_ncols=True, leave=True)
 
-    evaluation = evaluate(pair, granularities=tuple(args.granularity or GRANULARITIES),
+    evaluation = evaluate(pair, granularities=tuple(args.granularity or SCORED_GRANULARITIES),
                           seed=args.seed, stage=stage)
     write_run(evaluation.summary, evaluation.results, out, overwrite=True)
     print(f"report: {out / 'report.html'} (results.json, auc.csv and scores/ beside it)")

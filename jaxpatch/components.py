@@ -29,18 +29,14 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-from typing import Iterable, Literal, Sequence, Union
+from typing import Iterable, Literal, Sequence, Union, get_args
 
-from jaxpatch.errors import JaxpatchError
+from jaxpatch.errors import SelectorError
 from jaxpatch.models.config import ModelConfig
+from jaxpatch.modes import GRANULARITIES, Granularity, check_mode
 
-Granularity = Literal["module", "head", "neuron", "layer"]
-GRANULARITIES: tuple[str, ...] = ("module", "head", "neuron", "layer")
-INDEX_KEYS: tuple[str, ...] = ("head", "kv_head", "neuron")
-
-
-class SelectorError(JaxpatchError):
-    """A selector does not parse, or matches no component."""
+IndexKey = Literal["head", "kv_head", "neuron"]
+INDEX_KEYS: tuple[IndexKey, ...] = get_args(IndexKey)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +59,9 @@ class Component:
     """
 
     name: str
-    granularity: str
+    granularity: Granularity
     path: tuple[str, ...]
-    key: str | None
+    key: IndexKey | None
     index: int | None
     layer: int
     note: str = ""
@@ -87,7 +83,7 @@ def block_modules(config: ModelConfig) -> tuple[str, ...]:
             "self_attn.o_proj", "post_attention_layernorm", *(f"mlp.{m}" for m in mlp))
 
 
-def components(config: ModelConfig, granularity: str) -> list[Component]:
+def components(config: ModelConfig, granularity: Granularity) -> list[Component]:
     """All components of a granularity, in the documented order.
 
     Arguments:
@@ -103,8 +99,7 @@ def components(config: ModelConfig, granularity: str) -> list[Component]:
         >>> len(components(ModelConfig.tiny("llama"), "neuron"))
         128
     """
-    if granularity not in GRANULARITIES:
-        raise SelectorError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+    check_mode("granularity", granularity, GRANULARITIES, SelectorError)
     c = config
     out: list[Component] = []
     if granularity == "module":
@@ -153,13 +148,13 @@ class Selector:
     def matches(self, component: Component) -> bool:
         raise NotImplementedError
 
-    def __or__(self, other: "Selector") -> "Selector":
+    def __or__(self, other: Selector) -> Selector:
         return _Union(as_selector(self), as_selector(other))
 
-    def __and__(self, other: "Selector") -> "Selector":
+    def __and__(self, other: Selector) -> Selector:
         return _Intersection(as_selector(self), as_selector(other))
 
-    def __invert__(self) -> "Selector":
+    def __invert__(self) -> Selector:
         return _Complement(self)
 
     def __str__(self) -> str:
@@ -180,8 +175,9 @@ class _Path(Selector):
             return False
         if self.key is None:
             return True
-        return component.key == self.key and any(lo <= component.index <= hi
-                                                 for lo, hi in self.ranges)
+        index = component.index
+        return (component.key == self.key and index is not None
+                and any(lo <= index <= hi for lo, hi in self.ranges))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,7 +368,8 @@ class _Parser:
             raise self.fail("expected ',' or ']', found")
 
 
-def select(config: ModelConfig, selector: SelectorLike | None, granularity: str) -> list[Component]:
+def select(config: ModelConfig, selector: SelectorLike | None,
+           granularity: Granularity) -> list[Component]:
     """The components of a granularity that a selector matches, in enumeration order.
 
     Arguments:

@@ -7,6 +7,12 @@ the way out.
 
 from __future__ import annotations
 
+__all__ = ["JaxpatchError", "CheckpointNotFoundError", "UnsupportedArchitectureError",
+           "UnsupportedConfigError", "CorruptCheckpointError", "MissingTensorError",
+           "UnexpectedTensorError", "TensorShapeError", "UnsafePathError", "PickleCheckpointError",
+           "InvalidInputError", "OutputExistsError", "SelectorError", "PatchError", "PromptsError",
+           "MetricError", "NonFiniteError"]
+
 
 class JaxpatchError(Exception):
     """Base class of every error jaxpatch raises on bad input."""
@@ -54,3 +60,23 @@ class InvalidInputError(JaxpatchError):
 
 class OutputExistsError(JaxpatchError):
     """An output path already exists and jaxpatch will not overwrite it."""
+
+
+class SelectorError(JaxpatchError):
+    """A selector does not parse, or matches no component."""
+
+
+class PatchError(JaxpatchError):
+    """A patch does not fit the params it is applied to, or its file is malformed."""
+
+
+class PromptsError(JaxpatchError):
+    """The prompts file is missing, empty or malformed."""
+
+
+class MetricError(JaxpatchError):
+    """A metric cannot be computed: a zero-length anchor, a layer out of range, a bad file."""
+
+
+class NonFiniteError(JaxpatchError):
+    """A weight or a score is NaN or infinite."""

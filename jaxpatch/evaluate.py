@@ -21,6 +21,7 @@ narrow-then-verify (`jaxpatch.attribution.localize` with an exhaustive check).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -28,20 +29,28 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from jaxpatch._tree import flatten_params
 from jaxpatch.attribution import attribute, localize
 from jaxpatch.components import Component, select
-from jaxpatch.engine import SweepResult, sweep
+from jaxpatch.engine import sweep
 from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
 from jaxpatch.metrics import LogProb
-from jaxpatch.models.config import ModelConfig, Params, flatten_params
+from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
+from jaxpatch.modes import PAIR_DIRECTIONS, SCORED_GRANULARITIES, PairDirection, ScoredGranularity
 from jaxpatch.patch import apply, component_entries
 from jaxpatch.prompts import Prompt, greedy_continuations, make_batch, read_prompts
-from jaxpatch.scoring import plant_patch, planted_labels, roc_auc
+from jaxpatch.results import SweepResult, misranked_to_dicts
+from jaxpatch.scoring import plant_patch, planted_labels
+from jaxpatch.stats import roc_auc
+from jaxpatch.trace import activation_patching
 
-METHODS: tuple[str, ...] = ("exact-denoise", "exact-noise", "first-order", "integrated-gradients",
-                            "activation-denoise", "activation-noise", "delta-norm", "random")
-GRANULARITIES: tuple[str, ...] = ("module", "head", "neuron")
+__all__ = ["EVALUATED_METHODS", "PlantedPair", "default_pair_dir", "load_planted", "task_accuracy",
+           "behavior", "delta_norms", "importance", "Evaluation", "evaluate"]
+
+EVALUATED_METHODS: tuple[str, ...] = (
+    "exact-denoise", "exact-noise", "first-order", "integrated-gradients", "activation-denoise",
+    "activation-noise", "delta-norm", "random")
 RESULTS_FORMAT = "jaxpatch.planted-evaluation/1"
 
 
@@ -121,9 +130,9 @@ def task_accuracy(config: ModelConfig, params: Params, prompts: Sequence[Prompt]
         >>> task_accuracy(pair.base.config, pair.base.params, pair.eval_prompts[:8])
         0.0
     """
-    n = max(len(p.target or ()) for p in prompts)
-    out = greedy_continuations(config, params, prompts, n)
-    return float(np.mean([tuple(o[: len(p.target)]) == p.target for o, p in zip(out, prompts)]))
+    targets = [p.target or () for p in prompts]
+    out = greedy_continuations(config, params, prompts, max(len(t) for t in targets))
+    return float(np.mean([tuple(o[: len(t)]) == t for o, t in zip(out, targets)]))
 
 
 def behavior(pair: PlantedPair) -> dict[str, float]:
@@ -189,7 +198,14 @@ class Evaluation:
     results: dict[str, SweepResult]
 
 
-def evaluate(pair: PlantedPair, *, granularities: Sequence[str] = GRANULARITIES,
+def _activation(base: Model, donor: Model, batch: Any, metric: LogProb, direction: PairDirection,
+                common: dict[str, Any], granularity: ScoredGranularity) -> SweepResult:
+    return activation_patching(base, donor, batch, metric, granularity=granularity,
+                               direction=direction, progress=False, **common)
+
+
+def evaluate(pair: PlantedPair, *,
+             granularities: Sequence[ScoredGranularity] = SCORED_GRANULARITIES,
              ig_steps: int = 16, verify_fraction: float = 0.1, controls: int = 6,
              recall_k: int = 20, seed: int = 0,
              stage: Callable[[str, int], Any] | None = None) -> Evaluation:
@@ -215,7 +231,7 @@ def evaluate(pair: PlantedPair, *, granularities: Sequence[str] = GRANULARITIES,
     """
     base, donor, config = pair.base, pair.donor, pair.base.config
     metric = LogProb()
-    batch = make_batch(config, pair.prompts, append_targets=True)
+    batch = make_batch(config, pair.prompts, "targets")
     plant = plant_patch(config, pair.plant)
     timing: dict[str, float] = {}
     results: dict[str, SweepResult] = {}
@@ -225,8 +241,8 @@ def evaluate(pair: PlantedPair, *, granularities: Sequence[str] = GRANULARITIES,
 
     inputs = {"base": checkpoint_fingerprint(base), "donor": checkpoint_fingerprint(donor)}
 
-    def run_stage(name: str, fn: Callable[[str], SweepResult | np.ndarray | None],
-                  which: Sequence[str] = granularities) -> None:
+    def run_stage(name: str, fn: Callable[[ScoredGranularity], SweepResult | np.ndarray | None],
+                  which: Sequence[ScoredGranularity] = granularities) -> None:
         bar = stage(name, len(which)) if stage else None
         t0 = time.perf_counter()
         for g in which:
@@ -242,7 +258,7 @@ def evaluate(pair: PlantedPair, *, granularities: Sequence[str] = GRANULARITIES,
             bar.close()
         timing[name] = round(time.perf_counter() - t0, 2)
 
-    common = dict(inputs=inputs, positions="targets")
+    common: dict[str, Any] = {"inputs": inputs, "positions": "targets"}
     t0 = time.perf_counter()
     bar = stage("behavior", 1) if stage else None
     accuracy = behavior(pair)
@@ -253,12 +269,13 @@ def evaluate(pair: PlantedPair, *, granularities: Sequence[str] = GRANULARITIES,
 
     verification: dict[str, Any] = {}
 
-    def narrow_then_verify(g: str) -> None:  # neuron granularity: also the exact denoise sweep
+    def narrow_then_verify(g: ScoredGranularity) -> None:  # neuron granularity: also the exact denoise sweep
         budget = max(1, int(verify_fraction * len(items[g])))
         report = localize(base, donor, batch, metric, granularity=g, method="integrated-gradients",
                           steps=ig_steps, top_k=max(1, budget - controls),
                           controls=min(controls, budget - 1), exhaustive=True, recall_k=recall_k,
                           seed=seed, progress=False, **common)
+        assert report.exhaustive is not None  # asked for with exhaustive=True
         for method, result in (("exact-denoise", report.exhaustive),
                                ("integrated-gradients", report.attribution)):
             results[f"{g}/{method}"] = result
@@ -268,10 +285,9 @@ def evaluate(pair: PlantedPair, *, granularities: Sequence[str] = GRANULARITIES,
             "top_k": len(report.shortlist), "controls": len(report.controls),
             "verified_fraction": (len(report.shortlist) + len(report.controls)) / len(items[g]),
             "spearman": report.spearman, "recall": report.recall,
-            "misranked": [{"name": n, "attribution_rank": a, "exact_rank": e}
-                          for n, a, e in report.misranked]})
+            "misranked": misranked_to_dicts(report.misranked)})
 
-    exhaustive = [g for g in granularities if g != "neuron"]
+    exhaustive: list[ScoredGranularity] = [g for g in granularities if g != "neuron"]
     if "neuron" in granularities:
         run_stage("narrow-then-verify", narrow_then_verify, ["neuron"])
     run_stage("exact-denoise", lambda g: sweep(base, donor, batch, metric, granularity=g,
@@ -284,12 +300,9 @@ def evaluate(pair: PlantedPair, *, granularities: Sequence[str] = GRANULARITIES,
     run_stage("integrated-gradients", lambda g: attribute(
         base, donor, batch, metric, granularity=g, method="integrated-gradients", steps=ig_steps,
         **common), exhaustive)
-    from jaxpatch.trace import activation_patching
-
-    for direction in ("denoise", "noise"):
-        run_stage(f"activation-{direction}", lambda g: activation_patching(
-            base, donor, batch, metric, granularity=g, direction=direction, progress=False,
-            **common))
+    for direction in PAIR_DIRECTIONS:
+        run_stage(f"activation-{direction}", functools.partial(
+            _activation, base, donor, batch, metric, direction, common))
     run_stage("delta-norm", lambda g: delta_norms(config, base.params, donor.params, items[g]))
     rng = np.random.default_rng(seed)
     run_stage("random", lambda g: rng.random(len(items[g])))
@@ -299,8 +312,8 @@ def evaluate(pair: PlantedPair, *, granularities: Sequence[str] = GRANULARITIES,
         labels = planted_labels(config, plant, items[g])
         per_granularity[g] = {
             "names": [c.name for c in items[g]], "planted": labels.tolist(),
-            "importance": {m: importances[g][m].tolist() for m in METHODS},
-            "auc": {m: roc_auc(importances[g][m], labels) for m in METHODS},
+            "importance": {m: importances[g][m].tolist() for m in EVALUATED_METHODS},
+            "auc": {m: roc_auc(importances[g][m], labels) for m in EVALUATED_METHODS},
         }
     ig = results.get(f"{granularities[0]}/integrated-gradients")
     summary = {

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpatch.errors import InvalidInputError, JaxpatchError
+from jaxpatch.errors import InvalidInputError, MetricError
 from jaxpatch.io.atomic import atomic_write_bytes
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
@@ -30,14 +30,10 @@ from jaxpatch.prompts import Batch
 Array = jax.Array
 
 
-class MetricError(JaxpatchError):
-    """A metric cannot be computed: a zero-length anchor, a layer out of range, a bad file."""
-
-
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def readout(config: ModelConfig, params: Params, batch: Batch, layer: int | None) -> Array:
-    """What a metric reads: the residual after block `layer` (or the logits when None) at the
-    batch's readout positions, `[P, Q, d_model]` or `[P, Q, vocab]`.
+    """What a metric reads from a model: the residual after block `layer` (or the logits when
+    None) at the batch's readout positions, `[P, Q, d_model]` or `[P, Q, vocab]`.
 
     Example:
         >>> import jax
@@ -48,9 +44,20 @@ def readout(config: ModelConfig, params: Params, batch: Batch, layer: int | None
         >>> readout(cfg, init_params(cfg, jax.random.key(0)), b, 0).shape
         (1, 1, 32)
     """
-    out = forward(config, params, batch.tokens, batch.mask, stop_layer=layer,
-                  readout_positions=batch.positions)
-    return out.residual if layer is not None else out.logits
+    return forward(config, params, batch.tokens, batch.mask, stop_layer=layer,
+                   readout_positions=batch.positions).read(layer)
+
+
+def endpoint_readouts(config: ModelConfig, base: Params, donor: Params, batch: Batch,
+                      layer: int | None) -> tuple[Array, Array]:
+    """The base's and the donor's readouts (`readout`), which a metric's state is fitted to.
+
+    Example:
+        >>> x_base, x_donor = endpoint_readouts(cfg, base.params, donor.params, batch, 1)
+        >>> x_base.shape
+        (3, 1, 32)
+    """
+    return readout(config, base, batch, layer), readout(config, donor, batch, layer)
 
 
 class Metric:
@@ -73,13 +80,6 @@ class Metric:
         `readouts` may pass the base's and donor's readouts when the caller already has them.
         """
         return ()
-
-    def readouts(self, config: ModelConfig, base: Params, donor: Params, batch: Batch,
-                 readouts: tuple[Array, Array] | None) -> tuple[Array, Array]:
-        """The base's and donor's readouts, computed unless given."""
-        if readouts is not None:
-            return readouts
-        return readout(config, base, batch, self.layer), readout(config, donor, batch, self.layer)
 
     def score(self, x: Array, batch: Batch, state: Any) -> Array:
         """Per-prompt scores `[P]` from a readout `x` (`[P, Q, d_model]` or `[P, Q, vocab]`)."""
@@ -118,7 +118,7 @@ class VectorAnchor(Metric):
         self.check(config)
         if self.path is not None:
             return load_anchor(self.path, config, self.layer)
-        h_base, h_donor = self.readouts(config, base, donor, batch, readouts)
+        h_base, h_donor = readouts or endpoint_readouts(config, base, donor, batch, self.layer)
         return anchor_direction(h_base, h_donor, batch, self.layer)
 
     def score(self, x: Array, batch: Batch, state: Array) -> Array:
@@ -156,11 +156,14 @@ def _mean_difference(h_base: Array, h_donor: Array, weights: Array) -> tuple[Arr
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def mean_score(metric: "Metric", x: Array, batch: Batch, state: Any) -> Array:
+def mean_score(metric: Metric, x: Array, batch: Batch, state: Any) -> Array:
     """The run's score: the mean over prompts of `metric.score` (jitted per metric).
 
     Example:
-        >>> # mean_score(VectorAnchor(layer=1), readout(cfg, params, batch, 1), batch, state)
+        >>> metric = VectorAnchor(layer=1)
+        >>> state = metric.prepare(cfg, base.params, donor.params, batch)
+        >>> float(mean_score(metric, readout(cfg, donor.params, batch, 1), batch, state)) > 0
+        True
     """
     return jnp.mean(metric.score(x, batch, state))
 
@@ -186,7 +189,11 @@ def load_anchor(path: str | os.PathLike[str], config: ModelConfig, layer: int) -
     """Reads an anchor direction written by `save_anchor`, checking it fits the model.
 
     Example:
-        >>> # load_anchor("anchor.npz", model.config, 3)
+        >>> import pathlib, tempfile
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "a.npz"
+        >>> save_anchor(f, jnp.ones(cfg.d_model), 1)
+        >>> round(float(jnp.linalg.norm(load_anchor(f, cfg, 1))), 6)  # returned at unit length
+        1.0
     """
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -245,7 +252,8 @@ class KLDivergence(Metric):
 
     def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch,
                 readouts: tuple[Array, Array] | None = None) -> Array:
-        return jax.nn.log_softmax(self.readouts(config, base, donor, batch, readouts)[1], axis=-1)
+        x_donor = (readouts or endpoint_readouts(config, base, donor, batch, self.layer))[1]
+        return jax.nn.log_softmax(x_donor, axis=-1)
 
     def score(self, x: Array, batch: Batch, state: Array) -> Array:
         logp = jax.nn.log_softmax(x, axis=-1)
@@ -257,7 +265,7 @@ class KLDivergence(Metric):
 class LogProb(Metric):
     """The log-probability of each prompt's target tokens, teacher-forced (summed over them).
 
-    Use with a batch built with `append_targets=True`.
+    Use with a batch built with `positions="targets"`.
 
     Example:
         >>> LogProb().name

@@ -30,16 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpatch._tree import flatten_params, unflatten_dotted
 from jaxpatch.components import Component, SelectorLike, select
-from jaxpatch.errors import JaxpatchError
-from jaxpatch.models.config import ModelConfig, Params, flatten_params, param_shapes
+from jaxpatch.errors import PatchError
+from jaxpatch.models.config import ModelConfig, Params, param_shapes
+from jaxpatch.modes import Granularity
 
 PATCH_FORMAT = "jaxpatch.patch/1"
 Index = tuple  # an index into an alpha leaf: ints and slices
-
-
-class PatchError(JaxpatchError):
-    """A patch does not fit the params it is applied to, or its file is malformed."""
 
 
 # ----------------------------------------------------------------------------- alpha layout
@@ -152,14 +150,14 @@ class Patch:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def zeros(cls, config: ModelConfig) -> "Patch":
+    def zeros(cls, config: ModelConfig) -> Patch:
         """The empty patch (all coefficients 0)."""
         return cls(_unflatten(config, {n: np.zeros(s, np.float32)
                                        for n, s in alpha_shapes(config).items()}), "nothing")
 
     @classmethod
     def from_components(cls, config: ModelConfig, items: Iterable[Component],
-                        strength: float = 1.0, label: str | None = None) -> "Patch":
+                        strength: float = 1.0, label: str | None = None) -> Patch:
         """A patch setting the coefficients of the given components to `strength`.
 
         Example:
@@ -177,8 +175,8 @@ class Patch:
         return cls(_unflatten(config, flat), text)
 
     @classmethod
-    def from_selector(cls, config: ModelConfig, selector: SelectorLike, granularity: str = "module",
-                      strength: float = 1.0) -> "Patch":
+    def from_selector(cls, config: ModelConfig, selector: SelectorLike, granularity: Granularity = "module",
+                      strength: float = 1.0) -> Patch:
         """A patch of every component a selector matches at a granularity.
 
         Example:
@@ -193,19 +191,19 @@ class Patch:
 
     # ---------------------------------------------------------------------- algebra
 
-    def _combine(self, other: "Patch", fn: Any, label: str) -> "Patch":
+    def _combine(self, other: Patch, fn: Any, label: str) -> Patch:
         _check_same_structure(self, other)
         return Patch(jax.tree_util.tree_map(fn, self.alpha, other.alpha), label)
 
-    def union(self, other: "Patch") -> "Patch":
+    def union(self, other: Patch) -> Patch:
         """Elementwise maximum: every coefficient either patch sets."""
         return self._combine(other, jnp.maximum, f"({self.label}) | ({other.label})")
 
-    def intersection(self, other: "Patch") -> "Patch":
+    def intersection(self, other: Patch) -> Patch:
         """Elementwise minimum: the coefficients both patches set."""
         return self._combine(other, jnp.minimum, f"({self.label}) & ({other.label})")
 
-    def then(self, other: "Patch") -> "Patch":
+    def then(self, other: Patch) -> Patch:
         """Applying `self` and then `other` towards the same target: `a + b - a * b`.
 
         Example:
@@ -216,11 +214,11 @@ class Patch:
         """
         return self._combine(other, lambda a, b: a + b - a * b, f"({self.label}) ; ({other.label})")
 
-    def complement(self) -> "Patch":
+    def complement(self) -> Patch:
         """`1 - alpha`: everything the patch does not set."""
         return Patch(jax.tree_util.tree_map(lambda a: 1 - a, self.alpha), f"~({self.label})")
 
-    def scale(self, strength: float) -> "Patch":
+    def scale(self, strength: float) -> Patch:
         """The patch at partial strength (`alpha * strength`)."""
         return Patch(jax.tree_util.tree_map(lambda a: a * strength, self.alpha),
                      f"{strength:g} * ({self.label})")
@@ -254,7 +252,7 @@ class Patch:
         return json.dumps({"format": PATCH_FORMAT, "label": self.label, "alpha": leaves})
 
     @classmethod
-    def from_json(cls, text: str, source: str = "patch") -> "Patch":
+    def from_json(cls, text: str, source: str = "patch") -> Patch:
         """Rebuilds a patch from `to_json` output (never unpickles)."""
         try:
             data = json.loads(text)
@@ -274,7 +272,7 @@ class Patch:
 jax.tree_util.register_pytree_with_keys(
     Patch,
     lambda p: (((jax.tree_util.GetAttrKey("alpha"), p.alpha),), None),
-    lambda _, children: Patch(children[0]),
+    lambda _, children: Patch(*children),
     flatten_func=lambda p: ((p.alpha,), None),
 )
 
@@ -282,33 +280,6 @@ jax.tree_util.register_pytree_with_keys(
 def _unflatten(config: ModelConfig, flat: dict[str, Any]) -> Params:
     treedef = jax.tree_util.tree_structure(param_shapes(config))
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(flat[n]) for n in alpha_shapes(config)])
-
-
-def unflatten_dotted(flat: dict[str, Any]) -> Any:
-    """Rebuilds nested dicts (and lists, where keys are 0..n-1) from dotted names.
-
-    Example:
-        >>> tree = unflatten_dotted({"layers.0.w": 1, "layers.1.w": 2, "norm.w": 3})
-        >>> len(tree["layers"]), int(tree["layers"][1]["w"]), sorted(tree)
-        (2, 2, ['layers', 'norm'])
-    """
-    root: dict = {}
-    for name, value in flat.items():
-        node = root
-        *parents, last = name.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = jnp.asarray(value)
-
-    def listify(node: Any) -> Any:
-        if not isinstance(node, dict):
-            return node
-        node = {k: listify(v) for k, v in node.items()}
-        if node and all(k.isdigit() for k in node) and sorted(map(int, node)) == list(range(len(node))):
-            return [node[str(i)] for i in range(len(node))]
-        return node
-
-    return listify(root)
 
 
 def _check_same_structure(a: Patch, b: Patch) -> None:
@@ -412,6 +383,7 @@ def ablation_target(params: Params, kind: str = "zero",
     for i, ref in enumerate(references):
         check_compatible(params, ref, ("model", f"reference {i}"))
     def mean(leaf: jax.Array, *xs: jax.Array) -> jax.Array:
-        return (sum(x.astype(jnp.float32) for x in xs) / len(xs)).astype(leaf.dtype)
+        total = sum((x.astype(jnp.float32) for x in xs[1:]), xs[0].astype(jnp.float32))
+        return (total / len(xs)).astype(leaf.dtype)
 
     return jax.tree_util.tree_map(mean, params, *references)

@@ -22,16 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpatch.errors import InvalidInputError, JaxpatchError
+from jaxpatch.errors import InvalidInputError, PromptsError
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import check_tokens
-
-POSITIONS: tuple[str, ...] = ("last", "prompt", "continuation")
-
-
-class PromptsError(JaxpatchError):
-    """The prompts file is missing, empty or malformed."""
+from jaxpatch.modes import POSITIONS, Positions, check_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,19 +132,18 @@ def _parse_line(path: Path, number: int, line: str, tokenizer: Any) -> Prompt:
                   ids("foil", "foil_tokens", False))
 
 
-def make_batch(config: ModelConfig, prompts: Sequence[Prompt], positions: str = "last",
-               continuations: Sequence[Sequence[int]] | None = None,
-               append_targets: bool = False) -> Batch:
+def make_batch(config: ModelConfig, prompts: Sequence[Prompt], positions: Positions = "last",
+               continuations: Sequence[Sequence[int]] | None = None) -> Batch:
     """Builds a right-padded `Batch` with the positions a metric reads.
 
     Arguments:
         config: the architecture (to validate token ids and lengths).
         prompts: the prompts.
-        positions: "last" (the last prompt token), "prompt" (every prompt token) or
-            "continuation" (the tokens of `continuations`, appended after each prompt).
+        positions: "last" (the last prompt token), "prompt" (every prompt token),
+            "continuation" (the tokens of `continuations`, appended after each prompt) or
+            "targets" (each prompt's target tokens appended, reading the positions that
+            predict them: for log-probability metrics).
         continuations: per prompt, the generated tokens (for "continuation").
-        append_targets: append each prompt's target tokens and read the positions that predict
-            them (for log-probability metrics); overrides `positions`.
 
     Returns:
         The batch.
@@ -159,8 +153,8 @@ def make_batch(config: ModelConfig, prompts: Sequence[Prompt], positions: str = 
         >>> b.positions.tolist(), b.mask.sum(1).tolist()
         ([[2], [0]], [3, 1])
     """
-    if positions not in POSITIONS:
-        raise InvalidInputError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    check_mode("positions", positions, POSITIONS, InvalidInputError)
+    append_targets = positions == "targets"
     rows, spans = [], []
     for i, p in enumerate(prompts):
         extra: Sequence[int] = ()
@@ -218,7 +212,7 @@ def make_batch(config: ModelConfig, prompts: Sequence[Prompt], positions: str = 
 def _next_tokens(config: ModelConfig, params: Params, tokens: jax.Array, mask: jax.Array,
                  last: jax.Array) -> jax.Array:
     out = forward(config, params, tokens, mask, readout_positions=last[:, None])
-    return jnp.argmax(out.logits[:, 0], axis=-1).astype(jnp.int32)
+    return jnp.argmax(out.read(None)[:, 0], axis=-1).astype(jnp.int32)
 
 
 def greedy_continuations(config: ModelConfig, params: Params, prompts: Sequence[Prompt],

@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jaxpatch.engine import SweepResult
+from jaxpatch.results import SweepResult
+from jaxpatch.stats import roc_auc, roc_curve
 
 _INDEXED = re.compile(r"layers\.(\d+)\.(.+?)\[(\w+)=(\d+)\]$")
 _MODULE = re.compile(r"layers\.(\d+)\.(.+)$")
@@ -39,8 +40,7 @@ def heatmap_grid(result: SweepResult) -> tuple[np.ndarray, list[str], list[str]]
         m = _INDEXED.match(name)
         if m:
             layer, column = int(m.group(1)), f"{'kv' if m.group(3) == 'kv_head' else ''}{m.group(4)}"
-        elif name.startswith("layers.") and _MODULE.match(name):
-            mm = _MODULE.match(name)
+        elif name.startswith("layers.") and (mm := _MODULE.match(name)):
             layer, column = int(mm.group(1)), mm.group(2)
         elif re.fullmatch(r"layers\.\d+", name):
             layer, column = int(name.split(".")[1]), "block"
@@ -144,7 +144,6 @@ def roc_png(labels: Sequence[bool], importances: Mapping[str, Sequence[float]], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jaxpatch.scoring import roc_auc, roc_curve
 
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     for method, scores in importances.items():
@@ -351,5 +350,6 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, SweepResult
             granularity, method = path.stem.split("-", 1)
             results[f"{granularity}/{method}"] = SweepResult.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise InvalidInputError(f"{folder}: cannot read the saved results ({type(e).__name__}: {e})") from None
+        raise InvalidInputError(f"{folder}: cannot read the saved results "
+                                f"({type(e).__name__}: {e})") from None
     return summary, results

@@ -12,7 +12,7 @@ output a component owns:
     layer    the block's attention and MLP outputs
 
 Candidates are a leading axis on per-site coefficients (`beta`), vmapped over in padded chunks
-that compile once, as in `jaxpatch.engine.sweep`. Scores are on the sweep's scale, so the two
+that compile once, as in `jaxpatch.sweep`. Scores are on the sweep's scale, so the two
 methods' tables compare directly.
 """
 
@@ -26,14 +26,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpatch.components import Component, SelectorLike, select
-from jaxpatch.engine import SweepResult, check_pair, endpoint_scores
+from jaxpatch.components import Component, SelectorLike, block_modules, select
 from jaxpatch.errors import JaxpatchError
 from jaxpatch.metrics import Metric, mean_score
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import Model
+from jaxpatch.modes import PAIR_DIRECTIONS, Granularity, PairDirection, Positions, check_mode
+from jaxpatch.pair import check_pair, endpoint_scores
 from jaxpatch.prompts import Batch
+from jaxpatch.results import SweepResult, check_finite_scores, run_timing
+
+__all__ = ["activation_sites", "component_sites", "activation_patching"]
 
 Betas = dict[str, jax.Array]
 
@@ -47,8 +51,6 @@ def activation_sites(config: ModelConfig) -> dict[str, int]:
         >>> sites["layers.0.self_attn.heads"], sites["layers.0.self_attn.k_proj"], sites["norm"]
         (4, 2, 1)
     """
-    from jaxpatch.components import block_modules
-
     sites = {"embed_tokens": 1}
     if config.positional == "learned":
         sites["embed_positions"] = 1
@@ -109,11 +111,6 @@ def _record(store: dict[str, jax.Array], site: str, value: jax.Array) -> jax.Arr
     return value
 
 
-def _readout(out: Any, batch: Batch, layer: int | None) -> jax.Array:
-    x = out.residual if layer is not None else out.logits
-    return jnp.take_along_axis(x, batch.positions[..., None], axis=1)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _sources(config: ModelConfig, params: Params, batch: Batch, layer: int | None) -> dict[str, jax.Array]:
     """Every site's output in a clean run of `params`."""
@@ -136,8 +133,11 @@ def _chunk_scores(config: ModelConfig, metric: Metric, params: Params, sources: 
             b = _broadcast(beta[site], value).astype(value.dtype)
             return value + b * (sources[site] - value)
 
+        # The whole sequence runs (no readout_positions): every site's value must keep the
+        # shape of its recorded source.
         out = forward(config, params, batch.tokens, batch.mask, stop_layer=metric.layer, edit=edit)
-        return mean_score(metric, _readout(out, batch, metric.layer), batch, state)
+        x = jnp.take_along_axis(out.read(metric.layer), batch.positions[..., None], axis=1)
+        return mean_score(metric, x, batch, state)
 
     return jax.vmap(one)(betas)
 
@@ -148,12 +148,12 @@ def activation_patching(
     batch: Batch,
     metric: Metric,
     *,
-    granularity: str = "module",
+    granularity: Granularity = "module",
     selector: SelectorLike | None = None,
-    direction: str = "denoise",
+    direction: PairDirection = "denoise",
     chunk_size: int = 64,
     progress: bool = True,
-    positions: str = "last",
+    positions: Positions = "last",
     inputs: dict[str, Any] | None = None,
 ) -> SweepResult:
     """Scores every component by patching its output activation between base and donor.
@@ -175,14 +175,7 @@ def activation_patching(
         metric's anchor layer score exactly the unpatched model.
 
     Example:
-        >>> import jax, jaxpatch
-        >>> from jaxpatch.prompts import Prompt, make_batch
-        >>> from jaxpatch.metrics import KLDivergence
-        >>> cfg = jaxpatch.ModelConfig.tiny("llama")
-        >>> base = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(0)))
-        >>> donor = jaxpatch.Model(cfg, jaxpatch.init_params(cfg, jax.random.key(1)))
-        >>> r = activation_patching(base, donor, make_batch(cfg, [Prompt((1, 2, 3))]),
-        ...                         KLDivergence(), progress=False)
+        >>> r = activation_patching(base, donor, batch, jaxpatch.KLDivergence(), progress=False)
         >>> r.method, len(r.names)
         ('activation', 21)
     """
@@ -190,12 +183,10 @@ def activation_patching(
     config = base.config
     check_pair(base, donor)
     metric.check(config)
-    if direction not in ("denoise", "noise"):
-        raise JaxpatchError(f"activation patching direction must be denoise or noise, got {direction!r}")
+    check_mode("activation patching direction", direction, PAIR_DIRECTIONS, JaxpatchError)
     start, source = (base, donor) if direction == "denoise" else (donor, base)
     items = select(config, selector, granularity)
-    readouts = metric.readouts(config, base.params, donor.params, batch, None)
-    state, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric, readouts)
+    state, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric)
     sources = _sources(config, source.params, batch, metric.layer)
     size = max(1, min(chunk_size, len(items)))
     from tqdm.auto import tqdm
@@ -213,15 +204,9 @@ def activation_patching(
                 compile_s = time.perf_counter() - compile_start  # the first chunk compiles
             scores += [float(v) for v in values[: len(chunk)]]
             bar.update(len(chunk))
+    names = [c.name for c in items]
     values = np.array(scores, np.float64)
-    if not np.all(np.isfinite(values)):
-        from jaxpatch.engine import NonFiniteError
-
-        raise NonFiniteError(f"an activation patching score of {metric.name} is NaN or Inf")
-    wall = time.perf_counter() - wall_start
-    sweep_s = wall - prepare_s - compile_s
-    timing = {"wall_s": wall, "prepare_s": prepare_s, "compile_s": compile_s, "sweep_s": sweep_s,
-              "candidates_per_s": len(items) / max(sweep_s, 1e-9)}
+    check_finite_scores(names, values, "activation patching score")
     return SweepResult(metric.name, direction, metric.layer, positions, base_score, donor_score,
-                       [c.name for c in items], values, timing, dict(inputs or {}),
-                       method="activation")
+                       names, values, run_timing(wall_start, prepare_s, compile_s, len(items)),
+                       dict(inputs or {}), method="activation")

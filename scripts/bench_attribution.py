@@ -24,6 +24,7 @@ Run: python scripts/bench_attribution.py [--skip-recall]
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from typing import Callable
 
@@ -57,7 +58,7 @@ def alternating_best(fns: dict[str, Callable[[], object]], repeats: int = 7) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--skip-recall", action="store_true", help="only the cost part")
     args = parser.parse_args()
     config = jaxpatch.ModelConfig(**SHAPE)
@@ -82,7 +83,7 @@ def main() -> None:
           f"= {grads_s / forward_s:.2f} forward passes")
     for granularity in ("module", "head", "neuron"):
         items = jaxpatch.select(config, None, granularity)
-        sum_s = best_of(lambda: component_scores(config, grads, items), repeats=3)
+        sum_s = best_of(functools.partial(component_scores, config, grads, items), repeats=3)
         total = grads_s + sum_s
         print(f"{granularity:>7}: {len(items):5d} components, {total * 1e3:.1f} ms "
               f"= {total / forward_s:.2f} forward passes (target <= 4)")
@@ -124,7 +125,9 @@ def memory_and_variants(base, donor, batch, metric, state) -> None:
     forward_program = jax.jit(lambda p: readout(config, p, batch, metric.layer)).lower(base.params)
     mib = 2.0**20
     params = sum(x.nbytes for x in jax.tree_util.tree_leaves(base.params)) / mib
-    forward_bytes = forward_program.compile().memory_analysis().temp_size_in_bytes / mib
+    analysis = forward_program.compile().memory_analysis()
+    assert analysis is not None, "this backend reports no memory analysis"
+    forward_bytes = analysis.temp_size_in_bytes / mib
     one = planned_gradient_bytes(base, donor, batch, metric, state=state) / mib
     blockwise = planned_gradient_bytes(base, donor, batch, metric, state=state, remat=True) / mib
     print(f"planned temporary memory (params {params:.0f} MiB each model): forward {forward_bytes:.0f} MiB, "
@@ -139,7 +142,7 @@ def planted_recall(recall_k: int = 20, budget: float = 0.1, controls: int = 6) -
 
     pair = load_planted(default_pair_dir())
     config, metric = pair.base.config, LogProb()
-    batch = make_batch(config, pair.prompts, append_targets=True)
+    batch = make_batch(config, pair.prompts, "targets")
     exact = jaxpatch.sweep(pair.base, pair.donor, batch, metric, granularity="neuron", progress=False)
     truth = set(np.argsort(-np.abs(exact.effect), kind="stable")[:recall_k].tolist())
     n = len(exact.names)

@@ -24,10 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 SELECT = "layers.*.self_attn.*_proj | layers.*.mlp.*_proj"
-SHAPE = dict(family="llama", vocab_size=2048, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4,
-             head_dim=64, d_ff=1376, max_position_embeddings=256)
+SHAPE: dict[str, Any] = dict(family="llama", vocab_size=2048, d_model=512, n_layers=6, n_heads=8,
+                             n_kv_heads=4, head_dim=64, d_ff=1376, max_position_embeddings=256)
 PROMPTS, LENGTH = 8, 128
 
 MAKE_PAIR = r"""
@@ -42,9 +43,9 @@ donor = jax.tree_util.tree_unflatten(treedef, [x + 0.01 * jax.random.normal(k, x
                                                for x, k in zip(leaves, keys)])
 jaxpatch.save(jaxpatch.Model(cfg, base), folder + "/base")
 jaxpatch.save(jaxpatch.Model(cfg, donor), folder + "/donor")
-tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, (%d, %d))
+tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, (PROMPTS, LENGTH))
 np.save(folder + "/tokens.npy", tokens)
-""" % (PROMPTS, LENGTH)
+""".replace("PROMPTS", str(PROMPTS)).replace("LENGTH", str(LENGTH))
 
 JAXPATCH = r"""
 import json, sys, time
@@ -161,7 +162,7 @@ def sweep_flops(shape: dict, n_prompts: int, length: int, n_candidates_per_layer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:

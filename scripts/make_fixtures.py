@@ -83,7 +83,7 @@ def make_tokenizer() -> Any:
 
 def randomize(model: Any, seed: int) -> None:
     """Gives every parameter a non-trivial random value so that mistakes show in the logits."""
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]  (the reference extra)
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -109,11 +109,11 @@ def batch(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build(name: str, family: str, kwargs: dict[str, Any], out: Path, seed: int) -> None:
-    import torch
-    import transformers
+    import torch  # pyright: ignore[reportMissingImports]  (the reference extra)
+    import transformers  # pyright: ignore[reportMissingImports]
 
     config_class = transformers.AutoConfig.for_model(family).__class__
-    config = config_class(vocab_size=VOCAB, **kwargs)
+    config = config_class(vocab_size=VOCAB, **kwargs)  # pyright: ignore[reportCallIssue]
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     randomize(model, seed)
@@ -141,16 +141,16 @@ def build(name: str, family: str, kwargs: dict[str, Any], out: Path, seed: int) 
     reference["logits"] = result.logits.float().numpy()
     # hidden_states[i] is the residual stream before block i; the last has the final norm.
     reference["residuals"] = np.stack([h.float().numpy() for h in result.hidden_states[1:-1]])
-    np.savez_compressed(out / f"{name}.npz", **reference)
+    np.savez_compressed(out / f"{name}.npz", **reference)  # pyright: ignore[reportArgumentType]
     print(f"{name}: {sum(p.numel() for p in model.parameters())} params -> {folder}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "tests" / "fixtures")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    import transformers
+    import transformers  # pyright: ignore[reportMissingImports]  (the reference extra)
 
     for seed, (name, (family, kwargs)) in enumerate(VARIANTS.items()):
         build(name, family, kwargs, args.out, seed)

@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from experiments.planted import Settings, build, write  # noqa: E402
-from jaxpatch.evaluate import (GRANULARITIES, METHODS, default_pair_dir, evaluate,  # noqa: E402
-                               load_planted)
+from jaxpatch.evaluate import EVALUATED_METHODS, default_pair_dir, evaluate, load_planted  # noqa: E402
 from jaxpatch.io.fingerprint import checkpoint_fingerprint  # noqa: E402
+from jaxpatch.modes import SCORED_GRANULARITIES as GRANULARITIES  # noqa: E402
 from jaxpatch.report import METHOD_LABELS  # noqa: E402
 
 START, END = "<!-- planted-auc-table:start -->", "<!-- planted-auc-table:end -->"
@@ -54,10 +54,10 @@ def table(runs: list[dict]) -> str:
     head = ["method", *(f"{g} ({runs[0]['positives'][g]} in S)" for g in GRANULARITIES)]
     lines = [f"ROC AUC against the planted set, mean (min-max) over seeds {seeds}:", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in METHODS:
+    for m in EVALUATED_METHODS:
         lines.append("| " + " | ".join([METHOD_LABELS[m], *(cell([r["auc"][g][m] for r in runs])
                                                               for g in GRANULARITIES)]) + " |")
-    acc = lambda key: cell([r["behavior"][key] for r in runs])  # noqa: E731
+    acc = lambda key: cell([r["behavior"][key] for r in runs])
     recall = cell([r["narrow_then_verify"]["recall"] for r in runs])
     ratio = cell([r["behavior"]["base_with_S_from_donor"] / r["behavior"]["donor"] for r in runs])
     share = runs[0]["narrow_then_verify"]["verified_fraction"]
@@ -71,7 +71,7 @@ def table(runs: list[dict]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--readme", default=str(ROOT / "README.md"))
     p.add_argument("--json", default=str(ROOT / "docs" / "planted_auc.json"))

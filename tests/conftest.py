@@ -1,26 +1,18 @@
-"""Shared test set-up: two fake CPU devices (for sharding tests) and the golden fixtures.
+"""Shared test fixtures: the golden fixtures' folder, and random pairs.
 
-The tests compile hundreds of small programs and run each a few times, so XLA's CPU backend
-skips LLVM's optimization of the generated code here (`--xla_backend_optimization_level=0`): the
-suite takes a fifth less time and the same numbers pass (the golden-fixture parity included).
-An `XLA_FLAGS` set by the caller replaces both flags.
+XLA's flags for the suite are set in the repository's top-level `conftest.py`.
 """
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
+from typing import Any, Callable
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
-                                   "--xla_backend_optimization_level=0")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import pytest
+from golden import FIXTURES
 
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-FIXTURES = Path(__file__).parent / "fixtures"
-FLOAT32_FIXTURES = ["gpt2", "llama-gqa", "llama-mqa", "qwen2", "mistral", "gemma", "llama-bf16"]
+import jaxpatch
+from jaxpatch.examples import random_pair
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +20,13 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
-def reference(name: str) -> dict[str, np.ndarray]:
-    """The transformers outputs recorded for fixture `name` (no pickle)."""
-    with np.load(FIXTURES / f"{name}.npz", allow_pickle=False) as data:
-        return dict(data)
+@pytest.fixture(scope="session")
+def pair() -> Callable[..., tuple[jaxpatch.Model, jaxpatch.Model]]:
+    """`pair(family, **overrides)`: a tiny random base/donor pair (`random_pair`; weights of
+    scale 0.2, an independent donor unless `perturbation` is given)."""
+
+    def make(family: str = "llama", **overrides: Any) -> tuple[jaxpatch.Model, jaxpatch.Model]:
+        return random_pair(family, **overrides)  # type: ignore[arg-type]
+
+    return make
+

@@ -11,22 +11,28 @@ import numpy as np
 import pytest
 
 import jaxpatch
-from jaxpatch.attribution import (alpha_gradients, attribute, localize, planned_gradient_bytes,
-                                  spearman)
-from jaxpatch.components import select
-from jaxpatch.engine import score_patch
-from jaxpatch.metrics import KLDivergence, VectorAnchor, readout
-from jaxpatch.patch import Patch, apply
-from jaxpatch.prompts import Prompt, make_batch
+from jaxpatch import (
+    KLDivergence,
+    Patch,
+    Prompt,
+    VectorAnchor,
+    alpha_gradients,
+    apply,
+    attribute,
+    localize,
+    make_batch,
+    score_patch,
+    select,
+    spearman,
+)
+from jaxpatch.attribution import planned_gradient_bytes
+from jaxpatch.examples import random_pair
+from jaxpatch.metrics import readout
 
 pytestmark = pytest.mark.slow
 
-CONFIG = jaxpatch.ModelConfig.tiny("qwen2", d_ff=16)
-BASE = jaxpatch.Model(CONFIG, jaxpatch.init_params(CONFIG, jax.random.key(0), scale=0.2))
-_leaves, _treedef = jax.tree_util.tree_flatten(BASE.params)
-DONOR = jaxpatch.Model(CONFIG, jax.tree_util.tree_unflatten(_treedef, [
-    x + 0.05 * jax.random.normal(k, x.shape)
-    for x, k in zip(_leaves, jax.random.split(jax.random.key(9), len(_leaves)))]))
+BASE, DONOR = random_pair("qwen2", perturbation=0.05, d_ff=16)
+CONFIG = BASE.config
 BATCH = make_batch(CONFIG, [Prompt((1, 2, 3, 4, 5)), Prompt((7, 8, 9)), Prompt((3, 1, 4, 1))])
 METRIC = VectorAnchor(layer=1)
 

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxpatch.components import (GRANULARITIES, SelectorError, as_selector, components, names,
-                                 parse, select)
-from jaxpatch.models.config import ModelConfig
+from jaxpatch import ModelConfig, SelectorError, components, parse, select
+from jaxpatch.components import as_selector, names
+from jaxpatch.modes import GRANULARITIES
 
 LLAMA = ModelConfig.tiny("llama")  # 2 layers, 4 heads, 2 kv heads, d_ff 64, untied
 GPT2 = ModelConfig.tiny("gpt2")

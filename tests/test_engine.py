@@ -11,21 +11,28 @@ import numpy as np
 import pytest
 
 import jaxpatch
-from jaxpatch.components import select
-from jaxpatch.engine import NonFiniteError, SweepResult, score_patch, sweep
-from jaxpatch.errors import JaxpatchError
-from jaxpatch.metrics import KLDivergence, LogitDiff, LogProb, MetricError, VectorAnchor
-from jaxpatch.patch import Patch, PatchError, ablation_target, apply
-from jaxpatch.prompts import Prompt, make_batch
+from jaxpatch import (
+    JaxpatchError,
+    KLDivergence,
+    LogitDiff,
+    LogProb,
+    MetricError,
+    NonFiniteError,
+    Patch,
+    PatchError,
+    Prompt,
+    SweepResult,
+    VectorAnchor,
+    apply,
+    make_batch,
+    score_patch,
+    select,
+    sweep,
+)
+from jaxpatch.metrics import readout
+from jaxpatch.patch import ablation_target
 
 pytestmark = pytest.mark.slow  # every test here compiles sweeps (5-20 s each on 2 cores)
-
-
-def pair(family: str, **overrides: object) -> tuple[jaxpatch.Model, jaxpatch.Model]:
-    config = jaxpatch.ModelConfig.tiny(family, **overrides)
-    base = jaxpatch.init_params(config, jax.random.key(0), scale=0.2)
-    donor = jaxpatch.init_params(config, jax.random.key(1), scale=0.2)
-    return jaxpatch.Model(config, base), jaxpatch.Model(config, donor)
 
 
 PROMPTS = [Prompt((1, 2, 3, 4, 5), (9,), (8,)), Prompt((7, 8, 9), (3,), (4,)),
@@ -45,7 +52,7 @@ def reference_scores(base, donor, batch, metric, components, direction="denoise"
     ("gpt2", "module", KLDivergence(), "denoise"),
     ("gemma", "layer", LogitDiff(), "noise"),
 ])
-def test_sweep_equals_patching_each_candidate_alone(family, granularity, metric, direction) -> None:
+def test_sweep_equals_patching_each_candidate_alone(family, granularity, metric, direction, pair) -> None:
     base, donor = pair(family, d_ff=16)
     batch = make_batch(base.config, PROMPTS)
     result = sweep(base, donor, batch, metric, granularity=granularity, direction=direction,
@@ -56,7 +63,7 @@ def test_sweep_equals_patching_each_candidate_alone(family, granularity, metric,
     np.testing.assert_allclose(result.scores, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_chunk_size_and_weight_layout_do_not_change_scores() -> None:
+def test_chunk_size_and_weight_layout_do_not_change_scores(pair) -> None:
     base, donor = pair("llama", d_ff=16)
     batch = make_batch(base.config, PROMPTS, "prompt")
     metric = VectorAnchor(layer=1)
@@ -67,7 +74,7 @@ def test_chunk_size_and_weight_layout_do_not_change_scores() -> None:
         np.testing.assert_allclose(other, results[0], atol=1e-5)
 
 
-def test_components_after_the_anchor_are_exactly_unchanged() -> None:
+def test_components_after_the_anchor_are_exactly_unchanged(pair) -> None:
     base, donor = pair("llama")
     batch = make_batch(base.config, PROMPTS)
     result = sweep(base, donor, batch, VectorAnchor(layer=0), progress=False)
@@ -79,9 +86,9 @@ def test_components_after_the_anchor_are_exactly_unchanged() -> None:
     assert result.base_score != result.donor_score
 
 
-def test_logit_metrics_cover_the_final_modules_and_the_embedding() -> None:
+def test_logit_metrics_cover_the_final_modules_and_the_embedding(pair) -> None:
     base, donor = pair("llama")
-    batch = make_batch(base.config, PROMPTS, append_targets=True)
+    batch = make_batch(base.config, PROMPTS, "targets")
     metric = LogProb()
     chosen = select(base.config, "embed_tokens | norm | lm_head | layers.1.mlp.down_proj", "module")
     result = sweep(base, donor, batch, metric, candidates=chosen, progress=False)
@@ -89,7 +96,7 @@ def test_logit_metrics_cover_the_final_modules_and_the_embedding() -> None:
                                atol=1e-5)
 
 
-def test_custom_multi_layer_patches() -> None:
+def test_custom_multi_layer_patches(pair) -> None:
     base, donor = pair("mistral", sliding_windows=(2, None))
     batch = make_batch(base.config, PROMPTS)
     config = base.config
@@ -106,7 +113,7 @@ def test_custom_multi_layer_patches() -> None:
     np.testing.assert_allclose(result.scores, expected, atol=1e-5)
 
 
-def test_ablation_directions() -> None:
+def test_ablation_directions(pair) -> None:
     base, donor = pair("llama")
     batch = make_batch(base.config, PROMPTS)
     metric = VectorAnchor(layer=1)
@@ -114,7 +121,7 @@ def test_ablation_directions() -> None:
     state = metric.prepare(base.config, base.params, donor.params, batch)
     result = sweep(base, donor, batch, metric, candidates=chosen, direction="zero", progress=False)
     zero = ablation_target(donor.params)
-    expected = [float(metric.score(jaxpatch.metrics.readout(
+    expected = [float(metric.score(readout(
         base.config, apply(Patch.from_components(base.config, [c]), donor.params, zero), batch, 1),
         batch, state).mean()) for c in chosen]
     np.testing.assert_allclose(result.scores, expected, atol=1e-5)
@@ -123,7 +130,7 @@ def test_ablation_directions() -> None:
     assert not np.allclose(mean.scores, result.scores)
 
 
-def test_continuation_positions_teacher_force_the_donors_text() -> None:
+def test_continuation_positions_teacher_force_the_donors_text(pair) -> None:
     base, donor = pair("llama")
     from jaxpatch.prompts import greedy_continuations
 
@@ -143,7 +150,7 @@ def test_continuation_positions_teacher_force_the_donors_text() -> None:
                                atol=1e-5)
 
 
-def test_bad_pairs_and_values_are_refused() -> None:
+def test_bad_pairs_and_values_are_refused(pair) -> None:
     base, donor = pair("llama")
     batch = make_batch(base.config, PROMPTS)
     other = jaxpatch.Model(base.config.replace(d_ff=48),
@@ -163,7 +170,7 @@ def test_bad_pairs_and_values_are_refused() -> None:
         sweep(base, donor, batch, VectorAnchor(layer=2), progress=False)
 
 
-def test_result_serialization_round_trip(tmp_path: Path) -> None:
+def test_result_serialization_round_trip(tmp_path: Path, pair) -> None:
     base, donor = pair("llama")
     result = sweep(base, donor, make_batch(base.config, PROMPTS), VectorAnchor(layer=1),
                    granularity="layer", progress=False)

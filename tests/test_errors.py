@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from golden import FIXTURES
 
 import jaxpatch
-from conftest import FIXTURES
 from jaxpatch import errors
 from jaxpatch.cli import main
 from jaxpatch.io import safetensors as st_io

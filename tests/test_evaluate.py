@@ -8,10 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from jaxpatch import ModelConfig, components, init_params
 from jaxpatch.cli import main
-from jaxpatch.components import components
-from jaxpatch.evaluate import METHODS, default_pair_dir, delta_norms
-from jaxpatch.models.config import ModelConfig, init_params
+from jaxpatch.evaluate import EVALUATED_METHODS, default_pair_dir, delta_norms
 from jaxpatch.report import read_run, summary_lines
 
 
@@ -39,7 +38,7 @@ def test_demo_writes_a_report_that_re_renders(tmp_path, capsys) -> None:
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["granularities"]) == {"module", "head"}
     module = summary["granularities"]["module"]
-    assert set(module["auc"]) == set(METHODS)
+    assert set(module["auc"]) == set(EVALUATED_METHODS)
     # The planted set: layers.1's attention and layers.2's MLP (7 of the 39 modules).
     assert sum(module["planted"]) == 7
     # Exact weight patching finds the planted source on the shipped pair.
@@ -49,7 +48,7 @@ def test_demo_writes_a_report_that_re_renders(tmp_path, capsys) -> None:
     assert html.count("data:image/png;base64,") == 2 + 4  # ROC per granularity, 2 heatmaps each
     assert "What could make this comparison unfair" in html and "<script" not in html
     assert (out / "scores" / "head-exact-noise.csv").read_text().startswith("name,score")
-    assert (out / "auc.csv").read_text().count("\n") == 1 + 2 * len(METHODS)
+    assert (out / "auc.csv").read_text().count("\n") == 1 + 2 * len(EVALUATED_METHODS)
     # `jaxpatch report` re-renders the same report from the saved files.
     summary2, results = read_run(out)
     assert summary2 == summary and len(results) == 2 * 6

@@ -11,11 +11,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+from golden import FIXTURES, FLOAT32_FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxpatch
-from conftest import FIXTURES, FLOAT32_FIXTURES
 from jaxpatch.io import safetensors as st_io
 from jaxpatch.io.hf import INDEX_FILE, save_hf
 
@@ -107,7 +107,7 @@ def test_save_refuses_existing_output_and_leaves_it_alone(tmp_path: Path) -> Non
     target.mkdir()
     (target / "keep.txt").write_text("mine")
     model = jaxpatch.load(FIXTURES / "gpt2")
-    with pytest.raises(jaxpatch.errors.OutputExistsError, match="taken: already exists"):
+    with pytest.raises(jaxpatch.OutputExistsError, match="taken: already exists"):
         jaxpatch.save(model, target)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     jaxpatch.save(model, target, overwrite=True)

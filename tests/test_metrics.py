@@ -10,9 +10,20 @@ import numpy as np
 import pytest
 
 import jaxpatch
-from jaxpatch.metrics import (KLDivergence, LogitDiff, LogProb, MetricError, VectorAnchor,
-                              load_anchor, readout, save_anchor)
-from jaxpatch.prompts import Prompt, PromptsError, make_batch, read_prompts
+from jaxpatch import (
+    KLDivergence,
+    LogitDiff,
+    LogProb,
+    MetricError,
+    Prompt,
+    PromptsError,
+    VectorAnchor,
+    load_anchor,
+    make_batch,
+    read_prompts,
+    save_anchor,
+)
+from jaxpatch.metrics import readout
 
 CONFIG = jaxpatch.ModelConfig.tiny("llama")
 BASE = jaxpatch.init_params(CONFIG, jax.random.key(0), scale=0.2)
@@ -53,10 +64,10 @@ def test_logit_metrics_match_their_definitions() -> None:
     state = kl.prepare(CONFIG, BASE, DONOR, last)
     assert float(jnp.abs(kl.score(readout(CONFIG, DONOR, last, None), last, state)).max()) < 1e-6
     assert float(kl.score(x, last, state).min()) > 0
-    targets = make_batch(CONFIG, PROMPTS, append_targets=True)
+    targets = make_batch(CONFIG, PROMPTS, "targets")
     logprob = LogProb().score(readout(CONFIG, BASE, targets, None), targets, ())
     for i, p in enumerate(PROMPTS):
-        logits = full_logits(BASE, list(p.tokens + p.target))
+        logits = full_logits(BASE, list(p.tokens + (p.target or ())))
         logp = jax.nn.log_softmax(logits, -1)
         n = len(p.tokens)
         expected = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(p.target))
@@ -104,7 +115,7 @@ def test_prompts_with_text_are_tokenized(tmp_path: Path) -> None:
 
 
 def test_out_of_range_tokens_are_refused() -> None:
-    with pytest.raises(jaxpatch.errors.InvalidInputError, match="token id 500"):
+    with pytest.raises(jaxpatch.InvalidInputError, match="token id 500"):
         make_batch(CONFIG, [Prompt((1, 500))])
     with pytest.raises(PromptsError, match="target token id is out of range"):
         make_batch(CONFIG, [Prompt((1, 2), (999,))])

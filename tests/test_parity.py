@@ -9,9 +9,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from golden import FIXTURES, FLOAT32_FIXTURES, reference
 
 import jaxpatch
-from conftest import FIXTURES, FLOAT32_FIXTURES, reference
 
 TOLERANCE = 1e-4
 

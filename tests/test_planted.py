@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.planted import Language, Settings, build, model_config, train, task_batches, write
+from experiments.planted import Language, Settings, build, model_config, task_batches, train, write
+from jaxpatch import flatten_params, init_params, plant_patch
 from jaxpatch.evaluate import behavior, default_pair_dir, load_planted, task_accuracy
-from jaxpatch.models.config import flatten_params, init_params
-from jaxpatch.scoring import plant_mask, plant_patch
+from jaxpatch.scoring import plant_mask
 
 
 def test_language_is_deterministic_and_follows_its_chain() -> None:

@@ -9,9 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxpatch.components import SelectorError, components
-from jaxpatch.models.config import ModelConfig
-from jaxpatch.scoring import plant_mask, plant_patch, planted_labels, roc_auc, roc_curve
+from jaxpatch import ModelConfig, SelectorError, components, plant_patch, planted_labels, roc_auc, roc_curve
+from jaxpatch.scoring import plant_mask
 
 CFG = ModelConfig.tiny("llama")
 

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxpatch
-from jaxpatch.errors import JaxpatchError
-from jaxpatch.metrics import KLDivergence, LogProb, VectorAnchor, mean_score
-from jaxpatch.models.decoder import embed, forward
-from jaxpatch.prompts import Prompt, make_batch
-from jaxpatch.trace import activation_patching
+from jaxpatch import (
+    JaxpatchError,
+    KLDivergence,
+    LogProb,
+    Prompt,
+    VectorAnchor,
+    activation_patching,
+    forward,
+    make_batch,
+)
+from jaxpatch.metrics import mean_score
+from jaxpatch.models.decoder import embed
 
 pytestmark = pytest.mark.slow  # compiles a vmapped forward per granularity
-
-
-def pair(family: str = "llama") -> tuple[jaxpatch.Model, jaxpatch.Model]:
-    config = jaxpatch.ModelConfig.tiny(family, d_ff=16)
-    return (jaxpatch.Model(config, jaxpatch.init_params(config, jax.random.key(0), scale=0.2)),
-            jaxpatch.Model(config, jaxpatch.init_params(config, jax.random.key(1), scale=0.2)))
 
 
 PROMPTS = [Prompt((1, 2, 3, 4, 5), (9, 4)), Prompt((7, 8, 9), (3, 2))]
@@ -35,10 +34,10 @@ def score_from(config, params, batch, metric, state, residual, start_layer) -> f
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
-def test_module_output_patch_equals_hand_built_run(direction) -> None:
-    base, donor = pair()
+def test_module_output_patch_equals_hand_built_run(direction, pair) -> None:
+    base, donor = pair(d_ff=16)
     config = base.config
-    batch = make_batch(config, PROMPTS, append_targets=True)
+    batch = make_batch(config, PROMPTS, "targets")
     metric = LogProb()
     state = metric.prepare(config, base.params, donor.params, batch)
     result = activation_patching(base, donor, batch, metric, direction=direction, progress=False)
@@ -57,12 +56,12 @@ def test_module_output_patch_equals_hand_built_run(direction) -> None:
                                else result.base_score, rtol=1e-6)
 
 
-def test_head_patch_equals_hand_built_run() -> None:
+def test_head_patch_equals_hand_built_run(pair) -> None:
     """Head 1 of block 0: the base run with that head's output (before o_proj) taken from the
     donor, rebuilt from the public block functions."""
     from jaxpatch.models.decoder import linear, mlp, norm
 
-    base, donor = pair()
+    base, donor = pair(d_ff=16)
     config = base.config
     batch = make_batch(config, PROMPTS)
     metric = VectorAnchor(layer=1)
@@ -83,8 +82,8 @@ def test_head_patch_equals_hand_built_run() -> None:
     np.testing.assert_allclose(result.scores[0], expected, rtol=1e-5)
 
 
-def test_granularities_chunks_and_anchor() -> None:
-    base, donor = pair()
+def test_granularities_chunks_and_anchor(pair) -> None:
+    base, donor = pair(d_ff=16)
     batch = make_batch(base.config, PROMPTS)
     metric = VectorAnchor(layer=0)
     a = activation_patching(base, donor, batch, metric, granularity="neuron", chunk_size=5,
@@ -102,18 +101,18 @@ def test_granularities_chunks_and_anchor() -> None:
     assert heads.names[0] == "layers.0.self_attn[head=0]" and np.all(np.isfinite(heads.scores))
 
 
-def test_bad_direction_is_refused() -> None:
-    base, donor = pair()
-    with pytest.raises(JaxpatchError, match="denoise or noise"):
+def test_bad_direction_is_refused(pair) -> None:
+    base, donor = pair(d_ff=16)
+    with pytest.raises(JaxpatchError, match="direction must be one of denoise, noise, got 'zero'"):
         activation_patching(base, donor, make_batch(base.config, PROMPTS), KLDivergence(),
                             direction="zero", progress=False)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma"])
-def test_every_site_is_recorded_and_an_identity_edit_changes_nothing(family) -> None:
+def test_every_site_is_recorded_and_an_identity_edit_changes_nothing(family, pair) -> None:
     from jaxpatch.trace import _sources, activation_sites
 
-    base, _ = pair(family)
+    base, _ = pair(family, d_ff=16)
     config = base.config
     batch = make_batch(config, PROMPTS)
     recorded = _sources(config, base.params, batch, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import platform
 from pathlib import Path
@@ -60,6 +61,6 @@ def versions() -> dict[str, str]:
     import jaxpatch
 
     return {"jaxpatch": jaxpatch.__version__, "jax": jax.__version__,
-            "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+            "jaxlib": importlib.metadata.version("jaxlib"),
             "numpy": np.__version__, "python": platform.python_version(),
             "backend": jax.default_backend()}

@@ -17,14 +17,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpatch.errors import (CheckpointNotFoundError, CorruptCheckpointError, MissingTensorError,
-                             PickleCheckpointError, TensorShapeError, UnexpectedTensorError,
-                             UnsafePathError)
+from jaxpatch._tree import flatten_params
+from jaxpatch.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    MissingTensorError,
+    PickleCheckpointError,
+    TensorShapeError,
+    UnexpectedTensorError,
+    UnsafePathError,
+)
 from jaxpatch.io import safetensors
 from jaxpatch.io.atomic import atomic_directory
-from jaxpatch.models.config import ModelConfig, Params, flatten_params, param_shapes
-from jaxpatch.models.families import (config_from_hf, config_to_hf, hf_prefix, is_ignored_tensor,
-                                      tensor_rules)
+from jaxpatch.models.config import ModelConfig, Params, param_shapes
+from jaxpatch.models.families import config_from_hf, config_to_hf, hf_prefix, is_ignored_tensor, tensor_rules
 from jaxpatch.models.model import Model
 
 SINGLE_FILE = "model.safetensors"

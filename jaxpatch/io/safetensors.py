@@ -140,7 +140,7 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     out = np.empty(info.shape, info.dtype)
     with open(info.file, "rb") as f:
         f.seek(info.offset)
-        got = f.readinto(out.reshape(-1).view(np.uint8)) if info.nbytes else 0
+        got = f.readinto(out.reshape(-1).view(np.uint8).data) if info.nbytes else 0
     if got != info.nbytes:
         raise CorruptCheckpointError(
             f"{info.file}: tensor {info.name!r} could be read only {got} of {info.nbytes} bytes")

@@ -129,7 +129,7 @@ class ModelConfig:
         """The parameter dtype as a jax dtype."""
         return DTYPES[self.dtype]
 
-    def replace(self, **changes: object) -> "ModelConfig":
+    def replace(self, **changes: object) -> ModelConfig:
         """Returns a copy with some fields changed.
 
         Example:
@@ -141,7 +141,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def tiny(cls, family: Family = "llama", **overrides: object) -> "ModelConfig":
+    def tiny(cls, family: Family = "llama", **overrides: object) -> ModelConfig:
         """A small config of the given family, for tests and examples.
 
         Arguments:
@@ -276,35 +276,6 @@ def init_params(config: ModelConfig, key: jax.Array, scale: float = 0.02,
         else:
             out.append((scale * jax.random.normal(k, spec.shape, jnp.float32)).astype(spec.dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def flatten_params(params: Params) -> dict[str, jax.Array]:
-    """Flattens a params pytree into dotted names (`layers.3.self_attn.q_proj.weight`).
-
-    Arguments:
-        params: a params pytree (nested dicts and lists).
-
-    Returns:
-        An insertion-ordered dict from dotted name to leaf.
-
-    Example:
-        >>> flatten_params({"layers": [{"mlp": {"w": 1}}]})
-        {'layers.0.mlp.w': 1}
-    """
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    return {_dotted(path): leaf for path, leaf in flat}
-
-
-def _dotted(path: tuple) -> str:
-    parts = []
-    for p in path:
-        if isinstance(p, jax.tree_util.DictKey):
-            parts.append(str(p.key))
-        elif isinstance(p, jax.tree_util.SequenceKey):
-            parts.append(str(p.idx))
-        else:
-            parts.append(str(p))
-    return ".".join(parts)
 
 
 def count_params(params: Params) -> int:

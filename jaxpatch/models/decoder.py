@@ -132,6 +132,23 @@ class ForwardOutput(NamedTuple):
     residuals: tuple[Array, ...]
     modules: dict[str, Array]
 
+    def read(self, layer: int | None) -> Array:
+        """What a metric anchored after block `layer` reads: the residual stream after the
+        last block run, or the logits when `layer` is None (the pass ran to the end).
+
+        Example:
+            >>> from jaxpatch.models.config import ModelConfig, init_params
+            >>> cfg = ModelConfig.tiny("llama")
+            >>> out = forward(cfg, init_params(cfg, jax.random.key(0)), jnp.zeros((1, 3), int))
+            >>> out.read(None).shape, out.read(1) is out.residual
+            ((1, 3, 128), True)
+        """
+        if layer is not None:
+            return self.residual
+        if self.logits is None:
+            raise ValueError("this pass stopped before the logits: read it with its stop layer")
+        return self.logits
+
 
 def forward(
     config: ModelConfig,
@@ -200,7 +217,7 @@ def forward(
                                 f"{config.max_position_embeddings}")
     edit = edit or _no_edit
     x = embed(config, params, tokens, edit) if residual is None else residual
-    rope = rope_tables(config, seq, x.dtype) if config.positional == "rope" else None
+    rope = rope_tables(config, seq, x.dtype)
     residuals: list[Array] = []
     modules: dict[str, Array] = {}
     if readout_positions is not None and last < start_layer:  # no block runs: just gather
@@ -658,15 +675,20 @@ def _rescale(inv_freq: np.ndarray, scaling: RopeScaling | None) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_tables(config: ModelConfig, seq: int, dtype: jnp.dtype) -> tuple[Array, Array]:
-    """`(cos, sin)` for positions `0..seq-1`, each `[seq, head_dim]`, cast to `dtype`.
+def rope_tables(config: ModelConfig, seq: int, dtype: jnp.dtype) -> tuple[Array, Array] | None:
+    """`(cos, sin)` for positions `0..seq-1`, each `[seq, head_dim]`, cast to `dtype`; None
+    for a model with learned positions (no rotary embedding).
 
     Example:
         >>> from jaxpatch.models.config import ModelConfig
         >>> cos, sin = rope_tables(ModelConfig.tiny("llama"), 4, jnp.float32)
         >>> cos.shape, float(cos[0, 0])
         ((4, 8), 1.0)
+        >>> rope_tables(ModelConfig.tiny("gpt2"), 4, jnp.float32) is None
+        True
     """
+    if config.positional != "rope":
+        return None
     inv_freq = jnp.asarray(rope_frequencies(config))
     angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * inv_freq[None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)

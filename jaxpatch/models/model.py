@@ -18,7 +18,7 @@ from jaxpatch.models.decoder import forward
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(config: ModelConfig, params: Params, tokens: jax.Array,
             attention_mask: jax.Array) -> jax.Array:
-    return forward(config, params, tokens, attention_mask).logits
+    return forward(config, params, tokens, attention_mask).read(None)
 
 
 @dataclasses.dataclass(frozen=True)

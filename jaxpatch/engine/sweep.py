@@ -1,0 +1,241 @@
+"""`sweep`: exhaustive, exact patch scores, read as prepare -> plan -> compile -> execute.
+
+`sweep` scores every candidate patch with the same numbers as patching it alone and running
+the plain forward, but never computes what a candidate does not change:
+
+- the start model's residual stream is computed once; a candidate whose first patched block is
+  i starts from the cached residual before block i;
+- candidates are grouped by their first patched block; a group's candidates are a leading axis
+  on their coefficients (`jax.vmap`), so the rest of the network runs once on their
+  activations stacked into the batch axis, with the shared weights;
+- patched leaves stay factored (`MixedWeight`): no weight copy per candidate;
+- a metric reading block L stops there, computing block L only at the readout positions;
+  candidates after L are reported as exactly unchanged without running;
+- chunks are padded to one size per program so each program compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpatch._tree import flatten_params, without_layers
+from jaxpatch.components import Component, SelectorLike, select
+from jaxpatch.engine.plan import (
+    Candidate,
+    ProgramPlan,
+    alpha_rows,
+    auto_chunk_size,
+    available_memory_bytes,
+    candidates_of,
+    plan_programs,
+)
+from jaxpatch.engine.programs import (
+    GeneralOperands,
+    LocalOperands,
+    compiled,
+    deltas,
+    general_program,
+    local_program,
+    prefix_pass,
+    stacked_checked,
+)
+from jaxpatch.metrics import Metric, mean_score
+from jaxpatch.models.config import ModelConfig, Params
+from jaxpatch.models.model import Model
+from jaxpatch.modes import Direction, Granularity, Positions
+from jaxpatch.pair import check_pair, endpoint_scores, endpoints
+from jaxpatch.patch import Patch
+from jaxpatch.prompts import Batch
+from jaxpatch.results import SweepResult, check_finite_scores, run_timing
+
+__all__ = ["sweep"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """What every program of a sweep shares: the endpoints and the start model's prefix.
+
+    Attributes:
+        start, target: the params a patch moves from and towards (`pair.endpoints`).
+        start_stacked, target_stacked: their blocks, stacked.
+        residuals: the start model's residual stream before each block that may run.
+        state, base_score, donor_score, start_score: the metric's state and scores.
+    """
+
+    start: Params
+    target: Params
+    start_stacked: Params
+    target_stacked: Params
+    residuals: jax.Array
+    state: Any
+    base_score: float
+    donor_score: float
+    start_score: float
+
+
+def _prepare(base: Model, donor: Model, batch: Batch, metric: Metric, direction: Direction,
+             references: Sequence[Params] | None) -> _Prepared:
+    """Checks the pair, stacks each distinct params tree once, runs the base and donor once
+    (what the metric reads, and the residual streams candidates start from)."""
+    config = base.config
+    check_pair(base, donor)
+    metric.check(config)
+    start, target = endpoints(base, donor, direction, references)
+    last_block = config.n_layers - 1 if metric.layer is None else metric.layer
+    count = last_block + 2 if metric.layer is None else last_block + 1
+    stacked_base = stacked_checked(base.params, "base")
+    stacked_donor = stacked_checked(donor.params, "donor")
+    runs = {name: prefix_pass(config, stacked, without_layers(model.params), batch, metric.layer,
+                              count)
+            for name, stacked, model in (("base", stacked_base, base),
+                                         ("donor", stacked_donor, donor))}
+    state, base_score, donor_score = endpoint_scores(
+        config, base, donor, batch, metric, (runs["base"][0], runs["donor"][0]))
+    start_name = "base" if direction == "denoise" else "donor"  # every other direction starts at the donor
+    start_stacked = stacked_base if start_name == "base" else stacked_donor
+    if target is base.params:
+        target_stacked = stacked_base
+    elif target is donor.params:
+        target_stacked = stacked_donor
+    else:
+        target_stacked = stacked_checked(target, "ablation target")
+    start_score = float(mean_score(metric, runs[start_name][0], batch, state))
+    return _Prepared(start, target, start_stacked, target_stacked, runs[start_name][1], state,
+                     base_score, donor_score, start_score)
+
+
+def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _Prepared,
+             batch: Batch) -> tuple[tuple, Any, list[Any]]:
+    """A plan's cache key, program function, and operands for each of its groups."""
+    if plan.kind == "local":
+        key = ("local", config, metric, plan.signature, plan.dense)
+        fn = local_program(config, metric, metric.layer, plan.dense)
+        stacked_deltas = deltas(prepared.target_stacked, prepared.start_stacked, plan.signature)
+        rest = without_layers(prepared.start)
+        operands = [LocalOperands(prepared.start_stacked, stacked_deltas, rest,
+                                  prepared.residuals[g[0].first_layer],
+                                  jnp.int32(g[0].first_layer), batch, prepared.state)
+                    for g in plan.groups]
+        return key, fn, operands
+    key = ("general", config, metric, plan.start_layer, plan.signature, plan.dense)
+    fn = general_program(config, metric, plan.start_layer, plan.dense)
+    first_layer = plan.groups[0][0].first_layer
+    residual = None if first_layer < 0 else prepared.residuals[plan.start_layer]
+    operands = [GeneralOperands(prepared.start, deltas(prepared.target, prepared.start,
+                                                       plan.signature),
+                                residual, batch, prepared.state)]
+    return key, fn, operands
+
+
+def sweep(
+    base: Model,
+    donor: Model,
+    batch: Batch,
+    metric: Metric,
+    *,
+    granularity: Granularity = "module",
+    selector: SelectorLike | None = None,
+    candidates: Sequence[Component] | Mapping[str, Patch] | None = None,
+    direction: Direction = "denoise",
+    references: Sequence[Params] | None = None,
+    chunk_size: int | None = None,
+    materialize: bool | None = None,
+    memory_fraction: float = 0.3,
+    progress: bool = True,
+    positions: Positions = "last",
+    inputs: Mapping[str, Any] | None = None,
+) -> SweepResult:
+    """Scores every candidate patch exactly.
+
+    Arguments:
+        base: the base model.
+        donor: the behavior-specialized model (same architecture).
+        batch: prompts and readout positions (`jaxpatch.make_batch`).
+        metric: the behavioral interface (`VectorAnchor`, `LogitDiff`, `KLDivergence`, ...).
+        granularity: module, head, neuron or layer (when `candidates` is None).
+        selector: restrict to these components (default: all of the granularity).
+        candidates: explicit components, or a mapping of names to custom `Patch`es.
+        direction: "denoise" (donor weights into base), "noise" (base weights into donor),
+            "zero" or "mean" (ablate the donor's components to zero or to the mean of
+            `references`).
+        references: params of reference models for mean ablation.
+        chunk_size: candidates per batch (default: sized from free memory).
+        materialize: build each candidate's patched weights (True), keep them factored
+            (False), or choose by memory (None). The scores are the same either way.
+        memory_fraction: share of free memory a chunk may use.
+        progress: show a progress bar.
+        positions: the readout positions `batch` was built with (recorded in the result).
+        inputs: fingerprints to record in the result.
+
+    Returns:
+        A `SweepResult` in candidate order.
+
+    Raises:
+        NonFiniteError: a weight or a score is NaN or infinite.
+        MetricError: base and donor score the same.
+
+    Example:
+        >>> r = sweep(base, donor, batch, jaxpatch.VectorAnchor(layer=1), progress=False)
+        >>> len(r.names), r.names[0]
+        (21, 'embed_tokens')
+    """
+    wall_start = time.perf_counter()
+    config = base.config
+    prepared = _prepare(base, donor, batch, metric, direction, references)
+
+    if candidates is None:
+        candidates = select(config, selector, granularity)
+    cands = candidates_of(config, candidates)
+    last_block = config.n_layers - 1 if metric.layer is None else metric.layer
+    run = [c for c in cands if c.first_layer <= last_block
+           or (metric.layer is None and c.first_layer == config.n_layers)]
+    skipped = [c.name for c in cands if c not in run]
+    budget = int(available_memory_bytes() * memory_fraction)
+    plans = plan_programs(
+        config, run, last_block,
+        leaf_bytes={n: int(np.prod(a.shape)) * a.dtype.itemsize
+                    for n, a in flatten_params(prepared.start).items()},
+        chunk_size=chunk_size, auto_chunk=auto_chunk_size(config, batch, budget),
+        materialize=materialize, budget=budget)
+    programs = [(plan, *_program(config, metric, plan, prepared, batch)) for plan in plans]
+    prepare_s = time.perf_counter() - wall_start
+
+    compile_start = time.perf_counter()
+    for plan, key, fn, operands in programs:
+        compiled(key, fn, plan.alpha_specs(config), operands[0])
+    compile_s = time.perf_counter() - compile_start
+
+    scores = {name: prepared.start_score for name in skipped}
+    scores.update(_execute(config, programs, direction, len(run), progress))
+    names = [c.name for c in cands]
+    values = np.array([scores[n] for n in names], np.float64)
+    check_finite_scores(names, values, "score")
+    return SweepResult(metric.name, direction, metric.layer, positions, prepared.base_score,
+                       prepared.donor_score, names, values,
+                       run_timing(wall_start, prepare_s, compile_s, len(run)), dict(inputs or {}),
+                       skipped)
+
+
+def _execute(config: ModelConfig, programs: Sequence[tuple[ProgramPlan, tuple, Any, list[Any]]],
+             direction: str, total: int, progress: bool) -> dict[str, float]:
+    """Runs every plan's candidates in padded chunks; their scores by name."""
+    from tqdm.auto import tqdm
+
+    scores: dict[str, float] = {}
+    with tqdm(total=total, unit="cand", desc=f"sweep {direction}", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for plan, key, fn, operands in programs:
+            for group, ops in zip(plan.groups, operands):
+                for offset in range(0, len(group), plan.chunk):
+                    chunk: Sequence[Candidate] = group[offset: offset + plan.chunk]
+                    alphas = {n: jnp.asarray(a) for n, a in alpha_rows(config, plan, chunk).items()}
+                    values = np.asarray(compiled(key, fn, alphas, ops)(alphas, ops))
+                    scores.update({c.name: float(v) for c, v in zip(chunk, values)})
+                    bar.update(len(chunk))
+    return scores

@@ -1,0 +1,153 @@
+"""A base/donor pair: checked to be one architecture, its endpoints per direction, the metric
+fitted to it, and one patch scored the plain way.
+
+Every scoring method (sweeps, attribution, activation patching) starts here: `check_pair`
+refuses a pair that cannot be patched, `endpoints` says which params a patch moves from and
+to, and `endpoint_scores` fits the metric and scores recovery's 0 and 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+
+from jaxpatch.errors import JaxpatchError, MetricError, NonFiniteError
+from jaxpatch.metrics import Metric, endpoint_readouts, mean_score, readout
+from jaxpatch.models.config import ModelConfig, Params
+from jaxpatch.models.model import Model
+from jaxpatch.modes import DIRECTIONS, Direction, check_mode
+from jaxpatch.patch import Patch, ablation_target, apply, check_compatible
+from jaxpatch.prompts import Batch
+
+__all__ = ["check_pair", "endpoints", "endpoint_scores", "score_patch"]
+
+
+def check_pair(base: Model, donor: Model) -> None:
+    """Refuses a base/donor pair that is not the same architecture.
+
+    Arguments:
+        base, donor: the pair.
+
+    Raises:
+        PatchError: naming the first tensor that differs, with both shapes.
+        JaxpatchError: naming the first config setting that differs.
+
+    Example:
+        >>> check_pair(base, donor)  # same architecture: nothing to say
+        >>> other = jaxpatch.Model(jaxpatch.ModelConfig.tiny("llama", d_ff=32), donor.params)
+        >>> try:
+        ...     check_pair(base, other)
+        ... except jaxpatch.JaxpatchError as e:
+        ...     print(e)
+        base and donor differ in d_ff (64 vs 32): weight patching needs one architecture
+    """
+    check_compatible(base.params, donor.params)
+    for field in dataclasses.fields(ModelConfig):
+        if field.name in ("metadata", "dtype"):
+            continue
+        a, b = getattr(base.config, field.name), getattr(donor.config, field.name)
+        if a != b:
+            raise JaxpatchError(f"base and donor differ in {field.name} ({a!r} vs {b!r}): "
+                                "weight patching needs one architecture")
+
+
+def endpoints(base: Model, donor: Model, direction: Direction,
+              references: Sequence[Params] | None = None) -> tuple[Params, Params]:
+    """The params a patch starts from and moves towards, in a direction.
+
+    Arguments:
+        base, donor: the pair.
+        direction: "denoise" (from the base towards the donor), "noise" (from the donor
+            towards the base), "zero" or "mean" (from the donor towards zeros, or towards the
+            mean of `references`).
+        references: params of reference models, for "mean".
+
+    Returns:
+        `(start, target)`: the base's or the donor's own params trees (the very objects), or
+        for an ablation a new target; a target whose dtypes differ from the start's is cast
+        to them.
+
+    Example:
+        >>> start, target = endpoints(base, donor, "noise")
+        >>> start is donor.params
+        True
+    """
+    check_mode("direction", direction, DIRECTIONS, JaxpatchError)
+    if direction == "denoise":
+        start, target = base.params, donor.params
+    elif direction == "noise":
+        start, target = donor.params, base.params
+    else:
+        start = donor.params
+        target = ablation_target(donor.params, direction, references)
+    leaves = zip(jax.tree_util.tree_leaves(target), jax.tree_util.tree_leaves(start))
+    if any(t.dtype != s.dtype for t, s in leaves):
+        target = jax.tree_util.tree_map(lambda t, s: t.astype(s.dtype), target, start)
+    return start, target
+
+
+def endpoint_scores(config: ModelConfig, base: Model, donor: Model, batch: Batch, metric: Metric,
+                    readouts: tuple[jax.Array, jax.Array] | None = None) -> tuple[Any, float, float]:
+    """Prepares a metric and scores the base and donor (recovery 0 and 1).
+
+    Arguments:
+        config, base, donor, batch, metric: the run.
+        readouts: the base's and donor's readouts (`metrics.endpoint_readouts`) when the
+            caller has them already; computed otherwise.
+
+    Returns:
+        `(state, base_score, donor_score)`.
+
+    Raises:
+        NonFiniteError: a score is NaN or infinite.
+        MetricError: base and donor score the same, so recovery is undefined.
+
+    Example:
+        >>> state, base_score, donor_score = endpoint_scores(cfg, base, donor, batch,
+        ...                                                  jaxpatch.VectorAnchor(layer=1))
+        >>> donor_score > base_score  # the anchor points from the base towards the donor
+        True
+    """
+    readouts = readouts or endpoint_readouts(config, base.params, donor.params, batch, metric.layer)
+    state = metric.prepare(config, base.params, donor.params, batch, readouts)
+    base_score, donor_score = (float(mean_score(metric, x, batch, state)) for x in readouts)
+    if not math.isfinite(base_score) or not math.isfinite(donor_score):
+        raise NonFiniteError(f"the {metric.name} score is not finite (base {base_score}, donor "
+                             f"{donor_score})")
+    if base_score == donor_score:
+        raise MetricError(f"base and donor have the same {metric.name} score ({base_score}): "
+                          "recovery is undefined on these prompts")
+    return state, base_score, donor_score
+
+
+def score_patch(base: Model, donor: Model, patch: Patch, batch: Batch, metric: Metric,
+                direction: Direction = "denoise", state: Any = None) -> float:
+    """The metric score of one patch, by patching the params and running the plain forward.
+
+    This is the reference `sweep` is tested against; use `sweep` for many candidates.
+
+    Arguments:
+        base, donor: the pair.
+        patch: the coefficients.
+        batch, metric: the run.
+        direction: which way the patch moves weights (see `endpoints`).
+        state: the metric's prepared state (default: prepared here).
+
+    Returns:
+        The mean metric score of the patched model.
+
+    Example:
+        >>> metric = jaxpatch.VectorAnchor(layer=1)
+        >>> state, base_score, donor_score = endpoint_scores(cfg, base, donor, batch, metric)
+        >>> everything = jaxpatch.Patch.from_selector(cfg, "layers.0-1 | embed_tokens")
+        >>> abs(score_patch(base, donor, everything, batch, metric, state=state) - donor_score) < 1e-5
+        True
+    """
+    start, target = endpoints(base, donor, direction)
+    if state is None:
+        state = metric.prepare(base.config, base.params, donor.params, batch)
+    patched = apply(patch, start, target)
+    return float(mean_score(metric, readout(base.config, patched, batch, metric.layer), batch, state))

@@ -1,0 +1,206 @@
+"""The result table shared by sweeps, attribution and activation patching, and its plumbing.
+
+A `SweepResult` is one score per component, on one scale for every method: the raw metric
+score of the patched model, its recovery (0 = base, 1 = donor) and its effect (how far the
+patch moved the model it was applied to). Timing, finiteness checks and the serialized forms
+live here so that every method fills and writes the table the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from jaxpatch.errors import NonFiniteError
+
+__all__ = ["SweepResult", "Misranked", "misranked_to_dicts", "run_timing", "check_finite_scores"]
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """The scores of a sweep, in candidate order.
+
+    Attributes:
+        metric, direction, anchor_layer, positions: what was measured and how.
+        base_score, donor_score: the unpatched models' scores (recovery 0 and 1).
+        names: candidate names.
+        scores: raw metric scores of the patched models.
+        timing: wall_s (all), prepare_s (base/donor runs, anchor, caches), compile_s,
+            sweep_s (the candidates, compilation excluded) and candidates_per_s over sweep_s.
+        inputs: checkpoint and prompts fingerprints, versions, seeds.
+        skipped: names of candidates after the anchor layer, reported without running.
+        method: "exact" for sweeps, "activation" for activation patching, the attribution
+            method for attribution tables.
+        extra: method-specific details (e.g. integrated gradients' completeness gap).
+
+    Example:
+        >>> r = SweepResult("anchor", "denoise", 1, "last", 0.0, 2.0, ["a"], np.array([1.0]))
+        >>> r.recovery.tolist()
+        [0.5]
+    """
+
+    metric: str
+    direction: str
+    anchor_layer: int | None
+    positions: str
+    base_score: float
+    donor_score: float
+    names: list[str]
+    scores: np.ndarray
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    method: str = "exact"
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def recovery(self) -> np.ndarray:
+        """`(score - base) / (donor - base)`: 0 at the base model, 1 at the donor."""
+        return (self.scores - self.base_score) / (self.donor_score - self.base_score)
+
+    @property
+    def effect(self) -> np.ndarray:
+        """How far the patch moved the score from the model it was applied to, in recovery
+        units: `recovery` when denoising, `1 - recovery` otherwise (0 = no effect).
+
+        Example:
+            >>> r = SweepResult("m", "noise", None, "last", 0.0, 1.0, ["a"], np.array([0.25]))
+            >>> r.effect.tolist()
+            [0.75]
+        """
+        return self.recovery if self.direction == "denoise" else 1.0 - self.recovery
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as the `scores.json` document.
+
+        Example:
+            >>> SweepResult("kl", "noise", None, "last", 1.0, 0.0, [], np.zeros(0)).to_dict()["metric"]
+            'kl'
+        """
+        return {
+            "metric": self.metric, "direction": self.direction, "anchor_layer": self.anchor_layer,
+            "positions": self.positions, "base_score": self.base_score,
+            "donor_score": self.donor_score,
+            "components": [{"name": n, "score": float(s), "recovery": float(r), "effect": float(e)}
+                           for n, s, r, e in zip(self.names, self.scores, self.recovery, self.effect)],
+            "skipped": self.skipped, "method": self.method, "extra": self.extra,
+            "timing": self.timing, "inputs": self.inputs,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SweepResult:
+        """Rebuilds a result from `to_dict` output.
+
+        Example:
+            >>> r = SweepResult("m", "denoise", 2, "last", 0.0, 1.0, ["a"], np.array([0.5]))
+            >>> SweepResult.from_dict(r.to_dict()) == r
+            True
+        """
+        comps = data["components"]
+        return cls(data["metric"], data["direction"], data["anchor_layer"], data["positions"],
+                   data["base_score"], data["donor_score"], [c["name"] for c in comps],
+                   np.array([c["score"] for c in comps], np.float64), dict(data.get("timing", {})),
+                   dict(data.get("inputs", {})), list(data.get("skipped", [])),
+                   data.get("method", "exact"), dict(data.get("extra", {})))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SweepResult):
+            return NotImplemented
+        mine, theirs = dataclasses.asdict(self), dataclasses.asdict(other)
+        same_scores = np.array_equal(mine.pop("scores"), theirs.pop("scores"))
+        return same_scores and mine == theirs
+
+    def to_csv(self) -> str:
+        """The scores as CSV (`name,score,recovery,effect`).
+
+        Example:
+            >>> r = SweepResult("m", "denoise", None, "last", 0.0, 2.0, ["a"], np.array([1.0]))
+            >>> print(r.to_csv(), end="")
+            name,score,recovery,effect
+            a,1,0.5,0.5
+        """
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["name", "score", "recovery", "effect"])
+        for n, s, r, e in zip(self.names, self.scores, self.recovery, self.effect):
+            writer.writerow([n, f"{s:.9g}", f"{r:.9g}", f"{e:.9g}"])
+        return out.getvalue()
+
+    def top(self, k: int = 10) -> list[tuple[str, float]]:
+        """The k candidates with the largest effect, as (name, effect).
+
+        Example:
+            >>> r = SweepResult("m", "denoise", None, "last", 0.0, 1.0, ["a", "b"], np.array([0.2, 0.9]))
+            >>> r.top(1)
+            [('b', 0.9)]
+        """
+        order = np.argsort(-self.effect, kind="stable")[:k]
+        return [(self.names[i], float(self.effect[i])) for i in order]
+
+
+Misranked = tuple[str, int, int]
+"""A component whose approximate rank was far from its exact rank: (name, approximate rank,
+exact rank), ranks 1-based."""
+
+
+def misranked_to_dicts(misranked: Sequence[Misranked]) -> list[dict[str, Any]]:
+    """Misranked components as JSON records.
+
+    Example:
+        >>> misranked_to_dicts([("layers.0.mlp[neuron=3]", 1, 7)])
+        [{'name': 'layers.0.mlp[neuron=3]', 'attribution_rank': 1, 'exact_rank': 7}]
+    """
+    return [{"name": n, "attribution_rank": a, "exact_rank": e} for n, a, e in misranked]
+
+
+def run_timing(wall_start: float, prepare_s: float, compile_s: float,
+               candidates: int) -> dict[str, float]:
+    """A run's timing record: wall, preparation, compilation, the candidates' own time and
+    their rate, measured up to now.
+
+    Arguments:
+        wall_start: `time.perf_counter()` when the run started.
+        prepare_s, compile_s: seconds spent preparing and compiling.
+        candidates: how many candidates were scored.
+
+    Returns:
+        `{"wall_s", "prepare_s", "compile_s", "sweep_s", "candidates_per_s"}`.
+
+    Example:
+        >>> t = run_timing(time.perf_counter() - 3.0, 1.0, 1.0, 10)
+        >>> round(t["sweep_s"]), round(t["candidates_per_s"])
+        (1, 10)
+    """
+    wall = time.perf_counter() - wall_start
+    sweep_s = wall - prepare_s - compile_s
+    return {"wall_s": wall, "prepare_s": prepare_s, "compile_s": compile_s, "sweep_s": sweep_s,
+            "candidates_per_s": candidates / max(sweep_s, 1e-9)}
+
+
+def check_finite_scores(names: Sequence[str], values: np.ndarray, what: str) -> None:
+    """Refuses NaN or infinite scores, naming the first component that has one.
+
+    Arguments:
+        names: the components, in the order of `values`.
+        values: their scores.
+        what: what the scores are, for the message ("score", "attribution", ...).
+
+    Raises:
+        NonFiniteError: naming the first bad component and how many more there are.
+
+    Example:
+        >>> check_finite_scores(["a", "b"], np.array([1.0, np.nan]), "score")
+        Traceback (most recent call last):
+        ...
+        jaxpatch.errors.NonFiniteError: the score of 'b' is NaN or Inf
+    """
+    bad = [n for n, v in zip(names, values) if not math.isfinite(float(v))]
+    if bad:
+        raise NonFiniteError(f"the {what} of {bad[0]!r} is NaN or Inf"
+                             + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
