@@ -9,7 +9,9 @@ both flags.
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
                                    "--xla_backend_optimization_level=0")
@@ -17,11 +19,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
 
+FIXTURES = Path(__file__).parent / "tests" / "fixtures"
+_NEEDS_EVALUATION = ("jaxpatch.report.", "jaxpatch.evaluate.evaluate")
+
+
+@functools.lru_cache(maxsize=1)
+def _module_evaluation() -> object:
+    """The shipped planted pair evaluated at module granularity (once per session, ~15 s)."""
+    from jaxpatch.evaluate import default_pair_dir, evaluate, load_planted
+
+    return evaluate(load_planted(default_pair_dir()), granularities=("module",))
+
 
 @pytest.fixture(autouse=True)
-def _doctest_names(doctest_namespace: dict) -> None:
-    """Docstring examples run with `jaxpatch`, `jax`, `jnp`, `np` and the example pair
-    (`cfg`, `base`, `donor`, `batch`; see `jaxpatch.examples`) in scope."""
+def _doctest_names(request: pytest.FixtureRequest, doctest_namespace: dict, tmp_path: Path) -> None:
+    """Docstring examples run with `jaxpatch`, `jax`, `jnp`, `np`, the example pair (`cfg`,
+    `base`, `donor`, `batch`; see `jaxpatch.examples`), `fixtures` (the golden checkpoints'
+    folder) and `tmp` (an empty folder of their own) in scope; the report's and evaluation's
+    examples also get `ev`, the shipped planted pair evaluated at module granularity."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -31,4 +46,7 @@ def _doctest_names(doctest_namespace: dict) -> None:
 
     pair = example_pair()
     doctest_namespace.update(jaxpatch=jaxpatch, jax=jax, jnp=jnp, np=np, cfg=pair.config,
-                             base=pair.base, donor=pair.donor, batch=pair.batch)
+                             base=pair.base, donor=pair.donor, batch=pair.batch,
+                             fixtures=FIXTURES, tmp=tmp_path)
+    if request.node.name.startswith(_NEEDS_EVALUATION):
+        doctest_namespace["ev"] = _module_evaluation()

@@ -73,7 +73,17 @@ def nnx_apply(base: Any, donor: Any, selector: SelectorLike, strength: float = 1
         The patched NNX module.
 
     Example:
-        >>> # patched = nnx_apply(base_model, donor_model, "layers.3")
+        >>> from flax import nnx
+        >>> class Net(nnx.Module):
+        ...     def __init__(self, rngs: nnx.Rngs) -> None:
+        ...         self.first = nnx.Linear(4, 8, rngs=rngs)
+        ...         self.second = nnx.Linear(8, 2, rngs=rngs)
+        >>> base_net, donor_net = Net(nnx.Rngs(0)), Net(nnx.Rngs(1))
+        >>> patched = nnx_apply(base_net, donor_net, "second")
+        >>> bool((patched.second.kernel[...] == donor_net.second.kernel[...]).all())
+        True
+        >>> bool((patched.first.kernel[...] == base_net.first.kernel[...]).all())
+        True
     """
     from flax import nnx
 

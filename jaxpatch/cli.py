@@ -29,7 +29,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit status (0 on success, 2 on bad input).
 
     Example:
-        >>> main(["info", "tests/fixtures/gpt2"])  # doctest: +SKIP
+        >>> main(["info", str(fixtures / "gpt2")])  # doctest: +ELLIPSIS
+        /.../gpt2: gpt2, 29,568 params (float32)
+          layers 2, d_model 32, heads 4 x 8, kv heads 4 [MHA], d_ff 128, vocab 96, context 32
+          tokenizer: yes
+        0
+        >>> main(["info", str(tmp / "missing")])  # one line on stderr, status 2
+        2
     """
     parser = build_parser()
     args = parser.parse_args(argv)

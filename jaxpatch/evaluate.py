@@ -140,7 +140,8 @@ def behavior(pair: PlantedPair) -> dict[str, float]:
     the donor with S reverted to the base.
 
     Example:
-        >>> # behavior(load_planted(default_pair_dir()))["donor"]
+        >>> behavior(load_planted(default_pair_dir()))
+        {'base': 0.0, 'donor': 0.9140625, 'base_with_S_from_donor': 0.859375, 'donor_with_S_from_base': 0.0}
     """
     config = pair.base.config
     plant = plant_patch(config, pair.plant)
@@ -226,8 +227,12 @@ def evaluate(pair: PlantedPair, *,
         An `Evaluation`.
 
     Example:
-        >>> # ev = evaluate(load_planted(default_pair_dir()))
-        >>> # ev.summary["granularities"]["module"]["auc"]["exact-noise"]
+        `ev` is `evaluate(load_planted(default_pair_dir()), granularities=("module",))`
+        (computed once for all examples):
+
+        >>> module = ev.summary["granularities"]["module"]
+        >>> len(module["names"]), sum(module["planted"]), round(module["auc"]["exact-noise"], 2)
+        (39, 7, 1.0)
     """
     base, donor, config = pair.base, pair.donor, pair.base.config
     metric = LogProb()

@@ -166,7 +166,10 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     """The five-line summary of a planted-pair evaluation.
 
     Example:
-        >>> # print("\\n".join(summary_lines(json.loads(Path("run/results.json").read_text()))))
+        >>> summary_lines(ev.summary)[0]
+        'pair: map task, seed 0, planted set S = layers.1.self_attn | layers.2.mlp[neuron=0-63]'
+        >>> summary_lines(ev.summary)[-1]  # neuron granularity was not evaluated
+        'narrow-then-verify: not run'
     """
     pair, acc, grans = summary["pair"], summary["behavior"], summary["granularities"]
     order = [g for g in ("module", "head", "neuron") if g in grans]
@@ -224,7 +227,9 @@ def render_html(summary: Mapping[str, Any], results: Mapping[str, SweepResult]) 
         The HTML document.
 
     Example:
-        >>> # Path("report.html").write_text(render_html(ev.summary, ev.results))
+        >>> page = render_html(ev.summary, ev.results)
+        >>> page.startswith("<!doctype html>"), page.count("<img") >= 2
+        (True, True)
     """
     grans = summary["granularities"]
     order = [g for g in ("module", "head", "neuron") if g in grans]
@@ -296,7 +301,9 @@ def write_run(summary: Mapping[str, Any], results: Mapping[str, SweepResult], ou
     .json/.csv` and `report.html`.
 
     Example:
-        >>> # write_run(ev.summary, ev.results, "jaxpatch-demo")
+        >>> write_run(ev.summary, ev.results, tmp / "run")
+        >>> sorted(f.name for f in (tmp / "run").iterdir())
+        ['auc.csv', 'report.html', 'results.json', 'scores']
     """
     from jaxpatch.io.atomic import atomic_directory
 
@@ -332,7 +339,10 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, SweepResult
         InvalidInputError: a file is not what `write_run` writes.
 
     Example:
-        >>> # summary, results = read_run("jaxpatch-demo")
+        >>> write_run(ev.summary, ev.results, tmp / "run")
+        >>> summary, results = read_run(tmp / "run")
+        >>> summary == ev.summary, results == ev.results
+        (True, True)
     """
     from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
 

@@ -255,7 +255,17 @@ def test_cli_sweep_writes_scores_and_heatmap(tmp_path: Path, donor_dir: Path,
     assert len(data["inputs"]["base"]["sha256"]) == 64 and data["inputs"]["prompts"]["count"] == 2
     assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "scores.csv").read_text().count("\n") == 13
-    # The saved anchor reproduces the same scores in the noise direction's base/donor scores.
+    # The values: every fourth head patched alone through the Python API, by the saved anchor.
+    base, donor = jaxpatch.load(FIXTURES / "llama-gqa"), jaxpatch.load(donor_dir)
+    batch = jaxpatch.make_batch(base.config, jaxpatch.read_prompts(prompts, base.tokenizer))
+    anchor = jaxpatch.VectorAnchor(layer=1, path=str(tmp_path / "anchor.npz"))
+    state = anchor.prepare(base.config, base.params, donor.params, batch)
+    heads = jaxpatch.components(base.config, "head")
+    for i in range(0, len(heads), 4):
+        patch = jaxpatch.Patch.from_components(base.config, [heads[i]])
+        assert data["components"][i]["name"] == heads[i].name
+        assert data["components"][i]["score"] == pytest.approx(
+            jaxpatch.score_patch(base, donor, patch, batch, anchor, state=state), abs=1e-5)
     out2 = tmp_path / "run2"
     assert main(["sweep", "--base", str(FIXTURES / "llama-gqa"), "--donor", str(donor_dir),
                  "--prompts", prompts, "--metric", "logit-diff", "--direction", "noise",
@@ -263,6 +273,13 @@ def test_cli_sweep_writes_scores_and_heatmap(tmp_path: Path, donor_dir: Path,
     second = json.loads((out2 / "scores.json").read_text())
     assert second["direction"] == "noise" and [c["name"] for c in second["components"]] == [
         "layers.1.mlp.gate_proj", "layers.1.mlp.up_proj", "layers.1.mlp.down_proj"]
+    logit_diff = jaxpatch.LogitDiff()
+    down = jaxpatch.Patch.from_selector(base.config, "layers.1.mlp.down_proj")
+    assert second["components"][2]["score"] == pytest.approx(
+        jaxpatch.score_patch(base, donor, down, batch, logit_diff, "noise"), abs=1e-5)
+    nothing = jaxpatch.Patch.zeros(base.config)  # the unpatched donor
+    assert second["donor_score"] == pytest.approx(
+        jaxpatch.score_patch(base, donor, nothing, batch, logit_diff, "noise"), abs=1e-5)
     capsys.readouterr()
 
 

@@ -25,7 +25,7 @@ def flat(tree: dict) -> dict[str, np.ndarray]:
 def test_alpha_shapes_expose_heads_and_neurons() -> None:
     shapes = alpha_shapes(CONFIG)
     assert shapes["layers.0.self_attn.q_proj.weight"] == (1, 4, 1)
-    assert shapes["layers.0.self_attn.o_proj.weight"] == (4, 1, 1)
+    assert shapes["layers.0.self_attn.k_proj.weight"] == (1, 2, 1)
     assert shapes["layers.0.self_attn.o_proj.weight"] == (4, 1, 1)
     assert shapes["layers.0.mlp.down_proj.weight"] == (64, 1)
     assert shapes["embed_tokens.weight"] == (1, 1)

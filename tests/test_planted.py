@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.planted import Language, Settings, build, model_config, task_batches, train, write
-from jaxpatch import flatten_params, init_params, plant_patch
+from jaxpatch import flatten_params, forward, init_params, plant_patch
 from jaxpatch.evaluate import behavior, default_pair_dir, load_planted, task_accuracy
 from jaxpatch.scoring import plant_mask
 
@@ -46,6 +46,7 @@ def test_masked_training_moves_only_the_planted_set() -> None:
     mask = plant_mask(config, plant)
     trained, losses = train(config, params, task_batches(lang, np.random.default_rng(0), "map", 8),
                             3, 1e-2, mask)
+    ids, weights = next(task_batches(lang, np.random.default_rng(0), "map", 8))  # the first batch
     before, after, m = (flatten_params(t) for t in (params, trained, mask))
     for name in before:
         inside = np.asarray(m[name]) > 0
@@ -53,7 +54,14 @@ def test_masked_training_moves_only_the_planted_set() -> None:
         assert not moved[~inside].any(), name
         if inside.any():
             assert moved[inside].any(), name
+    # Losses are recorded at step 0 and at the last step; the first is the untrained model's
+    # cross-entropy on the first batch, computed here in float64 from the logits.
+    logits = np.asarray(forward(config, params, ids[:, :-1]).read(None), np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     assert len(losses) == 2
+    assert losses[0] == pytest.approx(-(picked * weights).sum() / weights.sum(), abs=2e-5)
 
 
 @pytest.mark.slow
@@ -86,9 +94,40 @@ def test_shipped_pair_has_the_planted_behavior() -> None:
     assert acc["base"] == 0.0 and acc["donor_with_S_from_base"] < 0.05
     assert acc["donor"] >= 0.85
     assert acc["base_with_S_from_donor"] >= 0.9 * acc["donor"]
-    assert acc == pytest.approx({k: pair.record["models"]["donor"]["accuracy"][v] for k, v in {
-        "base": "base", "donor": "trained", "base_with_S_from_donor": "plant_patched_base"}.items()}
-        | {"donor_with_S_from_base": acc["donor_with_S_from_base"]})
+    # Independently: S swapped with a 0/1 mask (not a Patch), answers decoded one token at a
+    # time with the plain forward (not greedy_continuations), compared with the targets.
+    config = pair.base.config
+    inside = plant_mask(config, plant_patch(config, pair.plant))
+    base, donor = pair.base.params, pair.donor.params
+    swapped = {"base_with_S_from_donor": jax.tree_util.tree_map(
+                   lambda m, b, d: np.where(m > 0, d, b), inside, base, donor),
+               "donor_with_S_from_base": jax.tree_util.tree_map(
+                   lambda m, b, d: np.where(m > 0, b, d), inside, base, donor),
+               "base": base, "donor": donor}
+    expected = {name: _greedy_accuracy(config, params, pair.eval_prompts)
+                for name, params in swapped.items()}
+    assert acc == expected
+    recorded = pair.record["models"]["donor"]["accuracy"]
+    assert (recorded["base"], recorded["trained"], recorded["plant_patched_base"]) == (
+        acc["base"], acc["donor"], acc["base_with_S_from_donor"])
+
+
+def _greedy_accuracy(config, params, prompts) -> float:
+    """Share of prompts whose greedy answer equals the target, decoding prompts of one length
+    together, one token at a time, with the plain forward over the whole sequence so far."""
+    run = jax.jit(lambda p, t: forward(config, p, t).read(None)[:, -1].argmax(-1))
+    correct = 0
+    by_length: dict[int, list] = {}
+    for p in prompts:
+        by_length.setdefault(len(p.tokens), []).append(p)
+    for group in by_length.values():
+        tokens = np.array([p.tokens for p in group], np.int32)
+        n = max(len(p.target) for p in group)
+        for _ in range(n):
+            tokens = np.concatenate([tokens, np.asarray(run(params, tokens))[:, None]], axis=1)
+        answers = tokens[:, -n:]
+        correct += sum(tuple(a[: len(p.target)]) == p.target for a, p in zip(answers, group))
+    return correct / len(prompts)
 
 
 def test_task_accuracy_counts_exact_answers() -> None:

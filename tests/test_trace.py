@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -109,7 +110,7 @@ def test_bad_direction_is_refused(pair) -> None:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma"])
-def test_every_site_is_recorded_and_an_identity_edit_changes_nothing(family, pair) -> None:
+def test_every_site_is_recorded_and_an_edit_acts_where_it_is_made(family, pair) -> None:
     from jaxpatch.trace import _sources, activation_sites
 
     base, _ = pair(family, d_ff=16)
@@ -118,6 +119,13 @@ def test_every_site_is_recorded_and_an_identity_edit_changes_nothing(family, pai
     recorded = _sources(config, base.params, batch, None)
     assert set(recorded) == set(activation_sites(config))
     assert recorded["layers.1.mlp.neurons"].shape[-1] == config.d_ff
-    plain = forward(config, base.params, batch.tokens, batch.mask).logits
-    edited = forward(config, base.params, batch.tokens, batch.mask, edit=lambda site, v: v * 1.0)
-    np.testing.assert_array_equal(plain, edited.logits)
+    # Silencing block 1's neurons equals a model whose down_proj weight there is zero.
+    silenced = forward(config, base.params, batch.tokens, batch.mask,
+                       edit=lambda site, v: v * 0.0 if site == "layers.1.mlp.neurons" else v)
+    params = jax.tree_util.tree_map(lambda x: x, base.params)
+    down = params["layers"][1]["mlp"]["down_proj"]
+    down["weight"] = jnp.zeros_like(down["weight"])
+    reference = forward(config, params, batch.tokens, batch.mask)
+    np.testing.assert_allclose(silenced.read(None), reference.read(None), atol=1e-5)
+    assert not np.allclose(silenced.read(None), forward(config, base.params, batch.tokens,
+                                                          batch.mask).read(None), atol=1e-3)

@@ -26,9 +26,8 @@ def load(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
         JaxpatchError: a subclass naming the file, tensor or setting at fault.
 
     Example:
-        >>> import jaxpatch
-        >>> model = jaxpatch.load("tests/fixtures/llama-gqa")  # doctest: +SKIP
-        >>> model([[1, 2, 3]]).shape  # doctest: +SKIP
+        >>> model = jaxpatch.load(fixtures / "llama-gqa")
+        >>> model([[1, 2, 3]]).shape
         (1, 3, 96)
     """
     folder = Path(path)
@@ -50,8 +49,10 @@ def save(model: Model, path: str | os.PathLike[str], format: Literal["hf", "orba
         overwrite: replace an existing folder.
 
     Example:
-        >>> import jaxpatch
-        >>> jaxpatch.save(model, "out/copy", format="orbax")  # doctest: +SKIP
+        >>> model = jaxpatch.load(fixtures / "llama-gqa")
+        >>> jaxpatch.save(model, tmp / "copy", format="orbax")
+        >>> jaxpatch.load(tmp / "copy").config == model.config
+        True
     """
     if format == "hf":
         save_hf(model, path, overwrite=overwrite)

@@ -60,7 +60,8 @@ def read_config(folder: Path) -> ModelConfig:
     """The `ModelConfig` of a Hugging Face checkpoint folder.
 
     Example:
-        >>> # read_config(Path("tests/fixtures/gpt2")).family  -> 'gpt2'
+        >>> read_config(fixtures / "gpt2").family
+        'gpt2'
     """
     raw = read_json(folder / "config.json")
     if not isinstance(raw, dict):
@@ -77,7 +78,8 @@ def weight_files(folder: Path) -> list[Path]:
         CheckpointNotFoundError: no weights at all, or a shard the index names is missing.
 
     Example:
-        >>> # weight_files(Path("tests/fixtures/gpt2"))  -> [.../model.safetensors]
+        >>> [f.name for f in weight_files(fixtures / "gpt2")]
+        ['model.safetensors']
     """
     index = folder / INDEX_FILE
     if index.exists():
@@ -117,7 +119,9 @@ def tensor_index(config: ModelConfig, files: list[Path]) -> dict[str, safetensor
     accepted: its names are given the prefix.
 
     Example:
-        >>> # tensor_index(cfg, weight_files(folder))["model.norm.weight"].shape
+        >>> folder = fixtures / "llama-gqa"
+        >>> tensor_index(read_config(folder), weight_files(folder))["model.norm.weight"].shape
+        (32,)
     """
     infos: dict[str, safetensors.TensorInfo] = {}
     expected = {rule.hf_name for rule in tensor_rules(config)}
@@ -147,7 +151,9 @@ def load_hf(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
         JaxpatchError: a subclass naming the file, tensor or setting at fault.
 
     Example:
-        >>> # model = load_hf("tests/fixtures/llama-gqa")
+        >>> model = load_hf(fixtures / "llama-gqa")
+        >>> model.config.family, model.config.n_heads, model.config.n_kv_heads
+        ('llama', 4, 2)
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -201,7 +207,8 @@ def load_tokenizer(folder: Path) -> Any:
     """The `tokenizers.Tokenizer` in `folder/tokenizer.json`, or None when there is none.
 
     Example:
-        >>> # load_tokenizer(Path("tests/fixtures/gpt2")).encode("hello").ids
+        >>> load_tokenizer(fixtures / "gpt2").encode("hello").ids
+        [9, 32, 13, 16]
     """
     file = folder / "tokenizer.json"
     if not file.exists():
@@ -225,7 +232,9 @@ def save_hf(model: Model, path: str | os.PathLike[str], max_shard_bytes: int = 2
         overwrite: replace an existing folder.
 
     Example:
-        >>> # save_hf(model, "out/my-model")
+        >>> save_hf(jaxpatch.load(fixtures / "gpt2"), tmp / "my-model")
+        >>> sorted(f.name for f in (tmp / "my-model").iterdir())
+        ['config.json', 'model.safetensors', 'tokenizer.json']
     """
     config = model.config
     flat = {name: np.asarray(leaf) for name, leaf in flatten_params(model.params).items()}

@@ -65,7 +65,9 @@ def save_orbax(model: Model, path: str | os.PathLike[str], overwrite: bool = Fal
         overwrite: replace an existing folder.
 
     Example:
-        >>> # save_orbax(model, "out/my-model-orbax")
+        >>> save_orbax(jaxpatch.load(fixtures / "gpt2"), tmp / "my-model-orbax")
+        >>> sorted(f.name for f in (tmp / "my-model-orbax").iterdir())
+        ['jaxpatch.json', 'params', 'tokenizer.json']
     """
     import orbax.checkpoint as ocp
 
@@ -88,7 +90,9 @@ def load_orbax(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
         dtype: cast floating params to this dtype (default: keep the stored dtype).
 
     Example:
-        >>> # model = load_orbax("out/my-model-orbax")
+        >>> save_orbax(jaxpatch.load(fixtures / "gpt2"), tmp / "my-model-orbax")
+        >>> load_orbax(tmp / "my-model-orbax").config.family
+        'gpt2'
     """
     import orbax.checkpoint as ocp
 

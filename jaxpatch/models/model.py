@@ -77,8 +77,10 @@ class Model:
             `(tokens, attention_mask)`, int32 and bool, each `[len(texts), longest]`.
 
         Example:
-            >>> # model = jaxpatch.load("tests/fixtures/llama-gqa")
-            >>> # tokens, mask = model.encode(["hello world"])
+            >>> model = jaxpatch.load(fixtures / "llama-gqa")
+            >>> tokens, mask = model.encode(["hello world", "hello"])
+            >>> tokens.shape, mask.sum(axis=1).tolist()
+            ((2, 8), [8, 4])
         """
         if self.tokenizer is None:
             raise InvalidInputError("this checkpoint has no tokenizer.json; pass token ids instead")
