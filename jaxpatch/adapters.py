@@ -17,6 +17,8 @@ from jaxpatch.components import Component, SelectorLike, as_selector
 from jaxpatch.errors import SelectorError
 from jaxpatch.patch import apply
 
+__all__ = ["tree_patch", "linen_patch", "nnx_apply"]
+
 
 def tree_patch(tree: Any, selector: SelectorLike, strength: float = 1.0) -> Any:
     """An alpha tree for any pytree: `strength` on leaves whose dotted path the selector

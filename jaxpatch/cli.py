@@ -16,6 +16,8 @@ from jaxpatch.errors import InvalidInputError, JaxpatchError
 from jaxpatch.io.atomic import atomic_directory
 from jaxpatch.modes import Positions
 
+__all__ = ["main", "build_parser", "EXIT_BAD_INPUT"]
+
 EXIT_BAD_INPUT = 2
 
 
@@ -169,6 +171,14 @@ def add_attribution_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass")
 
 
+def attribution_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments `attribute` and `localize` take from the attribution flags."""
+    return {"granularity": args.granularity, "selector": args.select, "method": args.method,
+            "direction": args.direction, "steps": args.steps, "step_batch": args.step_batch,
+            "prompt_batch": args.prompt_batch, "remat": args.remat,
+            "positions": positions_of(args)}
+
+
 def positions_of(args: argparse.Namespace) -> Positions:
     """Where the metric reads: `--positions`, except that log-probability reads the positions
     predicting each prompt's target tokens ("targets")."""
@@ -247,11 +257,7 @@ def _attribute(args: argparse.Namespace) -> None:
     from jaxpatch.report import summary_table
 
     base, donor, batch, metric, inputs = prepare_run(args)
-    result = attribute(base, donor, batch, metric, granularity=args.granularity,
-                       selector=args.select, method=args.method, direction=args.direction,
-                       steps=args.steps, step_batch=args.step_batch,
-                       prompt_batch=args.prompt_batch, remat=args.remat,
-                       positions=positions_of(args), inputs=inputs)
+    result = attribute(base, donor, batch, metric, **attribution_options(args), inputs=inputs)
     print(summary_table(result))
     if "completeness" in result.extra:
         c = result.extra["completeness"]
@@ -266,13 +272,9 @@ def _localize(args: argparse.Namespace) -> None:
     from jaxpatch.report import heatmap_png
 
     base, donor, batch, metric, inputs = prepare_run(args)
-    report = localize(base, donor, batch, metric, granularity=args.granularity,
-                      selector=args.select, top_k=args.top_k, controls=args.controls,
-                      method=args.method, direction=args.direction, steps=args.steps,
-                      step_batch=args.step_batch, prompt_batch=args.prompt_batch, remat=args.remat,
-                      exhaustive=args.exhaustive, recall_k=args.recall_k, seed=args.seed,
-                      progress=not args.no_progress,
-                      positions=positions_of(args), inputs=inputs)
+    report = localize(base, donor, batch, metric, **attribution_options(args), top_k=args.top_k,
+                      controls=args.controls, exhaustive=args.exhaustive, recall_k=args.recall_k,
+                      seed=args.seed, progress=not args.no_progress, inputs=inputs)
     print(f"verified {len(report.shortlist)} top components and {len(report.controls)} controls "
           f"exactly; Spearman correlation of attribution and exact effects: {report.spearman:.3f}")
     if report.recall is not None:

@@ -35,6 +35,9 @@ from jaxpatch.errors import SelectorError
 from jaxpatch.models.config import ModelConfig
 from jaxpatch.modes import GRANULARITIES, Granularity, check_mode
 
+__all__ = ["IndexKey", "INDEX_KEYS", "Component", "block_modules", "components", "Selector",
+           "SelectorLike", "as_selector", "parse", "select", "names"]
+
 IndexKey = Literal["head", "kv_head", "neuron"]
 INDEX_KEYS: tuple[IndexKey, ...] = get_args(IndexKey)
 

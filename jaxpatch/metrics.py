@@ -27,6 +27,10 @@ from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
 from jaxpatch.prompts import Batch
 
+__all__ = ["readout", "endpoint_readouts", "Metric", "VectorAnchor", "anchor_direction",
+           "mean_score", "save_anchor", "load_anchor", "LogitDiff", "KLDivergence", "LogProb",
+           "CustomMetric", "metric_from_name"]
+
 Array = jax.Array
 
 

@@ -36,6 +36,9 @@ from jaxpatch.errors import PatchError
 from jaxpatch.models.config import ModelConfig, Params, param_shapes
 from jaxpatch.modes import Granularity
 
+__all__ = ["PATCH_FORMAT", "Index", "alpha_shapes", "component_entries", "indexed_leaves", "Patch",
+           "mix_leaf", "apply", "check_compatible", "ablation_target"]
+
 PATCH_FORMAT = "jaxpatch.patch/1"
 Index = tuple  # an index into an alpha leaf: ints and slices
 

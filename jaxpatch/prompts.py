@@ -28,6 +28,8 @@ from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import check_tokens
 from jaxpatch.modes import POSITIONS, Positions, check_mode
 
+__all__ = ["Prompt", "Batch", "read_prompts", "make_batch", "greedy_continuations"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:

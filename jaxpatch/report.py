@@ -15,6 +15,9 @@ import numpy as np
 from jaxpatch.results import SweepResult
 from jaxpatch.stats import roc_auc, roc_curve
 
+__all__ = ["heatmap_grid", "heatmap_png", "summary_table", "METHOD_LABELS", "CAVEATS", "roc_png",
+           "summary_lines", "render_html", "write_run", "auc_csv", "read_run"]
+
 _INDEXED = re.compile(r"layers\.(\d+)\.(.+?)\[(\w+)=(\d+)\]$")
 _MODULE = re.compile(r"layers\.(\d+)\.(.+)$")
 

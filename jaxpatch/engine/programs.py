@@ -106,7 +106,7 @@ def _check_chunk(alphas: Alphas, residual: jax.Array | None) -> None:
         chex.assert_rank(residual, 3)
 
 
-def local_program(config: ModelConfig, metric: Metric, stop: int | None,
+def local_program(config: ModelConfig, metric: Metric,
                   dense: bool) -> Callable[[Alphas, LocalOperands], jax.Array]:
     """Scores `[chunk]` of candidates that all patch one block, whose index is traced: one
     compiled program serves every block.
@@ -114,12 +114,12 @@ def local_program(config: ModelConfig, metric: Metric, stop: int | None,
     Arguments:
         config: the architecture.
         metric: the metric (its anchor block ends the run; None: logits).
-        stop: the metric's anchor block.
         dense: materialize each candidate's patched weights.
 
     Returns:
         `run(alphas, operands) -> scores`.
     """
+    stop = metric.layer
     last = config.n_layers - 1 if stop is None else stop
 
     def run(alphas: Alphas, ops: LocalOperands) -> jax.Array:

@@ -104,7 +104,7 @@ def _prepare(base: Model, donor: Model, batch: Batch, metric: Metric, direction:
     elif target is donor.params:
         target_stacked = stacked_donor
     else:
-        target_stacked = stacked_checked(target, "ablation target")
+        target_stacked = stacked_checked(target, "target")  # an ablation, or a dtype cast
     start_score = float(mean_score(metric, runs[start_name][0], batch, state))
     return _Prepared(start, target, start_stacked, target_stacked, runs[start_name][1], state,
                      base_score, donor_score, start_score)
@@ -115,7 +115,7 @@ def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _
     """A plan's cache key, program function, and operands for each of its groups."""
     if plan.kind == "local":
         key = ("local", config, metric, plan.signature, plan.dense)
-        fn = local_program(config, metric, metric.layer, plan.dense)
+        fn = local_program(config, metric, plan.dense)
         stacked_deltas = deltas(prepared.target_stacked, prepared.start_stacked, plan.signature)
         rest = without_layers(prepared.start)
         operands = [LocalOperands(prepared.start_stacked, stacked_deltas, rest,

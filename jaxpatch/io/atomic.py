@@ -11,6 +11,8 @@ from typing import Iterator
 
 from jaxpatch.errors import OutputExistsError
 
+__all__ = ["atomic_directory", "atomic_write_bytes"]
+
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:

@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
+__all__ = ["file_sha256", "checkpoint_fingerprint", "versions"]
+
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """The SHA-256 of a file, streamed.

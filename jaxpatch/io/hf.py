@@ -33,6 +33,9 @@ from jaxpatch.models.config import ModelConfig, Params, param_shapes
 from jaxpatch.models.families import config_from_hf, config_to_hf, hf_prefix, is_ignored_tensor, tensor_rules
 from jaxpatch.models.model import Model
 
+__all__ = ["SINGLE_FILE", "INDEX_FILE", "PICKLE_FILES", "read_json", "read_config", "weight_files",
+           "tensor_index", "load_hf", "load_tokenizer", "save_hf"]
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")

@@ -14,6 +14,9 @@ from jaxpatch.io.atomic import atomic_directory
 from jaxpatch.models.config import ModelConfig, RopeScaling, param_shapes
 from jaxpatch.models.model import Model
 
+__all__ = ["MARKER", "FORMAT_VERSION", "is_orbax_checkpoint", "config_to_json", "config_from_json",
+           "save_orbax", "load_orbax"]
+
 MARKER = "jaxpatch.json"
 FORMAT_VERSION = 1
 

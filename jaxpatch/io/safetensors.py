@@ -23,6 +23,8 @@ import numpy as np
 
 from jaxpatch.errors import CorruptCheckpointError
 
+__all__ = ["SAFETENSORS_DTYPES", "TensorInfo", "read_header", "read_tensor", "write_file"]
+
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),

@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["Family", "FAMILIES", "ACTIVATIONS", "DTYPES", "RopeScaling", "ModelConfig", "Params",
+           "param_shapes", "init_params", "count_params"]
+
 Family = Literal["gpt2", "llama", "qwen2", "mistral", "gemma"]
 FAMILIES: tuple[str, ...] = ("gpt2", "llama", "qwen2", "mistral", "gemma")
 ACTIVATIONS: tuple[str, ...] = ("gelu_tanh", "gelu", "silu", "relu")

@@ -21,6 +21,11 @@ import numpy as np
 from jaxpatch.errors import InvalidInputError
 from jaxpatch.models.config import ModelConfig, Params, RopeScaling
 
+__all__ = ["MixedWeight", "Probe", "dense", "Edit", "ForwardOutput", "forward", "embed",
+           "lookup", "unembed", "block", "linear", "mixed_einsum", "probe_einsum",
+           "attention_heads", "mlp", "activation", "norm", "attention_allowed", "stack_layers",
+           "layer_at", "window_at", "run_blocks", "rope_frequencies", "rope_tables", "apply_rope"]
+
 Array = jax.Array
 
 

@@ -18,6 +18,10 @@ import numpy as np
 from jaxpatch.errors import UnsupportedArchitectureError, UnsupportedConfigError
 from jaxpatch.models.config import FAMILIES, ModelConfig, RopeScaling
 
+__all__ = ["HARMLESS_KEYS", "KEPT_METADATA", "ARCHITECTURES", "HF_ACTIVATIONS", "ConfigReader",
+           "config_from_hf", "TRANSLATORS", "config_to_hf", "ToCanonical", "ToHF", "TensorRule",
+           "tensor_rules", "is_ignored_tensor", "hf_prefix"]
+
 # Config keys that never change the numerics of an inference forward pass.
 HARMLESS_KEYS = frozenset("""
     _name_or_path architectures model_type torch_dtype dtype transformers_version

@@ -14,6 +14,8 @@ from jaxpatch.errors import InvalidInputError
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
 
+__all__ = ["Model", "pad_right", "check_tokens"]
+
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(config: ModelConfig, params: Params, tokens: jax.Array,
