@@ -273,6 +273,7 @@ def prefix_pass(config: ModelConfig, stacked: Params, rest: Params, batch: Batch
         streams `[count, P, S, d_model]`.
 
     Example:
+        >>> from jaxpatch._tree import without_layers
         >>> x, before = prefix_pass(cfg, stacked_checked(base.params, "base"),
         ...                         without_layers(base.params), batch, 1, 2)
         >>> x.shape, before.shape
