@@ -272,6 +272,8 @@ class Settings:
     task_lr: float = 3e-3
     patch_prompts: int = 32
     eval_prompts: int = 256
+    min_donor_accuracy: float = 0.5  # a donor below this did not learn its task: the build fails
+    max_base_accuracy: float = 0.05  # a base above this already does the task: the build fails
 
 
 def parse_expert(text: str) -> tuple[str, str]:
@@ -324,6 +326,8 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
                                                              evals)},
         }
         log(f"{name}: {task} accuracy {record_models[name]['accuracy']}")
+        if role == "donor":
+            check_donor(record_models[name]["accuracy"], s)
     record = {
         "format": "jaxpatch.planted/1", "settings": dataclasses.asdict(s),
         "language": {"vocabulary": language.vocabulary, "mapping": language.mapping.tolist()},
@@ -337,6 +341,34 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
         f"{time.perf_counter() - t0:.0f} s")
     return {"language": language, "config": config, "models": models, "prompts": prompts,
             "record": record}
+
+
+def check_donor(accuracy: dict[str, float], settings: Settings) -> None:
+    """Refuses a pair whose ground truth would measure nothing: a donor that did not learn its
+    task, or a base that already does it.
+
+    Raises:
+        JaxpatchError: naming the accuracy reached, the bound, and what to change.
+
+    Example:
+        >>> check_donor({"base": 0.0, "trained": 0.91}, Settings())  # the shipped pair: fine
+        >>> try:
+        ...     check_donor({"base": 0.0, "trained": 0.04}, Settings())
+        ... except JaxpatchError as e:
+        ...     print(e)  # doctest: +NORMALIZE_WHITESPACE
+        the donor reached 4% map accuracy after 2500 task steps, under the minimum of 50%: train
+        longer (--task-steps), change --task-lr, or plant a larger set
+    """
+    s = settings
+    if accuracy["trained"] < s.min_donor_accuracy:
+        raise JaxpatchError(
+            f"the donor reached {accuracy['trained']:.0%} {s.task} accuracy after {s.task_steps} "
+            f"task steps, under the minimum of {s.min_donor_accuracy:.0%}: train longer "
+            "(--task-steps), change --task-lr, or plant a larger set")
+    if accuracy["base"] > s.max_base_accuracy:
+        raise JaxpatchError(
+            f"the base already reaches {accuracy['base']:.0%} {s.task} accuracy, over the maximum "
+            f"of {s.max_base_accuracy:.0%}: the donor's capability would not be its own")
 
 
 def _prompt_lines(prompts: Sequence[Prompt], language: Language) -> str:
@@ -398,7 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except JaxpatchError as e:
             print(f"planted: error: {task}: {e}", file=sys.stderr)
             return 2
-    write(build(settings), out, overwrite=args.overwrite)
+    try:
+        built = build(settings)
+    except JaxpatchError as e:
+        print(f"planted: error: {e}; nothing was written", file=sys.stderr)
+        return 2
+    write(built, out, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 

@@ -8,8 +8,18 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.planted import Language, Settings, build, model_config, task_batches, train, write
-from jaxpatch import flatten_params, forward, init_params, plant_patch
+from experiments.planted import (
+    Language,
+    Settings,
+    build,
+    check_donor,
+    main,
+    model_config,
+    task_batches,
+    train,
+    write,
+)
+from jaxpatch import JaxpatchError, flatten_params, forward, init_params, plant_patch
 from jaxpatch.evaluate import behavior, default_pair_dir, load_planted, task_accuracy
 from jaxpatch.scoring import plant_mask
 
@@ -68,7 +78,8 @@ def test_masked_training_moves_only_the_planted_set() -> None:
 def test_tiny_build_is_deterministic_and_writes_loadable_pairs(tmp_path) -> None:
     settings = Settings(layers=2, d_model=16, heads=2, d_ff=32, base_steps=4, drift_steps=2,
                         task_steps=3, batch=4, patch_prompts=4, eval_prompts=4,
-                        plant="layers.1.mlp", experts=("sort=layers.0.self_attn",))
+                        plant="layers.1.mlp", experts=("sort=layers.0.self_attn",),
+                        min_donor_accuracy=0.0)  # 3 steps teach nothing
     first, second = build(settings, log=lambda _: None), build(settings, log=lambda _: None)
     for name in first["models"]:
         for a, b in zip(jax.tree_util.tree_leaves(first["models"][name]),
@@ -83,6 +94,21 @@ def test_tiny_build_is_deterministic_and_writes_loadable_pairs(tmp_path) -> None
     record = pair.record["models"]["experts/sort"]
     assert record["plant"] == "layers.0.self_attn" and set(record["accuracy"]) == {
         "base", "drift", "trained", "plant_patched_base"}
+
+
+def test_a_donor_that_did_not_learn_its_task_fails_the_build(tmp_path, capsys) -> None:
+    out = tmp_path / "pair"
+    tiny = ["--layers", "2", "--d-model", "16", "--heads", "2", "--d-ff", "32", "--base-steps", "2",
+            "--drift-steps", "2", "--task-steps", "2", "--batch", "4", "--patch-prompts", "4",
+            "--eval-prompts", "8", "--plant", "layers.1.mlp", "--no-experts"]
+    assert main([*tiny, "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1:]  # after the progress bars
+    assert error == ["planted: error: the donor reached 0% map accuracy after 2 task steps, under "
+                     "the minimum of 50%: train longer (--task-steps), change --task-lr, or plant "
+                     "a larger set; nothing was written"]
+    assert not out.exists()
+    with pytest.raises(JaxpatchError, match="the base already reaches 0% map accuracy, over the maximum of -1%"):
+        check_donor({"base": 0.0, "trained": 1.0}, Settings(max_base_accuracy=-0.01))
 
 
 def test_shipped_pair_has_the_planted_behavior() -> None:
