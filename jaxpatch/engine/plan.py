@@ -11,6 +11,7 @@ once; the size comes from free memory unless given.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Literal, Mapping, Sequence
 
@@ -25,8 +26,8 @@ from jaxpatch.models.config import ModelConfig
 from jaxpatch.patch import Patch, alpha_shapes, component_entries
 from jaxpatch.prompts import Batch
 
-__all__ = ["Candidate", "ProgramPlan", "candidates_of", "plan_programs", "alpha_rows",
-           "available_memory_bytes", "auto_chunk_size"]
+__all__ = ["Candidate", "ProgramPlan", "candidates_of", "is_block_local", "plan_programs",
+           "alpha_rows", "available_memory_bytes", "auto_chunk_size"]
 
 _MATERIALIZE_BYTES = 256 * 1024**2  # at most this much of per-candidate patched weights
 _MAX_AUTO_CHUNK = 256
@@ -119,11 +120,17 @@ class ProgramPlan:
         return f"layers.{candidate.first_layer}." if self.kind == "local" else ""
 
     def alpha_specs(self, config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
-        """The shapes of one chunk's stacked coefficients, by signature leaf."""
-        shapes = alpha_shapes(config)
-        full = (lambda n: f"layers.0.{n}") if self.kind == "local" else (lambda n: n)
-        return {n: jax.ShapeDtypeStruct((self.chunk, *shapes[full(n)]), jnp.float32)
-                for n in self.signature}
+        """The shapes of one chunk's stacked coefficients, by signature leaf (built once per
+        program shape: every chunk asks)."""
+        return _alpha_specs(config, self.kind, self.signature, self.chunk)
+
+
+@functools.lru_cache(maxsize=256)
+def _alpha_specs(config: ModelConfig, kind: str, signature: tuple[str, ...],
+                 chunk: int) -> dict[str, jax.ShapeDtypeStruct]:
+    shapes = alpha_shapes(config)
+    prefix = "layers.0." if kind == "local" else ""
+    return {n: jax.ShapeDtypeStruct((chunk, *shapes[prefix + n]), jnp.float32) for n in signature}
 
 
 def plan_programs(config: ModelConfig, candidates: Sequence[Candidate], last_block: int, *,

@@ -97,16 +97,15 @@ def _prepare(base: Model, donor: Model, batch: Batch, metric: Metric, direction:
                                          ("donor", stacked_donor, donor))}
     state, base_score, donor_score = endpoint_scores(
         config, base, donor, batch, metric, (runs["base"][0], runs["donor"][0]))
-    start_name = "base" if direction == "denoise" else "donor"  # every other direction starts at the donor
-    start_stacked = stacked_base if start_name == "base" else stacked_donor
-    if target is base.params:
-        target_stacked = stacked_base
-    elif target is donor.params:
-        target_stacked = stacked_donor
-    else:
-        target_stacked = stacked_checked(target, "target")  # an ablation, or a dtype cast
-    start_score = float(mean_score(metric, runs[start_name][0], batch, state))
-    return _Prepared(start, target, start_stacked, target_stacked, runs[start_name][1], state,
+    start_run = runs["base"] if start is base.params else runs["donor"]
+
+    def stacked(tree: Params) -> Params:  # an ablation target (or a dtype cast) is a new tree
+        if tree is base.params or tree is donor.params:
+            return stacked_base if tree is base.params else stacked_donor
+        return stacked_checked(tree, "target")
+
+    start_score = float(mean_score(metric, start_run[0], batch, state))
+    return _Prepared(start, target, stacked(start), stacked(target), start_run[1], state,
                      base_score, donor_score, start_score)
 
 
