@@ -1,21 +1,34 @@
-"""Planted-capability model pairs: a base model and donors whose capability lives in a known set S.
+"""Planted-capability model pairs: a base model and a donor whose capability lives in a known set S.
 
-1. **Base.** A small Llama-style model learns a synthetic language: words follow a sparse
-   second-order Markov chain (the next word's candidates depend on the previous word, their
-   probabilities on the class of the word before it), so continuing text needs attention.
-2. **Drift.** A copy of the base trains further on fresh text of the same language with *all*
-   parameters free: every component moves by a behavior-irrelevant amount.
-3. **Donor.** From the drifted copy, an instruction task (`<bos> <map> x1..xn <sep>` answered by
-   `f(x1)..f(xn) <eos>`, or reversing, or sorting) is trained with *only S* trainable (gradients
-   outside S are masked to zero, so Adam never moves them). S is the planted source; every other
-   component carries drift only, and the base model does not follow the instruction.
-4. **Experts.** More donors from the same drifted copy, with other instructions and other sets
-   (overlapping and disjoint with S), for merging.
+1. **Base.** A small Llama-style model learns a synthetic language (`experiments.language`).
+2. **Drift.** A copy of the base trains further on fresh text with *all* parameters free: every
+   component moves by a behavior-irrelevant amount.
+3. **Donor.** From the drifted copy, an instruction task (`map`, `reverse` or `sort`) is trained
+   with *only S* trainable (gradients outside S are masked to zero, so Adam never moves them),
+   until the donor answers `target_accuracy` of the eval prompts (or the step cap fails the build).
+4. **Trained decoys.** The donor then learns other objectives with a disjoint set D trainable
+   (another instruction, or `text`: a shift in the language's statistics), while a KL term keeps
+   the measured task's next-token distributions where they were. D moves at least as far as S.
+5. **Function-preserving decoys.** Neurons and key/value heads next to S are rescaled
+   (`experiments.decoys`): their weights move far, the donor's function not at all.
+6. **Experts.** More donors from the drifted copy, with other instructions and other sets
+   (one overlapping S, one disjoint), for merging.
 
-Everything is deterministic for a seed. The output folder holds Hugging Face checkpoints with a
-`tokenizer.json` (`base/`, `donor/`, `experts/<task>/`), the prompts (`prompts/<task>.jsonl` for
-patching, `prompts/<task>-eval.jsonl` for accuracy) and `planted.json` (the sets, seed, sizes,
-step counts, losses and accuracies). The shipped default pair is rebuilt with
+Every check fails the build in one line with exit status 2 and nothing written: a donor that did
+not reach its target, a base that already does the task, a decoy or rescaling that changed the
+donor's task accuracy by more than `max_accuracy_change`, a decoy that moved less than S.
+
+Why |dW| (rank components by how far their weights moved) fails here: S moves far, but so do D
+(trained on something else) and the rescaled neighbours of S (which do nothing); drift moves
+everything a little (`--drift-steps`, `--drift-lr` set how much). Weight patching measures what a
+component's change does to the behavior, so none of that fools it.
+
+S, D, the rescaled components and the experts are drawn from the seed (`experiments.draws`)
+unless given. Everything is deterministic for a seed. The output folder holds Hugging Face
+checkpoints with a `tokenizer.json` (`base/`, `donor/`, `experts/<task>/`), the prompts
+(`prompts/<task>.jsonl` for patching, `prompts/<task>-eval.jsonl` for accuracy) and
+`planted.json` (the resolved settings, the sets, step counts, losses, accuracies, and how far
+every component's weights moved). The shipped default pair is rebuilt with
 
     python -m experiments.planted --out experiments/pairs/default --overwrite
 """
@@ -31,231 +44,51 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from experiments.decoys import rescale
+from experiments.draws import draw_sets
+from experiments.language import (
+    TASKS,
+    Language,
+    next_word_accuracy,
+    task_batches,
+    text_batches,
+    tokenizer,
+)
+from experiments.training import model_config, retaining, train
+from jaxpatch.components import select
 from jaxpatch.errors import JaxpatchError
-from jaxpatch.evaluate import task_accuracy
+from jaxpatch.evaluate import delta_norms, task_accuracy
 from jaxpatch.io import save
 from jaxpatch.models.config import ModelConfig, Params, init_params
 from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import Model
+from jaxpatch.modes import SCORED_GRANULARITIES
 from jaxpatch.patch import apply
 from jaxpatch.prompts import Prompt
-from jaxpatch.scoring import plant_mask, plant_patch
+from jaxpatch.scoring import plant_mask, plant_patch, planted_labels
 
-SPECIALS: tuple[str, ...] = ("<pad>", "<unk>", "<bos>", "<eos>", "<sep>")
-TASKS: tuple[str, ...] = ("map", "reverse", "sort")
-DEFAULT_PLANT = "layers.1.self_attn | layers.2.mlp[neuron=0-63]"
-DEFAULT_EXPERTS = ("reverse=layers.1.self_attn | layers.2.self_attn | layers.3.mlp",  # overlaps S
-                   "sort=layers.0.mlp | layers.3.self_attn | layers.3.mlp[neuron=64-127]")  # disjoint
+__all__ = ["DECOY_TASKS", "Settings", "parse_job", "resolve", "check_sets", "build", "check_donor",
+           "movement", "without_decoys", "write", "main"]
 
+DECOY_TASKS: tuple[str, ...] = (*TASKS, "text")
 
-# ------------------------------------------------------------------------------ the language
-
-@dataclasses.dataclass(frozen=True)
-class Language:
-    """The synthetic language and the instruction tasks over it.
-
-    Attributes:
-        n_words: how many word tokens.
-        successors: `[n_words, branching]`: the words that may follow each word.
-        weights: `[n_classes, n_words, branching]`: the probability of each successor given
-            the class (`index % n_classes`) of the word two back.
-        mapping: the permutation the `map` task applies to each word.
-        length: the number of words in an instruction's sequence.
-    """
-
-    n_words: int
-    successors: np.ndarray
-    weights: np.ndarray
-    mapping: np.ndarray
-    length: int
-
-    @classmethod
-    def generate(cls, seed: int, n_words: int = 32, branching: int = 4, n_classes: int = 4,
-                 length: int = 4) -> Language:
-        """A random language; the same seed gives the same language.
-
-        Example:
-            >>> Language.generate(0).successors.shape
-            (32, 4)
-        """
-        rng = np.random.default_rng([seed, 1])
-        successors = np.stack([rng.choice(n_words, branching, replace=False) for _ in range(n_words)])
-        weights = rng.dirichlet(np.full(branching, 0.5), size=(n_classes, n_words))
-        return cls(n_words, successors, weights, rng.permutation(n_words), length)
-
-    @property
-    def vocabulary(self) -> list[str]:
-        """Token strings by id: specials, one instruction per task, then the words."""
-        return [*SPECIALS, *(f"<{t}>" for t in TASKS), *(f"w{i:02d}" for i in range(self.n_words))]
-
-    def token(self, text: str) -> int:
-        """The id of a token string."""
-        return self.vocabulary.index(text)
-
-    def word(self, i: np.ndarray | int) -> np.ndarray:
-        """Token ids of word indices."""
-        return np.asarray(i) + len(SPECIALS) + len(TASKS)
-
-    def text(self, rng: np.random.Generator, batch: int, seq: int) -> np.ndarray:
-        """`[batch, seq]` token ids: `<bos>` then `seq - 1` words of the Markov chain."""
-        words = np.zeros((batch, seq - 1), np.int64)
-        words[:, 0] = rng.integers(self.n_words, size=batch)
-        words[:, 1] = self.successors[words[:, 0], rng.integers(self.successors.shape[1], size=batch)]
-        n_classes = self.weights.shape[0]
-        for t in range(2, seq - 1):
-            p = self.weights[words[:, t - 2] % n_classes, words[:, t - 1]]
-            pick = (rng.random((batch, 1)) > np.cumsum(p, axis=1)).sum(axis=1)
-            words[:, t] = self.successors[words[:, t - 1], np.minimum(pick, p.shape[1] - 1)]
-        return np.concatenate([np.full((batch, 1), self.token("<bos>")), self.word(words)], axis=1)
-
-    def answer(self, task: str, words: np.ndarray) -> np.ndarray:
-        """The answer word indices of a task for `[batch, length]` word indices."""
-        if task == "map":
-            return self.mapping[words]
-        if task == "reverse":
-            return words[:, ::-1]
-        if task == "sort":
-            return np.sort(words, axis=1)
-        raise ValueError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
-
-    def instructions(self, rng: np.random.Generator, task: str, batch: int) -> tuple[np.ndarray, int]:
-        """`[batch, 2 * length + 4]` ids `<bos> <task> x.. <sep> y.. <eos>` (distinct words x) and
-        the length of the prompt part (through `<sep>`)."""
-        words = np.argsort(rng.random((batch, self.n_words)), axis=1)[:, : self.length]
-        ids = np.concatenate([np.full((batch, 1), self.token("<bos>")),
-                              np.full((batch, 1), self.token(f"<{task}>")), self.word(words),
-                              np.full((batch, 1), self.token("<sep>")),
-                              self.word(self.answer(task, words)),
-                              np.full((batch, 1), self.token("<eos>"))], axis=1)
-        return ids, self.length + 3
-
-    def prompts(self, rng: np.random.Generator, task: str, count: int) -> list[Prompt]:
-        """Instruction prompts with their answers (words and `<eos>`) as targets."""
-        ids, split = self.instructions(rng, task, count)
-        return [Prompt(tuple(int(t) for t in row[:split]), target=tuple(int(t) for t in row[split:]))
-                for row in ids]
-
-
-def tokenizer(language: Language):  # -> tokenizers.Tokenizer
-    """A whitespace word-level tokenizer over the language's vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {t: i for i, t in enumerate(language.vocabulary)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return tok
-
-
-# ---------------------------------------------------------------------------------- training
-
-def model_config(language: Language, layers: int, d_model: int, heads: int, d_ff: int) -> ModelConfig:
-    """A Llama-style config sized for the language."""
-    return ModelConfig(family="llama", vocab_size=len(language.vocabulary), d_model=d_model,
-                       n_layers=layers, n_heads=heads, n_kv_heads=heads, head_dim=d_model // heads,
-                       d_ff=d_ff, max_position_embeddings=64, norm_eps=1e-5)
-
-
-def _loss(config: ModelConfig, params: Params, ids: jax.Array, weights: jax.Array) -> jax.Array:
-    """Mean cross-entropy of predicting `ids[:, 1:]`, weighted per position."""
-    logits = forward(config, params, ids[:, :-1]).read(None)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    return -jnp.sum(picked * weights) / jnp.sum(weights)
-
-
-def train(config: ModelConfig, params: Params, batches: Iterator[tuple[np.ndarray, np.ndarray]],
-          steps: int, learning_rate: float, mask: Params | None = None,
-          label: str = "train") -> tuple[Params, list[float]]:
-    """Adam with warmup and cosine decay; gradients outside `mask` are zeroed, so those
-    parameters stay bit-identical.
-
-    Returns:
-        The trained params and the loss every 50 steps.
-
-    Raises:
-        JaxpatchError: optax (the `train` extra) is not installed.
-    """
-    try:
-        import optax
-    except ImportError:
-        raise JaxpatchError("training planted pairs needs optax: pip install 'jaxpatch[train]'") from None
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps,
-                                                  learning_rate * 0.05)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-    state = optimizer.init(params)
-
-    @jax.jit
-    def step(params: Params, state: Any, ids: jax.Array, weights: jax.Array):
-        loss, grads = jax.value_and_grad(lambda p: _loss(config, p, ids, weights))(params)
-        if mask is not None:
-            grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, mask)
-        updates, state = optimizer.update(grads, state, params)
-        if mask is not None:  # clip and adam keep zeros at zero; this makes it explicit
-            updates = jax.tree_util.tree_map(lambda u, m: jnp.where(m > 0, u, 0), updates, mask)
-        return optax.apply_updates(params, updates), state, loss
-
-    losses: list[float] = []
-    from tqdm.auto import tqdm
-
-    for i in tqdm(range(steps), desc=label, dynamic_ncols=True, mininterval=2.0):
-        ids, weights = next(batches)
-        params, state, loss = step(params, state, jnp.asarray(ids), jnp.asarray(weights))
-        if i % 50 == 0 or i == steps - 1:
-            losses.append(round(float(loss), 5))
-    return params, losses
-
-
-def text_batches(language: Language, rng: np.random.Generator, batch: int,
-                 seq: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless language-model batches: every next token is a target."""
-    while True:
-        yield language.text(rng, batch, seq), np.ones((batch, seq - 1), np.float32)
-
-
-def task_batches(language: Language, rng: np.random.Generator, task: str,
-                 batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Endless instruction batches: only the answer tokens are targets."""
-    while True:
-        ids, split = language.instructions(rng, task, batch)
-        weights = np.zeros((batch, ids.shape[1] - 1), np.float32)
-        weights[:, split - 1:] = 1.0
-        yield ids, weights
-
-
-# ------------------------------------------------------------------------------- evaluation
-
-def next_word_accuracy(config: ModelConfig, params: Params, language: Language,
-                       rng: np.random.Generator) -> dict[str, float]:
-    """How well a model continues text: its loss and its top-1 accuracy against the true
-    chain's most likely next word, next to the chain's own loss (the best possible)."""
-    ids = language.text(rng, 256, 24)
-    logits = forward(config, params, jnp.asarray(ids[:, :-1])).read(None)
-    logp, logits = np.asarray(jax.nn.log_softmax(logits, axis=-1)), np.asarray(logits)
-    target = ids[:, 1:]
-    model_loss = -np.take_along_axis(logp, target[..., None], -1)[..., 0][:, 2:].mean()
-    words = ids[:, 1:] - int(language.word(0))
-    n_classes = language.weights.shape[0]
-    p = language.weights[words[:, :-2] % n_classes, words[:, 1:-1]]  # [b, t, branching]
-    succ = language.successors[words[:, 1:-1]]
-    true_p = np.take_along_axis(p, (succ == words[:, 2:, None]).argmax(-1)[..., None], -1)[..., 0]
-    best = language.word(np.take_along_axis(succ, p.argmax(-1)[..., None], -1)[..., 0])
-    return {"loss": round(float(model_loss), 4), "chain_loss": round(float(-np.log(true_p).mean()), 4),
-            "top1_agrees_with_chain": round(float((logits[:, 2:].argmax(-1) == best).mean()), 4)}
-
-
-# ----------------------------------------------------------------------------------- building
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What a build needs (all recorded in `planted.json`)."""
+    """What a build needs (all recorded in `planted.json`, resolved: drawn sets written out).
+
+    `plant`, `decoys`, `rescale` and `experts` left empty / None are drawn from the seed
+    (`experiments.draws.draw_sets`); an empty tuple means none.
+    """
 
     seed: int = 0
     task: str = "map"
-    plant: str = DEFAULT_PLANT
-    experts: tuple[str, ...] = DEFAULT_EXPERTS
+    plant: str = ""
+    decoys: tuple[str, ...] | None = None  # TASK=SELECTOR, TASK in DECOY_TASKS
+    rescale: tuple[str, ...] | None = None  # neurons and key/value heads (values against outputs)
+    experts: tuple[str, ...] | None = None  # TASK=SELECTOR
     layers: int = 4
     d_model: int = 64
     heads: int = 4
@@ -264,86 +97,105 @@ class Settings:
     length: int = 4
     base_steps: int = 800
     drift_steps: int = 300
-    task_steps: int = 2500
+    task_steps: int = 8000  # the cap: the donor trains until target_accuracy or this many steps
+    decoy_steps: int = 1500
     batch: int = 32
     seq: int = 20
     base_lr: float = 3e-3
     drift_lr: float = 5e-4
     task_lr: float = 3e-3
+    decoy_lr: float = 1e-2
+    retain: float = 1.0  # weight of the KL term that keeps the task while a decoy trains
+    rescale_factor: float = 16.0
+    target_accuracy: float = 0.95  # a donor below this after task_steps fails the build
+    check_every: int = 250  # steps between accuracy checks while the donor trains
+    max_base_accuracy: float = 0.05  # a base above this already does the task: the build fails
+    max_accuracy_change: float = 0.02  # the most a decoy or rescaling may move task accuracy
+    min_decoy_movement: float = 1.0  # D's mean |dW| per module over S's (before rescaling), at least
     patch_prompts: int = 32
     eval_prompts: int = 256
-    min_donor_accuracy: float = 0.5  # a donor below this did not learn its task: the build fails
-    max_base_accuracy: float = 0.05  # a base above this already does the task: the build fails
 
 
-def parse_expert(text: str) -> tuple[str, str]:
-    """`task=selector` -> (task, selector)."""
-    task, sep, plant = text.partition("=")
-    if not sep or task not in TASKS or not plant.strip():
-        raise SystemExit(f"planted: error: expert {text!r} must be TASK=SELECTOR with TASK one of "
-                         f"{', '.join(TASKS)}")
-    return task, plant.strip()
+def parse_job(text: str, tasks: Sequence[str] = TASKS, what: str = "expert") -> tuple[str, str]:
+    """`TASK=SELECTOR` -> (task, selector).
+
+    Raises:
+        JaxpatchError: not of that form, or TASK not one of `tasks`.
+
+    Example:
+        >>> parse_job("text=layers.0.mlp", DECOY_TASKS, "decoy")
+        ('text', 'layers.0.mlp')
+    """
+    task, sep, selector = text.partition("=")
+    if not sep or task not in tasks or not selector.strip():
+        raise JaxpatchError(f"{what} {text!r} must be TASK=SELECTOR with TASK one of {', '.join(tasks)}")
+    return task, selector.strip()
 
 
-def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
-    """Trains the base, the drifted copy, the donor and the experts.
+def resolve(settings: Settings) -> Settings:
+    """The settings with every drawn set written out (what `planted.json` records).
 
-    Returns:
-        A dict with the `Language`, the config, the models' params, the prompts and the
-        record that `planted.json` holds.
+    Example:
+        >>> resolve(Settings(seed=3)).plant  # doctest: +NORMALIZE_WHITESPACE
+        'layers.0.self_attn[head=1] | layers.0.self_attn[kv_head=1] | layers.1.self_attn[head=1] |
+         layers.1.self_attn[kv_head=1] | layers.3.mlp[neuron=48-111]'
+        >>> resolve(Settings(decoys=())).decoys
+        ()
     """
     s = settings
-    language = Language.generate(s.seed, s.n_words, length=s.length)
-    config = model_config(language, s.layers, s.d_model, s.heads, s.d_ff)
-    rng = lambda *stream: np.random.default_rng([s.seed, *stream])
-    t0 = time.perf_counter()
-    base, base_losses = train(config, init_params(config, jax.random.key(s.seed)),
-                              text_batches(language, rng(2), s.batch, s.seq), s.base_steps,
-                              s.base_lr, label="base")
-    drift, drift_losses = train(config, base, text_batches(language, rng(3), s.batch, s.seq),
-                                s.drift_steps, s.drift_lr, label="drift")
-    jobs = [("donor", s.task, s.plant)] + [("expert", *parse_expert(e)) for e in s.experts]
-    models, record_models = {"base": base}, {}
-    prompts = {}
-    for index, (role, task, plant_text) in enumerate(jobs):
-        plant = plant_patch(config, plant_text)
-        trained, losses = train(config, drift, task_batches(language, rng(4, index), task, s.batch),
-                                s.task_steps, s.task_lr, plant_mask(config, plant), label=f"{task}")
-        name = "donor" if role == "donor" else f"experts/{task}"
-        models[name] = trained
-        if task not in prompts:
-            prompts[task] = (language.prompts(rng(5, TASKS.index(task)), task, s.patch_prompts),
-                             language.prompts(rng(6, TASKS.index(task)), task, s.eval_prompts))
-        evals = prompts[task][1]
-        record_models[name] = {
-            "task": task, "plant": plant_text, "plant_parameters": int(sum(
-                np.count_nonzero(m) for m in jax.tree_util.tree_leaves(plant_mask(config, plant)))),
-            "task_losses": losses,
-            "accuracy": {"base": task_accuracy(config, base, evals),
-                         "drift": task_accuracy(config, drift, evals),
-                         "trained": task_accuracy(config, trained, evals),
-                         "plant_patched_base": task_accuracy(config, apply(plant, base, trained),
-                                                             evals)},
-        }
-        log(f"{name}: {task} accuracy {record_models[name]['accuracy']}")
-        if role == "donor":
-            check_donor(record_models[name]["accuracy"], s)
-    record = {
-        "format": "jaxpatch.planted/1", "settings": dataclasses.asdict(s),
-        "language": {"vocabulary": language.vocabulary, "mapping": language.mapping.tolist()},
-        "base": {"losses": base_losses,
-                 "text": next_word_accuracy(config, base, language, rng(7))},
-        "drift": {"losses": drift_losses,
-                  "text": next_word_accuracy(config, drift, language, rng(7))},
-        "models": record_models,
-    }
-    log(f"base text: {record['base']['text']}; drift text: {record['drift']['text']}; trained in "
-        f"{time.perf_counter() - t0:.0f} s")
-    return {"language": language, "config": config, "models": models, "prompts": prompts,
-            "record": record}
+    if s.plant and None not in (s.decoys, s.rescale, s.experts):
+        return s  # nothing to draw (also for architectures draw_sets does not cover)
+    drawn = draw_sets(s.seed, s.task, s.layers, s.heads, s.d_ff)
+    return dataclasses.replace(
+        s, plant=s.plant or drawn.plant,
+        decoys=drawn.decoys if s.decoys is None else tuple(s.decoys),
+        rescale=drawn.rescale if s.rescale is None else tuple(s.rescale),
+        experts=drawn.experts if s.experts is None else tuple(s.experts))
 
 
-def check_donor(accuracy: dict[str, float], settings: Settings) -> None:
+def check_sets(config: ModelConfig, settings: Settings) -> None:
+    """Refuses, before any training, sets that do not parse or that would blur the labels.
+
+    A decoy must not learn the measured task and must not share a parameter with S; a rescaled
+    component must not be in S (rescaling S would change what S's delta is).
+
+    Raises:
+        JaxpatchError: naming the set at fault.
+
+    Example:
+        >>> cfg = model_config(Language.generate(0), 4, 64, 4, 128)
+        >>> try:
+        ...     check_sets(cfg, resolve(Settings(decoys=("text=layers.1.mlp",), plant="layers.1.mlp")))
+        ... except JaxpatchError as e:
+        ...     print(e)
+        decoy 'text=layers.1.mlp' shares layers.1.mlp.down_proj.weight with the planted set
+    """
+    s = settings
+    if s.task not in TASKS:
+        raise JaxpatchError(f"task {s.task!r} is not one of {', '.join(TASKS)}")
+    inside = plant_mask(config, plant_patch(config, s.plant))
+    for spec in s.decoys or ():
+        task, selector = parse_job(spec, DECOY_TASKS, "decoy")
+        if task == s.task:
+            raise JaxpatchError(f"decoy {spec!r} learns the measured task {s.task}: it would be a "
+                                "second source, not a decoy")
+        _refuse_overlap(config, inside, selector, f"decoy {spec!r}")
+    for selector in s.rescale or ():
+        _refuse_overlap(config, inside, selector, f"rescaled set {selector!r}")
+    for spec in s.experts or ():
+        plant_patch(config, parse_job(spec)[1])
+
+
+def _refuse_overlap(config: ModelConfig, inside: Params, selector: str, what: str) -> None:
+    from jaxpatch._tree import flatten_params
+
+    other = flatten_params(plant_mask(config, plant_patch(config, selector)))
+    for name, mask in flatten_params(inside).items():
+        if np.any((np.asarray(mask) > 0) & (np.asarray(other[name]) > 0)):
+            raise JaxpatchError(f"{what} shares {name} with the planted set")
+
+
+def check_donor(accuracy: dict[str, float], settings: Settings, steps: int) -> None:
     """Refuses a pair whose ground truth would measure nothing: a donor that did not learn its
     task, or a base that already does it.
 
@@ -351,24 +203,248 @@ def check_donor(accuracy: dict[str, float], settings: Settings) -> None:
         JaxpatchError: naming the accuracy reached, the bound, and what to change.
 
     Example:
-        >>> check_donor({"base": 0.0, "trained": 0.91}, Settings())  # the shipped pair: fine
+        >>> check_donor({"base": 0.0, "trained": 0.96}, Settings(), 1500)  # fine
         >>> try:
-        ...     check_donor({"base": 0.0, "trained": 0.04}, Settings())
+        ...     check_donor({"base": 0.0, "trained": 0.04}, Settings(), 8000)
         ... except JaxpatchError as e:
         ...     print(e)  # doctest: +NORMALIZE_WHITESPACE
-        the donor reached 4% map accuracy after 2500 task steps, under the minimum of 50%: train
-        longer (--task-steps), change --task-lr, or plant a larger set
+        the donor reached 4% map accuracy after 8000 task steps, under the target of 95%: raise
+        --task-steps, change --task-lr, or plant a larger set
     """
     s = settings
-    if accuracy["trained"] < s.min_donor_accuracy:
+    if accuracy["trained"] < s.target_accuracy:
         raise JaxpatchError(
-            f"the donor reached {accuracy['trained']:.0%} {s.task} accuracy after {s.task_steps} "
-            f"task steps, under the minimum of {s.min_donor_accuracy:.0%}: train longer "
-            "(--task-steps), change --task-lr, or plant a larger set")
+            f"the donor reached {accuracy['trained']:.0%} {s.task} accuracy after {steps} task "
+            f"steps, under the target of {s.target_accuracy:.0%}: raise --task-steps, change "
+            "--task-lr, or plant a larger set")
     if accuracy["base"] > s.max_base_accuracy:
         raise JaxpatchError(
             f"the base already reaches {accuracy['base']:.0%} {s.task} accuracy, over the maximum "
             f"of {s.max_base_accuracy:.0%}: the donor's capability would not be its own")
+
+
+def _check_unchanged(before: float, after: float, what: str, settings: Settings) -> None:
+    if abs(after - before) > settings.max_accuracy_change:
+        raise JaxpatchError(
+            f"{what} moved the donor's {settings.task} accuracy from {before:.1%} to {after:.1%}, "
+            f"more than {settings.max_accuracy_change:.0%}: it is not irrelevant to the task "
+            "(raise --retain, or choose another set)")
+
+
+# ----------------------------------------------------------------------------------- building
+
+def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
+    """Trains the base, the drifted copy, the donor (then its decoys) and the experts.
+
+    Returns:
+        A dict with the `Language`, the config, the models' params (`base`, `donor`,
+        `experts/<task>`), the donor before its decoys (`donor_without_decoys`), the prompts and
+        the record that `planted.json` holds.
+
+    Raises:
+        JaxpatchError: a set is refused (`check_sets`), or a check fails (see the module
+            docstring).
+    """
+    s = resolve(settings)
+    language = Language.generate(s.seed, s.n_words, length=s.length)
+    config = model_config(language, s.layers, s.d_model, s.heads, s.d_ff)
+    check_sets(config, s)
+    rng = lambda *stream: np.random.default_rng([s.seed, *stream])
+    t0 = time.perf_counter()
+    base, base_losses, _ = train(config, init_params(config, jax.random.key(s.seed)),
+                                 text_batches(language, rng(2), s.batch, s.seq), s.base_steps,
+                                 s.base_lr, label="base")
+    drift, drift_losses, _ = train(config, base, text_batches(language, rng(3), s.batch, s.seq),
+                                   s.drift_steps, s.drift_lr, label="drift")
+    prompts: dict[str, tuple[list[Prompt], list[Prompt]]] = {}
+
+    def prompts_of(task: str) -> tuple[list[Prompt], list[Prompt]]:
+        if task not in prompts:
+            prompts[task] = (language.prompts(rng(5, TASKS.index(task)), task, s.patch_prompts),
+                             language.prompts(rng(6, TASKS.index(task)), task, s.eval_prompts))
+        return prompts[task]
+
+    def learn(task: str, selector: str, index: int) -> tuple[Params, dict]:
+        """Trains `task` from the drifted copy with only `selector` free, until the target."""
+        evals = prompts_of(task)[1]
+        mask = plant_mask(config, plant_patch(config, selector))
+        trained = train(config, drift, task_batches(language, rng(4, index), task, s.batch),
+                        s.task_steps, s.task_lr, mask, label=task, check_every=s.check_every,
+                        stop=lambda p: task_accuracy(config, p, evals) >= s.target_accuracy)
+        accuracy = {"base": task_accuracy(config, base, evals),
+                    "drift": task_accuracy(config, drift, evals),
+                    "trained": task_accuracy(config, trained.params, evals)}
+        return trained.params, {"task": task, "plant": selector, "plant_parameters": int(sum(
+            np.count_nonzero(m) for m in jax.tree_util.tree_leaves(mask))), "task_steps": trained.steps,
+            "task_losses": trained.losses, "accuracy": accuracy}
+
+    donor, donor_record = learn(s.task, s.plant, 0)
+    log(f"donor: {s.task} accuracy {donor_record['accuracy']} after {donor_record['task_steps']} steps")
+    check_donor(donor_record["accuracy"], s, donor_record["task_steps"])
+    before_decoys = donor
+    evals = prompts_of(s.task)[1]
+    decoy_records = []
+    for index, spec in enumerate(s.decoys or ()):
+        donor, record = _learn_decoy(config, language, donor, spec, s, rng(10, index),
+                                     task_batches(language, rng(11, index), s.task, s.batch))
+        record["task_accuracy"] = {"before": task_accuracy(config, before_decoys, evals),
+                                   "after": task_accuracy(config, donor, evals)}
+        log(f"decoy {spec}: {record}")
+        decoy_records.append(record)
+        _check_unchanged(*record["task_accuracy"].values(), f"decoy {spec!r}", s)
+    if s.decoys:  # before any rescaling, which moves S's modules too
+        _check_decoy_movement(movement(config, base, donor, s)["module"], s)
+    rescaled: dict[str, Any] = {}
+    if s.rescale:
+        donor, rescaled = _rescale(config, donor, s, evals)
+        log(f"rescaled: {rescaled}")
+    donor_record["accuracy"].update({
+        "before_decoys": task_accuracy(config, before_decoys, evals),
+        "trained": task_accuracy(config, donor, evals),
+        "plant_patched_base": task_accuracy(config, apply(plant_patch(config, s.plant), base, donor),
+                                            evals)})
+    models = {"base": base, "donor": donor}
+    records = {"donor": donor_record}
+    for index, spec in enumerate(s.experts or (), start=1):
+        task, selector = parse_job(spec)
+        expert, record = learn(task, selector, index)
+        record["accuracy"]["plant_patched_base"] = task_accuracy(
+            config, apply(plant_patch(config, selector), base, expert), prompts_of(task)[1])
+        models[f"experts/{task}"], records[f"experts/{task}"] = expert, record
+        log(f"experts/{task}: {task} accuracy {record['accuracy']} after {record['task_steps']} steps")
+    moved = movement(config, base, donor, s)
+    record = {
+        "format": "jaxpatch.planted/2", "settings": dataclasses.asdict(s),
+        "language": {"vocabulary": language.vocabulary, "mapping": language.mapping.tolist()},
+        "base": {"losses": base_losses, "text": next_word_accuracy(config, base, language, rng(7))},
+        "drift": {"losses": drift_losses, "text": next_word_accuracy(config, drift, language, rng(7))},
+        "models": records, "decoys": decoy_records, "rescaled": rescaled, "movement": moved,
+    }
+    log(f"base text: {record['base']['text']}; drift text: {record['drift']['text']}; trained in "
+        f"{time.perf_counter() - t0:.0f} s")
+    return {"language": language, "config": config, "models": models, "prompts": prompts,
+            "record": record, "donor_without_decoys": before_decoys}
+
+
+def _learn_decoy(config: ModelConfig, language: Language, donor: Params, spec: str, s: Settings,
+                 rng: np.random.Generator, task: Iterator[tuple[np.ndarray, np.ndarray]]
+                 ) -> tuple[Params, dict]:
+    """Trains one decoy on the donor with only its set free, keeping the measured task."""
+    objective, selector = parse_job(spec, DECOY_TASKS, "decoy")
+    if objective == "text":
+        shifted = language.shifted(s.seed)
+        source = text_batches(shifted, rng, s.batch, s.seq)
+
+        def learned(p: Params) -> float:
+            return next_word_accuracy(config, p, shifted, np.random.default_rng([s.seed, 12]))["loss"]
+        measure = "loss on the shifted language"
+    else:
+        source = task_batches(language, rng, objective, s.batch)
+        evals = language.prompts(np.random.default_rng([s.seed, 13]), objective, 128)
+
+        def learned(p: Params) -> float:
+            return task_accuracy(config, p, evals)
+        measure = f"{objective} accuracy"
+    batches = ((ids, w, task_ids, task_w) for (ids, w), (task_ids, task_w) in zip(source, task))
+    mask = plant_mask(config, plant_patch(config, selector))
+    trained = train(config, donor, batches, s.decoy_steps, s.decoy_lr, mask, label=f"decoy {objective}",
+                    objective=retaining(config, donor, s.retain))
+    return trained.params, {"task": objective, "plant": selector, "steps": trained.steps,
+                            "losses": trained.losses, "measure": measure,
+                            "before": learned(donor), "after": learned(trained.params)}
+
+
+def _rescale(config: ModelConfig, donor: Params, s: Settings, evals: list[Prompt]) -> tuple[Params, dict]:
+    """Applies the function-preserving decoys and checks the logits did not move."""
+    selector = " | ".join(s.rescale or ())
+    out = rescale(config, donor, selector, s.rescale_factor)
+    ids = np.array([p.tokens + (p.target or ()) for p in evals])
+    logits = [np.asarray(forward(config, p, ids).read(None)) for p in (donor, out)]
+    change = float(np.abs(logits[1] - logits[0]).max())
+    scale = float(np.abs(logits[0]).max())
+    record = {"selectors": list(s.rescale or ()), "factor": s.rescale_factor,
+              "max_logit_change": change, "max_logit": scale,
+              "task_accuracy": {"before": task_accuracy(config, donor, evals),
+                                "after": task_accuracy(config, out, evals)}}
+    if change > 1e-4 * max(scale, 1.0):
+        raise JaxpatchError(f"rescaling {selector!r} by {s.rescale_factor} changed the donor's "
+                            f"logits by {change:.2e}: it is not function-preserving here")
+    _check_unchanged(*record["task_accuracy"].values(), f"rescaling {selector!r}", s)
+    return out, record
+
+
+def movement(config: ModelConfig, base: Params, donor: Params, settings: Settings) -> dict:
+    """How far every component's weights moved from base to donor (the |dW| baseline's norm),
+    with which components are in S, in a trained decoy D, or rescaled.
+
+    Returns:
+        Per scored granularity: `names`, `norm`, `in_S`, `in_D`, `rescaled` (lists), and
+        `summary`: S's smallest and mean norm, D's mean, the largest norm outside S, and the
+        ratio of the largest outside S to the smallest in S (above 1: |dW| cannot be perfect).
+
+    Example:
+        >>> cfg = model_config(Language.generate(0), 4, 64, 4, 128)
+        >>> p = init_params(cfg, jax.random.key(0))
+        >>> m = movement(cfg, p, p, resolve(Settings()))
+        >>> m["head"]["summary"]["S_min"], sum(m["head"]["in_S"]), sum(m["neuron"]["in_D"])
+        (0.0, 4, 64)
+    """
+    s = settings
+    labels_of = lambda selectors, items: (planted_labels(config, plant_patch(config, " | ".join(
+        selectors)), items) if selectors else np.zeros(len(items), bool))
+    decoy_sets = [parse_job(spec, DECOY_TASKS, "decoy")[1] for spec in s.decoys or ()]
+    out = {}
+    for g in SCORED_GRANULARITIES:
+        items = select(config, None, g)
+        norm = delta_norms(config, base, donor, items)
+        in_s = labels_of([s.plant], items)
+        in_d = labels_of(decoy_sets, items)
+        summary = {"S_min": _stat(norm[in_s], np.min), "S_mean": _stat(norm[in_s], np.mean),
+                   "D_mean": _stat(norm[in_d], np.mean), "outside_S_max": _stat(norm[~in_s], np.max)}
+        low, high = summary["S_min"], summary["outside_S_max"]
+        summary["outside_max_over_S_min"] = high / low if low and high is not None else None
+        out[g] = {"names": [c.name for c in items], "norm": [round(float(x), 6) for x in norm],
+                  "in_S": in_s.tolist(), "in_D": in_d.tolist(),
+                  "rescaled": labels_of(list(s.rescale or ()), items).tolist(), "summary": summary}
+    return out
+
+
+def _stat(values: np.ndarray, how: Callable[[np.ndarray], Any]) -> float | None:
+    return float(how(values)) if values.size else None
+
+
+def _check_decoy_movement(module: dict, s: Settings) -> None:
+    summary = module["summary"]
+    if summary["D_mean"] is None or summary["S_mean"] is None:
+        return  # S or D has no module-level parameters to compare
+    if summary["D_mean"] < s.min_decoy_movement * summary["S_mean"]:
+        raise JaxpatchError(
+            f"the decoys moved their modules by {summary['D_mean']:.3f} on average, less than "
+            f"{s.min_decoy_movement} x S's {summary['S_mean']:.3f}: |dW| would not be tested "
+            "(raise --decoy-lr or --decoy-steps)")
+
+
+def without_decoys(built: dict) -> dict:
+    """The same pair with the donor as it was before its decoys (and no experts): the table's
+    control.
+
+    Example:
+        >>> config = model_config(Language.generate(0), 4, 64, 4, 128)
+        >>> p, q = (init_params(config, jax.random.key(i)) for i in (0, 1))
+        >>> built = {"config": config, "models": {"base": p, "donor": q}, "record": {
+        ...     "settings": dataclasses.asdict(resolve(Settings())), "models": {"donor": {}}},
+        ...     "donor_without_decoys": p}
+        >>> plain = without_decoys(built)
+        >>> plain["record"]["settings"]["decoys"], plain["models"]["donor"] is p
+        ((), True)
+    """
+    config, base, donor = built["config"], built["models"]["base"], built["donor_without_decoys"]
+    record = dict(built["record"])
+    settings = Settings(**{**record["settings"], "decoys": (), "rescale": (), "experts": ()})
+    record.update(settings=dataclasses.asdict(settings), decoys=[], rescaled={},
+                  movement=movement(config, base, donor, settings),
+                  models={"donor": record["models"]["donor"]})
+    return {**built, "models": {"base": base, "donor": donor}, "record": record}
 
 
 def _prompt_lines(prompts: Sequence[Prompt], language: Language) -> str:
@@ -398,41 +474,42 @@ def write(built: dict, out: str | Path, overwrite: bool = False) -> None:
         (tmp / "planted.json").write_text(json.dumps(built["record"], indent=1) + "\n")
 
 
+_SETS = {"decoys": ("--decoy", "TASK=SELECTOR", "a trained decoy, TASK one of " + ", ".join(DECOY_TASKS)),
+         "rescale": ("--rescale", "SELECTOR", "neurons / key/value heads to rescale by --rescale-factor"),
+         "experts": ("--expert", "TASK=SELECTOR", "an expert")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = Settings()
     p = argparse.ArgumentParser(prog="python -m experiments.planted",
                                 description=(__doc__ or "").split("\n")[0])
     p.add_argument("--out", default="experiments/pairs/default", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-experts", action="store_true", help="train only the donor")
-    p.add_argument("--expert", action="append", metavar="TASK=SELECTOR",
-                   help="an expert (repeatable; default: " + "; ".join(DEFAULT_EXPERTS) + ")")
+    for name, (flag, metavar, text) in _SETS.items():
+        p.add_argument(flag, dest=name, action="append", metavar=metavar,
+                       help=f"{text} (repeatable; default: drawn from the seed)")
+        p.add_argument(f"--no-{name}", action="store_true", help=f"no {name}")
     for field in dataclasses.fields(Settings):
-        if field.name == "experts":
+        if field.name in _SETS:
             continue
         flag = "--" + field.name.replace("_", "-")
-        p.add_argument(flag, type=type(getattr(defaults, field.name)),
-                       default=getattr(defaults, field.name), help="default: %(default)s")
+        default = getattr(defaults, field.name)
+        shown = "drawn from the seed" if field.name == "plant" else "%(default)s"
+        p.add_argument(flag, type=type(default), default=default, help=f"default: {shown}")
     args = p.parse_args(argv)
-    experts = () if args.no_experts else tuple(args.expert or DEFAULT_EXPERTS)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name != "experts"}
-    if values["task"] not in TASKS:
-        p.error(f"--task must be one of {', '.join(TASKS)}")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name not in _SETS}
+    for name in _SETS:
+        values[name] = () if getattr(args, f"no_{name}") else (
+            tuple(getattr(args, name)) if getattr(args, name) else None)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         p.error(f"{out} exists (pass --overwrite to replace it)")
-    settings = Settings(**values, experts=experts)
-    config = model_config(Language.generate(0, settings.n_words), settings.layers, settings.d_model,
-                          settings.heads, settings.d_ff)
-    for task, plant in [(settings.task, settings.plant)] + [parse_expert(e) for e in experts]:
-        try:  # refuse a bad planted set before any training
-            plant_patch(config, plant)
-        except JaxpatchError as e:
-            print(f"planted: error: {task}: {e}", file=sys.stderr)
-            return 2
     try:
+        settings = resolve(Settings(**values))
+        check_sets(model_config(Language.generate(0, settings.n_words), settings.layers,
+                                settings.d_model, settings.heads, settings.d_ff), settings)
         built = build(settings)
-    except JaxpatchError as e:
+    except (JaxpatchError, ValueError) as e:
         print(f"planted: error: {e}; nothing was written", file=sys.stderr)
         return 2
     write(built, out, overwrite=args.overwrite)

@@ -1,13 +1,19 @@
-"""The README's localization table: every method's ROC AUC against the planted set, over seeds.
+"""The README's localization table: every method's ROC AUC against the planted set, over seeds,
+with and without decoys.
 
-For each seed, trains a planted pair from scratch (`experiments.planted`, donor only), scores
-every method with `jaxpatch.evaluate`, and writes the table (mean and min-max over seeds) into
-README.md between its markers, plus the per-seed numbers into docs/planted_auc.json.
+For each seed, trains a planted pair from scratch (`experiments.planted`: the seed draws S, the
+trained decoy D and the rescaled neighbours of S; no experts), and scores every method with
+`jaxpatch.evaluate` twice: on the pair with its decoys, and on the same base with the donor as it
+was before the decoys (the control). Writes both tables (mean and min-max over seeds), whether
+the issue's targets hold, and each seed's sets into README.md between its markers, and the
+per-seed numbers into docs/planted_auc.json.
 
-    python scripts/planted_auc_table.py --seeds 0 1 2     # about 4 minutes per seed on 2 cores
-    python scripts/planted_auc_table.py --render          # the table again from the saved runs
+    python scripts/planted_auc_table.py --seeds 0 1 2 3 4   # about 6 minutes per seed on 2 cores
+    python scripts/planted_auc_table.py --render            # the tables again from the saved runs
 
-It also says whether seed 0, retrained here, reproduces the shipped pair's donor bit for bit.
+A seed whose build fails a check (a donor under its target accuracy, a decoy that moved the task)
+is listed with its error, never dropped silently. It also says whether seed 0, retrained here,
+reproduces the shipped pair's donor bit for bit.
 """
 
 from __future__ import annotations
@@ -24,71 +30,132 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments.planted import Settings, build, write  # noqa: E402
+from experiments.planted import Settings, build, without_decoys, write  # noqa: E402
+from jaxpatch.errors import JaxpatchError  # noqa: E402
 from jaxpatch.evaluate import EVALUATED_METHODS, default_pair_dir, evaluate, load_planted  # noqa: E402
 from jaxpatch.io.fingerprint import checkpoint_fingerprint  # noqa: E402
 from jaxpatch.modes import SCORED_GRANULARITIES as GRANULARITIES  # noqa: E402
 from jaxpatch.report import METHOD_LABELS  # noqa: E402
 
 START, END = "<!-- planted-auc-table:start -->", "<!-- planted-auc-table:end -->"
+EXACT = "exact (better of noise, denoise)"
+TARGETS = (  # (label, method, granularities, bound) from the planted-benchmark issue
+    ("exact weight patching >= 0.95 at module and neuron granularity", EXACT, ("module", "neuron"), 0.95),
+    ("integrated gradients >= 0.9", "integrated-gradients", GRANULARITIES, 0.9),
+)
+
+
+def score(folder: Path, seed: int) -> dict:
+    """One evaluated pair: AUCs (with the better exact direction), behavior, narrow-then-verify."""
+    pair = load_planted(folder)
+    summary = evaluate(pair, seed=seed).summary
+    auc = {g: dict(summary["granularities"][g]["auc"]) for g in GRANULARITIES}
+    for g in GRANULARITIES:
+        auc[g][EXACT] = max(auc[g]["exact-denoise"], auc[g]["exact-noise"])
+    movement = pair.record["movement"]
+    return {"donor_sha256": checkpoint_fingerprint(pair.donor), "behavior": summary["behavior"],
+            "narrow_then_verify": summary["narrow_then_verify"], "auc": auc,
+            "positives": {g: f"{sum(summary['granularities'][g]['planted'])}/"
+                             f"{len(summary['granularities'][g]['names'])}" for g in GRANULARITIES},
+            "movement": {g: movement[g]["summary"] for g in GRANULARITIES}}
 
 
 def run_seed(seed: int, work: Path) -> dict:
-    folder = work / f"seed-{seed}"
-    write(build(Settings(seed=seed, experts=())), folder)
-    pair = load_planted(folder)
-    summary = evaluate(pair, seed=seed).summary
-    return {"seed": seed, "donor_sha256": checkpoint_fingerprint(pair.donor),
-            "behavior": summary["behavior"], "narrow_then_verify": summary["narrow_then_verify"],
-            "auc": {g: summary["granularities"][g]["auc"] for g in GRANULARITIES},
-            "positives": {g: f"{sum(summary['granularities'][g]['planted'])}/"
-                             f"{len(summary['granularities'][g]['names'])}" for g in GRANULARITIES}}
+    """Builds one seed's pair and scores it with and without its decoys."""
+    try:
+        built = build(Settings(seed=seed, experts=()))
+    except JaxpatchError as e:
+        return {"seed": seed, "error": str(e)}
+    settings = built["record"]["settings"]
+    folders = {"decoys": work / f"seed-{seed}", "plain": work / f"seed-{seed}-plain"}
+    write(built, folders["decoys"])
+    write(without_decoys(built), folders["plain"])
+    return {"seed": seed, "plant": settings["plant"], "decoys": settings["decoys"],
+            "rescale": settings["rescale"], "task_steps": built["record"]["models"]["donor"]["task_steps"],
+            "with_decoys": score(folders["decoys"], seed), "without_decoys": score(folders["plain"], seed)}
 
 
 def cell(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def table(runs: list[dict]) -> str:
-    seeds = ", ".join(str(r["seed"]) for r in runs)
-    head = ["method", *(f"{g} ({runs[0]['positives'][g]} in S)" for g in GRANULARITIES)]
-    lines = [f"ROC AUC against the planted set, mean (min-max) over seeds {seeds}:", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in EVALUATED_METHODS:
-        lines.append("| " + " | ".join([METHOD_LABELS[m], *(cell([r["auc"][g][m] for r in runs])
-                                                              for g in GRANULARITIES)]) + " |")
-    acc = lambda key: cell([r["behavior"][key] for r in runs])
-    recall = cell([r["narrow_then_verify"]["recall"] for r in runs])
-    ratio = cell([r["behavior"]["base_with_S_from_donor"] / r["behavior"]["donor"] for r in runs])
-    share = runs[0]["narrow_then_verify"]["verified_fraction"]
-    lines += ["", "Task accuracy, mean (min-max): base " + acc("base") + ", donor " + acc("donor")
-              + ", base with S from the donor " + acc("base_with_S_from_donor")
-              + f", that is {ratio} of the donor's; donor with S from the base "
-              + acc("donor_with_S_from_base") + ".",
-              f"Narrow-then-verify (integrated gradients, exact patches on {share:.0%} of the neurons): "
-              f"recall of the exhaustive exact top 20 {recall}."]
+def table(runs: list[dict], which: str) -> list[str]:
+    scored = [r[which] for r in runs]
+    lines = ["| method | " + " | ".join(GRANULARITIES) + " |", "|" + "---|" * (len(GRANULARITIES) + 1)]
+    for m in (EXACT, *EVALUATED_METHODS):
+        label = METHOD_LABELS.get(m, m)
+        lines.append("| " + " | ".join([label, *(cell([s["auc"][g][m] for s in scored])
+                                                 for g in GRANULARITIES)]) + " |")
+    acc = lambda key: cell([s["behavior"][key] for s in scored])
+    recall = cell([s["narrow_then_verify"]["recall"] for s in scored])
+    ratio = lambda g: cell([s["movement"][g]["outside_max_over_S_min"] or 0.0 for s in scored])
+    lines += ["", f"Task accuracy: base {acc('base')}, donor {acc('donor')}, base with S from the donor "
+              f"{acc('base_with_S_from_donor')}, donor with S from the base {acc('donor_with_S_from_base')}. "
+              f"Narrow-then-verify recall of the exhaustive exact top 20: {recall}. Largest |dW| outside "
+              "S over the smallest in S (above 1: |dW| cannot rank S first): "
+              + ", ".join(f"{g} {ratio(g)}" for g in GRANULARITIES) + "."]
+    return lines
+
+
+def targets(runs: list[dict]) -> list[str]:
+    lines = []
+    for label, method, granularities, bound in TARGETS:
+        worst = {g: min(r["with_decoys"]["auc"][g][method] for r in runs) for g in granularities}
+        held = all(v >= bound for v in worst.values())
+        detail = ", ".join(f"{g} {v:.3f}" for g, v in worst.items())
+        verdict = "holds" if held else "MISSED"
+        lines.append(f"- {label}, every seed, with decoys: {verdict} (lowest: {detail})")
+    worst = min(r["without_decoys"]["auc"]["module"]["exact-denoise"] for r in runs)
+    lines.append(f"- without decoys, exact denoise at module granularity >= 0.95 on every seed: "
+                 f"{'holds' if worst >= 0.95 else 'MISSED'} (lowest {worst:.3f})")
+    dw = max(r["with_decoys"]["auc"][g]["delta-norm"] for r in runs for g in GRANULARITIES)
+    lines.append(f"- |dW| no longer scores 1.00 with decoys: {'holds' if dw < 1.0 else 'MISSED'} "
+                 f"(highest over seeds and granularities {dw:.3f})")
+    return lines
+
+
+def render(runs: list[dict]) -> str:
+    done = [r for r in runs if "error" not in r]
+    failed = [r for r in runs if "error" in r]
+    seeds = ", ".join(str(r["seed"]) for r in done)
+    lines = [f"ROC AUC against the planted set, mean (min-max) over seeds {seeds}. Each seed draws its "
+             "own S (a head in each of two consecutive layers, an MLP neuron range or whole MLP), a "
+             "trained decoy D (a shift in the language's statistics learned by another layer's "
+             "attention and neurons) and rescaled neighbours of S (`experiments/draws.py`).", "",
+             "**With decoys** (the shipped default):", "", *table(done, "with_decoys"), "",
+             "**Without decoys** (the same base, the donor before its decoys):", "",
+             *table(done, "without_decoys"), "", "Targets:", "", *targets(done), "", "Seeds:", ""]
+    for r in done:
+        lines.append(f"- {r['seed']}: S = `{r['plant']}` (donor trained {r['task_steps']} steps); "
+                     f"D = `{'; '.join(r['decoys'])}`; rescaled `{'; '.join(r['rescale'])}`")
+    for r in failed:
+        lines.append(f"- {r['seed']}: the build failed: {r['error']}")
     return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--readme", default=str(ROOT / "README.md"))
     p.add_argument("--json", default=str(ROOT / "docs" / "planted_auc.json"))
-    p.add_argument("--render", action="store_true", help="only re-render the table from --json")
+    p.add_argument("--render", action="store_true", help="only re-render the tables from --json")
     args = p.parse_args()
     if args.render:
         runs = json.loads(Path(args.json).read_text())["runs"]
     else:
         with tempfile.TemporaryDirectory() as work:
-            runs = [run_seed(seed, Path(work)) for seed in args.seeds]
+            runs = []
+            for seed in args.seeds:
+                runs.append(run_seed(seed, Path(work)))
+                print(json.dumps(runs[-1].get("error") or runs[-1]["with_decoys"]["auc"]), flush=True)
         Path(args.json).write_text(json.dumps({"settings": dataclasses.asdict(Settings()),
                                                "runs": runs}, indent=1) + "\n")
         shipped = checkpoint_fingerprint(load_planted(default_pair_dir()).donor)
         for run in runs:
-            if run["seed"] == Settings().seed:
-                print("seed 0 retrained reproduces the shipped donor:", run["donor_sha256"] == shipped)
-    text = table(runs)
+            if run["seed"] == Settings().seed and "error" not in run:
+                print("seed 0 retrained reproduces the shipped donor:",
+                      run["with_decoys"]["donor_sha256"] == shipped)
+    text = render(runs)
     print(text)
     readme = Path(args.readme)
     content = readme.read_text()
@@ -98,7 +165,7 @@ def main() -> int:
     before, rest = content.split(START, 1)
     after = rest.split(END, 1)[1]
     readme.write_text(f"{before}{START}\n{text}\n{END}{after}")
-    print(f"wrote the table into {readme}" + ("" if args.render else f" and the runs into {args.json}"))
+    print(f"wrote the tables into {readme}" + ("" if args.render else f" and the runs into {args.json}"))
     return 0
 
 

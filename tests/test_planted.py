@@ -8,17 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.planted import (
-    Language,
-    Settings,
-    build,
-    check_donor,
-    main,
-    model_config,
-    task_batches,
-    train,
-    write,
-)
+from experiments.language import Language, task_batches
+from experiments.planted import Settings, build, check_donor, main, write
+from experiments.training import model_config, train
 from jaxpatch import JaxpatchError, flatten_params, forward, init_params, plant_patch
 from jaxpatch.evaluate import behavior, default_pair_dir, load_planted, task_accuracy
 from jaxpatch.scoring import plant_mask
@@ -54,8 +46,8 @@ def test_masked_training_moves_only_the_planted_set() -> None:
     params = init_params(config, jax.random.key(0))
     plant = plant_patch(config, "layers.1.self_attn[head=0] | layers.0.mlp[neuron=0-3]")
     mask = plant_mask(config, plant)
-    trained, losses = train(config, params, task_batches(lang, np.random.default_rng(0), "map", 8),
-                            3, 1e-2, mask)
+    trained, losses, steps = train(config, params,
+                                   task_batches(lang, np.random.default_rng(0), "map", 8), 3, 1e-2, mask)
     ids, weights = next(task_batches(lang, np.random.default_rng(0), "map", 8))  # the first batch
     before, after, m = (flatten_params(t) for t in (params, trained, mask))
     for name in before:
@@ -70,16 +62,34 @@ def test_masked_training_moves_only_the_planted_set() -> None:
     shifted = logits - logits.max(-1, keepdims=True)
     logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     picked = np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    assert len(losses) == 2
+    assert len(losses) == 2 and steps == 3
     assert losses[0] == pytest.approx(-(picked * weights).sum() / weights.sum(), abs=2e-5)
+
+
+def test_training_stops_when_asked_and_only_then() -> None:
+    lang = Language.generate(0)
+    config = model_config(lang, 2, 16, 2, 32)
+    params = init_params(config, jax.random.key(0))
+    batches = task_batches(lang, np.random.default_rng(0), "map", 4)
+    asked: list[int] = []
+
+    def stop(p) -> bool:
+        asked.append(len(asked))
+        return len(asked) == 2
+    out = train(config, params, batches, 20, 1e-2, check_every=3, stop=stop)
+    assert out.steps == 6 and asked == [0, 1]  # checked after steps 3 and 6, stopped at 6
+    assert train(config, params, batches, 5, 1e-2, check_every=3, stop=lambda p: False).steps == 5
+
+
+TINY = dict(layers=2, d_model=16, heads=2, d_ff=32, base_steps=4, drift_steps=2, task_steps=3,
+            decoy_steps=3, batch=4, patch_prompts=4, eval_prompts=4, check_every=2,
+            target_accuracy=0.0, min_decoy_movement=0.0)  # 3 steps teach nothing
 
 
 @pytest.mark.slow
 def test_tiny_build_is_deterministic_and_writes_loadable_pairs(tmp_path) -> None:
-    settings = Settings(layers=2, d_model=16, heads=2, d_ff=32, base_steps=4, drift_steps=2,
-                        task_steps=3, batch=4, patch_prompts=4, eval_prompts=4,
-                        plant="layers.1.mlp", experts=("sort=layers.0.self_attn",),
-                        min_donor_accuracy=0.0)  # 3 steps teach nothing
+    settings = Settings(**TINY, plant="layers.1.mlp", experts=("sort=layers.0.self_attn",),
+                        decoys=("text=layers.0.mlp",), rescale=("layers.1.self_attn[kv_head=0]",))
     first, second = build(settings, log=lambda _: None), build(settings, log=lambda _: None)
     for name in first["models"]:
         for a, b in zip(jax.tree_util.tree_leaves(first["models"][name]),
@@ -94,21 +104,60 @@ def test_tiny_build_is_deterministic_and_writes_loadable_pairs(tmp_path) -> None
     record = pair.record["models"]["experts/sort"]
     assert record["plant"] == "layers.0.self_attn" and set(record["accuracy"]) == {
         "base", "drift", "trained", "plant_patched_base"}
+    # The decoy moved only its own set after the task was learned; the rescaling moved v and o.
+    before, after = (flatten_params(first[k] if k == "donor_without_decoys" else first["models"][k])
+                     for k in ("donor_without_decoys", "donor"))
+    moved = {n for n in before if not np.array_equal(np.asarray(before[n]), np.asarray(after[n]))}
+    assert moved == {"layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight",
+                     "layers.0.mlp.down_proj.weight", "layers.1.self_attn.v_proj.weight",
+                     "layers.1.self_attn.o_proj.weight"}
+    movement = pair.record["movement"]["module"]
+    assert [n for n, d in zip(movement["names"], movement["in_D"]) if d] == [
+        "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj", "layers.0.mlp.down_proj"]
+    assert pair.record["rescaled"]["max_logit_change"] < 1e-4
+    # The control pair: the same base, the donor before its decoys.
+    from experiments.planted import without_decoys
+
+    plain = without_decoys(first)
+    assert plain["models"]["donor"] is first["donor_without_decoys"]
+    assert plain["record"]["settings"]["decoys"] == () and not any(
+        plain["record"]["movement"]["neuron"]["in_D"])
 
 
 def test_a_donor_that_did_not_learn_its_task_fails_the_build(tmp_path, capsys) -> None:
     out = tmp_path / "pair"
     tiny = ["--layers", "2", "--d-model", "16", "--heads", "2", "--d-ff", "32", "--base-steps", "2",
             "--drift-steps", "2", "--task-steps", "2", "--batch", "4", "--patch-prompts", "4",
-            "--eval-prompts", "8", "--plant", "layers.1.mlp", "--no-experts"]
+            "--eval-prompts", "8", "--plant", "layers.1.mlp", "--no-experts", "--no-decoys",
+            "--no-rescale"]
     assert main([*tiny, "--out", str(out)]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1:]  # after the progress bars
     assert error == ["planted: error: the donor reached 0% map accuracy after 2 task steps, under "
-                     "the minimum of 50%: train longer (--task-steps), change --task-lr, or plant "
-                     "a larger set; nothing was written"]
+                     "the target of 95%: raise --task-steps, change --task-lr, or plant a larger "
+                     "set; nothing was written"]
     assert not out.exists()
     with pytest.raises(JaxpatchError, match="the base already reaches 0% map accuracy, over the maximum of -1%"):
-        check_donor({"base": 0.0, "trained": 1.0}, Settings(max_base_accuracy=-0.01))
+        check_donor({"base": 0.0, "trained": 1.0}, Settings(max_base_accuracy=-0.01), 10)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--decoy", "map=layers.0.mlp", "--no-rescale"],
+     "decoy 'map=layers.0.mlp' learns the measured task map"),
+    (["--decoy", "text=layers.1.mlp[neuron=0]", "--no-rescale"], "shares layers.1.mlp.down_proj.weight"),
+    (["--decoy", "chat=layers.0.mlp", "--no-rescale"], "decoy 'chat=layers.0.mlp' must be TASK=SELECTOR"),
+    (["--rescale", "layers.1.mlp[neuron=3]", "--no-decoys"],
+     "rescaled set 'layers.1.mlp[neuron=3]' shares"),
+    (["--no-decoys"], "drawing sets needs at least 3 layers"),
+])
+def test_decoys_that_would_blur_the_labels_are_refused_before_training(tmp_path, capsys, flags,
+                                                                        message) -> None:
+    out = tmp_path / "pair"
+    tiny = ["--layers", "2", "--d-model", "16", "--heads", "2", "--d-ff", "32", "--plant",
+            "layers.1.mlp[neuron=0-7]", "--no-experts", "--out", str(out)]
+    assert main([*tiny, *flags]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("planted: error: ") and message in error and "\n" not in error
+    assert not out.exists()
 
 
 def test_shipped_pair_has_the_planted_behavior() -> None:

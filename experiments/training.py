@@ -1,0 +1,164 @@
+"""Training the models of a planted pair: masked Adam, and the objective a trained decoy learns.
+
+`train` updates only the parameters its mask allows (the others stay bit-identical), optionally
+until a check says stop. `retaining` is the decoy objective: learn something else while keeping
+the measured task's next-token distributions where a frozen teacher has them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from experiments.language import Language
+from jaxpatch.errors import JaxpatchError
+from jaxpatch.models.config import ModelConfig, Params
+from jaxpatch.models.decoder import forward
+
+__all__ = ["model_config", "next_token_loss", "Trained", "Objective", "train", "retaining"]
+
+
+def model_config(language: Language, layers: int, d_model: int, heads: int, d_ff: int) -> ModelConfig:
+    """A Llama-style config sized for the language.
+
+    Example:
+        >>> model_config(Language.generate(0), 4, 64, 4, 128).vocab_size
+        40
+    """
+    return ModelConfig(family="llama", vocab_size=len(language.vocabulary), d_model=d_model,
+                       n_layers=layers, n_heads=heads, n_kv_heads=heads, head_dim=d_model // heads,
+                       d_ff=d_ff, max_position_embeddings=64, norm_eps=1e-5)
+
+
+def next_token_loss(config: ModelConfig, params: Params, ids: jax.Array, weights: jax.Array) -> jax.Array:
+    """Mean cross-entropy of predicting `ids[:, 1:]`, weighted per position.
+
+    Arguments:
+        config: the architecture.
+        params: the model.
+        ids: `[batch, seq]` token ids.
+        weights: `[batch, seq - 1]` how much each predicted position counts.
+
+    Returns:
+        The weighted mean cross-entropy, a scalar.
+
+    Example:
+        >>> cfg = jaxpatch.ModelConfig.tiny("llama")
+        >>> p = jaxpatch.init_params(cfg, jax.random.key(0))
+        >>> ids = jnp.array([[1, 2, 3, 4]])
+        >>> round(float(next_token_loss(cfg, p, ids, jnp.ones((1, 3)))), 2) > 0
+        True
+    """
+    logits = forward(config, params, ids[:, :-1]).read(None)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    return -jnp.sum(picked * weights) / jnp.sum(weights)
+
+
+class Trained(NamedTuple):
+    """What `train` returns."""
+
+    params: Params
+    losses: list[float]  # every 50 steps and at the last step
+    steps: int  # steps run (fewer than asked when `stop` said so)
+
+
+Objective = Callable[[Params, Any], jax.Array]
+
+
+def train(config: ModelConfig, params: Params, batches: Iterator[Any], steps: int,
+          learning_rate: float, mask: Params | None = None, label: str = "train",
+          objective: Objective | None = None, stop: Callable[[Params], bool] | None = None,
+          check_every: int = 250) -> Trained:
+    """Adam with warmup and cosine decay over `steps`; gradients outside `mask` are zeroed, so
+    those parameters stay bit-identical.
+
+    Arguments:
+        config: the architecture.
+        params: where training starts.
+        batches: endless batches; each is what `objective` takes (by default `(ids, weights)`).
+        steps: the most steps to run (the schedule's length).
+        learning_rate: the peak learning rate.
+        mask: 0/1 per parameter (`plant_mask`); None trains everything.
+        label: the progress bar's name.
+        objective: `objective(params, batch) -> loss`; by default the weighted next-token
+            cross-entropy of `(ids, weights)`.
+        stop: asked every `check_every` steps (and after the last); training ends when it says
+            True.
+
+    Returns:
+        A `Trained`.
+
+    Raises:
+        JaxpatchError: optax (the `train` extra) is not installed.
+    """
+    try:
+        import optax
+    except ImportError:
+        raise JaxpatchError("training planted pairs needs optax: pip install 'jaxpatch[train]'") from None
+    loss_of = objective or (lambda p, batch: next_token_loss(config, p, *batch))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps,
+                                                  learning_rate * 0.05)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+    state = optimizer.init(params)
+
+    @jax.jit
+    def step(params: Params, state: Any, batch: Any):
+        loss, grads = jax.value_and_grad(loss_of)(params, batch)
+        if mask is not None:
+            grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, mask)
+        updates, state = optimizer.update(grads, state, params)
+        if mask is not None:  # clip and adam keep zeros at zero; this makes it explicit
+            updates = jax.tree_util.tree_map(lambda u, m: jnp.where(m > 0, u, 0), updates, mask)
+        return optax.apply_updates(params, updates), state, loss
+
+    losses: list[float] = []
+    from tqdm.auto import tqdm
+
+    done = 0
+    for i in tqdm(range(steps), desc=label, dynamic_ncols=True, mininterval=2.0):
+        params, state, loss = step(params, state, jax.tree_util.tree_map(jnp.asarray, next(batches)))
+        done = i + 1
+        if i % 50 == 0 or done == steps:
+            losses.append(round(float(loss), 5))
+        if stop is not None and (done % check_every == 0 or done == steps) and stop(params):
+            if i % 50:
+                losses.append(round(float(loss), 5))
+            break
+    return Trained(params, losses, done)
+
+
+def retaining(config: ModelConfig, teacher: Params, retain: float) -> Objective:
+    """The decoy objective: next-token loss on a decoy batch plus `retain` times the KL divergence
+    from the teacher's to the model's next-token distributions on the measured task's answer
+    positions. Batches are `(decoy_ids, decoy_weights, task_ids, task_weights)`.
+
+    Arguments:
+        config: the architecture.
+        teacher: the donor before the decoy (held fixed).
+        retain: the weight of the KL term (0: learn the decoy with no regard for the task).
+
+    Returns:
+        An objective for `train`.
+
+    Example:
+        >>> cfg = jaxpatch.ModelConfig.tiny("llama")
+        >>> p = jaxpatch.init_params(cfg, jax.random.key(0))
+        >>> ids, w = jnp.array([[1, 2, 3, 4]]), jnp.ones((1, 3))
+        >>> loss = retaining(cfg, p, 1.0)(p, (ids, w, ids, w))  # the KL term is 0 at the teacher
+        >>> bool(jnp.isclose(loss, next_token_loss(cfg, p, ids, w)))
+        True
+    """
+
+    def objective(params: Params, batch: Any) -> jax.Array:
+        ids, weights, task_ids, task_weights = batch
+        student = jax.nn.log_softmax(forward(config, params, task_ids[:, :-1]).read(None), axis=-1)
+        fixed = jax.nn.log_softmax(forward(config, teacher, task_ids[:, :-1]).read(None), axis=-1)
+        fixed = jax.lax.stop_gradient(fixed)
+        kl = jnp.sum(jnp.exp(fixed) * (fixed - student), axis=-1)
+        kl = jnp.sum(kl * task_weights) / jnp.sum(task_weights)
+        return next_token_loss(config, params, ids, weights) + retain * kl
+
+    return objective
