@@ -9,8 +9,9 @@
   starting at a multiple of d_ff/8 (uniform), otherwise the whole MLP module;
 - **the trained decoy set D**, which learns the next instruction task after the measured one
   (map -> reverse -> sort -> map; not the `text` decoy, a shift of every word's statistics,
-  which moves the measured answers' probabilities too): the whole attention module of a layer c outside {a, a+1} and a range of d_ff/2 neurons of a
-  layer d != b (both uniform), so D is disjoint from S and spans modules, heads and neurons;
+  which moves the measured answers' probabilities too): the whole attention module of a layer
+  c outside {a, a+1} and a range of d_ff/2 neurons of a layer d != b (c, d and the range
+  uniform), so D is disjoint from S and spans modules, heads and neurons;
 - **the rescaled components** (function-preserving decoys, see `experiments.decoys`): the other
   key/value heads of layers a and a+1 (values against outputs) and, when S's MLP part is a
   neuron range, the other neurons of layer b: S's neighbours, the comparison within a layer;

@@ -105,7 +105,9 @@ class Settings:
     drift_lr: float = 5e-4
     task_lr: float = 3e-3
     decoy_lr: float = 1e-2
-    retain: float = 1.0  # weight of the KL term that keeps the task while a decoy trains
+    retain: float = 1.0  # weight of the KL term that keeps the donor's task while a decoy trains
+    retain_base: float = 0.0  # weight of the KL term that keeps the base's outputs on the task
+    # prompts with the decoy set patched in (0: the decoy is irrelevant in the donor only)
     rescale_factor: float = 16.0
     target_accuracy: float = 0.95  # a donor below this after task_steps fails the build
     check_every: int = 250  # steps between accuracy checks while the donor trains
@@ -285,7 +287,7 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
     evals = prompts_of(s.task)[1]
     decoy_records = []
     for index, spec in enumerate(s.decoys or ()):
-        donor, record = _learn_decoy(config, language, donor, spec, s, rng(10, index),
+        donor, record = _learn_decoy(config, language, base, donor, spec, s, rng(10, index),
                                      task_batches(language, rng(11, index), s.task, s.batch))
         record["task_accuracy"] = {"before": task_accuracy(config, before_decoys, evals),
                                    "after": task_accuracy(config, donor, evals)}
@@ -326,9 +328,9 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
             "record": record, "donor_without_decoys": before_decoys}
 
 
-def _learn_decoy(config: ModelConfig, language: Language, donor: Params, spec: str, s: Settings,
-                 rng: np.random.Generator, task: Iterator[tuple[np.ndarray, np.ndarray]]
-                 ) -> tuple[Params, dict]:
+def _learn_decoy(config: ModelConfig, language: Language, base: Params, donor: Params, spec: str,
+                 s: Settings, rng: np.random.Generator,
+                 task: Iterator[tuple[np.ndarray, np.ndarray]]) -> tuple[Params, dict]:
     """Trains one decoy on the donor with only its set free, keeping the measured task."""
     objective, selector = parse_job(spec, DECOY_TASKS, "decoy")
     if objective == "text":
@@ -348,7 +350,7 @@ def _learn_decoy(config: ModelConfig, language: Language, donor: Params, spec: s
     batches = ((ids, w, task_ids, task_w) for (ids, w), (task_ids, task_w) in zip(source, task))
     mask = plant_mask(config, plant_patch(config, selector))
     trained = train(config, donor, batches, s.decoy_steps, s.decoy_lr, mask, label=f"decoy {objective}",
-                    objective=retaining(config, donor, s.retain))
+                    objective=retaining(config, donor, s.retain, base, mask, s.retain_base))
     return trained.params, {"task": objective, "plant": selector, "steps": trained.steps,
                             "losses": trained.losses, "measure": measure,
                             "before": learned(donor), "after": learned(trained.params)}
@@ -441,9 +443,15 @@ def without_decoys(built: dict) -> dict:
     config, base, donor = built["config"], built["models"]["base"], built["donor_without_decoys"]
     record = dict(built["record"])
     settings = Settings(**{**record["settings"], "decoys": (), "rescale": (), "experts": ()})
+    donor_record = dict(record["models"]["donor"])
+    if settings.task in built.get("prompts", {}):
+        evals = built["prompts"][settings.task][1]
+        patched = apply(plant_patch(config, settings.plant), base, donor)
+        donor_record["accuracy"] = {**donor_record["accuracy"],
+                                    "trained": task_accuracy(config, donor, evals),
+                                    "plant_patched_base": task_accuracy(config, patched, evals)}
     record.update(settings=dataclasses.asdict(settings), decoys=[], rescaled={},
-                  movement=movement(config, base, donor, settings),
-                  models={"donor": record["models"]["donor"]})
+                  movement=movement(config, base, donor, settings), models={"donor": donor_record})
     return {**built, "models": {"base": base, "donor": donor}, "record": record}
 
 

@@ -17,7 +17,7 @@ from jaxpatch.errors import JaxpatchError
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
 
-__all__ = ["model_config", "next_token_loss", "Trained", "Objective", "train", "retaining"]
+__all__ = ["model_config", "next_token_loss", "Trained", "Objective", "train", "answer_kl", "retaining"]
 
 
 def model_config(language: Language, layers: int, d_model: int, heads: int, d_ff: int) -> ModelConfig:
@@ -130,15 +130,40 @@ def train(config: ModelConfig, params: Params, batches: Iterator[Any], steps: in
     return Trained(params, losses, done)
 
 
-def retaining(config: ModelConfig, teacher: Params, retain: float) -> Objective:
-    """The decoy objective: next-token loss on a decoy batch plus `retain` times the KL divergence
-    from the teacher's to the model's next-token distributions on the measured task's answer
-    positions. Batches are `(decoy_ids, decoy_weights, task_ids, task_weights)`.
+def answer_kl(config: ModelConfig, fixed: Params, params: Params, ids: jax.Array,
+              weights: jax.Array) -> jax.Array:
+    """The weighted mean KL divergence from `fixed`'s next-token distributions (held constant) to
+    `params`' on `ids[:, :-1]`.
+
+    Example:
+        >>> cfg = jaxpatch.ModelConfig.tiny("llama")
+        >>> p, q = (jaxpatch.init_params(cfg, jax.random.key(i)) for i in (0, 1))
+        >>> ids, w = jnp.array([[1, 2, 3, 4]]), jnp.ones((1, 3))
+        >>> float(answer_kl(cfg, p, p, ids, w)), bool(answer_kl(cfg, p, q, ids, w) > 0)
+        (0.0, True)
+    """
+    student = jax.nn.log_softmax(forward(config, params, ids[:, :-1]).read(None), axis=-1)
+    teacher = jax.nn.log_softmax(forward(config, fixed, ids[:, :-1]).read(None), axis=-1)
+    teacher = jax.lax.stop_gradient(teacher)
+    kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+    return jnp.sum(kl * weights) / jnp.sum(weights)
+
+
+def retaining(config: ModelConfig, teacher: Params, retain: float, base: Params | None = None,
+              mask: Params | None = None, retain_base: float = 0.0) -> Objective:
+    """The decoy objective: next-token loss on a decoy batch, plus `retain` times the KL
+    divergence from the teacher's to the model's next-token distributions on the measured task's
+    answer positions, plus (optionally) `retain_base` times the same divergence between the base
+    and the base with the decoy set patched in. Batches are
+    `(decoy_ids, decoy_weights, task_ids, task_weights)`.
 
     Arguments:
         config: the architecture.
         teacher: the donor before the decoy (held fixed).
-        retain: the weight of the KL term (0: learn the decoy with no regard for the task).
+        retain: the weight of the donor-side KL term (0: learn the decoy with no regard for the
+            task).
+        base, mask: the base model and the decoy set's 0/1 mask, for the base-side term.
+        retain_base: the weight of the base-side term (0: none).
 
     Returns:
         An objective for `train`.
@@ -151,14 +176,16 @@ def retaining(config: ModelConfig, teacher: Params, retain: float) -> Objective:
         >>> bool(jnp.isclose(loss, next_token_loss(cfg, p, ids, w)))
         True
     """
+    if retain_base and (base is None or mask is None):
+        raise ValueError("the base-side retention term needs the base and the decoy set's mask")
 
     def objective(params: Params, batch: Any) -> jax.Array:
         ids, weights, task_ids, task_weights = batch
-        student = jax.nn.log_softmax(forward(config, params, task_ids[:, :-1]).read(None), axis=-1)
-        fixed = jax.nn.log_softmax(forward(config, teacher, task_ids[:, :-1]).read(None), axis=-1)
-        fixed = jax.lax.stop_gradient(fixed)
-        kl = jnp.sum(jnp.exp(fixed) * (fixed - student), axis=-1)
-        kl = jnp.sum(kl * task_weights) / jnp.sum(task_weights)
-        return next_token_loss(config, params, ids, weights) + retain * kl
+        loss = next_token_loss(config, params, ids, weights)
+        loss = loss + retain * answer_kl(config, teacher, params, task_ids, task_weights)
+        if retain_base:
+            patched = jax.tree_util.tree_map(lambda m, p, b: jnp.where(m > 0, p, b), mask, params, base)
+            loss = loss + retain_base * answer_kl(config, base, patched, task_ids, task_weights)
+        return loss
 
     return objective

@@ -141,7 +141,7 @@ def behavior(pair: PlantedPair) -> dict[str, float]:
 
     Example:
         >>> behavior(load_planted(default_pair_dir()))
-        {'base': 0.0, 'donor': 0.9140625, 'base_with_S_from_donor': 0.859375, 'donor_with_S_from_base': 0.0}
+        {'base': 0.0, 'donor': 0.9609375, 'base_with_S_from_donor': 0.93359375, 'donor_with_S_from_base': 0.0}
     """
     config = pair.base.config
     plant = plant_patch(config, pair.plant)
@@ -232,7 +232,7 @@ def evaluate(pair: PlantedPair, *,
 
         >>> module = ev.summary["granularities"]["module"]
         >>> len(module["names"]), sum(module["planted"]), round(module["auc"]["exact-noise"], 2)
-        (39, 7, 1.0)
+        (39, 11, 0.92)
     """
     base, donor, config = pair.base, pair.donor, pair.base.config
     metric = LogProb()
@@ -325,7 +325,8 @@ def evaluate(pair: PlantedPair, *,
         "format": RESULTS_FORMAT,
         "pair": {"folder": str(pair.folder), "plant": pair.plant, "task": pair.task,
                  "seed": pair.record["settings"].get("seed"), "settings": pair.record["settings"],
-                 "base_text": pair.record.get("base", {}).get("text"), "inputs": inputs},
+                 "base_text": pair.record.get("base", {}).get("text"), "inputs": inputs,
+                 "movement": {g: m["summary"] for g, m in pair.record.get("movement", {}).items()}},
         "metric": {"name": metric.name, "prompts": len(pair.prompts),
                    "base_score": results[f"{granularities[0]}/exact-noise"].base_score,
                    "donor_score": results[f"{granularities[0]}/exact-noise"].donor_score},

@@ -119,10 +119,17 @@ METHOD_LABELS: dict[str, str] = {
 }
 
 CAVEATS: tuple[str, ...] = (
-    "Drift is a free parameter of the experiment. Here every component outside S moved only by "
-    "continued language-model training at a low learning rate, while S moved by task training, so "
-    "|donor - base| separates S almost by construction. Real fine-tunes move all weights by "
-    "comparable amounts; the |delta W| row says more about this planting than about real pairs.",
+    "Which components moved, and why, is a choice of the experiment. With decoys (the shipped "
+    "pair), a set D outside S learned another instruction while a KL term held the measured task "
+    "fixed, and S's neighbouring heads and neurons were rescaled without changing the function, so "
+    "|delta W| is large outside S (the weight-movement table says how large). Without decoys only "
+    "low-rate drift moves outside S and |delta W| separates S almost by construction.",
+    "A decoy is irrelevant as a set, not component by component: D's large changes leave the "
+    "task unchanged together, so one D component patched alone can move the metric, and exact "
+    "patching then (truthfully) ranks it above parts of S that the task did not end up using.",
+    "Rescaling a key/value head's values against its query heads' outputs splits across two "
+    "head-granularity components (v is in the key/value head, o in the query head), so patching "
+    "one of them alone is not function-preserving: exact denoise at head granularity sees it.",
     "S was trained on the very task and prompt distribution the metric measures (log-probability "
     "of the answers), which favors methods that read that metric: exact patching and gradients.",
     "Activation patching answers a different question: it also credits components that carry or "
@@ -169,8 +176,8 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     """The five-line summary of a planted-pair evaluation.
 
     Example:
-        >>> summary_lines(ev.summary)[0]
-        'pair: map task, seed 0, planted set S = layers.1.self_attn | layers.2.mlp[neuron=0-63]'
+        >>> summary_lines(ev.summary)[0][:58]
+        'pair: map task, seed 0, planted set S = layers.0.self_attn'
         >>> summary_lines(ev.summary)[-1]  # neuron granularity was not evaluated
         'narrow-then-verify: not run'
     """
@@ -282,6 +289,20 @@ def render_html(summary: Mapping[str, Any], results: Mapping[str, SweepResult]) 
                       _table(["component", "effect", "in S"],
                              [[n, e, "yes" if planted.get(n) else ""] for n, e in results[key].top(10)])]
     m = summary["metric"]
+    moved = summary["pair"].get("movement") or {}
+    if moved:
+        settings = summary["pair"].get("settings", {})
+        parts += ["<h2>How far the weights moved</h2>",
+                  "<p>Frobenius norm of donor - base per component (what |delta W| ranks by). "
+                  f"Trained decoys: {html.escape('; '.join(settings.get('decoys') or []) or 'none')}. "
+                  f"Rescaled: {html.escape('; '.join(settings.get('rescale') or []) or 'none')}. "
+                  "A ratio above 1 means some component outside S moved further than the least-moved "
+                  "component in S.</p>",
+                  _table(["granularity", "smallest in S", "mean in S", "mean in D", "largest outside S",
+                          "ratio"],
+                         [[g, *(float("nan") if m[k] is None else float(m[k]) for k in (
+                             "S_min", "S_mean", "D_mean", "outside_S_max", "outside_max_over_S_min"))]
+                          for g, m in moved.items()])]
     parts += ["<h2>What could make this comparison unfair</h2>",
               "<ul>" + "".join(f"<li>{html.escape(c)}</li>" for c in CAVEATS) + "</ul>",
               "<h2>Run</h2>",

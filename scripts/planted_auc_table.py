@@ -10,6 +10,8 @@ per-seed numbers into docs/planted_auc.json.
 
     python scripts/planted_auc_table.py --seeds 0 1 2 3 4   # about 6 minutes per seed on 2 cores
     python scripts/planted_auc_table.py --render            # the tables again from the saved runs
+    python scripts/planted_auc_table.py --setting retain_base=1.0 \
+        --json docs/planted_auc_retain_base.json --readme docs/planted_ablations.md  # a variant
 
 A seed whose build fails a check (a donor under its target accuracy, a decoy that moved the task)
 is listed with its error, never dropped silently. It also says whether seed 0, retrained here,
@@ -24,6 +26,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,10 +63,10 @@ def score(folder: Path, seed: int) -> dict:
             "movement": {g: movement[g]["summary"] for g in GRANULARITIES}}
 
 
-def run_seed(seed: int, work: Path) -> dict:
+def run_seed(seed: int, work: Path, overrides: dict[str, Any]) -> dict:
     """Builds one seed's pair and scores it with and without its decoys."""
     try:
-        built = build(Settings(seed=seed, experts=()))
+        built = build(Settings(**{**overrides, "seed": seed, "experts": ()}))
     except JaxpatchError as e:
         return {"seed": seed, "error": str(e)}
     settings = built["record"]["settings"]
@@ -114,15 +117,18 @@ def targets(runs: list[dict]) -> list[str]:
     return lines
 
 
-def render(runs: list[dict]) -> str:
+def render(runs: list[dict], overrides: dict[str, Any]) -> str:
     done = [r for r in runs if "error" not in r]
     failed = [r for r in runs if "error" in r]
     seeds = ", ".join(str(r["seed"]) for r in done)
-    lines = [f"ROC AUC against the planted set, mean (min-max) over seeds {seeds}. Each seed draws its "
+    changed = ", ".join(f"{k} = {v}" for k, v in overrides.items())
+    lines = [f"ROC AUC against the planted set, mean (min-max) over seeds {seeds}"
+             + (f", built with {changed}" if changed else "") + ". Each seed draws its "
              "own S (a head in each of two consecutive layers, an MLP neuron range or whole MLP), a "
-             "trained decoy D (a shift in the language's statistics learned by another layer's "
-             "attention and neurons) and rescaled neighbours of S (`experiments/draws.py`).", "",
-             "**With decoys** (the shipped default):", "", *table(done, "with_decoys"), "",
+             "trained decoy D (the next instruction task, learned by another layer's attention "
+             "module and half of another layer's MLP neurons while a KL term holds the measured "
+             "task) and rescaled neighbours of S (`experiments/draws.py`).", "",
+             "**With decoys** (what the shipped pair has):", "", *table(done, "with_decoys"), "",
              "**Without decoys** (the same base, the donor before its decoys):", "",
              *table(done, "without_decoys"), "", "Targets:", "", *targets(done), "", "Seeds:", ""]
     for r in done:
@@ -139,23 +145,34 @@ def main() -> int:
     p.add_argument("--readme", default=str(ROOT / "README.md"))
     p.add_argument("--json", default=str(ROOT / "docs" / "planted_auc.json"))
     p.add_argument("--render", action="store_true", help="only re-render the tables from --json")
+    p.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="a non-default build setting (repeatable), e.g. retain_base=1.0")
     args = p.parse_args()
+    defaults = Settings()
+    overrides: dict[str, Any] = {}
+    for text in args.setting:
+        name, _, value = text.partition("=")
+        if not hasattr(defaults, name) or name in ("seed", "experts"):
+            p.error(f"--setting {text!r}: not a build setting")
+        overrides[name] = type(getattr(defaults, name))(value)
     if args.render:
         runs = json.loads(Path(args.json).read_text())["runs"]
+        overrides = json.loads(Path(args.json).read_text()).get("overrides") or {}
     else:
         with tempfile.TemporaryDirectory() as work:
             runs = []
             for seed in args.seeds:
-                runs.append(run_seed(seed, Path(work)))
+                runs.append(run_seed(seed, Path(work), overrides))
                 print(json.dumps(runs[-1].get("error") or runs[-1]["with_decoys"]["auc"]), flush=True)
-        Path(args.json).write_text(json.dumps({"settings": dataclasses.asdict(Settings()),
+        settings = dataclasses.asdict(dataclasses.replace(defaults, **overrides))
+        Path(args.json).write_text(json.dumps({"settings": settings, "overrides": overrides,
                                                "runs": runs}, indent=1) + "\n")
         shipped = checkpoint_fingerprint(load_planted(default_pair_dir()).donor)
         for run in runs:
-            if run["seed"] == Settings().seed and "error" not in run:
+            if run["seed"] == defaults.seed and "error" not in run and not overrides:
                 print("seed 0 retrained reproduces the shipped donor:",
                       run["with_decoys"]["donor_sha256"] == shipped)
-    text = render(runs)
+    text = render(runs, overrides)
     print(text)
     readme = Path(args.readme)
     content = readme.read_text()

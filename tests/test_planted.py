@@ -167,7 +167,7 @@ def test_shipped_pair_has_the_planted_behavior() -> None:
         assert tuple(pair.base.tokenizer.encode(text).ids) == prompt.tokens
     acc = behavior(pair)
     assert acc["base"] == 0.0 and acc["donor_with_S_from_base"] < 0.05
-    assert acc["donor"] >= 0.85
+    assert acc["donor"] >= pair.record["settings"]["target_accuracy"] - 0.02  # decoys may cost 2 points
     assert acc["base_with_S_from_donor"] >= 0.9 * acc["donor"]
     # Independently: S swapped with a 0/1 mask (not a Patch), answers decoded one token at a
     # time with the plain forward (not greedy_continuations), compared with the targets.
@@ -185,6 +185,55 @@ def test_shipped_pair_has_the_planted_behavior() -> None:
     recorded = pair.record["models"]["donor"]["accuracy"]
     assert (recorded["base"], recorded["trained"], recorded["plant_patched_base"]) == (
         acc["base"], acc["donor"], acc["base_with_S_from_donor"])
+
+
+def test_shipped_pair_records_how_far_every_component_moved() -> None:
+    pair = load_planted(default_pair_dir())
+    record, settings = pair.record, pair.record["settings"]
+    base, donor = flatten_params(pair.base.params), flatten_params(pair.donor.params)
+    moved = record["movement"]["module"]
+    # Independently of component_entries: a module's norm is over every tensor under its name.
+    for name, norm in zip(moved["names"], moved["norm"]):
+        keys = [k for k in base if k.startswith(name + ".")]
+        assert keys, name
+        expected = np.sqrt(sum(((np.asarray(donor[k], np.float64) - np.asarray(base[k], np.float64)) ** 2
+                                ).sum() for k in keys))
+        assert norm == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+    in_s, in_d = np.array(moved["in_S"]), np.array(moved["in_D"])
+    assert in_s.any() and in_d.any() and not (in_s & in_d).any()
+    # The decoy learned its own task and left the measured one where it was.
+    (decoy,) = record["decoys"]
+    assert settings["decoys"] == [f"{decoy['task']}={decoy['plant']}"]
+    assert decoy["after"] > decoy["before"] + 0.5
+    change = decoy["task_accuracy"]["after"] - decoy["task_accuracy"]["before"]
+    assert abs(change) <= settings["max_accuracy_change"]
+    assert record["rescaled"]["max_logit_change"] == 0.0  # a power-of-two factor is exact
+    # |dW| cannot rank S first at any granularity: something outside S moved further.
+    for g in ("module", "head", "neuron"):
+        m = record["movement"][g]
+        norm, inside = np.array(m["norm"]), np.array(m["in_S"])
+        assert norm[~inside].max() > norm[inside].min(), g
+
+
+def test_on_the_decoy_pair_weight_patching_beats_the_weight_difference() -> None:
+    from jaxpatch import LogProb, make_batch, sweep
+    from jaxpatch.components import select
+    from jaxpatch.evaluate import delta_norms
+    from jaxpatch.scoring import planted_labels
+    from jaxpatch.stats import roc_auc
+
+    pair = load_planted(default_pair_dir())
+    config = pair.base.config
+    batch = make_batch(config, pair.prompts, "targets")
+    plant = plant_patch(config, pair.plant)
+    for g in ("module", "neuron"):
+        items = select(config, None, g)
+        labels = planted_labels(config, plant, items)
+        exact = max(roc_auc(np.abs(sweep(pair.base, pair.donor, batch, LogProb(), granularity=g,
+                                         direction=d, positions="targets", progress=False).effect),
+                            labels) for d in ("denoise", "noise"))
+        weight_difference = roc_auc(delta_norms(config, pair.base.params, pair.donor.params, items), labels)
+        assert weight_difference < 0.9 < exact, (g, exact, weight_difference)
 
 
 def _greedy_accuracy(config, params, prompts) -> float:
