@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments.decoys import rescale
@@ -225,7 +226,8 @@ def check_donor(accuracy: dict[str, float], settings: Settings, steps: int) -> N
             f"of {s.max_base_accuracy:.0%}: the donor's capability would not be its own")
 
 
-def _check_unchanged(before: float, after: float, what: str, settings: Settings) -> None:
+def _check_unchanged(accuracy: dict[str, float], what: str, settings: Settings) -> None:
+    before, after = accuracy["before"], accuracy["after"]
     if abs(after - before) > settings.max_accuracy_change:
         raise JaxpatchError(
             f"{what} moved the donor's {settings.task} accuracy from {before:.1%} to {after:.1%}, "
@@ -293,7 +295,7 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
                                    "after": task_accuracy(config, donor, evals)}
         log(f"decoy {spec}: {record}")
         decoy_records.append(record)
-        _check_unchanged(*record["task_accuracy"].values(), f"decoy {spec!r}", s)
+        _check_unchanged(record["task_accuracy"], f"decoy {spec!r}", s)
     if s.decoys:  # before any rescaling, which moves S's modules too
         _check_decoy_movement(movement(config, base, donor, s)["module"], s)
     rescaled: dict[str, Any] = {}
@@ -361,7 +363,7 @@ def _rescale(config: ModelConfig, donor: Params, s: Settings, evals: list[Prompt
     selector = " | ".join(s.rescale or ())
     out = rescale(config, donor, selector, s.rescale_factor)
     ids = np.array([p.tokens + (p.target or ()) for p in evals])
-    logits = [np.asarray(forward(config, p, ids).read(None)) for p in (donor, out)]
+    logits = [np.asarray(forward(config, p, jnp.asarray(ids)).read(None)) for p in (donor, out)]
     change = float(np.abs(logits[1] - logits[0]).max())
     scale = float(np.abs(logits[0]).max())
     record = {"selectors": list(s.rescale or ()), "factor": s.rescale_factor,
@@ -371,7 +373,7 @@ def _rescale(config: ModelConfig, donor: Params, s: Settings, evals: list[Prompt
     if change > 1e-4 * max(scale, 1.0):
         raise JaxpatchError(f"rescaling {selector!r} by {s.rescale_factor} changed the donor's "
                             f"logits by {change:.2e}: it is not function-preserving here")
-    _check_unchanged(*record["task_accuracy"].values(), f"rescaling {selector!r}", s)
+    _check_unchanged(record["task_accuracy"], f"rescaling {selector!r}", s)
     return out, record
 
 

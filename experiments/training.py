@@ -178,14 +178,16 @@ def retaining(config: ModelConfig, teacher: Params, retain: float, base: Params 
     """
     if retain_base and (base is None or mask is None):
         raise ValueError("the base-side retention term needs the base and the decoy set's mask")
+    base_side = (base, mask) if retain_base and base is not None and mask is not None else None
 
     def objective(params: Params, batch: Any) -> jax.Array:
         ids, weights, task_ids, task_weights = batch
         loss = next_token_loss(config, params, ids, weights)
         loss = loss + retain * answer_kl(config, teacher, params, task_ids, task_weights)
-        if retain_base:
-            patched = jax.tree_util.tree_map(lambda m, p, b: jnp.where(m > 0, p, b), mask, params, base)
-            loss = loss + retain_base * answer_kl(config, base, patched, task_ids, task_weights)
+        if base_side is not None:
+            fixed, inside = base_side
+            patched = jax.tree_util.tree_map(lambda m, p, b: jnp.where(m > 0, p, b), inside, params, fixed)
+            loss = loss + retain_base * answer_kl(config, fixed, patched, task_ids, task_weights)
         return loss
 
     return objective

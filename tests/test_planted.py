@@ -261,3 +261,27 @@ def test_task_accuracy_counts_exact_answers() -> None:
     donor = (pair.donor.config, pair.donor.params)
     assert task_accuracy(*donor, wrong) == 0.0
     assert task_accuracy(*donor, prompts) > 0.5
+
+
+def test_the_decoy_objective_holds_the_task_in_the_donor_and_optionally_in_the_base() -> None:
+    import jax.numpy as jnp
+
+    from experiments.training import answer_kl, next_token_loss, retaining
+    from jaxpatch import apply
+
+    config = model_config(Language.generate(0), 2, 16, 2, 32)
+    base, donor = (init_params(config, jax.random.key(i), scale=0.5) for i in (0, 1))
+    decoy = plant_patch(config, "layers.0.mlp")
+    ids, weights = jnp.array([[2, 5, 9, 11, 4, 7]]), jnp.ones((1, 5))
+    batch = (ids, weights, ids, weights)
+    donor_side = retaining(config, donor, 1.0)
+    assert float(donor_side(donor, batch)) == pytest.approx(float(next_token_loss(config, donor, ids, weights)))
+    both = retaining(config, donor, 1.0, base, plant_mask(config, decoy), retain_base=2.0)
+    # At the teacher the donor-side term vanishes; the base-side term compares the base with the
+    # base that has the decoy set from the donor (built here with a Patch, not the mask).
+    expected = (next_token_loss(config, donor, ids, weights)
+                + 2.0 * answer_kl(config, base, apply(decoy, base, donor), ids, weights))
+    assert float(both(donor, batch)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(answer_kl(config, base, apply(decoy, base, donor), ids, weights)) > 1e-4
+    with pytest.raises(ValueError, match="needs the base"):
+        retaining(config, donor, 1.0, retain_base=1.0)
