@@ -128,7 +128,8 @@ def render(runs: list[dict], overrides: dict[str, Any]) -> str:
              "trained decoy D (the next instruction task, learned by another layer's attention "
              "module and half of another layer's MLP neurons while a KL term holds the measured "
              "task) and rescaled neighbours of S (`experiments/draws.py`).", "",
-             "**With decoys**" + ("" if overrides else " (what the shipped pair has)") + ":", "", *table(done, "with_decoys"), "",
+             "**With decoys**" + ("" if overrides else " (what the shipped pair has)") + ":", "",
+             *table(done, "with_decoys"), "",
              "**Without decoys** (the same base, the donor before its decoys):", "",
              *table(done, "without_decoys"), "", "Targets:", "", *targets(done), "", "Seeds:", ""]
     for r in done:
