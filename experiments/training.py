@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from experiments.language import Language
-from jaxpatch.errors import JaxpatchError
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
 
@@ -90,14 +90,7 @@ def train(config: ModelConfig, params: Params, batches: Iterator[Any], steps: in
 
     Returns:
         A `Trained`.
-
-    Raises:
-        JaxpatchError: optax (the `train` extra) is not installed.
     """
-    try:
-        import optax
-    except ImportError:
-        raise JaxpatchError("training planted pairs needs optax: pip install 'jaxpatch[train]'") from None
     loss_of = objective or (lambda p, batch: next_token_loss(config, p, *batch))
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps,
                                                   learning_rate * 0.05)

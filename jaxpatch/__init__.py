@@ -13,6 +13,7 @@ The public API is what this module exports (every other name may change):
     check_pair, endpoints, endpoint_scores, score_patch             a base/donor pair
     sweep, SweepResult               exact, batched patch sweeps
     attribute, localize              gradient attribution; narrow by attribution, verify exactly
+    learn_patch, LearnedPatch        a patch learned with gates and a sparsity penalty (optax)
     activation_patching              the activation patching baseline
     plant_patch, planted_labels      planted sets
     roc_auc, roc_curve, spearman     scoring a ranking
@@ -47,6 +48,7 @@ from jaxpatch.errors import (
                              UnsupportedConfigError,
 )
 from jaxpatch.io import load, save
+from jaxpatch.learned import LearnedPatch, learn_patch
 from jaxpatch.metrics import (
                              CustomMetric,
                              KLDivergence,
@@ -98,7 +100,8 @@ __all__ = [
     "save_anchor", "load_anchor", "Prompt", "Batch", "read_prompts", "make_batch",
     # scoring
     "check_pair", "endpoints", "endpoint_scores", "score_patch", "sweep", "SweepResult",
-    "attribute", "alpha_gradients", "localize", "Localization", "activation_patching",
+    "attribute", "alpha_gradients", "localize", "Localization", "learn_patch", "LearnedPatch",
+    "activation_patching",
     "plant_patch", "planted_labels", "roc_auc", "roc_curve", "spearman",
     # modes
     "Granularity", "ScoredGranularity", "Direction", "PairDirection", "AttributionMethod",

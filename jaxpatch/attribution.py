@@ -50,8 +50,8 @@ from jaxpatch.prompts import Batch
 from jaxpatch.results import Misranked, SweepResult, check_finite_scores, misranked_to_dicts
 from jaxpatch.stats import average_ranks, spearman
 
-__all__ = ["alpha_gradients", "planned_gradient_bytes", "component_scores", "attribute",
-           "Localization", "localize"]
+__all__ = ["alpha_gradients", "value_and_alpha_gradient", "planned_gradient_bytes",
+           "component_scores", "attribute", "Localization", "localize"]
 
 
 def _slice(tree: Any, start: int, stop: int) -> Any:
@@ -100,6 +100,43 @@ def _gradient_function(config: ModelConfig, metric: Metric, first_order: bool) -
             return at(_mix_all(ts[0], start, target))
         return jax.tree_util.tree_map(lambda g: g.sum(0),
                                       jax.vmap(lambda t: at(_mix_all(t, start, target)))(ts))
+
+    return run
+
+
+@functools.lru_cache(maxsize=32)
+def value_and_alpha_gradient(config: ModelConfig, metric: Metric) -> Callable[..., Any]:
+    """Jitted `(at, start, target, batch, state) -> (score, gradient)`: the metric's mean score
+    of the model running with weights `at`, and its gradient with respect to every coefficient
+    of the patch direction `target - start` there (an alpha tree).
+
+    `at` is any point of the patch path (`jaxpatch.apply(patch, start, target)` for any
+    coefficients): the weights are linear in the coefficients, so the gradient at `at` along
+    `target - start` is the coefficients' gradient, computed with probe weights as in
+    `alpha_gradients` (no weight gradient is formed).
+
+    Arguments:
+        config: the architecture.
+        metric: the behavioral interface (its `layer` says where the forward stops).
+
+    Returns:
+        The jitted function.
+
+    Example:
+        >>> metric = jaxpatch.VectorAnchor(layer=1)
+        >>> state = metric.prepare(cfg, base.params, donor.params, batch)
+        >>> run = value_and_alpha_gradient(cfg, metric)
+        >>> score, grads = run(base.params, base.params, donor.params, batch, state)
+        >>> reference = alpha_gradients(base, donor, batch, metric, state=state)
+        >>> leaf = lambda t: t["layers"][1]["mlp"]["up_proj"]["weight"]
+        >>> bool(jnp.allclose(leaf(grads), leaf(reference), rtol=1e-4, atol=1e-6))
+        True
+    """
+    value_and_grad = jax.value_and_grad(_objective(config, metric))
+
+    @jax.jit
+    def run(at: Params, start: Params, target: Params, batch: Batch, state: Any) -> tuple[jax.Array, Params]:
+        return value_and_grad(Patch.zeros(config).alpha, at, start, target, batch, state)
 
     return run
 
