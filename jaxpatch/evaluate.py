@@ -8,6 +8,7 @@ module, head and neuron granularity:
     exact-denoise, exact-noise     weight patching sweeps (`jaxpatch.engine.sweep`)
     first-order                    attribution at the base (`jaxpatch.attribution`)
     integrated-gradients           attribution along the whole patch path
+    learned-patch                  gates learned jointly under a sparsity penalty (`jaxpatch.learned`)
     activation-denoise/-noise      activation patching (`jaxpatch.trace`)
     delta-norm                     |donor - base| over each component's parameters
     random                         a seeded random ranking
@@ -34,6 +35,7 @@ from jaxpatch.attribution import attribute, localize
 from jaxpatch.components import Component, select
 from jaxpatch.engine import sweep
 from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
+from jaxpatch.learned import learn_patch
 from jaxpatch.metrics import LogProb
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
@@ -49,7 +51,8 @@ __all__ = ["EVALUATED_METHODS", "PlantedPair", "default_pair_dir", "load_planted
            "behavior", "delta_norms", "importance", "Evaluation", "evaluate"]
 
 EVALUATED_METHODS: tuple[str, ...] = (
-    "exact-denoise", "exact-noise", "first-order", "integrated-gradients", "activation-denoise",
+    "exact-denoise", "exact-noise", "first-order", "integrated-gradients", "learned-patch",
+    "activation-denoise",
     "activation-noise", "delta-norm", "random")
 RESULTS_FORMAT = "jaxpatch.planted-evaluation/1"
 
@@ -207,7 +210,8 @@ def _activation(base: Model, donor: Model, batch: Any, metric: LogProb, directio
 
 def evaluate(pair: PlantedPair, *,
              granularities: Sequence[ScoredGranularity] = SCORED_GRANULARITIES,
-             ig_steps: int = 16, verify_fraction: float = 0.1, controls: int = 6,
+             ig_steps: int = 16, learned_steps: int = 200, learned_budget: float = 0.1,
+             verify_fraction: float = 0.1, controls: int = 6,
              recall_k: int = 20, seed: int = 0,
              stage: Callable[[str, int], Any] | None = None) -> Evaluation:
     """Runs every method at every granularity and scores it against the planted set.
@@ -216,6 +220,9 @@ def evaluate(pair: PlantedPair, *,
         pair: the planted pair.
         granularities: which of module, head, neuron.
         ig_steps: integrated-gradients quadrature points.
+        learned_steps, learned_budget: the learned patch (denoise) trains this many steps with
+            sparsity `learned_budget / number of components` (so keeping every component would
+            cost `learned_budget` of the effect); its gate probabilities are its ranking.
         verify_fraction, controls, recall_k: narrow-then-verify at neuron granularity: rank
             by integrated gradients, verify exactly this share of all neurons (the top ones
             and `controls` random others) and report the recall of the exact top `recall_k`.
@@ -308,6 +315,16 @@ def evaluate(pair: PlantedPair, *,
     for direction in PAIR_DIRECTIONS:
         run_stage(f"activation-{direction}", functools.partial(
             _activation, base, donor, batch, metric, direction, common))
+    learned: dict[str, Any] = {}
+
+    def learned_patch(g: ScoredGranularity) -> np.ndarray:
+        out = learn_patch(base, donor, batch, metric, granularity=g, steps=learned_steps,
+                          sparsity=learned_budget / len(items[g]))
+        learned[g] = {"selected": out.selected, "effect": out.effect, "sparsity": out.sparsity,
+                      "steps": learned_steps}
+        return out.probabilities
+
+    run_stage("learned-patch", learned_patch)
     run_stage("delta-norm", lambda g: delta_norms(config, base.params, donor.params, items[g]))
     rng = np.random.default_rng(seed)
     run_stage("random", lambda g: rng.random(len(items[g])))
@@ -331,6 +348,7 @@ def evaluate(pair: PlantedPair, *,
                    "base_score": results[f"{granularities[0]}/exact-noise"].base_score,
                    "donor_score": results[f"{granularities[0]}/exact-noise"].donor_score},
         "behavior": accuracy, "granularities": per_granularity, "narrow_then_verify": verification,
+        "learned_patch": learned,
         "completeness": ig.extra.get("completeness") if ig else None,
         "timing": timing, "seed": seed,
     }

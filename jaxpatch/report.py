@@ -113,6 +113,7 @@ def summary_table(result: SweepResult, k: int = 10) -> str:
 METHOD_LABELS: dict[str, str] = {
     "exact-denoise": "exact weight patching, denoise", "exact-noise": "exact weight patching, noise",
     "first-order": "first-order attribution", "integrated-gradients": "integrated gradients",
+    "learned-patch": "learned patch (gates, denoise)",
     "activation-denoise": "activation patching, denoise",
     "activation-noise": "activation patching, noise", "delta-norm": "‖donor − base‖ per component",
     "random": "random ranking",
@@ -197,7 +198,8 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
         f"ROC AUC vs S ({'/'.join(order)}): exact weight patching denoise {aucs('exact-denoise')}, "
         f"noise {aucs('exact-noise')}",
         f"  activation patching denoise {aucs('activation-denoise')}, first-order "
-        f"{aucs('first-order')}, IG {aucs('integrated-gradients')}, |dW| {aucs('delta-norm')}, "
+        f"{aucs('first-order')}, IG {aucs('integrated-gradients')}, learned patch "
+        f"{aucs('learned-patch')}, |dW| {aucs('delta-norm')}, "
         f"random {aucs('random')}",
     ]
     if v:

@@ -34,8 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from experiments.planted import Settings, build, without_decoys, write  # noqa: E402
+from jaxpatch import LogProb, Patch, components, endpoint_scores, make_batch, score_patch  # noqa: E402
 from jaxpatch.errors import JaxpatchError  # noqa: E402
-from jaxpatch.evaluate import EVALUATED_METHODS, default_pair_dir, evaluate, load_planted  # noqa: E402
+from jaxpatch.evaluate import (  # noqa: E402
+    EVALUATED_METHODS,
+    PlantedPair,
+    default_pair_dir,
+    evaluate,
+    load_planted,
+)
 from jaxpatch.io.fingerprint import checkpoint_fingerprint  # noqa: E402
 from jaxpatch.modes import SCORED_GRANULARITIES as GRANULARITIES  # noqa: E402
 from jaxpatch.report import METHOD_LABELS  # noqa: E402
@@ -57,10 +64,37 @@ def score(folder: Path, seed: int) -> dict:
         auc[g][EXACT] = max(auc[g]["exact-denoise"], auc[g]["exact-noise"])
     movement = pair.record["movement"]
     return {"donor_sha256": checkpoint_fingerprint(pair.donor), "behavior": summary["behavior"],
+            "equal_size": equal_size(pair, summary["granularities"]["module"]),
             "narrow_then_verify": summary["narrow_then_verify"], "auc": auc,
             "positives": {g: f"{sum(summary['granularities'][g]['planted'])}/"
                              f"{len(summary['granularities'][g]['names'])}" for g in GRANULARITIES},
             "movement": {g: movement[g]["summary"] for g in GRANULARITIES}}
+
+
+EQUAL_SIZE_METHODS = ("learned-patch", "exact-denoise", "exact-noise", "integrated-gradients")
+
+
+def equal_size(pair: PlantedPair, module: dict) -> dict[str, float]:
+    """Faithfulness at equal size: with k = the number of modules in S, the recovery (denoise,
+    LogProb) of each method's top k modules patched together, and of S's modules themselves."""
+    config = pair.base.config
+    batch = make_batch(config, pair.prompts, "targets")
+    metric = LogProb()
+    state, base_score, donor_score = endpoint_scores(config, pair.base, pair.donor, batch, metric)
+    items = {c.name: c for c in components(config, "module")}
+    planted = np.array(module["planted"])
+    k = int(planted.sum())
+
+    def recovery(names: list[str]) -> float:
+        patch = Patch.from_components(config, [items[n] for n in names])
+        score = score_patch(pair.base, pair.donor, patch, batch, metric, "denoise", state)
+        return (score - base_score) / (donor_score - base_score)
+
+    out = {"S": recovery([n for n, y in zip(module["names"], planted) if y]), "k": k}
+    for m in EQUAL_SIZE_METHODS:
+        order = np.argsort(-np.asarray(module["importance"][m]), kind="stable")[:k]
+        out[m] = recovery([module["names"][i] for i in order])
+    return out
 
 
 def run_seed(seed: int, work: Path, overrides: dict[str, Any]) -> dict:
@@ -85,13 +119,21 @@ def cell(values: list[float]) -> str:
 def table(runs: list[dict], which: str) -> list[str]:
     scored = [r[which] for r in runs]
     lines = ["| method | " + " | ".join(GRANULARITIES) + " |", "|" + "---|" * (len(GRANULARITIES) + 1)]
-    for m in (EXACT, *EVALUATED_METHODS):
+    measured = [m for m in (EXACT, *EVALUATED_METHODS) if all(m in s["auc"]["module"] for s in scored)]
+    for m in measured:
         label = METHOD_LABELS.get(m, m)
         lines.append("| " + " | ".join([label, *(cell([s["auc"][g][m] for s in scored])
                                                  for g in GRANULARITIES)]) + " |")
     acc = lambda key: cell([s["behavior"][key] for s in scored])
     recall = cell([s["narrow_then_verify"]["recall"] for s in scored])
     ratio = lambda g: cell([s["movement"][g]["outside_max_over_S_min"] or 0.0 for s in scored])
+    if all("equal_size" in s for s in scored):
+        same = lambda m: cell([s["equal_size"][m] for s in scored])
+        lines += ["", "Faithfulness at equal size (k = the modules in S, "
+                  f"{'/'.join(str(s['equal_size']['k']) for s in scored)} per seed): recovery of the "
+                  "top k modules patched together into the base: "
+                  + ", ".join(f"{METHOD_LABELS[m]} {same(m)}" for m in EQUAL_SIZE_METHODS)
+                  + f"; S itself {same('S')}."]
     lines += ["", f"Task accuracy: base {acc('base')}, donor {acc('donor')}, base with S from the donor "
               f"{acc('base_with_S_from_donor')}, donor with S from the base {acc('donor_with_S_from_base')}. "
               f"Narrow-then-verify recall of the exhaustive exact top 20: {recall}. Largest |dW| outside "
@@ -111,10 +153,29 @@ def targets(runs: list[dict]) -> list[str]:
     worst = min(r["without_decoys"]["auc"]["module"]["exact-denoise"] for r in runs)
     lines.append(f"- without decoys, exact denoise at module granularity >= 0.95 on every seed: "
                  f"{'holds' if worst >= 0.95 else 'MISSED'} (lowest {worst:.3f})")
+    if all("learned-patch" in r["with_decoys"]["auc"]["module"] for r in runs):
+        lines += [learned_targets(runs, which) for which in ("with_decoys", "without_decoys")]
     dw = max(r["with_decoys"]["auc"][g]["delta-norm"] for r in runs for g in GRANULARITIES)
     lines.append(f"- |dW| no longer scores 1.00 with decoys: {'holds' if dw < 1.0 else 'MISSED'} "
                  f"(highest over seeds and granularities {dw:.3f})")
     return lines
+
+
+def learned_targets(runs: list[dict], which: str) -> str:
+    """The learned-patch issue's targets on one kind of pair, as one line."""
+    def auc(r: dict, g: str, m: str) -> float:
+        return r[which]["auc"][g][m]
+
+    beats = all(auc(r, g, "learned-patch") >= auc(r, g, "integrated-gradients")
+                for r in runs for g in ("module", "neuron"))
+    worst = min(auc(r, "neuron", "learned-patch") for r in runs)
+    faithful = all(r[which]["equal_size"]["learned-patch"] >= r[which]["equal_size"]["exact-denoise"]
+                   for r in runs)
+    verdict = lambda ok: "holds" if ok else "MISSED"
+    return (f"- learned patch, {which.replace('_', ' ')}: AUC >= integrated gradients at module and "
+            f"neuron granularity on every seed: {verdict(beats)}; >= 0.95 at neuron granularity on "
+            f"every seed: {verdict(worst >= 0.95)} (lowest {worst:.3f}); its top k modules recover at "
+            f"least as much as exact denoise's top k on every seed: {verdict(faithful)}")
 
 
 def render(runs: list[dict], overrides: dict[str, Any]) -> str:
