@@ -130,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the control sample")
     p.set_defaults(granularity="neuron")
 
+    p = command("learn", _learn, "learn the smallest patch that recovers (or destroys) the behavior: "
+                "one gate per component, trained under a sparsity penalty")
+    add_run_arguments(p)
+    p.add_argument("--sparsity", type=float, action="append",
+                   help="penalty per component in units of effect (repeatable: one patch each, the "
+                   "effect-against-size front; default 0.01)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per patch (default 200)")
+    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the gates (default 0.1)")
+
     p = command("convert", _convert, "write a checkpoint in another format or dtype")
     p.add_argument("source", help="checkpoint folder to read (never modified)")
     p.add_argument("destination", help="folder to create")
@@ -288,6 +297,34 @@ def _localize(args: argparse.Namespace) -> None:
             (tmp / "exact.csv").write_text(report.exact.to_csv())
             (tmp / "heatmap.png").write_bytes(heatmap_png(report.attribution))
         print(f"wrote {args.out}/localize.json, attribution.csv, exact.csv, heatmap.png")
+
+
+def _learn(args: argparse.Namespace) -> None:
+    from jaxpatch.learned import learn_patch
+    from jaxpatch.report import pareto_png
+
+    base, donor, batch, metric, inputs = prepare_run(args)
+    runs = []
+    for sparsity in args.sparsity or [0.01]:
+        if sparsity < 0:
+            raise InvalidInputError(f"--sparsity must be at least 0, got {sparsity}")
+        learned = learn_patch(base, donor, batch, metric, granularity=args.granularity,
+                              selector=args.select, direction=args.direction, sparsity=sparsity,
+                              steps=args.steps, learning_rate=args.lr)
+        runs.append(learned)
+        print(f"sparsity {sparsity:g}: {len(learned.selected)} of {len(learned.names)} components, "
+              f"effect {learned.effect:.3f}: {', '.join(learned.selected) or '(none)'}")
+    if args.out:
+        points = [(len(r.selected), r.effect) for r in runs]
+        with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+            (tmp / "learned.json").write_text(json.dumps(
+                {"inputs": inputs, "metric": metric.name, "patches": [r.to_dict() for r in runs]},
+                indent=1) + "\n")
+            (tmp / "pareto.csv").write_text("sparsity,size,effect\n" + "".join(
+                f"{r.sparsity},{len(r.selected)},{r.effect}\n" for r in runs))
+            (tmp / "pareto.png").write_bytes(pareto_png(points, f"learned {args.direction} patches, "
+                                                                f"{args.granularity} granularity"))
+        print(f"wrote {args.out}/learned.json, pareto.csv, pareto.png")
 
 
 def _demo(args: argparse.Namespace) -> None:

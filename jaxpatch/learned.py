@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any, Sequence
 
 import jax
@@ -80,6 +81,21 @@ class LearnedPatch:
     def selected(self) -> list[str]:
         """The names of the components in `patch`."""
         return [n for n, p in zip(self.names, self.probabilities) if p > 0.5]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record (the patch itself as `jaxpatch.patch/1` text).
+
+        Example:
+            >>> learned = learn_patch(base, donor, batch, jaxpatch.VectorAnchor(layer=1),
+            ...                       granularity="layer", steps=5)
+            >>> sorted(learned.to_dict())[:4]
+            ['curve', 'direction', 'effect', 'granularity']
+        """
+        return {"direction": self.direction, "granularity": self.granularity,
+                "sparsity": self.sparsity, "effect": self.effect, "size": len(self.selected),
+                "selected": self.selected,
+                "probabilities": dict(zip(self.names, (float(p) for p in self.probabilities))),
+                "curve": self.curve, "patch": json.loads(self.patch.to_json())}
 
 
 def gate_index(config: ModelConfig, items: Sequence[Component]) -> Params:

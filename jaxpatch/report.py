@@ -59,6 +59,32 @@ def heatmap_grid(result: SweepResult) -> tuple[np.ndarray, list[str], list[str]]
     return grid, [f"layer {i}" for i in layers], columns
 
 
+def pareto_png(points: Sequence[tuple[int, float]], title: str) -> bytes:
+    """Effect against patch size (one point per sparsity of a learned patch) as PNG bytes.
+
+    Example:
+        >>> pareto_png([(1, 0.4), (3, 0.9), (8, 1.0)], "learned patches")[:4]
+        b'\\x89PNG'
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = sorted(points)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p[0] for p in ordered], [p[1] for p in ordered], "o-")
+    ax.set_xlabel("components in the patch")
+    ax.set_ylabel("effect (share of the behavior)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def heatmap_png(result: SweepResult, title: str | None = None) -> bytes:
     """A heatmap of effects (layers x modules, heads or neurons) as PNG bytes.
 

@@ -92,3 +92,37 @@ def test_bad_arguments_are_refused(kwargs, message) -> None:
     base, donor, batch, metric = constructed()
     with pytest.raises(JaxpatchError, match=message):
         learn_patch(base, donor, batch, metric, **kwargs)
+
+
+def test_cli_learn_writes_the_front_and_refuses_bad_input(tmp_path, capsys) -> None:
+    import json
+
+    import jaxpatch
+    from jaxpatch.cli import main
+
+    base, donor, _, _ = constructed()
+    jaxpatch.save(base, tmp_path / "base")
+    jaxpatch.save(donor, tmp_path / "donor")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"tokens": list(p.tokens)}) + "\n" for p in EXAMPLE_PROMPTS))
+    run = ["learn", "--base", str(tmp_path / "base"), "--donor", str(tmp_path / "donor"),
+           "--prompts", str(prompts), "--anchor-layer", "1", "--steps", "150", "--no-progress"]
+    out = tmp_path / "run"
+    assert main([*run, "--sparsity", "0.01", "--sparsity", "5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("sparsity 0.01: 3 of ") and "layers.1.mlp.up_proj" in printed[0]
+    assert printed[1].startswith("sparsity 5: 0 of ") and printed[1].endswith("(none)")
+    record = json.loads((out / "learned.json").read_text())
+    first = record["patches"][0]
+    assert set(first["selected"]) == SOURCE and first["size"] == 3
+    patch = Patch.from_json(json.dumps(first["patch"]))
+    assert patch.num_nonzero() == Patch.from_selector(base.config, "layers.1.mlp").num_nonzero()
+    assert (out / "pareto.csv").read_text().splitlines() == [
+        "sparsity,size,effect", f"0.01,3,{first['effect']}", f"5.0,0,{record['patches'][1]['effect']}"]
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # Bad input: one line, status 2, nothing written.
+    assert main([*run, "--sparsity", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.strip() == "jaxpatch: error: --sparsity must be at least 0, got -1.0"
+    assert main([*run, "--select", "layers.9", "--out", str(tmp_path / "bad")]) == 2
+    assert "layers.9" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
