@@ -63,14 +63,17 @@ def _add(a: Params, b: Params) -> Params:
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def _objective(config: ModelConfig, metric: Metric) -> Callable[..., jax.Array]:
+def _objective(config: ModelConfig, metric: Metric, start_layer: int = 0,
+               remat: bool = False) -> Callable[..., jax.Array]:
     """`alpha -> metric score` of the model running with `base`, probed along `target - start`
-    (the mean over the batch's prompts); alpha is zero, only its gradient is used."""
+    (the mean over the batch's prompts); alpha is zero, only its gradient is used. From
+    `start_layer` on, the pass starts from `residual` (the stream before that block)."""
 
     def objective(alpha: Params, base: Params, start: Params, target: Params, batch: Batch,
-                  state: Any) -> jax.Array:
+                  state: Any, residual: jax.Array | None = None) -> jax.Array:
         out = forward(config, _probes(alpha, base, start, target), batch.tokens, batch.mask,
-                      stop_layer=metric.layer, readout_positions=batch.positions)
+                      start_layer=start_layer, residual=residual, stop_layer=metric.layer,
+                      readout_positions=batch.positions, remat=remat)
         return jnp.mean(metric.score(out.read(metric.layer), batch, state))
 
     return objective
@@ -105,10 +108,11 @@ def _gradient_function(config: ModelConfig, metric: Metric, first_order: bool) -
 
 
 @functools.lru_cache(maxsize=32)
-def value_and_alpha_gradient(config: ModelConfig, metric: Metric) -> Callable[..., Any]:
-    """Jitted `(at, start, target, batch, state) -> (score, gradient)`: the metric's mean score
-    of the model running with weights `at`, and its gradient with respect to every coefficient
-    of the patch direction `target - start` there (an alpha tree).
+def value_and_alpha_gradient(config: ModelConfig, metric: Metric, start_layer: int = 0,
+                             remat: bool = False) -> Callable[..., Any]:
+    """Jitted `(at, start, target, batch, state, residual=None) -> (score, gradient)`: the
+    metric's mean score of the model running with weights `at`, and its gradient with respect to
+    every coefficient of the patch direction `target - start` there (an alpha tree).
 
     `at` is any point of the patch path (`jaxpatch.apply(patch, start, target)` for any
     coefficients): the weights are linear in the coefficients, so the gradient at `at` along
@@ -118,6 +122,10 @@ def value_and_alpha_gradient(config: ModelConfig, metric: Metric) -> Callable[..
     Arguments:
         config: the architecture.
         metric: the behavioral interface (its `layer` says where the forward stops).
+        start_layer: start at this block from `residual`, the residual stream before it
+            (computed once when no coefficient before it can change: prefix reuse); the
+            gradient of coefficients before it is then zero.
+        remat: recompute each block's activations in the backward pass (memory of one block).
 
     Returns:
         The jitted function.
@@ -132,11 +140,12 @@ def value_and_alpha_gradient(config: ModelConfig, metric: Metric) -> Callable[..
         >>> bool(jnp.allclose(leaf(grads), leaf(reference), rtol=1e-4, atol=1e-6))
         True
     """
-    value_and_grad = jax.value_and_grad(_objective(config, metric))
+    value_and_grad = jax.value_and_grad(_objective(config, metric, start_layer, remat))
 
     @jax.jit
-    def run(at: Params, start: Params, target: Params, batch: Batch, state: Any) -> tuple[jax.Array, Params]:
-        return value_and_grad(Patch.zeros(config).alpha, at, start, target, batch, state)
+    def run(at: Params, start: Params, target: Params, batch: Batch, state: Any,
+            residual: jax.Array | None = None) -> tuple[jax.Array, Params]:
+        return value_and_grad(Patch.zeros(config).alpha, at, start, target, batch, state, residual)
 
     return run
 

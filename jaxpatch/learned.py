@@ -23,7 +23,9 @@ exactly with the plain forward.
 This is the documented alternative to hard-concrete (L0) gates: deterministic, no sampling, and
 the penalty reads directly in units of effect. Gradients with respect to the coefficients come
 from the probe-weight forward of `jaxpatch.attribution.value_and_alpha_gradient` (no weight
-gradient is formed); the chain rule to the gates is one small vector-Jacobian product.
+gradient is formed); the chain rule to the gates is one small vector-Jacobian product. Blocks
+before the first candidate run once (prefix reuse), and `remat=True` bounds memory to one
+block's activations as in attribution's block-by-block mode.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from jaxpatch.components import Component, SelectorLike, select
 from jaxpatch.errors import JaxpatchError
 from jaxpatch.metrics import Metric
 from jaxpatch.models.config import ModelConfig, Params
+from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import Model
 from jaxpatch.modes import PAIR_DIRECTIONS, Granularity, PairDirection, check_mode
 from jaxpatch.pair import check_pair, endpoint_scores, endpoints, score_patch
@@ -143,20 +146,23 @@ def _mix(alpha: Params, start: Params, target: Params) -> Params:
 
 
 @functools.lru_cache(maxsize=32)
-def _step_function(config: ModelConfig, metric: Metric, optimizer: Any) -> Any:
+def _step_function(config: ModelConfig, metric: Metric, optimizer: Any, start_layer: int,
+                   remat: bool) -> Any:
     """Jitted: one optimizer step on the gate logits (see the module docstring)."""
-    score_and_grad = value_and_alpha_gradient(config, metric)
+    score_and_grad = value_and_alpha_gradient(config, metric, start_layer, remat)
 
     @jax.jit
     def step(theta: jax.Array, opt_state: Any, temperature: jax.Array, index: Params,
-             start: Params, target: Params, batch: Batch, state: Any, scale: jax.Array,
-             offset: jax.Array, sparsity: jax.Array) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+             start: Params, target: Params, batch: Batch, state: Any, residual: jax.Array | None,
+             scale: jax.Array, offset: jax.Array,
+             sparsity: jax.Array) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
         def gates_of(t: jax.Array) -> jax.Array:
             return jax.nn.sigmoid(t / temperature)
 
         gates, gates_vjp = jax.vjp(gates_of, theta)
         alpha, alpha_vjp = jax.vjp(lambda g: _alpha_of(g, index), gates)
-        score, alpha_grad = score_and_grad(_mix(alpha, start, target), start, target, batch, state)
+        score, alpha_grad = score_and_grad(_mix(alpha, start, target), start, target, batch, state,
+                                           residual)
         effect = (score - offset) * scale  # recovered (denoise) or destroyed (noise) share
         # d(-min(effect, 1))/d gates through the coefficients, plus d(sparsity * sum)/d gates
         short = jnp.where(effect < 1.0, -scale, 0.0)
@@ -175,7 +181,8 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
                 granularity: Granularity = "module", selector: SelectorLike | None = None,
                 direction: PairDirection = "denoise", sparsity: float = 0.01, steps: int = 200,
                 learning_rate: float = 0.1, optimizer: Any = None, init: float = 0.0,
-                temperatures: tuple[float, float] = (1.0, 0.02), log_every: int = 10) -> LearnedPatch:
+                temperatures: tuple[float, float] = (1.0, 0.02), log_every: int = 10,
+                remat: bool = False) -> LearnedPatch:
     """Learns the smallest set of components whose weights, moved together, recover (denoise)
     or destroy (noise) the behavior.
 
@@ -195,6 +202,8 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         init: the gates' starting logit (0: probability 1/2).
         temperatures: the gate temperature at the first and the last step (geometric schedule).
         log_every: how often the curve records a point.
+        remat: recompute each block's activations in the backward pass (memory of one block's
+            activations, one more forward of compute per step).
 
     Returns:
         A `LearnedPatch`.
@@ -223,7 +232,13 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     offset = base_score if direction == "denoise" else donor_score
     scale = 1.0 / (donor_score - base_score) * (1.0 if direction == "denoise" else -1.0)
     optimizer = optimizer if optimizer is not None else optax.adam(learning_rate)
-    step = _step_function(config, metric, optimizer)
+    # Prefix reuse: blocks before the first candidate's never change, so their output is
+    # computed once and every step starts after them.
+    first = min(c.layer for c in items)
+    residual = None
+    if first > 0:
+        residual = forward(config, start, batch.tokens, batch.mask, stop_layer=first - 1).residual
+    step = _step_function(config, metric, optimizer, max(first, 0), remat)
     theta = jnp.full(len(items), init, jnp.float32)
     opt_state = optimizer.init(theta)
     t0, t1 = temperatures
@@ -232,7 +247,7 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     for i in range(steps):
         temperature = t0 * (t1 / t0) ** (i / max(steps - 1, 1))
         theta, opt_state, logs = step(theta, opt_state, jnp.float32(temperature), index, start, target,
-                                      batch, state, jnp.float32(scale), jnp.float32(offset),
+                                      batch, state, residual, jnp.float32(scale), jnp.float32(offset),
                                       jnp.float32(sparsity))
         if i % log_every == 0 or i == steps - 1:
             curve.append({"step": i, "temperature": temperature,

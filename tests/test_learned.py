@@ -126,3 +126,20 @@ def test_cli_learn_writes_the_front_and_refuses_bad_input(tmp_path, capsys) -> N
     assert main([*run, "--select", "layers.9", "--out", str(tmp_path / "bad")]) == 2
     assert "layers.9" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_prefix_reuse_and_remat_leave_the_gates_as_they_were() -> None:
+    from jaxpatch import endpoint_scores, score_patch
+
+    base, donor, batch, metric = constructed()
+    # Candidates only in block 1: block 0 runs once; the first step sees every gate at 1/2.
+    plain = learn_patch(base, donor, batch, metric, selector="layers.1", steps=30)
+    rematted = learn_patch(base, donor, batch, metric, selector="layers.1", steps=30, remat=True)
+    assert plain.names == [c.name for c in components(base.config, "module") if c.layer == 1]
+    for a, b in zip(plain.curve, rematted.curve):
+        assert a["effect"] == pytest.approx(b["effect"], rel=1e-5, abs=1e-6)
+    _, low, high = endpoint_scores(base.config, base, donor, batch, metric)
+    half = Patch.from_selector(base.config, "layers.1", strength=0.5)
+    expected = (score_patch(base, donor, half, batch, metric) - low) / (high - low)
+    assert plain.curve[0]["effect"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    np.testing.assert_allclose(plain.probabilities, rematted.probabilities, atol=1e-4)
