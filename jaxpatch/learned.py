@@ -146,35 +146,44 @@ def _mix(alpha: Params, start: Params, target: Params) -> Params:
 
 
 @functools.lru_cache(maxsize=32)
-def _step_function(config: ModelConfig, metric: Metric, optimizer: Any, start_layer: int,
-                   remat: bool) -> Any:
-    """Jitted: one optimizer step on the gate logits (see the module docstring)."""
+def _adam(learning_rate: float) -> Any:
+    """One Adam per learning rate, so that repeated calls reuse the compiled steps."""
+    return optax.adam(learning_rate)
+
+
+@functools.lru_cache(maxsize=32)
+def _steps_function(config: ModelConfig, metric: Metric, optimizer: Any, start_layer: int,
+                    remat: bool) -> Any:
+    """Jitted: optimizer steps on the gate logits, one per entry of `temperatures`, in one
+    `lax.scan` (no Python between steps; see the module docstring for the step)."""
     score_and_grad = value_and_alpha_gradient(config, metric, start_layer, remat)
 
     @jax.jit
-    def step(theta: jax.Array, opt_state: Any, temperature: jax.Array, index: Params,
-             start: Params, target: Params, batch: Batch, state: Any, residual: jax.Array | None,
-             scale: jax.Array, offset: jax.Array,
-             sparsity: jax.Array) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
-        def gates_of(t: jax.Array) -> jax.Array:
-            return jax.nn.sigmoid(t / temperature)
+    def run(theta: jax.Array, opt_state: Any, temperatures: jax.Array, index: Params,
+            start: Params, target: Params, batch: Batch, state: Any, residual: jax.Array | None,
+            scale: jax.Array, offset: jax.Array,
+            sparsity: jax.Array) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+        def step(carry: tuple[jax.Array, Any], temperature: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+            theta, opt_state = carry
+            gates, gates_vjp = jax.vjp(lambda t: jax.nn.sigmoid(t / temperature), theta)
+            alpha, alpha_vjp = jax.vjp(lambda g: _alpha_of(g, index), gates)
+            score, alpha_grad = score_and_grad(_mix(alpha, start, target), start, target, batch,
+                                               state, residual)
+            effect = (score - offset) * scale  # recovered (denoise) or destroyed (noise) share
+            # d(-min(effect, 1))/d gates through the coefficients, plus d(sparsity * sum)/d gates
+            short = jnp.where(effect < 1.0, -scale, 0.0)
+            (gate_grad,) = alpha_vjp(jax.tree_util.tree_map(lambda g: short * g, alpha_grad))
+            (theta_grad,) = gates_vjp(gate_grad + sparsity)
+            updates, opt_state = optimizer.update(theta_grad, opt_state, theta)
+            theta = jnp.asarray(optax.apply_updates(theta, updates))
+            size = jnp.sum(gates)
+            loss = -jnp.minimum(effect, 1.0) + sparsity * size
+            return (theta, opt_state), {"effect": effect, "size": size, "loss": loss}
 
-        gates, gates_vjp = jax.vjp(gates_of, theta)
-        alpha, alpha_vjp = jax.vjp(lambda g: _alpha_of(g, index), gates)
-        score, alpha_grad = score_and_grad(_mix(alpha, start, target), start, target, batch, state,
-                                           residual)
-        effect = (score - offset) * scale  # recovered (denoise) or destroyed (noise) share
-        # d(-min(effect, 1))/d gates through the coefficients, plus d(sparsity * sum)/d gates
-        short = jnp.where(effect < 1.0, -scale, 0.0)
-        (gate_grad,) = alpha_vjp(jax.tree_util.tree_map(lambda g: short * g, alpha_grad))
-        (theta_grad,) = gates_vjp(gate_grad + sparsity)
-        updates, opt_state = optimizer.update(theta_grad, opt_state, theta)
-        theta = jnp.asarray(optax.apply_updates(theta, updates))
-        size = jnp.sum(gates)
-        loss = -jnp.minimum(effect, 1.0) + sparsity * size
-        return theta, opt_state, {"effect": effect, "size": size, "loss": loss}
+        (theta, opt_state), logs = jax.lax.scan(step, (theta, opt_state), temperatures)
+        return theta, opt_state, logs
 
-    return step
+    return run
 
 
 def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
@@ -198,7 +207,8 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
             stays when it adds more than this share of the behavior.
         steps: optimizer steps (one forward and one backward each).
         learning_rate: Adam's learning rate (ignored when `optimizer` is given).
-        optimizer: any `optax.GradientTransformation` for the gate logits.
+        optimizer: any `optax.GradientTransformation` for the gate logits (the compiled steps
+            are cached per optimizer object: reuse one across calls).
         init: the gates' starting logit (0: probability 1/2).
         temperatures: the gate temperature at the first and the last step (geometric schedule).
         log_every: how often the curve records a point.
@@ -231,27 +241,29 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     # effect = (score - offset) * scale: 0 at the start, 1 at the target
     offset = base_score if direction == "denoise" else donor_score
     scale = 1.0 / (donor_score - base_score) * (1.0 if direction == "denoise" else -1.0)
-    optimizer = optimizer if optimizer is not None else optax.adam(learning_rate)
+    optimizer = optimizer if optimizer is not None else _adam(learning_rate)
     # Prefix reuse: blocks before the first candidate's never change, so their output is
     # computed once and every step starts after them.
     first = min(c.layer for c in items)
     residual = None
     if first > 0:
         residual = forward(config, start, batch.tokens, batch.mask, stop_layer=first - 1).residual
-    step = _step_function(config, metric, optimizer, max(first, 0), remat)
+    run = _steps_function(config, metric, optimizer, max(first, 0), remat)
     theta = jnp.full(len(items), init, jnp.float32)
     opt_state = optimizer.init(theta)
     t0, t1 = temperatures
+    schedule = t0 * (t1 / t0) ** (np.arange(steps) / max(steps - 1, 1))
     curve: list[dict[str, float]] = []
-    temperature = t0
-    for i in range(steps):
-        temperature = t0 * (t1 / t0) ** (i / max(steps - 1, 1))
-        theta, opt_state, logs = step(theta, opt_state, jnp.float32(temperature), index, start, target,
-                                      batch, state, residual, jnp.float32(scale), jnp.float32(offset),
-                                      jnp.float32(sparsity))
-        if i % log_every == 0 or i == steps - 1:
-            curve.append({"step": i, "temperature": temperature,
-                          **{k: float(v) for k, v in logs.items()}})
+    for lo in range(0, steps, log_every):  # one compiled scan per chunk (the last may be shorter)
+        chunk = schedule[lo:lo + log_every]
+        theta, opt_state, logs = run(theta, opt_state, jnp.asarray(chunk, jnp.float32), index, start,
+                                     target, batch, state, residual, jnp.float32(scale),
+                                     jnp.float32(offset), jnp.float32(sparsity))
+        logs = {k: np.asarray(v) for k, v in logs.items()}
+        for j in sorted({0, len(chunk) - 1} if lo + len(chunk) == steps else {0}):
+            curve.append({"step": lo + j, "temperature": float(chunk[j]),
+                          **{k: float(v[j]) for k, v in logs.items()}})
+    temperature = float(schedule[-1])
     probabilities = np.asarray(jax.nn.sigmoid(theta / temperature), np.float64)
     chosen = [c for c, p in zip(items, probabilities) if p > 0.5]
     patch = Patch.from_components(config, chosen)
