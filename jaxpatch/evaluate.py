@@ -52,8 +52,7 @@ __all__ = ["EVALUATED_METHODS", "PlantedPair", "default_pair_dir", "load_planted
 
 EVALUATED_METHODS: tuple[str, ...] = (
     "exact-denoise", "exact-noise", "first-order", "integrated-gradients", "learned-patch",
-    "activation-denoise",
-    "activation-noise", "delta-norm", "random")
+    "activation-denoise", "activation-noise", "delta-norm", "random")
 RESULTS_FORMAT = "jaxpatch.planted-evaluation/1"
 
 
