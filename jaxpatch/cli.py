@@ -332,7 +332,7 @@ def _demo(args: argparse.Namespace) -> None:
 
     from tqdm.auto import tqdm
 
-    from jaxpatch.evaluate import default_pair_dir, evaluate, load_planted
+    from jaxpatch.evaluate import default_pair_dir, evaluate, load_planted, stage_count
     from jaxpatch.modes import SCORED_GRANULARITIES
     from jaxpatch.report import summary_lines, write_run
 
@@ -340,14 +340,15 @@ def _demo(args: argparse.Namespace) -> None:
     earlier_run = (out / "results.json").is_file() and (out / "report.html").is_file()
     check_output(args.out, args.overwrite or earlier_run)
     pair = load_planted(args.pair or default_pair_dir())
-    stages = iter(range(1, 11))
+    granularities = tuple(args.granularity or SCORED_GRANULARITIES)
+    count = stage_count(granularities)
+    stages = iter(range(1, count + 1))
 
     def stage(name: str, total: int) -> Any:
-        return tqdm(total=total, desc=f"[{next(stages)}/10] {name}", unit="step",
+        return tqdm(total=total, desc=f"[{next(stages)}/{count}] {name}", unit="step",
                     disable=args.no_progress, dynamic_ncols=True, leave=True)
 
-    evaluation = evaluate(pair, granularities=tuple(args.granularity or SCORED_GRANULARITIES),
-                          seed=args.seed, stage=stage)
+    evaluation = evaluate(pair, granularities=granularities, seed=args.seed, stage=stage)
     write_run(evaluation.summary, evaluation.results, out, overwrite=True)
     print(f"report: {out / 'report.html'} (results.json, auc.csv and scores/ beside it)")
     print("\n".join(summary_lines(evaluation.summary)))

@@ -48,7 +48,7 @@ from jaxpatch.stats import roc_auc
 from jaxpatch.trace import activation_patching
 
 __all__ = ["EVALUATED_METHODS", "PlantedPair", "default_pair_dir", "load_planted", "task_accuracy",
-           "behavior", "delta_norms", "importance", "Evaluation", "evaluate"]
+           "behavior", "delta_norms", "importance", "Evaluation", "stage_count", "evaluate"]
 
 EVALUATED_METHODS: tuple[str, ...] = (
     "exact-denoise", "exact-noise", "first-order", "integrated-gradients", "learned-patch",
@@ -205,6 +205,17 @@ def _activation(base: Model, donor: Model, batch: Any, metric: LogProb, directio
                 common: dict[str, Any], granularity: ScoredGranularity) -> SweepResult:
     return activation_patching(base, donor, batch, metric, granularity=granularity,
                                direction=direction, progress=False, **common)
+
+
+def stage_count(granularities: Sequence[ScoredGranularity]) -> int:
+    """How many stages `evaluate` reports to its `stage` callback: the behavior, one per
+    evaluated method, and narrow-then-verify when neurons are scored.
+
+    Example:
+        >>> stage_count(("module", "head", "neuron")), stage_count(("module",))
+        (11, 10)
+    """
+    return 1 + len(EVALUATED_METHODS) + ("neuron" in granularities)
 
 
 def evaluate(pair: PlantedPair, *,

@@ -81,3 +81,21 @@ def test_demo_and_report_refuse_bad_input(tmp_path, capsys) -> None:
     assert main(["report", str(keep)]) == 2
     assert "not a planted-pair evaluation" in capsys.readouterr().err
     assert default_pair_dir().is_dir()
+
+
+def test_evaluate_reports_as_many_stages_as_it_says() -> None:
+    from jaxpatch.evaluate import evaluate, load_planted, stage_count
+
+    names: list[str] = []
+
+    class Bar:
+        def update(self, n: int) -> None: ...
+
+        def close(self) -> None: ...
+
+    def stage(name: str, total: int) -> Bar:
+        names.append(name)
+        return Bar()
+
+    evaluate(load_planted(default_pair_dir()), granularities=("module",), stage=stage)
+    assert len(names) == stage_count(("module",)) and "learned-patch" in names
