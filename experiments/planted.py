@@ -285,13 +285,13 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
     donor, donor_record = learn(s.task, s.plant, 0)
     log(f"donor: {s.task} accuracy {donor_record['accuracy']} after {donor_record['task_steps']} steps")
     check_donor(donor_record["accuracy"], s, donor_record["task_steps"])
-    before_decoys = donor
+    before_decoys, accuracy_before = donor, donor_record["accuracy"]["trained"]
     evals = prompts_of(s.task)[1]
     decoy_records = []
     for index, spec in enumerate(s.decoys or ()):
         donor, record = _learn_decoy(config, language, base, donor, spec, s, rng(10, index),
                                      task_batches(language, rng(11, index), s.task, s.batch))
-        record["task_accuracy"] = {"before": task_accuracy(config, before_decoys, evals),
+        record["task_accuracy"] = {"before": accuracy_before,
                                    "after": task_accuracy(config, donor, evals)}
         log(f"decoy {spec}: {record}")
         decoy_records.append(record)
@@ -303,7 +303,7 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
         donor, rescaled = _rescale(config, donor, s, evals)
         log(f"rescaled: {rescaled}")
     donor_record["accuracy"].update({
-        "before_decoys": task_accuracy(config, before_decoys, evals),
+        "before_decoys": accuracy_before,
         "trained": task_accuracy(config, donor, evals),
         "plant_patched_base": task_accuracy(config, apply(plant_patch(config, s.plant), base, donor),
                                             evals)})
