@@ -30,10 +30,10 @@ import numpy as np
 from jaxpatch._tree import flatten_params, without_layers
 from jaxpatch.components import Component, SelectorLike, select
 from jaxpatch.engine import sweep
-from jaxpatch.errors import JaxpatchError
-from jaxpatch.metrics import Metric
+from jaxpatch.errors import JaxpatchError, MetricError
+from jaxpatch.metrics import Metric, read_metric
 from jaxpatch.models.config import ModelConfig, Params
-from jaxpatch.models.decoder import Probe, attention_allowed, block, embed, forward, rope_tables, unembed
+from jaxpatch.models.decoder import Probe, attention_allowed, block, embed, rope_tables, unembed
 from jaxpatch.models.model import Model
 from jaxpatch.modes import (
     ATTRIBUTION_METHODS,
@@ -71,10 +71,9 @@ def _objective(config: ModelConfig, metric: Metric, start_layer: int = 0,
 
     def objective(alpha: Params, base: Params, start: Params, target: Params, batch: Batch,
                   state: Any, residual: jax.Array | None = None) -> jax.Array:
-        out = forward(config, _probes(alpha, base, start, target), batch.tokens, batch.mask,
-                      start_layer=start_layer, residual=residual, stop_layer=metric.layer,
-                      readout_positions=batch.positions, remat=remat)
-        return jnp.mean(metric.score(out.read(metric.layer), batch, state))
+        x = read_metric(config, metric, _probes(alpha, base, start, target), batch,
+                        start_layer=start_layer, residual=residual, remat=remat)
+        return jnp.mean(metric.score(x, batch, state))
 
     return objective
 
@@ -330,6 +329,9 @@ def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     if step_batch < 1:
         raise JaxpatchError(f"step_batch must be at least 1, got {step_batch}")
     config = base.config
+    if remat and metric.outputs(config):
+        raise MetricError(f"the {metric.name} metric reads component outputs inside blocks: "
+                          "the block-by-block gradient (remat) does not serve it")
     start, target = endpoints(base, donor, direction)
     if state is None:
         state = metric.prepare(config, base.params, donor.params, batch)

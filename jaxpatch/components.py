@@ -36,7 +36,8 @@ from jaxpatch.models.config import ModelConfig
 from jaxpatch.modes import GRANULARITIES, Granularity, check_mode
 
 __all__ = ["IndexKey", "INDEX_KEYS", "Component", "block_modules", "components", "Selector",
-           "SelectorLike", "as_selector", "parse", "select", "names"]
+           "SelectorLike", "as_selector", "parse", "select", "names", "activation_sites",
+           "component_sites"]
 
 IndexKey = Literal["head", "kv_head", "neuron"]
 INDEX_KEYS: tuple[IndexKey, ...] = get_args(IndexKey)
@@ -133,6 +134,53 @@ def components(config: ModelConfig, granularity: Granularity) -> list[Component]
         if not c.tie_embeddings:
             out.append(_module("lm_head", c.n_layers))
     return out
+
+
+# ----------------------------------------------------------------------- activation sites
+
+def activation_sites(config: ModelConfig) -> dict[str, int]:
+    """Every site activation patching can edit, with the size of its component axis (1 when
+    only the whole output is patched).
+
+    Example:
+        >>> sites = activation_sites(ModelConfig.tiny("llama"))
+        >>> sites["layers.0.self_attn.heads"], sites["layers.0.self_attn.k_proj"], sites["norm"]
+        (4, 2, 1)
+    """
+    sites = {"embed_tokens": 1}
+    if config.positional == "learned":
+        sites["embed_positions"] = 1
+    for i in range(config.n_layers):
+        for module in block_modules(config):
+            sites[f"layers.{i}.{module}"] = 1
+        sites[f"layers.{i}.self_attn.k_proj"] = config.n_kv_heads
+        sites[f"layers.{i}.self_attn.v_proj"] = config.n_kv_heads
+        sites[f"layers.{i}.self_attn.heads"] = config.n_heads
+        sites[f"layers.{i}.mlp.neurons"] = config.d_ff
+    sites["norm"] = 1
+    if not config.tie_embeddings:
+        sites["lm_head"] = 1
+    return sites
+
+
+def component_sites(component: Component) -> dict[str, int | None]:
+    """The sites a component's activation patch sets: site -> index on its axis (None: all).
+
+    Example:
+        >>> from jaxpatch.components import components
+        >>> component_sites(components(ModelConfig.tiny("llama"), "head")[5])
+        {'layers.0.self_attn.k_proj': 1, 'layers.0.self_attn.v_proj': 1}
+    """
+    prefix = ".".join(component.path)
+    if component.granularity == "module":
+        return {component.name: None}
+    if component.granularity == "layer":
+        return {f"{prefix}.self_attn.o_proj": None, f"{prefix}.mlp.down_proj": None}
+    if component.key == "head":
+        return {f"{prefix}.heads": component.index}
+    if component.key == "kv_head":
+        return {f"{prefix}.k_proj": component.index, f"{prefix}.v_proj": component.index}
+    return {f"{prefix}.neurons": component.index}
 
 
 # ------------------------------------------------------------------------------------ selectors

@@ -243,8 +243,9 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     scale = 1.0 / (donor_score - base_score) * (1.0 if direction == "denoise" else -1.0)
     optimizer = optimizer if optimizer is not None else _adam(learning_rate)
     # Prefix reuse: blocks before the first candidate's never change, so their output is
-    # computed once and every step starts after them.
-    first = min(c.layer for c in items)
+    # computed once and every step starts after them (a metric reading component outputs
+    # may read those blocks: it runs from the embeddings).
+    first = 0 if metric.outputs(config) else min(c.layer for c in items)
     residual = None
     if first > 0:
         residual = forward(config, start, batch.tokens, batch.mask, stop_layer=first - 1).residual

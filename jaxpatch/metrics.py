@@ -21,17 +21,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpatch.errors import InvalidInputError, MetricError
+from jaxpatch.components import as_selector, component_sites, components
+from jaxpatch.errors import InvalidInputError, MetricError, SelectorError
 from jaxpatch.io.atomic import atomic_write_bytes
 from jaxpatch.models.config import ModelConfig, Params
-from jaxpatch.models.decoder import forward
+from jaxpatch.models.decoder import Edit, forward
 from jaxpatch.prompts import Batch
 
-__all__ = ["readout", "endpoint_readouts", "Metric", "VectorAnchor", "anchor_direction",
-           "mean_score", "save_anchor", "load_anchor", "LogitDiff", "KLDivergence", "LogProb",
+__all__ = ["readout", "endpoint_readouts", "read_metric", "metric_readout", "metric_endpoints",
+           "Metric", "VectorAnchor", "anchor_direction",
+           "ComponentAnchor", "target_sites", "component_output", "mean_score", "save_anchor", "load_anchor", "LogitDiff", "KLDivergence", "LogProb",
            "CustomMetric", "metric_from_name"]
 
 Array = jax.Array
+Readout = Any
+"""What a metric reads: an array, or a dict of component output name -> array."""
+OutputSites = tuple[tuple[str, "tuple[int, ...] | None"], ...]
+"""Where a component output is read: (activation site, indices on its component axis or None
+for all), in order."""
+"""What a metric reads: an array, or a dict of activation site -> array."""
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -64,12 +72,130 @@ def endpoint_readouts(config: ModelConfig, base: Params, donor: Params, batch: B
     return readout(config, base, batch, layer), readout(config, donor, batch, layer)
 
 
+def read_metric(config: ModelConfig, metric: Metric, params: Params, batch: Batch, *,
+                start_layer: int = 0, residual: Array | None = None, edit: Edit | None = None,
+                full_sequence: bool = False, remat: bool = False,
+                earlier: Readout | None = None) -> Readout:
+    """What `metric` reads from a run of `params` (traceable; jit it with the config and
+    metric static).
+
+    The residual after the anchor block or the logits at the readout positions; for a metric
+    that reads activation sites (`Metric.read_sites`), those sites' values at the readout
+    positions, by site.
+
+    Arguments:
+        config, metric, params, batch: the run.
+        start_layer, residual: start at this block from this residual stream (see `forward`).
+        edit: an activation edit applied before the metric reads a site.
+        full_sequence: run the last block on every position (as an `edit` that replaces
+            values with full-sequence ones needs) and gather the readout positions after.
+        remat: recompute block activations in the backward pass (residual readouts only).
+        earlier: with `start_layer`, an unpatched run's readout of the component outputs the
+            run no longer reaches (those of blocks before `start_layer`): the run cannot change
+            them.
+
+    Returns:
+        An array, or a dict of site -> `[P, Q, ...]` arrays.
+
+    Example:
+        >>> read_metric(cfg, VectorAnchor(layer=1), base.params, batch).shape
+        (3, 1, 32)
+    """
+    outputs = metric.outputs(config)
+    if not outputs:
+        positions = None if full_sequence else batch.positions
+        x = forward(config, params, batch.tokens, batch.mask, start_layer=start_layer,
+                    residual=residual, stop_layer=metric.layer, readout_positions=positions,
+                    remat=remat, edit=edit).read(metric.layer)
+        return x if positions is not None else _gather(x, batch.positions)
+    if remat:
+        raise MetricError(f"the {metric.name} metric reads activations inside blocks: run it "
+                          "without remat")
+    wanted = {site for sites in outputs.values() for site, _ in sites}
+    store: dict[str, Array] = {}
+
+    def record(site: str, value: Array) -> Array:
+        value = edit(site, value) if edit is not None else value
+        if site in wanted:
+            store[site] = value
+        return value
+
+    forward(config, params, batch.tokens, batch.mask, start_layer=start_layer, residual=residual,
+            stop_layer=metric.layer, edit=record)
+    out = {}
+    for name, sites in outputs.items():
+        if all(site in store for site, _ in sites):
+            out[name] = component_output({s: _gather(store[s], batch.positions) for s, _ in sites},
+                                         sites)
+        elif earlier is not None:
+            out[name] = earlier[name]
+        else:
+            raise ValueError(f"{name} lies before block {start_layer}: pass `earlier`")
+    return out
+
+
+def component_output(values: dict[str, Array], sites: OutputSites) -> Array:
+    """A component's output `[P, Q, n]` from its sites' values (`[P, Q, ...]`, by site): each
+    site's indexed heads (axis 2 of `[P, Q, heads, head_dim]`) or neurons (the last axis of
+    `[P, Q, d_ff]`), flattened and concatenated.
+
+    Example:
+        >>> heads = jnp.arange(12.0).reshape(1, 1, 3, 4)
+        >>> component_output({"layers.0.self_attn.heads": heads},
+        ...                  (("layers.0.self_attn.heads", (2,)),)).tolist()
+        [[[8.0, 9.0, 10.0, 11.0]]]
+    """
+    parts = []
+    for site, index in sites:
+        value = values[site].astype(jnp.float32)
+        if index is not None:
+            value = value[:, :, np.asarray(index)]
+        parts.append(value.reshape(*value.shape[:2], -1))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def _gather(x: Array, positions: Array) -> Array:
+    """`x[p, positions[p, q], ...]`: a `[P, S, ...]` value at the readout positions."""
+    index = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def metric_readout(config: ModelConfig, metric: Metric, params: Params, batch: Batch) -> Readout:
+    """`read_metric` of a plain run, jitted.
+
+    Example:
+        >>> metric_readout(cfg, LogProb(), base.params, batch).shape
+        (3, 1, 128)
+    """
+    return read_metric(config, metric, params, batch)
+
+
+def metric_endpoints(config: ModelConfig, metric: Metric, base: Params,
+                     donor: Params, batch: Batch) -> tuple[Readout, Readout]:
+    """The base's and the donor's readouts for `metric` (`metric_readout`).
+
+    Example:
+        >>> x_base, x_donor = metric_endpoints(cfg, LogProb(), base.params, donor.params, batch)
+        >>> x_base.shape
+        (3, 1, 128)
+    """
+    return metric_readout(config, metric, base, batch), metric_readout(config, metric, donor, batch)
+
+
 class Metric:
     """Base class: `layer` (None for logits), `prepare` and `score`."""
 
     name: str = "metric"
     layer: int | None = None
     state_per_prompt: bool = False  # the state has a leading prompt axis (sliced with the batch)
+    width: int = 1  # scores per prompt: `score` returns `[P]`, or `[P, width]` when above 1
+
+    def outputs(self, config: ModelConfig) -> dict[str, OutputSites]:
+        """The component outputs the metric reads instead of the residual stream or the
+        logits, by name, each as the activation sites it is read from (`component_output`);
+        empty for metrics that read the residual stream or the logits."""
+        return {}
 
     def check(self, config: ModelConfig) -> None:
         """Refuses settings that do not fit the architecture."""
@@ -86,7 +212,8 @@ class Metric:
         return ()
 
     def score(self, x: Array, batch: Batch, state: Any) -> Array:
-        """Per-prompt scores `[P]` from a readout `x` (`[P, Q, d_model]` or `[P, Q, vocab]`)."""
+        """Per-prompt scores `[P]` (or `[P, width]`) from a readout `x` (`[P, Q, d_model]` or
+        `[P, Q, vocab]`; for a metric with `outputs`, a dict of name -> `[P, Q, n]`)."""
         raise NotImplementedError
 
 
@@ -169,7 +296,7 @@ def mean_score(metric: Metric, x: Array, batch: Batch, state: Any) -> Array:
         >>> float(mean_score(metric, readout(cfg, donor.params, batch, 1), batch, state)) > 0
         True
     """
-    return jnp.mean(metric.score(x, batch, state))
+    return jnp.mean(metric.score(x, batch, state), axis=0)
 
 
 def save_anchor(path: str | os.PathLike[str], direction: Array, layer: int) -> None:
@@ -215,6 +342,147 @@ def load_anchor(path: str | os.PathLike[str], config: ModelConfig, layer: int) -
     if not np.isfinite(norm) or norm == 0:
         raise MetricError(f"{path}: anchor direction has zero length or is not finite")
     return jnp.asarray(direction / norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentAnchor(Metric):
+    """The vector anchor read at components' outputs instead of the residual stream.
+
+    For each target T: `v_T` = the mean over prompts and readout positions of T's output in
+    the donor run minus T's output in the base run; a run's score for T is the mean over
+    prompts of the projection of T's output on `v_T / |v_T|` (summed over the readout
+    positions with their weights, as `VectorAnchor` does). Recovery then puts the base's
+    output at 0 and the donor's at 1.
+
+    What a target outputs (the sites of `jaxpatch.components.component_sites`):
+
+        module   its own output: `layers.i.self_attn.q_proj` the queries, a norm the normalized
+                 stream, `norm` the final normalized stream, `lm_head` the logits;
+                 `layers.i.self_attn` and `layers.i.mlp` name what attention and the MLP add
+                 to the residual stream (the outputs of o_proj and down_proj)
+        head     `[head=h]` head h's output before o_proj; `[kv_head=g]` its keys and values
+        neuron   `[neuron=...]` the activations entering down_proj
+
+    A target may name several heads or neurons of one module (`layers.3.mlp[neuron=0-63]`);
+    their outputs are read together as one vector.
+
+    With one target the metric scores `[P]` like any metric (usable by `sweep`, `attribute`,
+    `activation_patching`); with K targets it scores `[P, K]`, one column per target, which
+    is how supplier -> target tracing reads every target from one run.
+
+    Attributes:
+        targets: a target name, or a tuple of them.
+        name: the metric's name in reports.
+
+    Example:
+        >>> metric = ComponentAnchor("layers.1.self_attn")
+        >>> metric.layer, metric.outputs(cfg)
+        (1, {'layers.1.self_attn': (('layers.1.self_attn.o_proj', None),)})
+        >>> state, base_score, donor_score = jaxpatch.endpoint_scores(cfg, base, donor, batch, metric)
+        >>> donor_score > base_score
+        True
+    """
+
+    targets: tuple[str, ...] | str = ()
+    name: str = "component-anchor"
+
+    def __post_init__(self) -> None:
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if not targets:
+            raise MetricError("a component anchor needs at least one target")
+        object.__setattr__(self, "targets", targets)
+
+    @property
+    def width(self) -> int:  # type: ignore[override]
+        return len(self.targets)
+
+    @property
+    def layer(self) -> int | None:  # type: ignore[override]
+        """The last block the run needs (None: a target reads the final norm or logits)."""
+        blocks = []
+        for target in self.targets:
+            head = target.split("[")[0].split(".")
+            if head[0] in ("norm", "lm_head"):
+                return None
+            blocks.append(int(head[1]) if head[0] == "layers" and head[1:2] and head[1].isdigit()
+                          else 0)
+        return max(blocks)
+
+    def check(self, config: ModelConfig) -> None:
+        for target in self.targets:
+            target_sites(config, target)
+        super().check(config)
+
+    def outputs(self, config: ModelConfig) -> dict[str, OutputSites]:
+        return {target: target_sites(config, target) for target in self.targets}
+
+    def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch,
+                readouts: tuple[Array, Array] | None = None) -> tuple[Array, ...]:
+        self.check(config)
+        x_base, x_donor = readouts or metric_endpoints(config, self, base, donor, batch)
+        directions = []
+        for target in self.targets:
+            v, length, scale = (np.asarray(a) for a in _mean_difference(
+                x_base[target], x_donor[target], batch.weights))
+            if not np.isfinite(float(length)) or float(length) <= 1e-7 * (float(scale) or 1.0):
+                raise MetricError(f"the output of {target} does not differ between base and donor "
+                                  "on these prompts: it has no anchor direction")
+            directions.append(jnp.asarray(v / float(length)))
+        return tuple(directions)
+
+    def score(self, x: dict[str, Array], batch: Batch, state: tuple[Array, ...]) -> Array:
+        columns = [_weighted(jnp.einsum("pqn,n->pq", x[t], v), batch)
+                   for t, v in zip(self.targets, state)]
+        return columns[0] if len(columns) == 1 else jnp.stack(columns, axis=-1)
+
+
+_ALIASES = {"self_attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
+
+
+@functools.lru_cache(maxsize=1024)
+def target_sites(config: ModelConfig, target: str) -> OutputSites:
+    """Where a component anchor target's output is read: its activation sites and indices.
+
+    Arguments:
+        config: the architecture.
+        target: a component name (any granularity but layer), `layers.i.self_attn` or
+            `layers.i.mlp`, or a selector naming heads or neurons of one module.
+
+    Returns:
+        `((site, indices or None), ...)`.
+
+    Raises:
+        SelectorError: the target does not parse, names nothing, or spans several modules.
+
+    Example:
+        >>> target_sites(cfg, "layers.1.mlp[neuron=0-2]")
+        (('layers.1.mlp.neurons', (0, 1, 2)),)
+        >>> target_sites(cfg, "layers.0.self_attn[kv_head=1]")
+        (('layers.0.self_attn.k_proj', (1,)), ('layers.0.self_attn.v_proj', (1,)))
+    """
+    parts = target.split(".")
+    if len(parts) == 3 and parts[0] == "layers" and parts[2] in _ALIASES:
+        parts[2] = _ALIASES[parts[2]]
+    selector = as_selector(".".join(parts))
+    for granularity in ("module", "head", "neuron"):
+        found = [c for c in components(config, granularity) if selector.matches(c)]
+        if found:
+            break
+    else:
+        raise SelectorError(f"target {target!r} names no module, head or neuron of this model")
+    if granularity == "module" and len(found) > 1:
+        raise SelectorError(f"target {target!r} names {len(found)} modules: name one module "
+                            "(e.g. layers.0.mlp), or heads or neurons of one module")
+    if len({c.path for c in found}) > 1:
+        raise SelectorError(f"target {target!r} spans several modules: a target's heads or "
+                            "neurons lie in one module")
+    sites: dict[str, list[int] | None] = {}
+    for component in found:
+        for site, index in component_sites(component).items():
+            current = sites.setdefault(site, [] if index is not None else None)
+            if current is not None and index is not None:
+                current.append(index)
+    return tuple((site, None if index is None else tuple(index)) for site, index in sites.items())
 
 
 @dataclasses.dataclass(frozen=True)

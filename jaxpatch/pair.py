@@ -13,9 +13,10 @@ import math
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 
 from jaxpatch.errors import JaxpatchError, MetricError, NonFiniteError
-from jaxpatch.metrics import Metric, endpoint_readouts, mean_score, readout
+from jaxpatch.metrics import Metric, Readout, mean_score, metric_endpoints, metric_readout
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
 from jaxpatch.modes import DIRECTIONS, Direction, check_mode
@@ -90,16 +91,17 @@ def endpoints(base: Model, donor: Model, direction: Direction,
 
 
 def endpoint_scores(config: ModelConfig, base: Model, donor: Model, batch: Batch, metric: Metric,
-                    readouts: tuple[jax.Array, jax.Array] | None = None) -> tuple[Any, float, float]:
+                    readouts: tuple[Readout, Readout] | None = None) -> tuple[Any, Any, Any]:
     """Prepares a metric and scores the base and donor (recovery 0 and 1).
 
     Arguments:
         config, base, donor, batch, metric: the run.
-        readouts: the base's and donor's readouts (`metrics.endpoint_readouts`) when the
+        readouts: the base's and donor's readouts (`metrics.metric_endpoints`) when the
             caller has them already; computed otherwise.
 
     Returns:
-        `(state, base_score, donor_score)`.
+        `(state, base_score, donor_score)`: floats, or `[width]` arrays for a metric with
+        several columns (`Metric.width`).
 
     Raises:
         NonFiniteError: a score is NaN or infinite.
@@ -111,15 +113,20 @@ def endpoint_scores(config: ModelConfig, base: Model, donor: Model, batch: Batch
         >>> donor_score > base_score  # the anchor points from the base towards the donor
         True
     """
-    readouts = readouts or endpoint_readouts(config, base.params, donor.params, batch, metric.layer)
+    readouts = readouts or metric_endpoints(config, metric, base.params, donor.params, batch)
     state = metric.prepare(config, base.params, donor.params, batch, readouts)
-    base_score, donor_score = (float(mean_score(metric, x, batch, state)) for x in readouts)
-    if not math.isfinite(base_score) or not math.isfinite(donor_score):
-        raise NonFiniteError(f"the {metric.name} score is not finite (base {base_score}, donor "
-                             f"{donor_score})")
-    if base_score == donor_score:
-        raise MetricError(f"base and donor have the same {metric.name} score ({base_score}): "
-                          "recovery is undefined on these prompts")
+    base_score, donor_score = (np.asarray(mean_score(metric, x, batch, state), np.float64)
+                               for x in readouts)
+    columns = getattr(metric, "targets", None) or [metric.name] * base_score.size
+    for column, b, d in zip(columns, base_score.reshape(-1), donor_score.reshape(-1)):
+        what = metric.name if base_score.ndim == 0 else f"{metric.name} score of {column}"
+        if not math.isfinite(b) or not math.isfinite(d):
+            raise NonFiniteError(f"the {what} is not finite (base {b}, donor {d})")
+        if b == d:
+            raise MetricError(f"base and donor have the same {what} ({b}): recovery is "
+                              "undefined on these prompts")
+    if base_score.ndim == 0:
+        return state, float(base_score), float(donor_score)
     return state, base_score, donor_score
 
 
@@ -150,4 +157,4 @@ def score_patch(base: Model, donor: Model, patch: Patch, batch: Batch, metric: M
     if state is None:
         state = metric.prepare(base.config, base.params, donor.params, batch)
     patched = apply(patch, start, target)
-    return float(mean_score(metric, readout(base.config, patched, batch, metric.layer), batch, state))
+    return float(mean_score(metric, metric_readout(base.config, metric, patched, batch), batch, state))

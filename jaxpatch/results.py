@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxpatch.errors import NonFiniteError
 
-__all__ = ["SweepResult", "Misranked", "misranked_to_dicts", "run_timing", "check_finite_scores"]
+__all__ = ["SweepResult", "ScoreMatrix", "Misranked", "misranked_to_dicts", "run_timing", "check_finite_scores"]
 
 
 @dataclasses.dataclass
@@ -144,6 +144,46 @@ class SweepResult:
         return [(self.names[i], float(self.effect[i])) for i in order]
 
 
+@dataclasses.dataclass
+class ScoreMatrix:
+    """Candidates (rows) scored on every column of one metric (`sweep_matrix`): e.g. each
+    supplier's patch read at every tracing target.
+
+    Attributes:
+        metric, direction, method: what was measured and how ("exact" or "activation").
+        names: the rows (candidates), in order.
+        columns: the columns (a `ComponentAnchor`'s targets).
+        base_scores, donor_scores: `[columns]`, the unpatched models' scores.
+        scores: `[rows, columns]` raw scores of the patched models.
+        timing: as `SweepResult.timing`.
+
+    Example:
+        >>> m = ScoreMatrix("anchor", "denoise", "exact", ["a"], ["t", "u"], np.zeros(2),
+        ...                 np.array([2.0, 4.0]), np.array([[1.0, 1.0]]))
+        >>> m.recovery.tolist(), m.column("u").tolist()
+        ([[0.5, 0.25]], [0.25])
+    """
+
+    metric: str
+    direction: str
+    method: str
+    names: list[str]
+    columns: list[str]
+    base_scores: np.ndarray
+    donor_scores: np.ndarray
+    scores: np.ndarray
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def recovery(self) -> np.ndarray:
+        """`[rows, columns]`: each column normalized so the base is 0 and the donor 1."""
+        return (self.scores - self.base_scores) / (self.donor_scores - self.base_scores)
+
+    def column(self, name: str) -> np.ndarray:
+        """One column's recovery, `[rows]`."""
+        return self.recovery[:, self.columns.index(name)]
+
+
 Misranked = tuple[str, int, int]
 """A component whose approximate rank was far from its exact rank: (name, approximate rank,
 exact rank), ranks 1-based."""
@@ -188,7 +228,7 @@ def check_finite_scores(names: Sequence[str], values: np.ndarray, what: str) -> 
 
     Arguments:
         names: the components, in the order of `values`.
-        values: their scores.
+        values: their scores (`[n]`, or `[n, columns]`).
         what: what the scores are, for the message ("score", "attribution", ...).
 
     Raises:
@@ -200,7 +240,7 @@ def check_finite_scores(names: Sequence[str], values: np.ndarray, what: str) -> 
         ...
         jaxpatch.errors.NonFiniteError: the score of 'b' is NaN or Inf
     """
-    bad = [n for n, v in zip(names, values) if not math.isfinite(float(v))]
+    bad = [n for n, v in zip(names, values) if not np.isfinite(v).all()]
     if bad:
         raise NonFiniteError(f"the {what} of {bad[0]!r} is NaN or Inf"
                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpatch.components import Component, SelectorLike, block_modules, select
+from jaxpatch.components import Component, SelectorLike, activation_sites, component_sites, select
 from jaxpatch.errors import JaxpatchError
 from jaxpatch.metrics import Metric, mean_score
 from jaxpatch.models.config import ModelConfig, Params
@@ -37,54 +37,9 @@ from jaxpatch.pair import check_pair, endpoint_scores
 from jaxpatch.prompts import Batch
 from jaxpatch.results import SweepResult, check_finite_scores, run_timing
 
-__all__ = ["activation_sites", "component_sites", "activation_patching"]
+__all__ = ["activation_patching"]
 
 Betas = dict[str, jax.Array]
-
-
-def activation_sites(config: ModelConfig) -> dict[str, int]:
-    """Every site activation patching can edit, with the size of its component axis (1 when
-    only the whole output is patched).
-
-    Example:
-        >>> sites = activation_sites(ModelConfig.tiny("llama"))
-        >>> sites["layers.0.self_attn.heads"], sites["layers.0.self_attn.k_proj"], sites["norm"]
-        (4, 2, 1)
-    """
-    sites = {"embed_tokens": 1}
-    if config.positional == "learned":
-        sites["embed_positions"] = 1
-    for i in range(config.n_layers):
-        for module in block_modules(config):
-            sites[f"layers.{i}.{module}"] = 1
-        sites[f"layers.{i}.self_attn.k_proj"] = config.n_kv_heads
-        sites[f"layers.{i}.self_attn.v_proj"] = config.n_kv_heads
-        sites[f"layers.{i}.self_attn.heads"] = config.n_heads
-        sites[f"layers.{i}.mlp.neurons"] = config.d_ff
-    sites["norm"] = 1
-    if not config.tie_embeddings:
-        sites["lm_head"] = 1
-    return sites
-
-
-def component_sites(component: Component) -> dict[str, int | None]:
-    """The sites a component's activation patch sets: site -> index on its axis (None: all).
-
-    Example:
-        >>> from jaxpatch.components import components
-        >>> component_sites(components(ModelConfig.tiny("llama"), "head")[5])
-        {'layers.0.self_attn.k_proj': 1, 'layers.0.self_attn.v_proj': 1}
-    """
-    prefix = ".".join(component.path)
-    if component.granularity == "module":
-        return {component.name: None}
-    if component.granularity == "layer":
-        return {f"{prefix}.self_attn.o_proj": None, f"{prefix}.mlp.down_proj": None}
-    if component.key == "head":
-        return {f"{prefix}.heads": component.index}
-    if component.key == "kv_head":
-        return {f"{prefix}.k_proj": component.index, f"{prefix}.v_proj": component.index}
-    return {f"{prefix}.neurons": component.index}
 
 
 def _betas(config: ModelConfig, chunk: Sequence[Component], size: int) -> dict[str, np.ndarray]:

@@ -111,7 +111,8 @@ def test_bad_direction_is_refused(pair) -> None:
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma"])
 def test_every_site_is_recorded_and_an_edit_acts_where_it_is_made(family, pair) -> None:
-    from jaxpatch.trace import _sources, activation_sites
+    from jaxpatch.components import activation_sites
+    from jaxpatch.trace import _sources
 
     base, _ = pair(family, d_ff=16)
     config = base.config

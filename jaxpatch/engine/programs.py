@@ -28,14 +28,13 @@ import jax.numpy as jnp
 
 from jaxpatch._tree import flatten_params, replace_leaves
 from jaxpatch.errors import NonFiniteError
-from jaxpatch.metrics import Metric
+from jaxpatch.metrics import Metric, read_metric
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import (
     MixedWeight,
     attention_allowed,
     block,
     embed,
-    forward,
     layer_at,
     rope_tables,
     run_blocks,
@@ -83,6 +82,8 @@ class GeneralOperands(NamedTuple):
         residual: the residual stream before the first block run, or None from the embeddings.
         batch: the prompts.
         state: the metric's state.
+        earlier: for a metric that reads component outputs, the start model's readout (the
+            outputs of blocks before the first block run); else None.
     """
 
     start: Params
@@ -90,6 +91,7 @@ class GeneralOperands(NamedTuple):
     residual: jax.Array | None
     batch: Batch
     state: Any
+    earlier: Any = None
 
 
 def _mixed(leaves: Mapping[str, jax.Array], deltas: Mapping[str, jax.Array],
@@ -149,7 +151,7 @@ def local_program(config: ModelConfig, metric: Metric,
                              ops.residual)
             if stop is None:
                 x = unembed(config, ops.rest, x)
-            return jnp.mean(metric.score(x, batch, ops.state))
+            return jnp.mean(metric.score(x, batch, ops.state), axis=0)
 
         return jax.vmap(one)(alphas)
 
@@ -168,7 +170,8 @@ def general_program(config: ModelConfig, metric: Metric, start_layer: int,
         dense: materialize each candidate's patched weights.
 
     Returns:
-        `run(alphas, operands) -> scores`.
+        `run(alphas, operands) -> scores`: `[chunk]`, or `[chunk, width]` for a metric with
+        several columns.
     """
 
     def run(alphas: Alphas, ops: GeneralOperands) -> jax.Array:
@@ -177,10 +180,9 @@ def general_program(config: ModelConfig, metric: Metric, start_layer: int,
 
         def one(alpha: Alphas) -> jax.Array:
             params = replace_leaves(ops.start, _mixed(flat, ops.deltas, alpha, dense))
-            out = forward(config, params, ops.batch.tokens, ops.batch.mask,
-                          start_layer=start_layer, residual=ops.residual, stop_layer=metric.layer,
-                          readout_positions=ops.batch.positions)
-            return jnp.mean(metric.score(out.read(metric.layer), ops.batch, ops.state))
+            x = read_metric(config, metric, params, ops.batch, start_layer=start_layer,
+                            residual=ops.residual, earlier=ops.earlier)
+            return jnp.mean(metric.score(x, ops.batch, ops.state), axis=0)
 
         return jax.vmap(one)(alphas)
 

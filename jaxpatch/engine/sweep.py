@@ -45,16 +45,17 @@ from jaxpatch.engine.programs import (
     prefix_pass,
     stacked_checked,
 )
-from jaxpatch.metrics import Metric, mean_score
+from jaxpatch.metrics import Metric, mean_score, metric_readout
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
 from jaxpatch.modes import Direction, Granularity, Positions
 from jaxpatch.pair import check_pair, endpoint_scores, endpoints
 from jaxpatch.patch import Patch
 from jaxpatch.prompts import Batch
-from jaxpatch.results import SweepResult, check_finite_scores, run_timing
+from jaxpatch.errors import MetricError
+from jaxpatch.results import ScoreMatrix, SweepResult, check_finite_scores, run_timing
 
-__all__ = ["sweep"]
+__all__ = ["sweep", "sweep_matrix"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,9 @@ class _Prepared:
         start, target: the params a patch moves from and towards (`pair.endpoints`).
         start_stacked, target_stacked: their blocks, stacked.
         residuals: the start model's residual stream before each block that may run.
-        state, base_score, donor_score, start_score: the metric's state and scores.
+        start_readout: what the metric reads from the start model.
+        state, base_score, donor_score, start_score: the metric's state and scores (floats,
+            or `[width]` arrays for a metric with several columns).
     """
 
     start: Params
@@ -73,10 +76,11 @@ class _Prepared:
     start_stacked: Params
     target_stacked: Params
     residuals: jax.Array
+    start_readout: Any
     state: Any
-    base_score: float
-    donor_score: float
-    start_score: float
+    base_score: Any
+    donor_score: Any
+    start_score: Any
 
 
 def _prepare(base: Model, donor: Model, batch: Batch, metric: Metric, direction: Direction,
@@ -95,6 +99,9 @@ def _prepare(base: Model, donor: Model, batch: Batch, metric: Metric, direction:
                               count)
             for name, stacked, model in (("base", stacked_base, base),
                                          ("donor", stacked_donor, donor))}
+    if metric.outputs(config):  # read inside blocks: prefix_pass's readout does not serve
+        runs = {name: (metric_readout(config, metric, model.params, batch), run[1])
+                for (name, run), model in zip(runs.items(), (base, donor))}
     state, base_score, donor_score = endpoint_scores(
         config, base, donor, batch, metric, (runs["base"][0], runs["donor"][0]))
     start_run = runs["base"] if start is base.params else runs["donor"]
@@ -104,9 +111,9 @@ def _prepare(base: Model, donor: Model, batch: Batch, metric: Metric, direction:
             return stacked_base if tree is base.params else stacked_donor
         return stacked_checked(tree, "target")
 
-    start_score = float(mean_score(metric, start_run[0], batch, state))
-    return _Prepared(start, target, stacked(start), stacked(target), start_run[1], state,
-                     base_score, donor_score, start_score)
+    start_score = np.asarray(mean_score(metric, start_run[0], batch, state), np.float64)
+    return _Prepared(start, target, stacked(start), stacked(target), start_run[1], start_run[0],
+                     state, base_score, donor_score, start_score)
 
 
 def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _Prepared,
@@ -126,9 +133,10 @@ def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _
     fn = general_program(config, metric, plan.start_layer, plan.dense)
     first_layer = plan.groups[0][0].first_layer
     residual = None if first_layer < 0 else prepared.residuals[plan.start_layer]
+    earlier = prepared.start_readout if metric.outputs(config) else None
     operands = [GeneralOperands(prepared.start, deltas(prepared.target, prepared.start,
                                                        plan.signature),
-                                residual, batch, prepared.state)]
+                                residual, batch, prepared.state, earlier)]
     return key, fn, operands
 
 
@@ -184,12 +192,75 @@ def sweep(
         >>> len(r.names), r.names[0]
         (21, 'embed_tokens')
     """
+    if metric.width != 1:
+        raise MetricError(f"the {metric.name} metric scores {metric.width} columns: use "
+                          "sweep_matrix for it")
+    if candidates is None:
+        candidates = select(base.config, selector, granularity)
     wall_start = time.perf_counter()
+    prepared, names, values, timing, skipped = _scores(
+        base, donor, batch, metric, candidates, direction, references, chunk_size, materialize,
+        memory_fraction, progress, wall_start)
+    check_finite_scores(names, values, "score")
+    return SweepResult(metric.name, direction, metric.layer, positions,
+                       float(prepared.base_score), float(prepared.donor_score), names, values,
+                       timing, dict(inputs or {}), skipped)
+
+
+def sweep_matrix(
+    base: Model,
+    donor: Model,
+    batch: Batch,
+    metric: Metric,
+    candidates: Sequence[Component] | Mapping[str, Patch],
+    *,
+    direction: Direction = "denoise",
+    references: Sequence[Params] | None = None,
+    chunk_size: int | None = None,
+    materialize: bool | None = None,
+    memory_fraction: float = 0.3,
+    progress: bool = True,
+) -> ScoreMatrix:
+    """Scores every candidate patch exactly on every column of a metric: one run per
+    candidate reads them all (e.g. every target of a `ComponentAnchor` with several targets).
+
+    Arguments:
+        base, donor, batch, metric: as for `sweep` (`metric` may have any width).
+        candidates: components, or a mapping of names to custom `Patch`es (the rows).
+        direction, references, chunk_size, materialize, memory_fraction, progress: as for
+            `sweep`.
+
+    Returns:
+        A `ScoreMatrix`: rows in candidate order, one column per metric column.
+
+    Example:
+        >>> metric = jaxpatch.ComponentAnchor(("layers.0.mlp", "layers.1.self_attn"))
+        >>> m = sweep_matrix(base, donor, batch, metric, jaxpatch.select(cfg, "layers.0", "module"),
+        ...                  progress=False)
+        >>> m.scores.shape, m.columns
+        ((9, 2), ['layers.0.mlp', 'layers.1.self_attn'])
+    """
+    wall_start = time.perf_counter()
+    prepared, names, values, timing, _ = _scores(
+        base, donor, batch, metric, candidates, direction, references, chunk_size, materialize,
+        memory_fraction, progress, wall_start)
+    values = values.reshape(len(names), metric.width)
+    check_finite_scores(names, values, "score")
+    columns = list(getattr(metric, "targets", [metric.name] * metric.width))
+    return ScoreMatrix(metric.name, direction, "exact", names, columns,
+                       np.asarray(prepared.base_score, np.float64).reshape(-1),
+                       np.asarray(prepared.donor_score, np.float64).reshape(-1), values, timing)
+
+
+def _scores(base: Model, donor: Model, batch: Batch, metric: Metric,
+            candidates: Sequence[Component] | Mapping[str, Patch], direction: Direction,
+            references: Sequence[Params] | None, chunk_size: int | None,
+            materialize: bool | None, memory_fraction: float, progress: bool,
+            wall_start: float) -> tuple[_Prepared, list[str], np.ndarray, dict[str, float], list[str]]:
+    """prepare -> plan -> compile -> execute: the raw scores of every candidate (`[n]` or
+    `[n, width]`), with the prepared endpoints, timing, and the names skipped."""
     config = base.config
     prepared = _prepare(base, donor, batch, metric, direction, references)
-
-    if candidates is None:
-        candidates = select(config, selector, granularity)
     cands = candidates_of(config, candidates)
     last_block = config.n_layers - 1 if metric.layer is None else metric.layer
     run = [c for c in cands if c.first_layer <= last_block
@@ -197,7 +268,8 @@ def sweep(
     skipped = [c.name for c in cands if c not in run]
     budget = int(available_memory_bytes() * memory_fraction)
     plans = plan_programs(
-        config, run, last_block,
+        # a metric that reads inside blocks runs the plain forward (no block-local program)
+        config, run, -1 if metric.outputs(config) else last_block,
         leaf_bytes={n: int(np.prod(a.shape)) * a.dtype.itemsize
                     for n, a in flatten_params(prepared.start).items()},
         chunk_size=chunk_size, auto_chunk=auto_chunk_size(config, batch, budget),
@@ -214,15 +286,11 @@ def sweep(
     scores.update(_execute(config, programs, direction, len(run), progress))
     names = [c.name for c in cands]
     values = np.array([scores[n] for n in names], np.float64)
-    check_finite_scores(names, values, "score")
-    return SweepResult(metric.name, direction, metric.layer, positions, prepared.base_score,
-                       prepared.donor_score, names, values,
-                       run_timing(wall_start, prepare_s, compile_s, len(run)), dict(inputs or {}),
-                       skipped)
+    return prepared, names, values, run_timing(wall_start, prepare_s, compile_s, len(run)), skipped
 
 
 def _execute(config: ModelConfig, programs: Sequence[tuple[ProgramPlan, tuple, Any, list[Any]]],
-             direction: str, total: int, progress: bool) -> dict[str, float]:
+             direction: str, total: int, progress: bool) -> dict[str, np.ndarray]:
     """Runs every plan's candidates in padded chunks; their scores by name."""
     from tqdm.auto import tqdm
 
@@ -235,6 +303,6 @@ def _execute(config: ModelConfig, programs: Sequence[tuple[ProgramPlan, tuple, A
                     chunk: Sequence[Candidate] = group[offset: offset + plan.chunk]
                     alphas = {n: jnp.asarray(a) for n, a in alpha_rows(config, plan, chunk).items()}
                     values = np.asarray(compiled(key, fn, alphas, ops)(alphas, ops))
-                    scores.update({c.name: float(v) for c, v in zip(chunk, values)})
+                    scores.update({c.name: v for c, v in zip(chunk, values)})
                     bar.update(len(chunk))
     return scores
