@@ -11,40 +11,46 @@ output a component owns:
     neuron   `[neuron=n]`: the activation entering down_proj
     layer    the block's attention and MLP outputs
 
-Candidates are a leading axis on per-site coefficients (`beta`), vmapped over in padded chunks
-that compile once, as in `jaxpatch.sweep`. Scores are on the sweep's scale, so the two
-methods' tables compare directly.
+As in `jaxpatch.sweep`, nothing a candidate cannot change is computed again: the start model's
+residual stream is computed once, and a candidate in block i runs from the stream before
+block i. Candidates are a leading axis on the coefficients (`beta`) of the sites their block
+group edits, vmapped over in padded chunks that compile once per group. Candidates after the
+metric's last block are reported as unchanged without running. Scores are on the sweep's scale,
+so the two methods' tables compare directly; `activation_matrix` reads every column of a
+metric with several (a `ComponentAnchor` with several targets) from the same runs.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpatch._tree import without_layers
 from jaxpatch.components import Component, SelectorLike, activation_sites, component_sites, select
-from jaxpatch.errors import JaxpatchError
-from jaxpatch.metrics import Metric, mean_score
+from jaxpatch.engine.programs import compiled, prefix_pass, stacked_checked
+from jaxpatch.errors import JaxpatchError, MetricError
+from jaxpatch.metrics import Metric, mean_score, metric_readout, read_metric
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import Model
 from jaxpatch.modes import PAIR_DIRECTIONS, Granularity, PairDirection, Positions, check_mode
 from jaxpatch.pair import check_pair, endpoint_scores
 from jaxpatch.prompts import Batch
-from jaxpatch.results import SweepResult, check_finite_scores, run_timing
+from jaxpatch.results import ScoreMatrix, SweepResult, check_finite_scores, run_timing
 
-__all__ = ["activation_patching"]
+__all__ = ["activation_patching", "activation_matrix"]
 
 Betas = dict[str, jax.Array]
 
 
-def _betas(config: ModelConfig, chunk: Sequence[Component], size: int) -> dict[str, np.ndarray]:
+def _betas(chunk: Sequence[Component], size: int, sites: dict[str, int]) -> dict[str, np.ndarray]:
     """Per-site coefficients `[size, axis]` for a chunk (padding rows stay 0)."""
-    out = {site: np.zeros((size, n), np.float32) for site, n in activation_sites(config).items()}
+    out = {site: np.zeros((size, n), np.float32) for site, n in sites.items()}
     for row, component in enumerate(chunk):
         for site, index in component_sites(component).items():
             out[site][row, slice(None) if index is None else index] = 1.0
@@ -75,26 +81,110 @@ def _sources(config: ModelConfig, params: Params, batch: Batch, layer: int | Non
     return store
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _chunk_scores(config: ModelConfig, metric: Metric, params: Params, sources: dict[str, jax.Array],
-                  betas: Betas, batch: Batch, state: Any) -> jax.Array:
-    """Mean metric scores `[chunk]` of runs of `params` with site outputs moved towards
-    `sources` by each candidate's coefficients."""
+class _Operands(NamedTuple):
+    """What a group's program runs on, besides the coefficients (a pytree).
 
-    def one(beta: Betas) -> jax.Array:
-        def edit(site: str, value: jax.Array) -> jax.Array:
-            if site not in sources:
-                return value
-            b = _broadcast(beta[site], value).astype(value.dtype)
-            return value + b * (sources[site] - value)
+    Attributes:
+        params: the start model's params.
+        sources: the source model's values of the group's sites.
+        residual: the start model's residual stream before the group's block (None from the
+            embeddings).
+        batch, state: the prompts and the metric's state.
+        earlier: for a metric reading component outputs, the start model's readout.
+    """
 
-        # The whole sequence runs (no readout_positions): every site's value must keep the
-        # shape of its recorded source.
-        out = forward(config, params, batch.tokens, batch.mask, stop_layer=metric.layer, edit=edit)
-        x = jnp.take_along_axis(out.read(metric.layer), batch.positions[..., None], axis=1)
-        return mean_score(metric, x, batch, state)
+    params: Params
+    sources: dict[str, jax.Array]
+    residual: jax.Array | None
+    batch: Batch
+    state: Any
+    earlier: Any
 
-    return jax.vmap(one)(betas)
+
+def _program(config: ModelConfig, metric: Metric, start_layer: int) -> Any:
+    """`run(betas, operands) -> scores [chunk]` (or `[chunk, width]`) for the candidates of
+    one block group: the start model from `start_layer` with each candidate's sites moved to
+    the source's values."""
+
+    def run(betas: dict[str, jax.Array], ops: _Operands) -> jax.Array:
+        def one(beta: dict[str, jax.Array]) -> jax.Array:
+            def edit(site: str, value: jax.Array) -> jax.Array:
+                if site not in beta:
+                    return value
+                b = _broadcast(beta[site], value).astype(value.dtype)
+                return value + b * (ops.sources[site] - value)
+
+            # The whole sequence runs: every site's value keeps the shape of its source.
+            x = read_metric(config, metric, ops.params, ops.batch, start_layer=start_layer,
+                            residual=ops.residual, edit=edit, full_sequence=True,
+                            earlier=ops.earlier)
+            return jnp.mean(metric.score(x, ops.batch, ops.state), axis=0)
+
+        return jax.vmap(one)(betas)
+
+    return run
+
+
+def _group_start(config: ModelConfig, component: Component) -> int:
+    """The block a component's run starts at (0 for embeddings, n_layers after the blocks)."""
+    return max(component.layer, 0)
+
+
+def _activation_scores(base: Model, donor: Model, batch: Batch, metric: Metric,
+                       items: Sequence[Component], direction: PairDirection, chunk_size: int,
+                       progress: bool, wall_start: float) -> tuple[Any, Any, np.ndarray, dict[str, float]]:
+    """Every item's raw score (`[n]` or `[n, width]`), with the endpoint scores and timing."""
+    config = base.config
+    check_pair(base, donor)
+    metric.check(config)
+    check_mode("activation patching direction", direction, PAIR_DIRECTIONS, JaxpatchError)
+    start, source = (base, donor) if direction == "denoise" else (donor, base)
+    state, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric)
+    last_block = config.n_layers - 1 if metric.layer is None else metric.layer
+    count = last_block + 2 if metric.layer is None else last_block + 1
+    _, residuals = prefix_pass(config, stacked_checked(start.params, "start"),
+                               without_layers(start.params), batch, metric.layer, count)
+    start_readout = metric_readout(config, metric, start.params, batch)
+    start_score = np.asarray(mean_score(metric, start_readout, batch, state), np.float64)
+    earlier = start_readout if metric.outputs(config) else None
+    sources = _sources(config, source.params, batch, metric.layer)
+    all_sites = activation_sites(config)
+
+    groups: dict[int, list[int]] = {}
+    for i, component in enumerate(items):
+        first = _group_start(config, component)
+        if first <= last_block or (metric.layer is None and first == config.n_layers):
+            groups.setdefault(first, []).append(i)
+    size = max(1, min(chunk_size, max((len(g) for g in groups.values()), default=1)))
+    scores: list[Any] = [start_score] * len(items)
+    runs = sum(len(g) for g in groups.values())
+    prepare_s, compile_s = time.perf_counter() - wall_start, 0.0
+    from tqdm.auto import tqdm
+
+    with tqdm(total=runs, unit="cand", desc=f"activation {direction}", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for first, group in sorted(groups.items()):
+            members = [items[i] for i in group]
+            sites = {s: all_sites[s] for s in dict.fromkeys(
+                s for c in members for s in component_sites(c))}
+            ops = _Operands(start.params, {s: sources[s] for s in sites},
+                            residuals[first] if first > 0 else None, batch, state, earlier)
+            key = ("activation", config, metric, first, tuple(sites))
+            fn = _program(config, metric, first)
+            compile_start = time.perf_counter()
+            specs = {s: jax.ShapeDtypeStruct((size, n), jnp.float32) for s, n in sites.items()}
+            program = compiled(key, fn, specs, ops)
+            compile_s += time.perf_counter() - compile_start
+            for offset in range(0, len(group), size):
+                chunk = members[offset: offset + size]
+                betas = {k: jnp.asarray(v) for k, v in _betas(chunk, size, sites).items()}
+                values = np.asarray(program(betas, ops), np.float64)
+                for row, i in enumerate(group[offset: offset + size]):
+                    scores[i] = values[row]
+                bar.update(len(chunk))
+    values = np.array(scores, np.float64)
+    check_finite_scores([c.name for c in items], values, "activation patching score")
+    return base_score, donor_score, values, run_timing(wall_start, prepare_s, compile_s, runs)
 
 
 def activation_patching(
@@ -135,33 +225,43 @@ def activation_patching(
         ('activation', 21)
     """
     wall_start = time.perf_counter()
-    config = base.config
-    check_pair(base, donor)
-    metric.check(config)
-    check_mode("activation patching direction", direction, PAIR_DIRECTIONS, JaxpatchError)
-    start, source = (base, donor) if direction == "denoise" else (donor, base)
-    items = select(config, selector, granularity)
-    state, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric)
-    sources = _sources(config, source.params, batch, metric.layer)
-    size = max(1, min(chunk_size, len(items)))
-    from tqdm.auto import tqdm
-
-    scores: list[float] = []
-    compile_start = time.perf_counter()
-    prepare_s, compile_s = compile_start - wall_start, 0.0
-    with tqdm(total=len(items), unit="cand", desc=f"activation {direction}", disable=not progress,
-              dynamic_ncols=True) as bar:
-        for offset in range(0, len(items), size):
-            chunk = items[offset: offset + size]
-            betas = {k: jnp.asarray(v) for k, v in _betas(config, chunk, size).items()}
-            values = np.asarray(_chunk_scores(config, metric, start.params, sources, betas, batch, state))
-            if offset == 0:
-                compile_s = time.perf_counter() - compile_start  # the first chunk compiles
-            scores += [float(v) for v in values[: len(chunk)]]
-            bar.update(len(chunk))
-    names = [c.name for c in items]
-    values = np.array(scores, np.float64)
-    check_finite_scores(names, values, "activation patching score")
+    if metric.width != 1:
+        raise MetricError(f"the {metric.name} metric scores {metric.width} columns: use "
+                          "activation_matrix for it")
+    items = select(base.config, selector, granularity)
+    base_score, donor_score, values, timing = _activation_scores(
+        base, donor, batch, metric, items, direction, chunk_size, progress, wall_start)
     return SweepResult(metric.name, direction, metric.layer, positions, base_score, donor_score,
-                       names, values, run_timing(wall_start, prepare_s, compile_s, len(items)),
-                       dict(inputs or {}), method="activation")
+                       [c.name for c in items], values, timing, dict(inputs or {}),
+                       method="activation")
+
+
+def activation_matrix(base: Model, donor: Model, batch: Batch, metric: Metric,
+                      candidates: Sequence[Component], *, direction: PairDirection = "denoise",
+                      chunk_size: int = 64, progress: bool = True) -> ScoreMatrix:
+    """Activation patching of every candidate, read on every column of a metric (e.g. every
+    target of a `ComponentAnchor` with several targets) from the same runs.
+
+    Arguments:
+        base, donor, batch, metric: the run (`metric` may have any width).
+        candidates: the components whose outputs are patched (the rows).
+        direction, chunk_size, progress: as for `activation_patching`.
+
+    Returns:
+        A `ScoreMatrix` with `method="activation"`.
+
+    Example:
+        >>> metric = jaxpatch.ComponentAnchor(("layers.0.mlp", "layers.1.self_attn"))
+        >>> m = activation_matrix(base, donor, batch, metric,
+        ...                       jaxpatch.select(cfg, "layers.0", "module"), progress=False)
+        >>> m.scores.shape
+        (9, 2)
+    """
+    wall_start = time.perf_counter()
+    base_score, donor_score, values, timing = _activation_scores(
+        base, donor, batch, metric, candidates, direction, chunk_size, progress, wall_start)
+    columns = list(getattr(metric, "targets", [metric.name] * metric.width))
+    return ScoreMatrix(metric.name, direction, "activation", [c.name for c in candidates], columns,
+                       np.asarray(base_score, np.float64).reshape(-1),
+                       np.asarray(donor_score, np.float64).reshape(-1),
+                       values.reshape(len(candidates), metric.width), timing)
