@@ -9,12 +9,14 @@ The public API is what this module exports (every other name may change):
     components, select, parse        the vocabulary of what is patched, and selectors
     Patch, apply                     patches as coefficient pytrees; the jitted tree-merge
     VectorAnchor, LogitDiff, KLDivergence, LogProb, CustomMetric   behavioral interfaces
+    ComponentAnchor                  the vector anchor read at components' outputs
     Prompt, read_prompts, make_batch                                prompts and readout positions
     check_pair, endpoints, endpoint_scores, score_patch             a base/donor pair
     sweep, SweepResult               exact, batched patch sweeps
     attribute, localize              gradient attribution; narrow by attribution, verify exactly
     learn_patch, LearnedPatch        a patch learned with gates and a sparsity penalty (optax)
     activation_patching              the activation patching baseline
+    sweep_matrix, activation_matrix  every candidate read at every target (ScoreMatrix)
     plant_patch, planted_labels      planted sets
     roc_auc, roc_curve, spearman     scoring a ranking
     Granularity, Direction, ...      the modes signatures take (`jaxpatch.modes`)
@@ -27,7 +29,7 @@ Docstring examples use a small random pair: `cfg`, `base`, `donor` and `batch` a
 from jaxpatch._tree import flatten_params
 from jaxpatch.attribution import Localization, alpha_gradients, attribute, localize
 from jaxpatch.components import Component, Selector, components, parse, select
-from jaxpatch.engine import sweep
+from jaxpatch.engine import sweep, sweep_matrix
 from jaxpatch.errors import (
                              CheckpointNotFoundError,
                              CorruptCheckpointError,
@@ -50,6 +52,7 @@ from jaxpatch.errors import (
 from jaxpatch.io import load, save
 from jaxpatch.learned import LearnedPatch, learn_patch
 from jaxpatch.metrics import (
+                             ComponentAnchor,
                              CustomMetric,
                              KLDivergence,
                              LogitDiff,
@@ -82,10 +85,10 @@ from jaxpatch.modes import (
 from jaxpatch.pair import check_pair, endpoint_scores, endpoints, score_patch
 from jaxpatch.patch import Patch, apply
 from jaxpatch.prompts import Batch, Prompt, make_batch, read_prompts
-from jaxpatch.results import SweepResult
+from jaxpatch.results import ScoreMatrix, SweepResult
 from jaxpatch.scoring import plant_patch, planted_labels
 from jaxpatch.stats import roc_auc, roc_curve, spearman
-from jaxpatch.trace import activation_patching
+from jaxpatch.trace import activation_matrix, activation_patching
 
 __version__ = "0.1.0"
 
@@ -96,12 +99,13 @@ __all__ = [
     # what is patched
     "Component", "Selector", "components", "select", "parse", "Patch", "apply",
     # behavior
-    "Metric", "VectorAnchor", "LogitDiff", "KLDivergence", "LogProb", "CustomMetric",
+    "Metric", "VectorAnchor", "ComponentAnchor", "LogitDiff", "KLDivergence", "LogProb",
+    "CustomMetric",
     "save_anchor", "load_anchor", "Prompt", "Batch", "read_prompts", "make_batch",
     # scoring
     "check_pair", "endpoints", "endpoint_scores", "score_patch", "sweep", "SweepResult",
     "attribute", "alpha_gradients", "localize", "Localization", "learn_patch", "LearnedPatch",
-    "activation_patching",
+    "activation_patching", "sweep_matrix", "activation_matrix", "ScoreMatrix",
     "plant_patch", "planted_labels", "roc_auc", "roc_curve", "spearman",
     # modes
     "Granularity", "ScoredGranularity", "Direction", "PairDirection", "AttributionMethod",

@@ -11,6 +11,8 @@
     AttributionMethod  first-order (the gradient at the start) or integrated gradients
     Positions          where a metric reads: the last prompt token, every prompt token, the
                        donor's continuation, or the positions predicting appended targets
+    Role               a component's place in the source-level hierarchy: source, aggregation
+                       (and routing), execution, or inert (`jaxpatch.hierarchy`)
 
 Each upper-case tuple lists a type's values in their documented order (for argument parsers
 and error messages).
@@ -21,8 +23,8 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 __all__ = ["Granularity", "ScoredGranularity", "Direction", "PairDirection", "AttributionMethod",
-           "Positions", "GRANULARITIES", "SCORED_GRANULARITIES", "DIRECTIONS", "PAIR_DIRECTIONS",
-           "ATTRIBUTION_METHODS", "POSITIONS", "check_mode"]
+           "Positions", "Role", "GRANULARITIES", "SCORED_GRANULARITIES", "DIRECTIONS", "PAIR_DIRECTIONS",
+           "ATTRIBUTION_METHODS", "POSITIONS", "ROLES", "check_mode"]
 
 Granularity = Literal["module", "head", "neuron", "layer"]
 ScoredGranularity = Literal["module", "head", "neuron"]
@@ -30,6 +32,7 @@ Direction = Literal["denoise", "noise", "zero", "mean"]
 PairDirection = Literal["denoise", "noise"]
 AttributionMethod = Literal["first-order", "integrated-gradients"]
 Positions = Literal["last", "prompt", "continuation", "targets"]
+Role = Literal["source", "aggregation", "execution", "inert"]
 
 GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
 SCORED_GRANULARITIES: tuple[ScoredGranularity, ...] = get_args(ScoredGranularity)
@@ -37,6 +40,7 @@ DIRECTIONS: tuple[Direction, ...] = get_args(Direction)
 PAIR_DIRECTIONS: tuple[PairDirection, ...] = get_args(PairDirection)
 ATTRIBUTION_METHODS: tuple[AttributionMethod, ...] = get_args(AttributionMethod)
 POSITIONS: tuple[Positions, ...] = get_args(Positions)
+ROLES: tuple[Role, ...] = get_args(Role)
 
 
 def check_mode(what: str, value: object, allowed: tuple[str, ...], error: type[Exception]) -> None:

@@ -1,6 +1,7 @@
 """Exhaustive, exact patch sweeps: planning (`plan`), compiled programs (`programs`), and
-`sweep` itself (`sweep`). See docs/decisions/0009-engine-rooms.md for the cut."""
+`sweep` / `sweep_matrix` themselves (`sweep`). See docs/decisions/0009-engine-rooms.md for
+the cut."""
 
-from jaxpatch.engine.sweep import sweep
+from jaxpatch.engine.sweep import sweep, sweep_matrix
 
-__all__ = ["sweep"]
+__all__ = ["sweep", "sweep_matrix"]

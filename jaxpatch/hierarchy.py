@@ -1,0 +1,567 @@
+"""The source-level hierarchy: which components compute a behavior, which pass it on, which
+execute it (supplier -> target tracing and validation).
+
+A component that looks important when its *activations* are patched may only aggregate or
+route a signal computed upstream; weight patching tells the two apart. `trace_hierarchy`
+sorts every component of a granularity into one role, from explicit evidence:
+
+    source       its own donor weights are part of the validated source set: the smallest
+                 set of attention and MLP groups whose donor weights, patched into the base
+                 together, recover the behavior, each member adding at least `min_gain` of
+                 recovery to the rest (leave-one-out inside the set)
+    aggregation  (and routing) not a source, at or before the anchor layer, a high
+                 activation-patching score, and its output's donor behavior is recovered when
+                 its suppliers' weights are patched (a `ComponentAnchor` on its output)
+    execution    after the anchor layer (the signal has formed), not a source, and needed for
+                 the behavior to reach the output: ablating its weights in the donor drops the
+                 output metric
+    inert        none of these
+
+Steps, each a handful of exact sweeps:
+
+1. behavior: weight patching (sweep) and activation patching, both directions, on the metric;
+   a component's weight score and activation score are its better direction's effect;
+2. validation: every subset of the candidate groups (groups holding a component whose weight
+   score reaches `candidate`) is patched as one custom patch in one sweep, the best subset
+   net of `min_gain` per group kept; then leave-one-out sweeps inside it until every member
+   adds `min_gain`;
+3. tracing: targets are the components with a high activation score and the sources; one
+   `sweep_matrix` over every upstream supplier (and the sources together) reads every
+   target's component anchor at once, and one `activation_matrix` does the same with
+   activations; edges keep suppliers that recover at least `edge` of a target; the strongest
+   suppliers become the next level's targets, to `depth` levels;
+4. execution: one zero-ablation sweep of the components after the anchor layer on the output
+   metric.
+
+Each row says why it got its role, and what else could be argued (`also`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxpatch.components import Component, select
+from jaxpatch.engine import sweep, sweep_matrix
+from jaxpatch.errors import InvalidInputError, MetricError
+from jaxpatch.metrics import ComponentAnchor, KLDivergence, LogProb, Metric, metric_endpoints
+from jaxpatch.models.model import Model
+from jaxpatch.modes import SCORED_GRANULARITIES, Role, ScoredGranularity, check_mode
+from jaxpatch.pair import check_pair
+from jaxpatch.patch import Patch
+from jaxpatch.prompts import Batch
+from jaxpatch.results import ScoreMatrix, SweepResult
+from jaxpatch.trace import activation_matrix, activation_patching
+
+__all__ = ["Thresholds", "ComponentRole", "Edge", "Hierarchy", "group_of", "trace_hierarchy",
+           "HIERARCHY_COLUMNS"]
+
+HIERARCHY_COLUMNS = ("component", "layer", "class", "weight_score", "activation_score",
+                     "supplied", "execution", "gain", "reason", "also")
+SOURCES_ROW = "all sources"
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """The thresholds a role is decided by (all on the recovery scale: 0 base, 1 donor).
+
+    Attributes:
+        candidate: a group is searched for sources when one of its components' weight score
+            reaches this.
+        min_gain: a validated group, and each source inside it, must add at least this much
+            recovery to the rest of the set.
+        activation: a high activation-patching score.
+        supplied: aggregation needs its output anchor recovered at least this much by its
+            suppliers' weights.
+        execution: execution needs the output metric to drop at least this much when its
+            weights are ablated in the donor.
+        edge: a supplier -> target edge is kept when the supplier's weights alone recover at
+            least this much of the target's output anchor.
+
+    Example:
+        >>> Thresholds().min_gain
+        0.02
+    """
+
+    candidate: float = 0.1
+    min_gain: float = 0.02
+    activation: float = 0.3
+    supplied: float = 0.5
+    execution: float = 0.3
+    edge: float = 0.1
+
+
+@dataclasses.dataclass
+class ComponentRole:
+    """One component's evidence and role.
+
+    Attributes:
+        component: its name; layer: its block (-1 embeddings, n_layers final modules).
+        role: source, aggregation, execution or inert.
+        weight_score, activation_score: the better direction's effect of patching its weights
+            and its output activation on the metric.
+        supplied: how much of its output anchor its suppliers' weights recover (the best of
+            all sources together and any single supplier); None when it was not traced.
+        execution: the output metric's drop when its weights are ablated in the donor; None
+            when it lies at or before the anchor layer.
+        gain: for members of the validated set, the recovery it adds to the rest.
+        reason: which scores crossed which thresholds.
+        also: what else could be argued about it (empty when nothing).
+    """
+
+    component: str
+    layer: int
+    role: Role
+    weight_score: float
+    activation_score: float
+    supplied: float | None
+    execution: float | None
+    gain: float | None
+    reason: str
+    also: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Edge:
+    """A supplier -> target edge: patching the supplier's weights alone recovers `score` of the
+    target's output anchor (`activation_score`: patching the supplier's output activation).
+
+    Attributes:
+        supplier, target: component names (`supplier` may be "all sources").
+        score, activation_score: recoveries of the target's output anchor.
+        level: the expansion level it was found at (1 = the behavior's own components).
+    """
+
+    supplier: str
+    target: str
+    score: float
+    activation_score: float | None
+    level: int
+
+
+@dataclasses.dataclass
+class Hierarchy:
+    """What `trace_hierarchy` found: one role per component, and the supplier graph.
+
+    Attributes:
+        rows: every component's evidence and role, in component order.
+        edges: the supplier -> target edges.
+        matrices: the tracing matrices by level (weights and activations).
+        sources_recovery: the recovery of the validated source set patched together.
+        anchor_layer: where the signal counts as formed (aggregation at or before it,
+            execution after it).
+        settings: metric names, granularity, thresholds, depth.
+        calls: how many sweeps of each kind ran, and how many candidate runs in all.
+        timing: seconds per step.
+    """
+
+    rows: list[ComponentRole]
+    edges: list[Edge]
+    matrices: dict[str, ScoreMatrix]
+    sources_recovery: float
+    anchor_layer: int
+    settings: dict[str, Any]
+    calls: dict[str, int]
+    timing: dict[str, float]
+
+    def role(self, name: str) -> Role:
+        """The role of one component."""
+        return next(r.role for r in self.rows if r.component == name)
+
+    def with_role(self, role: Role) -> list[str]:
+        """The components given `role`, in component order."""
+        return [r.component for r in self.rows if r.role == role]
+
+    def to_csv(self) -> str:
+        """The table as CSV (`HIERARCHY_COLUMNS`)."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(HIERARCHY_COLUMNS)
+        for r in self.rows:
+            writer.writerow([r.component, r.layer, r.role, _fmt(r.weight_score),
+                             _fmt(r.activation_score), _fmt(r.supplied), _fmt(r.execution),
+                             _fmt(r.gain), r.reason, r.also])
+        return out.getvalue()
+
+    def graph(self) -> dict[str, Any]:
+        """The graph as a JSON document: `{"nodes": [...], "edges": [...]}` plus settings."""
+        nodes = [{"name": r.component, "class": r.role, "layer": r.layer,
+                  "weight_score": r.weight_score, "activation_score": r.activation_score,
+                  "supplied": r.supplied, "execution": r.execution, "gain": r.gain,
+                  "reason": r.reason, "also": r.also} for r in self.rows]
+        edges = [{"supplier": e.supplier, "target": e.target, "score": e.score,
+                  "activation_score": e.activation_score, "level": e.level} for e in self.edges]
+        return {"format": "jaxpatch.hierarchy/1", "nodes": nodes, "edges": edges,
+                "sources_recovery": self.sources_recovery, "anchor_layer": self.anchor_layer,
+                "settings": self.settings, "calls": self.calls, "timing": self.timing}
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def group_of(component: Component) -> str:
+    """The group a component belongs to in the source search: the attention or the MLP of its
+    block, or the component itself (norms, embeddings, final modules, whole blocks).
+
+    Example:
+        >>> from jaxpatch.components import components
+        >>> [group_of(c) for c in components(cfg, "head")[:1] + components(cfg, "module")[:3]]
+        ['layers.0.self_attn', 'embed_tokens', 'layers.0.input_layernorm', 'layers.0.self_attn']
+    """
+    return group_of_name(component.name)
+
+
+def _better(denoise: SweepResult, noise: SweepResult) -> np.ndarray:
+    """Each component's effect in its better direction."""
+    return np.maximum(denoise.recovery, 1.0 - noise.recovery)
+
+
+def _patches(config: Any, sets: dict[str, Sequence[Component]]) -> dict[str, Patch]:
+    return {name: Patch.from_components(config, items, label=name) for name, items in sets.items()}
+
+
+class _Runner:
+    """Runs the sweeps of one trace, counting them and their candidate runs."""
+
+    def __init__(self, base: Model, donor: Model, batch: Batch, progress: bool) -> None:
+        self.base, self.donor, self.batch, self.progress = base, donor, batch, progress
+        self.calls = {"sweeps": 0, "validation_sweeps": 0, "tracing_sweeps": 0,
+                      "activation_runs": 0, "candidate_runs": 0}
+
+    def sweep(self, metric: Metric, candidates: Any, direction: str = "denoise",
+              kind: str = "sweeps") -> SweepResult:
+        self.calls[kind] += 1
+        self.calls["candidate_runs"] += len(candidates)
+        return sweep(self.base, self.donor, self.batch, metric, candidates=candidates,
+                     direction=direction, progress=self.progress)  # type: ignore[arg-type]
+
+    def activation(self, metric: Metric, granularity: ScoredGranularity,
+                   direction: str) -> SweepResult:
+        result = activation_patching(self.base, self.donor, self.batch, metric,
+                                     granularity=granularity, direction=direction,  # type: ignore[arg-type]
+                                     progress=self.progress)
+        self.calls["activation_runs"] += 1
+        self.calls["candidate_runs"] += len(result.names)
+        return result
+
+    def matrices(self, metric: ComponentAnchor, patches: dict[str, Patch],
+                 items: Sequence[Component]) -> tuple[ScoreMatrix, ScoreMatrix]:
+        self.calls["tracing_sweeps"] += 1
+        self.calls["activation_runs"] += 1
+        self.calls["candidate_runs"] += len(patches) + len(items)
+        weights = sweep_matrix(self.base, self.donor, self.batch, metric, patches,
+                               progress=self.progress)
+        activations = activation_matrix(self.base, self.donor, self.batch, metric, items,
+                                        progress=self.progress)
+        return weights, activations
+
+
+def _validated_sources(runner: _Runner, metric: Metric, items: Sequence[Component],
+                       weight: np.ndarray, thresholds: Thresholds,
+                       max_groups: int) -> tuple[dict[str, float], float, list[str]]:
+    """The validated source set: each member's gain, the set's recovery, the chosen groups."""
+    config = runner.base.config
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(items):
+        groups.setdefault(group_of(c), []).append(i)
+    strength = {g: float(max(weight[i] for i in members)) for g, members in groups.items()}
+    candidates = sorted((g for g in groups if strength[g] >= thresholds.candidate),
+                        key=lambda g: -strength[g])[:max_groups]
+    if not candidates:
+        return {}, 0.0, []
+    subsets = [s for k in range(1, len(candidates) + 1)
+               for s in itertools.combinations(candidates, k)]
+    result = runner.sweep(metric, _patches(config, {
+        " + ".join(s): [items[i] for g in s for i in groups[g]] for s in subsets}),
+        kind="validation_sweeps")
+    net = result.recovery - thresholds.min_gain * np.array([len(s) for s in subsets])
+    chosen = subsets[int(np.argmax(net))]
+    members = [i for g in chosen for i in groups[g]]
+    while True:
+        rest = {items[i].name: [items[j] for j in members if j != i] for i in members}
+        whole = runner.sweep(metric, _patches(config, {"set": [items[i] for i in members]}),
+                             kind="validation_sweeps").recovery[0]
+        if len(members) == 1:
+            gains = {items[members[0]].name: float(whole)}
+            break
+        without = runner.sweep(metric, _patches(config, rest), kind="validation_sweeps").recovery
+        gains = {name: float(whole - r) for name, r in zip(rest, without)}
+        kept = [i for i in members if gains[items[i].name] >= thresholds.min_gain]
+        if len(kept) == len(members) or not kept:
+            break
+        members = kept
+    return {items[i].name: gains[items[i].name] for i in members}, float(whole), list(chosen)
+
+
+def _changed_outputs(base: Model, donor: Model, batch: Batch,
+                     targets: Sequence[str]) -> list[str]:
+    """The targets whose output differs between base and donor (others have no anchor)."""
+    if not targets:
+        return []
+    config = base.config
+    probe = ComponentAnchor(tuple(targets))
+    x_base, x_donor = metric_endpoints(config, probe, base.params, donor.params, batch)
+    weights = np.asarray(batch.weights)[..., None]
+    kept = []
+    for t in targets:
+        b, d = np.asarray(x_base[t], np.float64), np.asarray(x_donor[t], np.float64)
+        v = ((d - b) * weights).sum(axis=1).mean(axis=0)
+        scale = max(float(np.abs(b).max()), 1e-12)
+        if np.linalg.norm(v) > 1e-6 * scale:
+            kept.append(t)
+    return kept
+
+
+def trace_hierarchy(
+    base: Model,
+    donor: Model,
+    batch: Batch,
+    metric: Metric,
+    *,
+    output_metric: Metric | None = None,
+    granularity: ScoredGranularity = "module",
+    anchor_layer: int | None = None,
+    depth: int = 2,
+    top_targets: int = 24,
+    max_groups: int = 12,
+    thresholds: Thresholds = Thresholds(),
+    progress: bool = False,
+) -> Hierarchy:
+    """Sorts every component into source, aggregation, execution or inert, and traces which
+    suppliers' weights recover which targets' outputs.
+
+    Arguments:
+        base, donor: the pair.
+        batch: prompts and readout positions.
+        metric: the behavior (e.g. `LogProb` of the answers, a `VectorAnchor`).
+        output_metric: what execution is measured on (default: `LogProb` when every prompt
+            has a target, else `KLDivergence`).
+        granularity: module, head or neuron.
+        anchor_layer: the block after which the signal counts as formed (default: the
+            metric's anchor block, or the last block for metrics read at the logits).
+        depth: expansion levels of supplier -> target tracing.
+        top_targets: at most this many targets per level.
+        max_groups: at most this many candidate groups in the source search (all their
+            subsets are scored).
+        thresholds: the role thresholds (`Thresholds`).
+        progress: show progress bars.
+
+    Returns:
+        A `Hierarchy`.
+
+    Raises:
+        InvalidInputError: depth or top_targets below 1, or an anchor layer out of range.
+
+    Example:
+        >>> h = trace_hierarchy(base, donor, batch, jaxpatch.VectorAnchor(layer=1), depth=1)
+        >>> sorted(set(r.role for r in h.rows)) <= ["aggregation", "execution", "inert", "source"]
+        True
+    """
+    started = time.perf_counter()
+    config = base.config
+    check_pair(base, donor)
+    metric.check(config)
+    check_mode("granularity", granularity, SCORED_GRANULARITIES, InvalidInputError)
+    if metric.width != 1:
+        raise MetricError(f"trace the behavior with a one-column metric, not {metric.name} "
+                          f"with {metric.width}")
+    if depth < 1 or top_targets < 1 or max_groups < 1:
+        raise InvalidInputError("depth, top_targets and max_groups must be at least 1")
+    last = config.n_layers - 1
+    anchor = (metric.layer if metric.layer is not None else last) if anchor_layer is None \
+        else anchor_layer
+    if not 0 <= anchor <= last:
+        raise InvalidInputError(f"anchor layer {anchor} is out of range: the model has blocks "
+                                f"0..{last}")
+    if output_metric is None:
+        has_targets = bool((np.asarray(batch.targets)[:, 0] >= 0).all())
+        output_metric = LogProb() if has_targets else KLDivergence()
+    runner = _Runner(base, donor, batch, progress)
+    items = select(config, None, granularity)
+    timing: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    names = [c.name for c in items]
+    weight = _better(runner.sweep(metric, items, "denoise"), runner.sweep(metric, items, "noise"))
+    activation = _better(runner.activation(metric, granularity, "denoise"),
+                         runner.activation(metric, granularity, "noise"))
+    timing["behavior_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    gains, sources_recovery, groups = _validated_sources(runner, metric, items, weight, thresholds,
+                                                         max_groups)
+    timing["validation_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    supplied, edges, matrices = _trace(runner, items, names, activation, gains, thresholds,
+                                       depth, top_targets)
+    timing["tracing_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    after = [c for c in items if c.layer > anchor]
+    execution: dict[str, float] = {}
+    if after:
+        ablated = runner.sweep(output_metric, after, "zero")
+        execution = {c.name: float(e) for c, e in zip(after, ablated.effect)}
+    timing["execution_s"] = time.perf_counter() - t0
+
+    rows = [_role(c, float(weight[i]), float(activation[i]), gains, supplied.get(c.name),
+                  execution.get(c.name), anchor, thresholds, edges)
+            for i, c in enumerate(items)]
+    timing["wall_s"] = time.perf_counter() - started
+    settings = {"metric": metric.name, "output_metric": output_metric.name,
+                "granularity": granularity, "depth": depth, "top_targets": top_targets,
+                "max_groups": max_groups, "source_groups": groups,
+                "thresholds": dataclasses.asdict(thresholds)}
+    return Hierarchy(rows, edges, matrices, sources_recovery, anchor, settings, runner.calls,
+                     timing)
+
+
+def _trace(runner: _Runner, items: Sequence[Component], names: list[str], activation: np.ndarray,
+           gains: dict[str, float], thresholds: Thresholds, depth: int,
+           top_targets: int) -> tuple[dict[str, float], list[Edge], dict[str, ScoreMatrix]]:
+    """Supplier -> target tracing, level by level: each level one weight sweep and one
+    activation run over every upstream supplier, reading every target at once."""
+    config = runner.base.config
+    by_name = dict(zip(names, items))
+    order = np.argsort(-activation, kind="stable")
+    first = [names[i] for i in order if activation[i] >= thresholds.activation][:top_targets]
+    targets = list(dict.fromkeys(first + [n for n in names if n in gains]))
+    supplied: dict[str, float] = {}
+    edges: list[Edge] = []
+    matrices: dict[str, ScoreMatrix] = {}
+    traced: set[str] = set()
+    for level in range(1, depth + 1):
+        targets = _changed_outputs(runner.base, runner.donor, runner.batch,
+                                   [t for t in targets if t not in traced])
+        if not targets:
+            break
+        traced.update(targets)
+        reach = max(by_name[t].layer for t in targets)
+        suppliers = [c for c in items if c.layer <= reach]
+        patches = _patches(config, {c.name: [c] for c in suppliers})
+        for name, members in _joint_rows(gains, targets).items():
+            patches[name] = Patch.from_components(config, [by_name[n] for n in members], label=name)
+        weights, activations = runner.matrices(ComponentAnchor(tuple(targets)), patches, suppliers)
+        matrices[f"level{level}/weights"], matrices[f"level{level}/activations"] = weights, activations
+        w, a = weights.recovery, activations.recovery
+        row = {name: k for k, name in enumerate(weights.names)}
+        next_targets: dict[str, float] = {}
+        for j, target in enumerate(targets):
+            joint = _joint_name(gains, target)
+            others = [(name, float(w[row[name], j])) for name in weights.names
+                      if name != target and (name == joint or not name.startswith(SOURCES_ROW))]
+            supplied[target] = max((score for _, score in others), default=0.0)
+            for name, score in others:
+                if score < thresholds.edge:
+                    continue
+                single = not name.startswith(SOURCES_ROW)
+                act = float(a[activations.names.index(name), j]) if single else None
+                edges.append(Edge(SOURCES_ROW if not single else name, target, score, act, level))
+                if single:
+                    next_targets[name] = max(next_targets.get(name, 0.0), score)
+        targets = sorted(next_targets, key=lambda n: -next_targets[n])[:top_targets]
+    return supplied, edges, matrices
+
+
+def _joint_name(gains: dict[str, float], target: str) -> str | None:
+    """The row patching every source together, minus the target itself when it is one."""
+    if not gains or (target in gains and len(gains) == 1):
+        return None
+    return f"{SOURCES_ROW} but {target}" if target in gains else SOURCES_ROW
+
+
+def _joint_rows(gains: dict[str, float], targets: Sequence[str]) -> dict[str, list[str]]:
+    """The joint-source rows a level needs: all sources, and all sources but each target
+    that is a source (a component does not supply itself)."""
+    rows: dict[str, list[str]] = {}
+    for target in targets:
+        name = _joint_name(gains, target)
+        if name is not None:
+            rows[name] = [n for n in gains if n != target]
+    return rows
+
+
+def _suppliers_text(edges: Sequence[Edge], target: str, k: int = 3) -> str:
+    top = sorted((e for e in edges if e.target == target and e.supplier != SOURCES_ROW),
+                 key=lambda e: -e.score)[:k]
+    return ", ".join(f"{e.supplier} {e.score:.2f}" for e in top) or "none above the edge threshold"
+
+
+def _layer_of(name: str) -> int:
+    parts = name.split("[")[0].split(".")
+    if parts[0] == "layers":
+        return int(parts[1])
+    return -1 if parts[0].startswith("embed") else 1 << 30
+
+
+def group_of_name(name: str) -> str:
+    """`group_of` from a component's name.
+
+    Example:
+        >>> group_of_name("layers.2.mlp[neuron=5]"), group_of_name("norm")
+        ('layers.2.mlp', 'norm')
+    """
+    parts = name.split("[")[0].split(".")
+    if len(parts) >= 3 and parts[0] == "layers" and parts[2] in ("self_attn", "mlp"):
+        return ".".join(parts[:3])
+    return name
+
+
+def _role(c: Component, weight: float, activation: float, gains: dict[str, float],
+          supplied: float | None, execution: float | None, anchor: int,
+          thresholds: Thresholds, edges: Sequence[Edge]) -> ComponentRole:
+    """One component's role, with the reason and what else could be argued."""
+    t = thresholds
+    joint = next((e.score for e in edges if e.target == c.name and e.supplier == SOURCES_ROW), None)
+    also: list[str] = []
+    gain = gains.get(c.name)
+    if gain is not None:
+        role: Role = "source"
+        reason = (f"in the validated source set: without its donor weights the set recovers "
+                  f"{gain:.2f} less (>= {t.min_gain}); own weight score {weight:.2f}")
+        if activation >= t.activation and supplied is not None and supplied >= t.supplied:
+            also.append(f"also passes on upstream signal: its suppliers recover {supplied:.2f} "
+                        f"of its output ({_suppliers_text(edges, c.name)})")
+        if execution is not None and execution >= t.execution:
+            also.append(f"also needed downstream: ablating it drops the output {execution:.2f}")
+    elif (c.layer <= anchor and activation >= t.activation and supplied is not None
+          and supplied >= t.supplied):
+        role = "aggregation"
+        upstream = sorted({group_of_name(n) for n in gains if _layer_of(n) <= c.layer})
+        via = (f"the sources in {', '.join(upstream)} together {joint:.2f}; "
+               if joint is not None else "")
+        reason = (f"activation score {activation:.2f} >= {t.activation} but not a source "
+                  f"(weight score {weight:.2f}); its suppliers' weights recover {supplied:.2f} "
+                  f">= {t.supplied} of its output ({via}strongest: "
+                  f"{_suppliers_text(edges, c.name)})")
+    elif execution is not None and execution >= t.execution:
+        role = "execution"
+        reason = (f"after the anchor layer {anchor}; ablating its weights drops the output "
+                  f"{execution:.2f} >= {t.execution}; not a source (weight score {weight:.2f})")
+        if activation >= t.activation:
+            also.append(f"its output carries the signal too (activation score {activation:.2f})")
+    else:
+        role = "inert"
+        parts = [f"not a source (weight score {weight:.2f})"]
+        if activation >= t.activation:
+            parts.append(f"activation score {activation:.2f} is high but its output is "
+                         + ("not traced" if supplied is None
+                            else f"recovered only {supplied:.2f} < {t.supplied} by its suppliers"))
+        else:
+            parts.append(f"activation score {activation:.2f} < {t.activation}")
+        if execution is not None:
+            parts.append(f"ablating it drops the output {execution:.2f} < {t.execution}")
+        reason = "; ".join(parts)
+    if role != "source" and weight >= t.candidate:
+        also.append(f"its own weights score {weight:.2f} alone, but the validated source set "
+                    "does not need them")
+    return ComponentRole(c.name, c.layer, role, weight, activation, supplied, execution, gain,
+                         reason, "; ".join(also))
