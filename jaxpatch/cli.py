@@ -139,6 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per patch (default 200)")
     p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the gates (default 0.1)")
 
+    p = command("trace", _trace, "sort components into sources, aggregation, execution and inert "
+                "by supplier -> target tracing (weight and activation patching)")
+    add_run_arguments(p, direction=False)
+    p.add_argument("--target", action="append", metavar="COMPONENT",
+                   help="trace this component's output at the first level (repeatable; default: "
+                   "the components with high activation-patching scores, and the sources)")
+    p.add_argument("--depth", type=int, default=2, help="expansion levels of tracing (default 2)")
+    p.add_argument("--top-targets", type=int, default=24,
+                   help="at most this many targets per level (default 24)")
+    p.add_argument("--max-groups", type=int, default=12,
+                   help="at most this many attention/MLP groups in the source search (default 12)")
+    p.add_argument("--threshold", action="append", metavar="NAME=VALUE", default=[],
+                   help="change a role threshold: candidate, min_gain, activation, supplied, "
+                   "execution, edge (repeatable; see jaxpatch.hierarchy.Thresholds)")
+    p.set_defaults(metric="logprob")
+
     p = command("convert", _convert, "write a checkpoint in another format or dtype")
     p.add_argument("source", help="checkpoint folder to read (never modified)")
     p.add_argument("destination", help="folder to create")
@@ -148,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
+def add_run_arguments(p: argparse.ArgumentParser, direction: bool = True) -> None:
     """The flags shared by commands that score components of a base/donor pair."""
     p.add_argument("--base", required=True, help="base checkpoint folder")
     p.add_argument("--donor", required=True, help="donor (behavior-specialized) checkpoint folder")
@@ -163,7 +179,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", choices=["last", "prompt", "continuation"], default="last")
     p.add_argument("--continuation-tokens", type=int, default=8,
                    help="tokens the donor generates for --positions continuation (default 8)")
-    p.add_argument("--direction", choices=["denoise", "noise"], default="denoise")
+    if direction:
+        p.add_argument("--direction", choices=["denoise", "noise"], default="denoise")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params")
     p.add_argument("--out", help="folder for scores.json, scores.csv and heatmap.png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -325,6 +342,56 @@ def _learn(args: argparse.Namespace) -> None:
             (tmp / "pareto.png").write_bytes(pareto_png(points, f"learned {args.direction} patches, "
                                                                 f"{args.granularity} granularity"))
         print(f"wrote {args.out}/learned.json, pareto.csv, pareto.png")
+
+
+def thresholds_of(pairs: Sequence[str]) -> Any:
+    """`Thresholds` from `NAME=VALUE` strings (one line naming the bad one otherwise)."""
+    import dataclasses
+
+    from jaxpatch.hierarchy import Thresholds
+
+    known = {f.name for f in dataclasses.fields(Thresholds)}
+    values: dict[str, float] = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name.strip() not in known:
+            raise InvalidInputError(f"--threshold {pair!r}: unknown threshold (choose from "
+                                    f"{', '.join(sorted(known))})")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            raise InvalidInputError(f"--threshold {pair!r}: {value!r} is not a number") from None
+    return Thresholds(**values)
+
+
+def _trace(args: argparse.Namespace) -> None:
+    from jaxpatch.hierarchy import trace_hierarchy
+    from jaxpatch.report import hierarchy_png
+
+    if args.granularity == "layer":
+        raise InvalidInputError("trace sorts modules, heads or neurons: choose --granularity "
+                                "module, head or neuron")
+    thresholds = thresholds_of(args.threshold)
+    base, donor, batch, metric, inputs = prepare_run(args)
+    anchor = args.anchor_layer if args.metric != "anchor" else None
+    traced = trace_hierarchy(base, donor, batch, metric, granularity=args.granularity,
+                             selector=args.select, targets=args.target, anchor_layer=anchor,
+                             depth=args.depth, top_targets=args.top_targets,
+                             max_groups=args.max_groups, thresholds=thresholds,
+                             progress=not args.no_progress)
+    for role in ("source", "aggregation", "execution"):
+        names = traced.with_role(role)
+        print(f"{role} ({len(names)}): {', '.join(names) or '-'}")
+    print(f"validated sources recover {traced.sources_recovery:.3f} together; {len(traced.edges)} "
+          f"edges; {traced.calls['candidate_runs']} candidate runs in "
+          f"{traced.timing['wall_s']:.1f} s")
+    if args.out:
+        graph = {**traced.graph(), "inputs": inputs}
+        with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+            (tmp / "hierarchy.csv").write_text(traced.to_csv())
+            (tmp / "graph.json").write_text(json.dumps(graph, indent=1) + "\n")
+            (tmp / "hierarchy.png").write_bytes(hierarchy_png(graph))
+        print(f"wrote {args.out}/hierarchy.csv, graph.json, hierarchy.png")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -15,8 +15,11 @@ module, head and neuron granularity:
 
 and ranks components by the size of their effect (`|effect|`; the norm itself for
 delta-norm), scoring each ranking by ROC AUC against S. It also measures the behavior (task
-accuracy of base, donor, S-patched base and S-reverted donor) and, at neuron granularity,
-narrow-then-verify (`jaxpatch.attribution.localize` with an exhaustive check).
+accuracy of base, donor, S-patched base and S-reverted donor), at neuron granularity,
+narrow-then-verify (`jaxpatch.attribution.localize` with an exhaustive check), and at module
+granularity the source-level hierarchy (`jaxpatch.hierarchy`) scored against S: precision and
+recall of `source`, and how the components outside S that activation patching flags are
+classified.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from jaxpatch.attribution import attribute, localize
 from jaxpatch.components import Component, select
 from jaxpatch.engine import sweep
 from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
+from jaxpatch.hierarchy import trace_hierarchy
 from jaxpatch.learned import learn_patch
 from jaxpatch.metrics import LogProb
 from jaxpatch.models.config import ModelConfig, Params
@@ -48,7 +52,8 @@ from jaxpatch.stats import roc_auc
 from jaxpatch.trace import activation_patching
 
 __all__ = ["EVALUATED_METHODS", "PlantedPair", "default_pair_dir", "load_planted", "task_accuracy",
-           "behavior", "delta_norms", "importance", "Evaluation", "stage_count", "evaluate"]
+           "behavior", "delta_norms", "importance", "Evaluation", "stage_count",
+           "hierarchy_against_plant", "evaluate"]
 
 EVALUATED_METHODS: tuple[str, ...] = (
     "exact-denoise", "exact-noise", "first-order", "integrated-gradients", "learned-patch",
@@ -209,13 +214,49 @@ def _activation(base: Model, donor: Model, batch: Any, metric: LogProb, directio
 
 def stage_count(granularities: Sequence[ScoredGranularity]) -> int:
     """How many stages `evaluate` reports to its `stage` callback: the behavior, one per
-    evaluated method, and narrow-then-verify when neurons are scored.
+    evaluated method, narrow-then-verify when neurons are scored, and the hierarchy when
+    modules are.
 
     Example:
-        >>> stage_count(("module", "head", "neuron")), stage_count(("module",))
-        (11, 10)
+        >>> stage_count(("module", "head", "neuron")), stage_count(("module",)), stage_count(("head",))
+        (12, 11, 10)
     """
-    return 1 + len(EVALUATED_METHODS) + ("neuron" in granularities)
+    return 1 + len(EVALUATED_METHODS) + ("neuron" in granularities) + ("module" in granularities)
+
+
+def hierarchy_against_plant(graph: dict[str, Any], labels: dict[str, bool],
+                            activation: float) -> dict[str, Any]:
+    """How a hierarchy's roles compare with a planted set (module granularity).
+
+    Arguments:
+        graph: `Hierarchy.graph()`.
+        labels: component -> in S.
+        activation: what counts as a high activation-patching score.
+
+    Returns:
+        precision and recall of `source` against S, the sources outside S, and of the
+        components outside S with a high activation score: how many, how many were not called
+        sources, and how many were called aggregation or execution (with their reasons).
+
+    Example:
+        >>> g = {"nodes": [{"name": "a", "class": "source", "activation_score": 0.9, "reason": ""},
+        ...                {"name": "b", "class": "aggregation", "activation_score": 0.8,
+        ...                 "reason": "r"}]}
+        >>> hierarchy_against_plant(g, {"a": True, "b": False}, 0.3)["precision"]
+        1.0
+    """
+    nodes = graph["nodes"]
+    sources = {n["name"] for n in nodes if n["class"] == "source"}
+    planted = {n for n, y in labels.items() if y}
+    flagged = [n for n in nodes if not labels[n["name"]] and n["activation_score"] >= activation]
+    downstream = [n for n in flagged if n["class"] in ("aggregation", "execution")]
+    return {"precision": len(sources & planted) / len(sources) if sources else 0.0,
+            "recall": len(sources & planted) / len(planted) if planted else 0.0,
+            "sources": sorted(sources), "sources_outside_S": sorted(sources - planted),
+            "outside_S_high_activation": len(flagged),
+            "outside_S_high_activation_not_source": sum(n["class"] != "source" for n in flagged),
+            "outside_S_aggregation_or_execution": len(downstream),
+            "downstream_reasons": {n["name"]: f"{n['class']}: {n['reason']}" for n in downstream}}
 
 
 def evaluate(pair: PlantedPair, *,
@@ -335,6 +376,18 @@ def evaluate(pair: PlantedPair, *,
         return out.probabilities
 
     run_stage("learned-patch", learned_patch)
+    hierarchy: dict[str, Any] = {}
+
+    def trace_stage(g: ScoredGranularity) -> None:
+        traced = trace_hierarchy(base, donor, batch, metric, granularity=g)
+        labels = dict(zip([c.name for c in items[g]],
+                          planted_labels(config, plant, items[g]).tolist()))
+        hierarchy.update(traced.graph())
+        hierarchy["planted"] = hierarchy_against_plant(hierarchy, labels,
+                                                       traced.settings["thresholds"]["activation"])
+
+    if "module" in granularities:
+        run_stage("hierarchy", trace_stage, ["module"])
     run_stage("delta-norm", lambda g: delta_norms(config, base.params, donor.params, items[g]))
     rng = np.random.default_rng(seed)
     run_stage("random", lambda g: rng.random(len(items[g])))
@@ -358,7 +411,7 @@ def evaluate(pair: PlantedPair, *,
                    "base_score": results[f"{granularities[0]}/exact-noise"].base_score,
                    "donor_score": results[f"{granularities[0]}/exact-noise"].donor_score},
         "behavior": accuracy, "granularities": per_granularity, "narrow_then_verify": verification,
-        "learned_patch": learned,
+        "learned_patch": learned, "hierarchy": hierarchy,
         "completeness": ig.extra.get("completeness") if ig else None,
         "timing": timing, "seed": seed,
     }

@@ -47,10 +47,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxpatch.components import Component, select
+from jaxpatch.components import Component, SelectorLike, select
 from jaxpatch.engine import sweep, sweep_matrix
 from jaxpatch.errors import InvalidInputError, MetricError
-from jaxpatch.metrics import ComponentAnchor, KLDivergence, LogProb, Metric, metric_endpoints
+from jaxpatch.metrics import (
+    ComponentAnchor,
+    KLDivergence,
+    LogProb,
+    Metric,
+    metric_endpoints,
+    target_sites,
+)
 from jaxpatch.models.model import Model
 from jaxpatch.modes import SCORED_GRANULARITIES, Role, ScoredGranularity, check_mode
 from jaxpatch.pair import check_pair
@@ -243,9 +250,10 @@ class _Runner:
                      direction=direction, progress=self.progress)  # type: ignore[arg-type]
 
     def activation(self, metric: Metric, granularity: ScoredGranularity,
-                   direction: str) -> SweepResult:
+                   selector: SelectorLike | None, direction: str) -> SweepResult:
         result = activation_patching(self.base, self.donor, self.batch, metric,
-                                     granularity=granularity, direction=direction,  # type: ignore[arg-type]
+                                     granularity=granularity, selector=selector,
+                                     direction=direction,  # type: ignore[arg-type]
                                      progress=self.progress)
         self.calls["activation_runs"] += 1
         self.calls["candidate_runs"] += len(result.names)
@@ -327,6 +335,8 @@ def trace_hierarchy(
     *,
     output_metric: Metric | None = None,
     granularity: ScoredGranularity = "module",
+    selector: SelectorLike | None = None,
+    targets: Sequence[str] | None = None,
     anchor_layer: int | None = None,
     depth: int = 2,
     top_targets: int = 24,
@@ -344,6 +354,10 @@ def trace_hierarchy(
         output_metric: what execution is measured on (default: `LogProb` when every prompt
             has a target, else `KLDivergence`).
         granularity: module, head or neuron.
+        selector: restrict to these components (what is scored, searched and traced).
+        targets: the first level's targets (component anchor targets, e.g.
+            `layers.2.self_attn`); default: the components with a high activation score and
+            the sources.
         anchor_layer: the block after which the signal counts as formed (default: the
             metric's anchor block, or the last block for metrics read at the logits).
         depth: expansion levels of supplier -> target tracing.
@@ -358,6 +372,8 @@ def trace_hierarchy(
 
     Raises:
         InvalidInputError: depth or top_targets below 1, or an anchor layer out of range.
+        SelectorError: the selector or a target names nothing in this model.
+        MetricError: a given target's output does not differ between base and donor.
 
     Example:
         >>> h = trace_hierarchy(base, donor, batch, jaxpatch.VectorAnchor(layer=1), depth=1)
@@ -384,14 +400,21 @@ def trace_hierarchy(
         has_targets = bool((np.asarray(batch.targets)[:, 0] >= 0).all())
         output_metric = LogProb() if has_targets else KLDivergence()
     runner = _Runner(base, donor, batch, progress)
-    items = select(config, None, granularity)
+    items = select(config, selector, granularity)
+    if targets is not None:
+        for target in targets:
+            target_sites(config, target)
+        unchanged = set(targets) - set(_changed_outputs(base, donor, batch, targets))
+        if unchanged:
+            raise MetricError(f"the output of {sorted(unchanged)[0]} does not differ between base "
+                              "and donor on these prompts: it cannot be a target")
     timing: dict[str, float] = {}
 
     t0 = time.perf_counter()
     names = [c.name for c in items]
     weight = _better(runner.sweep(metric, items, "denoise"), runner.sweep(metric, items, "noise"))
-    activation = _better(runner.activation(metric, granularity, "denoise"),
-                         runner.activation(metric, granularity, "noise"))
+    activation = _better(runner.activation(metric, granularity, selector, "denoise"),
+                         runner.activation(metric, granularity, selector, "noise"))
     timing["behavior_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -401,7 +424,7 @@ def trace_hierarchy(
 
     t0 = time.perf_counter()
     supplied, edges, matrices = _trace(runner, items, names, activation, gains, thresholds,
-                                       depth, top_targets)
+                                       depth, top_targets, targets)
     timing["tracing_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -425,15 +448,16 @@ def trace_hierarchy(
 
 
 def _trace(runner: _Runner, items: Sequence[Component], names: list[str], activation: np.ndarray,
-           gains: dict[str, float], thresholds: Thresholds, depth: int,
-           top_targets: int) -> tuple[dict[str, float], list[Edge], dict[str, ScoreMatrix]]:
+           gains: dict[str, float], thresholds: Thresholds, depth: int, top_targets: int,
+           given: Sequence[str] | None) -> tuple[dict[str, float], list[Edge], dict[str, ScoreMatrix]]:
     """Supplier -> target tracing, level by level: each level one weight sweep and one
     activation run over every upstream supplier, reading every target at once."""
     config = runner.base.config
     by_name = dict(zip(names, items))
     order = np.argsort(-activation, kind="stable")
     first = [names[i] for i in order if activation[i] >= thresholds.activation][:top_targets]
-    targets = list(dict.fromkeys(first + [n for n in names if n in gains]))
+    targets = list(dict.fromkeys(first + [n for n in names if n in gains])) if given is None \
+        else list(dict.fromkeys(given))
     supplied: dict[str, float] = {}
     edges: list[Edge] = []
     matrices: dict[str, ScoreMatrix] = {}
@@ -444,7 +468,7 @@ def _trace(runner: _Runner, items: Sequence[Component], names: list[str], activa
         if not targets:
             break
         traced.update(targets)
-        reach = max(by_name[t].layer for t in targets)
+        reach = max(_target_layer(config, t) for t in targets)
         suppliers = [c for c in items if c.layer <= reach]
         patches = _patches(config, {c.name: [c] for c in suppliers})
         for name, members in _joint_rows(gains, targets).items():
@@ -471,9 +495,16 @@ def _trace(runner: _Runner, items: Sequence[Component], names: list[str], activa
     return supplied, edges, matrices
 
 
+def _target_layer(config: Any, target: str) -> int:
+    """The last block a target's output depends on (n_layers for the final modules)."""
+    layer = ComponentAnchor(target).layer
+    return config.n_layers if layer is None else layer
+
+
 def _joint_name(gains: dict[str, float], target: str) -> str | None:
-    """The row patching every source together, minus the target itself when it is one."""
-    if not gains or (target in gains and len(gains) == 1):
+    """The row patching every source together, minus the target itself when it is one (None
+    when that leaves fewer than two: a single source is a row of its own)."""
+    if len([n for n in gains if n != target]) < 2:
         return None
     return f"{SOURCES_ROW} but {target}" if target in gains else SOURCES_ROW
 

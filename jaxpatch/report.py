@@ -16,7 +16,7 @@ from jaxpatch.results import SweepResult
 from jaxpatch.stats import roc_auc, roc_curve
 
 __all__ = ["heatmap_grid", "heatmap_png", "summary_table", "METHOD_LABELS", "CAVEATS", "roc_png",
-           "summary_lines", "render_html", "write_run", "auc_csv", "read_run"]
+           "hierarchy_png", "summary_lines", "render_html", "write_run", "auc_csv", "read_run"]
 
 _INDEXED = re.compile(r"layers\.(\d+)\.(.+?)\[(\w+)=(\d+)\]$")
 _MODULE = re.compile(r"layers\.(\d+)\.(.+)$")
@@ -78,6 +78,79 @@ def pareto_png(points: Sequence[tuple[int, float]], title: str) -> bytes:
     ax.set_ylabel("effect (share of the behavior)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+_ROLE_LANES = {"source": 3, "aggregation": 2, "execution": 1, "inert": 0}
+_ROLE_COLORS = {"source": "#c0392b", "aggregation": "#2874a6", "execution": "#239b56",
+                "inert": "#b3b6b7"}
+
+
+def hierarchy_png(graph: Mapping[str, Any], title: str = "source-level hierarchy",
+                  planted: Mapping[str, bool] | None = None) -> bytes:
+    """The hierarchy as PNG bytes: blocks along x, one lane per role, supplier -> target edges
+    drawn with width and opacity by score (`Hierarchy.graph()` as input).
+
+    Arguments:
+        graph: the graph document (nodes with name, class and layer; edges with supplier,
+            target and score).
+        title: the figure's title.
+        planted: optional component -> in the planted set, drawn as a black ring.
+
+    Example:
+        >>> g = {"nodes": [{"name": "layers.0.mlp.down_proj", "class": "source", "layer": 0},
+        ...                {"name": "layers.1.self_attn.o_proj", "class": "aggregation", "layer": 1}],
+        ...      "edges": [{"supplier": "layers.0.mlp.down_proj",
+        ...                 "target": "layers.1.self_attn.o_proj", "score": 0.9}]}
+        >>> hierarchy_png(g)[:4]
+        b'\\x89PNG'
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nodes = list(graph["nodes"])
+    slots: dict[tuple[int, str], int] = {}
+    where: dict[str, tuple[float, float]] = {}
+    for node in nodes:
+        key = (int(node["layer"]), node["class"])
+        k = slots.get(key, 0)
+        slots[key] = k + 1
+        per_column, step = (8, 0.1) if node["class"] == "inert" else (5, 0.17)
+        column, row = divmod(k, per_column)
+        where[node["name"]] = (node["layer"] - 0.35 + 0.45 * column,
+                               _ROLE_LANES[node["class"]] - 0.35 + step * row)
+    layers = sorted({int(n["layer"]) for n in nodes}) or [0]
+    fig, ax = plt.subplots(figsize=(2.4 + 1.3 * len(layers), 4.6))
+    for edge in graph["edges"]:
+        if edge["supplier"] in where and edge["target"] in where:
+            (x0, y0), (x1, y1) = where[edge["supplier"]], where[edge["target"]]
+            score = float(min(max(edge["score"], 0.0), 1.0))
+            ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(
+                arrowstyle="-|>", lw=0.4 + 2.6 * score, alpha=0.15 + 0.6 * score, color="#555"))
+    for node in nodes:
+        x, y = where[node["name"]]
+        role = node["class"]
+        ring = planted is not None and planted.get(node["name"], False)
+        ax.scatter([x], [y], s=18 if role == "inert" else 46, color=_ROLE_COLORS[role], zorder=3,
+                   edgecolors="black" if ring else "none", linewidths=1.2)
+        if role != "inert":
+            label = node["name"].split(".", 2)[-1] if node["name"].startswith("layers.") \
+                else node["name"]
+            ax.annotate(label.replace("self_attn", "attn"), (x, y), (4, -2),
+                        textcoords="offset points", fontsize=6, zorder=4)
+    ax.set_yticks(list(_ROLE_LANES.values()), list(_ROLE_LANES))
+    final = {int(n["layer"]) for n in nodes if n["name"] in ("norm", "lm_head")}
+    ax.set_xticks(layers, ["embed" if i < 0 else "final" if i in final else f"block {i}"
+                           for i in layers])
+    ax.set_ylim(-0.6, 3.8)
+    ax.set_title(title + (" (ringed: planted set)" if planted else ""))
+    ax.grid(alpha=0.2)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -200,12 +273,12 @@ def roc_png(labels: Sequence[bool], importances: Mapping[str, Sequence[float]], 
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:
-    """The five-line summary of a planted-pair evaluation.
+    """The summary of a planted-pair evaluation, a line per finding.
 
     Example:
         >>> summary_lines(ev.summary)[0][:58]
         'pair: map task, seed 0, planted set S = layers.0.self_attn'
-        >>> summary_lines(ev.summary)[-1]  # neuron granularity was not evaluated
+        >>> summary_lines(ev.summary)[4]  # neuron granularity was not evaluated
         'narrow-then-verify: not run'
     """
     pair, acc, grans = summary["pair"], summary["behavior"], summary["granularities"]
@@ -234,6 +307,13 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
                      f"{v['recall_k']}; Spearman {v['spearman']:.2f}")
     else:
         lines.append("narrow-then-verify: not run")
+    p = (summary.get("hierarchy") or {}).get("planted")
+    if p:
+        lines.append(f"hierarchy (modules): source precision {p['precision']:.2f}, recall "
+                     f"{p['recall']:.2f} against S; {p['outside_S_high_activation_not_source']} of "
+                     f"{p['outside_S_high_activation']} high-activation components outside S not "
+                     f"called sources ({p['outside_S_aggregation_or_execution']} aggregation or "
+                     "execution)")
     return lines
 
 
@@ -316,6 +396,9 @@ def render_html(summary: Mapping[str, Any], results: Mapping[str, SweepResult]) 
             parts += [f"<h3>Top {order[0]}s, {d}</h3>",
                       _table(["component", "effect", "in S"],
                              [[n, e, "yes" if planted.get(n) else ""] for n, e in results[key].top(10)])]
+    if summary.get("hierarchy"):
+        parts += _hierarchy_section(summary["hierarchy"], dict(zip(
+            grans["module"]["names"], grans["module"]["planted"])) if "module" in grans else {})
     m = summary["metric"]
     moved = summary["pair"].get("movement") or {}
     if moved:
@@ -345,6 +428,39 @@ def render_html(summary: Mapping[str, Any], results: Mapping[str, SweepResult]) 
              "pre.summary{background:#f4f4f4;padding:.8em;white-space:pre-wrap}")
     return ("<!doctype html><html><head><meta charset=utf-8><title>jaxpatch report</title>"
             f"<style>{style}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
+
+
+def _hierarchy_section(h: Mapping[str, Any], planted: Mapping[str, bool]) -> list[str]:
+    """The report's hierarchy section: the figure, the score against S, the non-inert rows."""
+    p = h.get("planted") or {}
+    lines = [
+        "<h2>Source-level hierarchy</h2>",
+        "<p>Every module sorted into source, aggregation (and routing), execution or inert by "
+        "<code>jaxpatch.hierarchy.trace_hierarchy</code> (the same as <code>jaxpatch trace</code>): "
+        "sources are the validated set of donor weights that recovers the behavior; aggregation "
+        "components have a high activation-patching score but their output is recovered by their "
+        "suppliers' weights; execution components come after the anchor layer and are needed for "
+        "the output. Edges: patching the supplier's weights alone recovers that share of the "
+        "target's output anchor.</p>"]
+    if p:
+        lines.append(
+            f"<p>Against the planted set at module granularity: <code>source</code> precision "
+            f"<b>{p['precision']:.2f}</b>, recall <b>{p['recall']:.2f}</b>; "
+            f"{p['outside_S_high_activation_not_source']} of {p['outside_S_high_activation']} "
+            "components outside S with a high activation-patching score were correctly not "
+            f"called sources ({p['outside_S_aggregation_or_execution']} of them aggregation or "
+            f"execution). The validated sources together recover {h['sources_recovery']:.3f}.</p>")
+    lines.append("<div class=row>" + _img(hierarchy_png(h, planted=planted or None),
+                                          "hierarchy") + "</div>")
+    rows = [[n["name"], n["class"], "yes" if planted.get(n["name"]) else "",
+             float(n["weight_score"]), float(n["activation_score"]),
+             float("nan") if n["supplied"] is None else float(n["supplied"]),
+             float("nan") if n["execution"] is None else float(n["execution"]),
+             n["reason"] + (f" (also: {n['also']})" if n["also"] else "")]
+            for n in h["nodes"] if n["class"] != "inert" or n["activation_score"] >= 0.3]
+    lines.append(_table(["component", "class", "in S", "weight", "activation", "supplied",
+                         "execution", "why"], rows))
+    return lines
 
 
 def write_run(summary: Mapping[str, Any], results: Mapping[str, SweepResult], out: str | Path,
