@@ -43,7 +43,7 @@ import dataclasses
 import io
 import itertools
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -230,7 +230,7 @@ def _better(denoise: SweepResult, noise: SweepResult) -> np.ndarray:
     return np.maximum(denoise.recovery, 1.0 - noise.recovery)
 
 
-def _patches(config: Any, sets: dict[str, Sequence[Component]]) -> dict[str, Patch]:
+def _patches(config: Any, sets: Mapping[str, Sequence[Component]]) -> dict[str, Patch]:
     return {name: Patch.from_components(config, items, label=name) for name, items in sets.items()}
 
 

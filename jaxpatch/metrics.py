@@ -29,9 +29,9 @@ from jaxpatch.models.decoder import Edit, forward
 from jaxpatch.prompts import Batch
 
 __all__ = ["readout", "endpoint_readouts", "read_metric", "metric_readout", "metric_endpoints",
-           "Metric", "VectorAnchor", "anchor_direction",
-           "ComponentAnchor", "target_sites", "component_output", "mean_score", "save_anchor", "load_anchor", "LogitDiff", "KLDivergence", "LogProb",
-           "CustomMetric", "metric_from_name"]
+           "Metric", "VectorAnchor", "anchor_direction", "ComponentAnchor", "target_sites",
+           "component_output", "mean_score", "save_anchor", "load_anchor", "LogitDiff",
+           "KLDivergence", "LogProb", "CustomMetric", "metric_from_name"]
 
 Array = jax.Array
 Readout = Any

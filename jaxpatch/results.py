@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import math
 import time
 from typing import Any, Mapping, Sequence
 
@@ -19,7 +18,8 @@ import numpy as np
 
 from jaxpatch.errors import NonFiniteError
 
-__all__ = ["SweepResult", "ScoreMatrix", "Misranked", "misranked_to_dicts", "run_timing", "check_finite_scores"]
+__all__ = ["SweepResult", "ScoreMatrix", "Misranked", "misranked_to_dicts", "run_timing",
+           "check_finite_scores"]
 
 
 @dataclasses.dataclass

@@ -34,7 +34,8 @@ def test_demo_writes_a_report_that_re_renders(tmp_path, capsys) -> None:
     assert main(["demo", "--out", str(out), "--granularity", "module", "--granularity", "head",
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("report: ") and len(printed) == 6
+    assert printed[0].startswith("report: ") and len(printed) == 7
+    assert printed[-1].startswith("hierarchy (modules): source precision 1.00, recall 1.00")
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["granularities"]) == {"module", "head"}
     module = summary["granularities"]["module"]
@@ -47,7 +48,9 @@ def test_demo_writes_a_report_that_re_renders(tmp_path, capsys) -> None:
     assert max(auc["exact-noise"], auc["exact-denoise"]) > auc["delta-norm"] + 0.05
     assert summary["completeness"]["relative_gap"] < 0.05
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 + 4  # ROC per granularity, 2 heatmaps each
+    # ROC per granularity, 2 heatmaps each, the hierarchy
+    assert html.count("data:image/png;base64,") == 2 + 4 + 1
+    assert "Source-level hierarchy" in html and summary["hierarchy"]["planted"]["recall"] == 1.0
     assert "What could make this comparison unfair" in html and "<script" not in html
     assert "How far the weights moved" in html and summary["pair"]["movement"]["module"]["D_mean"] > 0
     assert (out / "scores" / "head-exact-noise.csv").read_text().startswith("name,score")

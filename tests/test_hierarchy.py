@@ -57,8 +57,8 @@ def test_component_anchor_is_the_projection_on_the_mean_output_difference() -> N
     head = {k: _site_at_positions(m.params, "layers.1.self_attn.heads")[:, :, 2]
             for k, m in (("base", base), ("donor", donor))}
     _, expected = _projection_scores(head)
-    state, base_score, donor_score = endpoint_scores(cfg, base, donor, batch,
-                                                     ComponentAnchor("layers.1.self_attn[head=2]"))
+    _, base_score, donor_score = endpoint_scores(cfg, base, donor, batch,
+                                                 ComponentAnchor("layers.1.self_attn[head=2]"))
     np.testing.assert_allclose([base_score, donor_score], [expected["base"], expected["donor"]],
                                rtol=1e-5)
     assert target_sites(cfg, "layers.1.mlp") == (("layers.1.mlp.down_proj", None),)
@@ -107,8 +107,9 @@ def test_activation_matrix_equals_a_hand_built_activation_patch() -> None:
             edit=lambda s, v: donor_value.setdefault(s, v) if s == site else v)
     patched = _site_at_positions(base.params, target_site,
                                  edit=lambda s, v: donor_value[site] if s == site else v)
-    outputs = {k: _site_at_positions(m.params, target_site) for k, m in (("base", base), ("donor", donor))}
-    u, ends = _projection_scores(outputs)
+    outputs = {k: _site_at_positions(m.params, target_site)
+               for k, m in (("base", base), ("donor", donor))}
+    u, _ = _projection_scores(outputs)
     expected = float((patched.reshape(len(patched), -1) @ u).mean())
     items = select(cfg, "layers.0", "module")
     matrix = jaxpatch.activation_matrix(base, donor, batch,

@@ -45,6 +45,7 @@ from jaxpatch.engine.programs import (
     prefix_pass,
     stacked_checked,
 )
+from jaxpatch.errors import MetricError
 from jaxpatch.metrics import Metric, mean_score, metric_readout
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
@@ -52,7 +53,6 @@ from jaxpatch.modes import Direction, Granularity, Positions
 from jaxpatch.pair import check_pair, endpoint_scores, endpoints
 from jaxpatch.patch import Patch
 from jaxpatch.prompts import Batch
-from jaxpatch.errors import MetricError
 from jaxpatch.results import ScoreMatrix, SweepResult, check_finite_scores, run_timing
 
 __all__ = ["sweep", "sweep_matrix"]
@@ -294,7 +294,7 @@ def _execute(config: ModelConfig, programs: Sequence[tuple[ProgramPlan, tuple, A
     """Runs every plan's candidates in padded chunks; their scores by name."""
     from tqdm.auto import tqdm
 
-    scores: dict[str, float] = {}
+    scores: dict[str, np.ndarray] = {}
     with tqdm(total=total, unit="cand", desc=f"sweep {direction}", disable=not progress,
               dynamic_ncols=True) as bar:
         for plan, key, fn, operands in programs:
