@@ -166,6 +166,18 @@ class Hierarchy:
         settings: metric names, granularity, thresholds, depth.
         calls: how many sweeps of each kind ran, and how many candidate runs in all.
         timing: seconds per step.
+
+    Example:
+        >>> from jaxpatch.examples import chain_pair
+        >>> pair = chain_pair()
+        >>> h = trace_hierarchy(pair.base, pair.donor, pair.batch, jaxpatch.LogProb(),
+        ...                     anchor_layer=1, depth=1)
+        >>> h.role("layers.0.mlp.down_proj"), h.with_role("source")
+        ('source', ['layers.0.mlp.down_proj'])
+        >>> h.to_csv().splitlines()[0]
+        'component,layer,class,weight_score,activation_score,supplied,execution,gain,reason,also'
+        >>> sorted(h.graph())[:3], h.graph()["edges"][0]["supplier"]
+        (['anchor_layer', 'calls', 'edges'], 'layers.0.mlp.down_proj')
     """
 
     rows: list[ComponentRole]
@@ -376,9 +388,14 @@ def trace_hierarchy(
         MetricError: a given target's output does not differ between base and donor.
 
     Example:
-        >>> h = trace_hierarchy(base, donor, batch, jaxpatch.VectorAnchor(layer=1), depth=1)
-        >>> sorted(set(r.role for r in h.rows)) <= ["aggregation", "execution", "inert", "source"]
-        True
+        On the hand-built chain (`jaxpatch.examples.chain_pair`), anchored after the router:
+
+        >>> from jaxpatch.examples import chain_pair
+        >>> pair = chain_pair()
+        >>> h = trace_hierarchy(pair.base, pair.donor, pair.batch, jaxpatch.LogProb(),
+        ...                     anchor_layer=1)
+        >>> h.with_role("source"), h.role("layers.1.self_attn.o_proj"), h.role("layers.2.mlp.down_proj")
+        (['layers.0.mlp.down_proj'], 'aggregation', 'execution')
     """
     started = time.perf_counter()
     config = base.config

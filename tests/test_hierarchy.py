@@ -230,3 +230,14 @@ def test_joint_source_rows_leave_the_target_out() -> None:
     rows = hierarchy_module._joint_rows({"a": 0.5, "b": 0.3, "c": 0.1}, ["a", "x"])
     assert rows == {f"{SOURCES_ROW} but a": ["b", "c"], SOURCES_ROW: ["a", "b", "c"]}
     assert hierarchy_module._joint_rows({"a": 0.5}, ["x"]) == {}
+
+
+def test_a_component_anchor_drives_attribution_and_learned_patches() -> None:
+    pair = chain_pair()
+    router = ComponentAnchor("layers.1.self_attn")
+    learned = jaxpatch.learn_patch(pair.base, pair.donor, pair.batch, router, steps=50)
+    assert learned.selected == ["layers.0.mlp.down_proj"] and learned.effect == pytest.approx(1.0)
+    ranked = jaxpatch.attribute(pair.base, pair.donor, pair.batch, router)
+    assert ranked.top(1)[0][0] == "layers.0.mlp.down_proj"
+    with pytest.raises(MetricError, match="block-by-block gradient"):
+        jaxpatch.attribute(pair.base, pair.donor, pair.batch, router, remat=True)
