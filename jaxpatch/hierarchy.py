@@ -28,8 +28,9 @@ Steps, each a handful of exact sweeps:
 3. tracing: targets are the components with a high activation score and the sources; one
    `sweep_matrix` over every upstream supplier (and the sources together) reads every
    target's component anchor at once, and one `activation_matrix` does the same with
-   activations; edges keep suppliers that recover at least `edge` of a target; the strongest
-   suppliers become the next level's targets, to `depth` levels;
+   activations; edges keep suppliers whose weights or output recover at least `edge` of a
+   target (weights: the signal is computed there; output only: it passes through); the
+   strongest weight suppliers become the next level's targets, to `depth` levels;
 4. execution: one zero-ablation sweep of the components after the anchor layer on the output
    metric.
 
@@ -88,8 +89,8 @@ class Thresholds:
             suppliers' weights.
         execution: execution needs the output metric to drop at least this much when its
             weights are ablated in the donor.
-        edge: a supplier -> target edge is kept when the supplier's weights alone recover at
-            least this much of the target's output anchor.
+        edge: a supplier -> target edge is kept when the supplier's weights alone, or its
+            output activation alone, recover at least this much of the target's output anchor.
 
     Example:
         >>> Thresholds().min_gain
@@ -117,7 +118,8 @@ class ComponentRole:
             all sources together and any single supplier); None when it was not traced.
         execution: the output metric's drop when its weights are ablated in the donor; None
             when it lies at or before the anchor layer.
-        gain: for members of the validated set, the recovery it adds to the rest.
+        gain: for members of the chosen groups, the recovery its donor weights add to the rest
+            of the set (a source when at least `min_gain`); None outside them.
         reason: which scores crossed which thresholds.
         also: what else could be argued about it (empty when nothing).
     """
@@ -138,6 +140,10 @@ class ComponentRole:
 class Edge:
     """A supplier -> target edge: patching the supplier's weights alone recovers `score` of the
     target's output anchor (`activation_score`: patching the supplier's output activation).
+
+    An edge is kept when either score reaches `Thresholds.edge`: a high weight score says the
+    signal is computed in the supplier's weights; a high activation score with a low weight
+    score says the supplier's output only carries (passes through) a signal computed upstream.
 
     Attributes:
         supplier, target: component names (`supplier` may be "all sources").
@@ -285,8 +291,9 @@ class _Runner:
 
 def _validated_sources(runner: _Runner, metric: Metric, items: Sequence[Component],
                        weight: np.ndarray, thresholds: Thresholds,
-                       max_groups: int) -> tuple[dict[str, float], float, list[str]]:
-    """The validated source set: each member's gain, the set's recovery, the chosen groups."""
+                       max_groups: int) -> tuple[dict[str, float], dict[str, float], float, list[str]]:
+    """The validated source set: each member's gain, the gains of the components left out of
+    the chosen groups for adding too little, the set's recovery, the chosen groups."""
     config = runner.base.config
     groups: dict[str, list[int]] = {}
     for i, c in enumerate(items):
@@ -295,7 +302,7 @@ def _validated_sources(runner: _Runner, metric: Metric, items: Sequence[Componen
     candidates = sorted((g for g in groups if strength[g] >= thresholds.candidate),
                         key=lambda g: -strength[g])[:max_groups]
     if not candidates:
-        return {}, 0.0, []
+        return {}, {}, 0.0, []
     subsets = [s for k in range(1, len(candidates) + 1)
                for s in itertools.combinations(candidates, k)]
     result = runner.sweep(metric, _patches(config, {
@@ -304,6 +311,7 @@ def _validated_sources(runner: _Runner, metric: Metric, items: Sequence[Componen
     net = result.recovery - thresholds.min_gain * np.array([len(s) for s in subsets])
     chosen = subsets[int(np.argmax(net))]
     members = [i for g in chosen for i in groups[g]]
+    dropped: dict[str, float] = {}
     while True:
         rest = {items[i].name: [items[j] for j in members if j != i] for i in members}
         whole = runner.sweep(metric, _patches(config, {"set": [items[i] for i in members]}),
@@ -316,8 +324,10 @@ def _validated_sources(runner: _Runner, metric: Metric, items: Sequence[Componen
         kept = [i for i in members if gains[items[i].name] >= thresholds.min_gain]
         if len(kept) == len(members) or not kept:
             break
+        dropped.update({items[i].name: gains[items[i].name] for i in members if i not in kept})
         members = kept
-    return {items[i].name: gains[items[i].name] for i in members}, float(whole), list(chosen)
+    return ({items[i].name: gains[items[i].name] for i in members}, dropped, float(whole),
+            list(chosen))
 
 
 def _changed_outputs(base: Model, donor: Model, batch: Batch,
@@ -435,8 +445,8 @@ def trace_hierarchy(
     timing["behavior_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    gains, sources_recovery, groups = _validated_sources(runner, metric, items, weight, thresholds,
-                                                         max_groups)
+    gains, dropped, sources_recovery, groups = _validated_sources(runner, metric, items, weight,
+                                                                  thresholds, max_groups)
     timing["validation_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -452,8 +462,8 @@ def trace_hierarchy(
         execution = {c.name: float(e) for c, e in zip(after, ablated.effect)}
     timing["execution_s"] = time.perf_counter() - t0
 
-    rows = [_role(c, float(weight[i]), float(activation[i]), gains, supplied.get(c.name),
-                  execution.get(c.name), anchor, thresholds, edges)
+    rows = [_role(c, float(weight[i]), float(activation[i]), gains, dropped.get(c.name),
+                  supplied.get(c.name), execution.get(c.name), anchor, thresholds, edges)
             for i, c in enumerate(items)]
     timing["wall_s"] = time.perf_counter() - started
     settings = {"metric": metric.name, "output_metric": output_metric.name,
@@ -501,12 +511,12 @@ def _trace(runner: _Runner, items: Sequence[Component], names: list[str], activa
                       if name != target and (name == joint or not name.startswith(SOURCES_ROW))]
             supplied[target] = max((score for _, score in others), default=0.0)
             for name, score in others:
-                if score < thresholds.edge:
-                    continue
                 single = not name.startswith(SOURCES_ROW)
                 act = float(a[activations.names.index(name), j]) if single else None
+                if max(score, act or 0.0) < thresholds.edge:
+                    continue
                 edges.append(Edge(SOURCES_ROW if not single else name, target, score, act, level))
-                if single:
+                if single and score >= thresholds.edge:
                     next_targets[name] = max(next_targets.get(name, 0.0), score)
         targets = sorted(next_targets, key=lambda n: -next_targets[n])[:top_targets]
     return supplied, edges, matrices
@@ -537,9 +547,10 @@ def _joint_rows(gains: dict[str, float], targets: Sequence[str]) -> dict[str, li
     return rows
 
 
-def _suppliers_text(edges: Sequence[Edge], target: str, k: int = 3) -> str:
-    top = sorted((e for e in edges if e.target == target and e.supplier != SOURCES_ROW),
-                 key=lambda e: -e.score)[:k]
+def _suppliers_text(edges: Sequence[Edge], target: str, minimum: float, k: int = 3) -> str:
+    """The strongest single weight suppliers of a target, as text."""
+    top = sorted((e for e in edges if e.target == target and e.supplier != SOURCES_ROW
+                  and e.score >= minimum), key=lambda e: -e.score)[:k]
     return ", ".join(f"{e.supplier} {e.score:.2f}" for e in top) or "none above the edge threshold"
 
 
@@ -564,7 +575,7 @@ def group_of_name(name: str) -> str:
 
 
 def _role(c: Component, weight: float, activation: float, gains: dict[str, float],
-          supplied: float | None, execution: float | None, anchor: int,
+          left_out: float | None, supplied: float | None, execution: float | None, anchor: int,
           thresholds: Thresholds, edges: Sequence[Edge]) -> ComponentRole:
     """One component's role, with the reason and what else could be argued."""
     t = thresholds
@@ -577,7 +588,7 @@ def _role(c: Component, weight: float, activation: float, gains: dict[str, float
                   f"{gain:.2f} less (>= {t.min_gain}); own weight score {weight:.2f}")
         if activation >= t.activation and supplied is not None and supplied >= t.supplied:
             also.append(f"also passes on upstream signal: its suppliers recover {supplied:.2f} "
-                        f"of its output ({_suppliers_text(edges, c.name)})")
+                        f"of its output ({_suppliers_text(edges, c.name, t.edge)})")
         if execution is not None and execution >= t.execution:
             also.append(f"also needed downstream: ablating it drops the output {execution:.2f}")
     elif (c.layer <= anchor and activation >= t.activation and supplied is not None
@@ -589,7 +600,7 @@ def _role(c: Component, weight: float, activation: float, gains: dict[str, float
         reason = (f"activation score {activation:.2f} >= {t.activation} but not a source "
                   f"(weight score {weight:.2f}); its suppliers' weights recover {supplied:.2f} "
                   f">= {t.supplied} of its output ({via}strongest: "
-                  f"{_suppliers_text(edges, c.name)})")
+                  f"{_suppliers_text(edges, c.name, t.edge)})")
     elif execution is not None and execution >= t.execution:
         role = "execution"
         reason = (f"after the anchor layer {anchor}; ablating its weights drops the output "
@@ -598,7 +609,9 @@ def _role(c: Component, weight: float, activation: float, gains: dict[str, float
             also.append(f"its output carries the signal too (activation score {activation:.2f})")
     else:
         role = "inert"
-        parts = [f"not a source (weight score {weight:.2f})"]
+        parts = [f"not a source (weight score {weight:.2f})" if left_out is None else
+                 f"not a source: its group is in the validated set, but its donor weights add "
+                 f"only {left_out:.4f} < {t.min_gain} to the rest (weight score {weight:.2f})"]
         if activation >= t.activation:
             parts.append(f"activation score {activation:.2f} is high but its output is "
                          + ("not traced" if supplied is None
@@ -611,5 +624,5 @@ def _role(c: Component, weight: float, activation: float, gains: dict[str, float
     if role != "source" and weight >= t.candidate:
         also.append(f"its own weights score {weight:.2f} alone, but the validated source set "
                     "does not need them")
-    return ComponentRole(c.name, c.layer, role, weight, activation, supplied, execution, gain,
-                         reason, "; ".join(also))
+    return ComponentRole(c.name, c.layer, role, weight, activation, supplied, execution,
+                         gain if gain is not None else left_out, reason, "; ".join(also))

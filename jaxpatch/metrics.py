@@ -39,7 +39,6 @@ Readout = Any
 OutputSites = tuple[tuple[str, "tuple[int, ...] | None"], ...]
 """Where a component output is read: (activation site, indices on its component axis or None
 for all), in order."""
-"""What a metric reads: an array, or a dict of activation site -> array."""
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -80,8 +79,8 @@ def read_metric(config: ModelConfig, metric: Metric, params: Params, batch: Batc
     metric static).
 
     The residual after the anchor block or the logits at the readout positions; for a metric
-    that reads activation sites (`Metric.read_sites`), those sites' values at the readout
-    positions, by site.
+    that reads component outputs (`Metric.outputs`), those outputs at the readout positions,
+    by name.
 
     Arguments:
         config, metric, params, batch: the run.
@@ -95,7 +94,7 @@ def read_metric(config: ModelConfig, metric: Metric, params: Params, batch: Batc
             them.
 
     Returns:
-        An array, or a dict of site -> `[P, Q, ...]` arrays.
+        An array, or a dict of output name -> `[P, Q, n]` arrays.
 
     Example:
         >>> read_metric(cfg, VectorAnchor(layer=1), base.params, batch).shape

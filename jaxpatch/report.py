@@ -22,6 +22,17 @@ _INDEXED = re.compile(r"layers\.(\d+)\.(.+?)\[(\w+)=(\d+)\]$")
 _MODULE = re.compile(r"layers\.(\d+)\.(.+)$")
 
 
+def _png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes (laid out tight; the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def heatmap_grid(result: SweepResult) -> tuple[np.ndarray, list[str], list[str]]:
     """Arranges a result's effects as layers x columns (modules, heads or neurons).
 
@@ -78,11 +89,7 @@ def pareto_png(points: Sequence[tuple[int, float]], title: str) -> bytes:
     ax.set_ylabel("effect (share of the behavior)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 _ROLE_LANES = {"source": 3, "aggregation": 2, "execution": 1, "inert": 0}
@@ -93,7 +100,8 @@ _ROLE_COLORS = {"source": "#c0392b", "aggregation": "#2874a6", "execution": "#23
 def hierarchy_png(graph: Mapping[str, Any], title: str = "source-level hierarchy",
                   planted: Mapping[str, bool] | None = None) -> bytes:
     """The hierarchy as PNG bytes: blocks along x, one lane per role, supplier -> target edges
-    drawn with width and opacity by score (`Hierarchy.graph()` as input).
+    drawn with width and opacity by their weight score (dashed blue: only the supplier's output
+    activation recovers the target, a signal passed through) (`Hierarchy.graph()` as input).
 
     Arguments:
         graph: the graph document (nodes with name, class and layer; edges with supplier,
@@ -131,8 +139,11 @@ def hierarchy_png(graph: Mapping[str, Any], title: str = "source-level hierarchy
         if edge["supplier"] in where and edge["target"] in where:
             (x0, y0), (x1, y1) = where[edge["supplier"]], where[edge["target"]]
             score = float(min(max(edge["score"], 0.0), 1.0))
-            ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(
-                arrowstyle="-|>", lw=0.4 + 2.6 * score, alpha=0.15 + 0.6 * score, color="#555"))
+            if score >= 0.1:  # computed in the supplier's weights
+                style = dict(lw=0.4 + 2.6 * score, alpha=0.15 + 0.6 * score, color="#555")
+            else:  # only the supplier's output carries it
+                style = dict(lw=0.6, alpha=0.35, color="#2874a6", linestyle="--")
+            ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="-|>", **style))
     for node in nodes:
         x, y = where[node["name"]]
         role = node["class"]
@@ -151,11 +162,7 @@ def hierarchy_png(graph: Mapping[str, Any], title: str = "source-level hierarchy
     ax.set_ylim(-0.6, 3.8)
     ax.set_title(title + (" (ringed: planted set)" if planted else ""))
     ax.grid(alpha=0.2)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def heatmap_png(result: SweepResult, title: str | None = None) -> bytes:
@@ -186,11 +193,7 @@ def heatmap_png(result: SweepResult, title: str | None = None) -> bytes:
     fig.colorbar(image, ax=ax, label="effect (recovery units)")
     ax.set_title(title or f"{result.direction} sweep, {result.metric}"
                  + (f" at layer {result.anchor_layer}" if result.anchor_layer is not None else ""))
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def summary_table(result: SweepResult, k: int = 10) -> str:
@@ -254,7 +257,6 @@ def roc_png(labels: Sequence[bool], importances: Mapping[str, Sequence[float]], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     for method, scores in importances.items():
         fpr, tpr = roc_curve(scores, labels)
@@ -265,11 +267,7 @@ def roc_png(labels: Sequence[bool], importances: Mapping[str, Sequence[float]], 
     ax.set_ylabel("true positive rate")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:
@@ -460,6 +458,16 @@ def _hierarchy_section(h: Mapping[str, Any], planted: Mapping[str, bool]) -> lis
             for n in h["nodes"] if n["class"] != "inert" or n["activation_score"] >= 0.3]
     lines.append(_table(["component", "class", "in S", "weight", "activation", "supplied",
                          "execution", "why"], rows))
+    edges = sorted(h["edges"], key=lambda e: -max(e["score"], e["activation_score"] or 0.0))[:20]
+    lines += ["<h3>Where the signal is computed, where it passes through</h3>",
+              "<p>For each supplier -> target edge: the share of the target's output anchor "
+              "recovered by patching the supplier's <i>weights</i> (computed there) and by "
+              "patching its <i>output activation</i> (carried through it). A high activation "
+              "score with a low weight score is a component that passes the signal on.</p>",
+              _table(["supplier", "target", "weights", "activation"],
+                     [[e["supplier"], e["target"], float(e["score"]),
+                       float("nan") if e["activation_score"] is None else float(e["activation_score"])]
+                      for e in edges])]
     return lines
 
 

@@ -59,7 +59,7 @@ def run_seed(seed: int, folder: Path) -> dict[str, Any]:
                       planted_labels(config, plant_patch(config, pair.plant), items).tolist()))
     found = hierarchy_against_plant(traced.graph(), labels, Thresholds().activation)
     missed = sorted(n for n, y in labels.items() if y and n not in found["sources"])
-    gains = {r.component: r.gain for r in traced.rows if r.gain is not None}
+    gains = {r.component: r.gain for r in traced.rows if r.gain is not None}  # kept and left out
     return {"seed": seed, "plant": pair.plant, "decoys": pair.record["settings"].get("decoys"),
             **found, "missed": {n: next((r.reason for r in traced.rows if r.component == n), "")
                                 for n in missed},
@@ -85,7 +85,8 @@ def render(runs: list[dict[str, Any]]) -> str:
     for run in runs:
         h = holds(run)
         verdict = "hold" if all(h.values()) else "MISSED: " + ", ".join(k for k, v in h.items() if not v)
-        lines.append(f"| {run['seed']} | `{run['plant']}` | {run['precision']:.2f} | "
+        plant = run["plant"].replace("|", "\\|")
+        lines.append(f"| {run['seed']} | `{plant}` | {run['precision']:.2f} | "
                      f"{run['recall']:.2f} | {len(run['sources_outside_S'])} | "
                      f"{run['outside_S_high_activation_not_source']} of "
                      f"{run['outside_S_high_activation']} / "
