@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "execution, edge (repeatable; see jaxpatch.hierarchy.Thresholds)")
     p.set_defaults(metric="logprob")
 
+    p = command("merge", _merge, "merge models as a mergekit YAML file says (linear, "
+                "task_arithmetic, ties, dare_linear, dare_ties, slerp) into a Hugging Face folder")
+    p.add_argument("config", help="mergekit YAML: merge_method, base_model, models, parameters, dtype")
+    p.add_argument("out", help="folder to create")
+    p.add_argument("--seed", type=int, default=0, help="seed of random sparsification (DARE)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
     p = command("convert", _convert, "write a checkpoint in another format or dtype")
     p.add_argument("source", help="checkpoint folder to read (never modified)")
     p.add_argument("destination", help="folder to create")
@@ -392,6 +400,18 @@ def _trace(args: argparse.Namespace) -> None:
             (tmp / "graph.json").write_text(json.dumps(graph, indent=1) + "\n")
             (tmp / "hierarchy.png").write_bytes(hierarchy_png(graph))
         print(f"wrote {args.out}/hierarchy.csv, graph.json, hierarchy.png")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    import jaxpatch
+    from jaxpatch.merge import merge_models, read_config
+
+    check_output(args.out, args.overwrite)
+    config = read_config(args.config)
+    merged = merge_models(config, seed=args.seed, progress=not args.no_progress)
+    jaxpatch.save(merged, args.out, overwrite=args.overwrite)
+    print(f"merged {len(config.models)} model(s) into {config.base.name if config.base else 'none'}"
+          f" with {config.method}: wrote {args.out}")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -1,0 +1,216 @@
+"""The standard data-free merges of one tensor, as pure jitted functions (mergekit's numerics).
+
+Every function merges the same tensor of several models (as Hugging Face stores it: the
+methods that select elements by magnitude or interpolate whole tensors depend on the layout).
+
+    linear            sum_i w_i x_i, divided by sum_i w_i when normalizing
+    task_arithmetic   base + lambda * sum_i w_i (x_i - base) [/ sum_i w_i when normalizing]
+    ties              task arithmetic on deltas trimmed to their top `density` by magnitude,
+                      keeping per element only the deltas whose sign agrees with the sign of
+                      the weighted sum (TIES-merging), normalized by the agreeing weights
+    dare_linear       task arithmetic on deltas with each element kept with probability
+                      `density`, rescaled to the delta's L1 norm (`rescale`)
+    dare_ties         the same random drop, then TIES' sign consensus
+    slerp             spherical interpolation from base (t = 0) to the other model (t = 1)
+                      over the whole tensor; linear when the two are nearly parallel
+
+Computation is in float32 (float64 inputs stay float64) and the result takes the inputs' dtype,
+as in mergekit 0.1.5. DARE's random mask comes from a JAX key: the same keep probability and
+rescaling as mergekit, not the same draws as torch's generator.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["linear", "task_arithmetic", "slerp", "keep_count", "magnitude_mask", "random_mask",
+           "rescale_l1", "consensus_mask", "generalized_task_arithmetic"]
+
+Array = jax.Array
+
+
+def _work_dtype(x: Array) -> jnp.dtype:
+    return jnp.dtype(jnp.float64) if x.dtype == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("normalize",))
+def linear(tensors: Array, weights: Array, normalize: bool = True) -> Array:
+    """The weighted sum of `tensors` `[n, ...]` with `weights` `[n]`.
+
+    Example:
+        >>> linear(jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.array([1.0, 3.0])).tolist()
+        [2.5, 3.5]
+    """
+    dtype = _work_dtype(tensors)
+    w = weights.astype(dtype).reshape((-1,) + (1,) * (tensors.ndim - 1))
+    out = jnp.sum(tensors.astype(dtype) * w, axis=0)
+    if normalize:
+        out = out / jnp.sum(weights.astype(dtype))
+    return out.astype(tensors.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("normalize",))
+def task_arithmetic(base: Array, tensors: Array, weights: Array, normalize: bool = False,
+                    lam: float = 1.0) -> Array:
+    """`base + lam * sum_i w_i (tensors_i - base)`, divided by `sum_i w_i` when normalizing.
+
+    Example:
+        >>> task_arithmetic(jnp.zeros(2), jnp.array([[1.0, 0.0], [0.0, 1.0]]),
+        ...                 jnp.array([1.0, 0.5])).tolist()
+        [1.0, 0.5]
+    """
+    size = jnp.full(weights.shape, base.size, jnp.int32)
+    return generalized_task_arithmetic(base, tensors, weights, jnp.ones_like(weights), size,
+                                       None, None, normalize, False, lam, jax.random.key(0))
+
+
+def keep_count(density: float, size: int) -> int:
+    """How many elements magnitude sparsification keeps: all at density >= 1, none at
+    density <= 0, else `max(1, int(density * size))` (mergekit's rule, in Python floats).
+
+    Example:
+        >>> keep_count(0.3, 1000), keep_count(1e-9, 10), keep_count(1.0, 7)
+        (300, 1, 7)
+    """
+    if density >= 1:
+        return size
+    if density <= 0:
+        return 0
+    return max(1, int(density * size))
+
+
+def magnitude_mask(delta: Array, k: Array) -> Array:
+    """1 on the `k` elements of largest |delta| (ties: the earlier element), 0 elsewhere.
+
+    Example:
+        >>> magnitude_mask(jnp.array([0.1, -3.0, 2.0, 0.5]), jnp.int32(2)).tolist()
+        [0.0, 1.0, 1.0, 0.0]
+    """
+    flat = jnp.abs(delta.reshape(-1)).astype(jnp.float32)
+    order = jnp.argsort(-flat, stable=True)
+    ranks = jnp.zeros(flat.size, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+    return (ranks < k).astype(delta.dtype).reshape(delta.shape)
+
+
+def random_mask(delta: Array, density: Array, key: Array) -> Array:
+    """Each element kept (1) with probability `density` (all ones at density >= 1).
+
+    Example:
+        >>> m = random_mask(jnp.ones(10000), jnp.float32(0.3), jax.random.key(0))
+        >>> 0.27 < float(m.mean()) < 0.33
+        True
+    """
+    keep = jax.random.bernoulli(key, density, delta.shape).astype(delta.dtype)
+    return jnp.where(density >= 1, jnp.ones_like(keep), keep)
+
+
+def rescale_l1(delta: Array, mask: Array, eps: float = 1e-7) -> Array:
+    """`delta * mask`, rescaled so its L1 norm equals `delta`'s (unchanged when either norm is
+    below `eps`).
+
+    Example:
+        >>> rescale_l1(jnp.array([1.0, -1.0, 2.0, 0.0]), jnp.array([1.0, 0.0, 0.0, 1.0])).tolist()
+        [4.0, -0.0, 0.0, 0.0]
+    """
+    masked = delta * mask
+    before, after = jnp.abs(delta).sum(), jnp.abs(masked).sum()
+    small = (before < eps) | (after < eps)
+    return jnp.where(small, masked, masked * (before / jnp.where(small, 1, after)))
+
+
+def consensus_mask(deltas: Array) -> Array:
+    """TIES' sign election: 1 where a delta's sign equals the sign of the sum over models
+    (ties to +), else 0 (zero deltas never agree).
+
+    Example:
+        >>> consensus_mask(jnp.array([[1.0, -2.0], [-0.5, 1.0]])).tolist()
+        [[1.0, 1.0], [0.0, 0.0]]
+    """
+    majority = jnp.where(deltas.sum(axis=0) >= 0, 1.0, -1.0).astype(deltas.dtype)
+    return (jnp.sign(deltas) == majority).astype(deltas.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sparsify", "consensus", "normalize", "rescale"))
+def generalized_task_arithmetic(base: Array, tensors: Array, weights: Array, densities: Array,
+                                keeps: Array, sparsify: str | None, consensus: str | None,
+                                normalize: bool, rescale: bool, lam: float, key: Array) -> Array:
+    """Task arithmetic with optional sparsification and sign consensus (mergekit's
+    `GeneralizedTaskArithmeticMerge`): the core of task_arithmetic, ties, dare_linear and
+    dare_ties.
+
+    Arguments:
+        base: the base model's tensor.
+        tensors: the experts' tensors `[n, ...]`.
+        weights, densities: per expert `[n]`.
+        keeps: per expert `[n]`, how many elements magnitude sparsification keeps
+            (`keep_count`).
+        sparsify: None, "magnitude" (TIES) or "random" (DARE).
+        consensus: None or "sum" (TIES' sign election).
+        normalize: divide by the (agreeing) weights' sum.
+        rescale: rescale each sparsified delta to its L1 norm.
+        lam: scale of the merged delta.
+        key: the random key of "random" sparsification.
+
+    Returns:
+        The merged tensor, in the base's dtype.
+
+    Example:
+        >>> generalized_task_arithmetic(jnp.zeros(2), jnp.array([[1.0, -1.0], [1.0, 2.0]]),
+        ...     jnp.ones(2), jnp.ones(2), jnp.full(2, 2), None, "sum", True, False, 1.0,
+        ...     jax.random.key(0)).tolist()
+        [1.0, 2.0]
+    """
+    dtype = base.dtype
+    deltas = tensors.astype(dtype) - base
+    if sparsify is not None:
+        keys = jax.random.split(key, tensors.shape[0])
+        masks = []
+        for i in range(tensors.shape[0]):
+            mask = (magnitude_mask(deltas[i], keeps[i]) if sparsify == "magnitude"
+                    else random_mask(deltas[i], densities[i], keys[i]))
+            masks.append(rescale_l1(deltas[i], mask) if rescale else deltas[i] * mask)
+        deltas = jnp.stack(masks)
+    w = weights.astype(dtype).reshape((-1,) + (1,) * (deltas.ndim - 1))
+    deltas = deltas * w
+    if consensus is not None:
+        mask = consensus_mask(deltas)
+        mixed = (deltas * mask).sum(axis=0)
+        divisor = (w * mask).sum(axis=0)
+        divisor = jnp.where(divisor == 0, 1, divisor)
+    else:
+        mixed = deltas.sum(axis=0)
+        divisor = w.sum(axis=0)
+        divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1, divisor)
+    if normalize:
+        mixed = mixed / divisor
+    mixed = mixed * jnp.asarray(lam, dtype)
+    return (base + mixed).astype(dtype)
+
+
+@jax.jit
+def slerp(t: Array, v0: Array, v1: Array, dot_threshold: float = 0.9995,
+          eps: float = 1e-8) -> Array:
+    """Spherical interpolation between two tensors (flattened), t = 0 giving `v0`.
+
+    Example:
+        >>> [round(float(x), 4) for x in slerp(jnp.float32(0.5), jnp.array([1.0, 0.0]),
+        ...                                    jnp.array([0.0, 1.0]))]
+        [0.7071, 0.7071]
+    """
+    dtype = _work_dtype(v0)
+    a, b = v0.reshape(-1).astype(dtype), v1.reshape(-1).astype(dtype)
+    t = jnp.asarray(t, dtype)
+    norm_a, norm_b = jnp.linalg.norm(a), jnp.linalg.norm(b)
+    norm_a = jnp.where(norm_a > eps, norm_a, 1)
+    norm_b = jnp.where(norm_b > eps, norm_b, 1)
+    dot = jnp.clip(jnp.sum((a / norm_a) * (b / norm_b)), -1, 1)
+    parallel = jnp.abs(dot) > dot_threshold
+    theta = jnp.arccos(jnp.where(parallel, 0, dot))
+    sin_theta = jnp.sin(theta)
+    safe = jnp.where(parallel, 1, sin_theta)
+    coef_a = jnp.where(parallel, 1 - t, jnp.sin((1 - t) * theta) / safe)
+    coef_b = jnp.where(parallel, t, jnp.sin(t * theta) / safe)
+    return (coef_a * a + coef_b * b).reshape(v0.shape).astype(v0.dtype)

@@ -1,0 +1,152 @@
+"""Merging: mergekit's methods reproduced on fixtures mergekit itself merged
+(scripts/make_merge_fixtures.py), configuration parsing and its errors, and `jaxpatch merge`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from golden import FIXTURES
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.numpy import load_file
+
+import jaxpatch
+from jaxpatch._tree import flatten_params
+from jaxpatch.cli import main
+from jaxpatch.errors import InvalidInputError, PatchError
+from jaxpatch.merge import merge_models, read_config
+from jaxpatch.merge.config import parse_config, resolve
+from jaxpatch.merge.run import block_fraction
+from jaxpatch.models.families import tensor_rules
+
+MERGE = FIXTURES / "merge"
+DETERMINISTIC = ("linear", "task_arithmetic", "ties", "ties_unnormalized", "slerp",
+                 "dare_ties_dense")
+
+
+def hf_tensors(model: jaxpatch.Model) -> dict[str, np.ndarray]:
+    """A model's tensors as Hugging Face stores them."""
+    flat = flatten_params(model.params)
+    return {rule.hf_name: rule.to_hf([np.asarray(flat[leaf]) for leaf in rule.leaves])
+            for rule in tensor_rules(model.config)}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("case", DETERMINISTIC)
+def test_equal_to_mergekit(family: str, case: str) -> None:
+    ours = hf_tensors(merge_models(read_config(MERGE / family / f"{case}.yml")))
+    reference = load_file(MERGE / family / f"{case}.safetensors")
+    assert set(ours) == set(reference)
+    for name, tensor in reference.items():
+        np.testing.assert_allclose(ours[name], tensor, rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dare_keeps_density_and_rescales_like_mergekit(family: str) -> None:
+    """DARE's mask is random (JAX's draws are not torch's): both keep about `density` of each
+    delta and rescale it to the delta's L1 norm."""
+    folder = MERGE / family
+    base = hf_tensors(jaxpatch.load(folder / "base"))
+    expert = hf_tensors(jaxpatch.load(folder / "expert1"))
+    ours = hf_tensors(merge_models(read_config(folder / "dare_linear.yml"), seed=3))
+    theirs = load_file(folder / "dare_linear.safetensors")
+    kept = {"ours": [], "mergekit": []}
+    for name in base:
+        delta = expert[name] - base[name]
+        for who, merged in (("ours", ours[name]), ("mergekit", theirs[name])):
+            merged_delta = merged - base[name]
+            np.testing.assert_allclose(np.abs(merged_delta).sum(), np.abs(delta).sum(), rtol=1e-4)
+            kept[who].append(np.count_nonzero(merged_delta) / merged_delta.size)
+    sizes = np.array([base[n].size for n in base])
+    for who, shares in kept.items():  # density 0.4, weighted by tensor size
+        overall = float(np.sum(np.array(shares) * sizes) / sizes.sum())
+        assert abs(overall - 0.4) < 0.03, (who, overall)
+    different = merge_models(read_config(folder / "dare_linear.yml"), seed=4)
+    assert not np.array_equal(hf_tensors(different)[name], ours[name])
+
+
+def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
+    def config(**raw: object) -> None:
+        parse_config({"merge_method": "ties", "base_model": "base",
+                      "models": [{"model": "e", "parameters": {"weight": 1.0}}], **raw}, tmp_path)
+
+    with pytest.raises(InvalidInputError, match="unknown merge_method 'soup'.*linear, task_arithmetic"):
+        config(merge_method="soup")
+    with pytest.raises(InvalidInputError, match="unknown parameter 'gamma' for ties"):
+        config(parameters={"gamma": 0.1})
+    with pytest.raises(InvalidInputError, match=r"density must be in \(0, 1\], got 1.5"):
+        config(models=[{"model": "e", "parameters": {"weight": 1.0, "density": 1.5}}])
+    with pytest.raises(InvalidInputError, match="weight must be a number, got 'heavy'"):
+        config(models=[{"model": "e", "parameters": {"weight": "heavy"}}])
+    with pytest.raises(InvalidInputError, match="`slices` is not supported"):
+        config(slices=[])
+    with pytest.raises(InvalidInputError, match="parameter 'weight' of ties is required"):
+        config(models=[{"model": "e"}])
+    with pytest.raises(InvalidInputError, match="'lambda' is set for the whole merge"):
+        config(models=[{"model": "e", "parameters": {"weight": 1.0, "lambda": 2}}])
+    with pytest.raises(InvalidInputError, match="slerp merges the base with exactly one"):
+        config(merge_method="slerp", parameters={"t": 0.5},
+               models=[{"model": "a"}, {"model": "b"}])
+    (tmp_path / "bad.yml").write_text("merge_method: [unclosed\n")
+    with pytest.raises(InvalidInputError, match="not YAML"):
+        read_config(tmp_path / "bad.yml")
+
+
+def test_an_expert_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    shutil.copytree(MERGE / "llama" / "base", tmp_path / "base")
+    shutil.copytree(MERGE / "gpt2" / "expert1", tmp_path / "other")
+    (tmp_path / "m.yml").write_text("merge_method: task_arithmetic\nbase_model: base\nmodels:\n"
+                                    "  - model: other\n    parameters: {weight: 1.0}\n")
+    with pytest.raises(PatchError, match="base and other differ"):
+        merge_models(read_config(tmp_path / "m.yml"))
+
+
+def test_cli_merge_writes_a_loadable_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "llama"
+    shutil.copytree(MERGE / "llama", folder)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    out = tmp_path / "merged"
+    assert main(["merge", str(folder / "ties.yml"), str(out), "--no-progress"]) == 0
+    assert "with ties" in capsys.readouterr().out
+    merged = hf_tensors(jaxpatch.load(out))
+    for name, tensor in load_file(folder / "ties.safetensors").items():
+        np.testing.assert_allclose(merged[name], tensor, atol=1e-5)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert before == {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}  # inputs intact
+    (folder / "bad.yml").write_text("merge_method: ties\nbase_model: base\nmodels:\n"
+                                    "  - model: expert1\n    parameters: {weight: 1, density: 0}\n")
+    for argv, words in (([str(folder / "bad.yml"), str(tmp_path / "x")], "density must be in"),
+                        ([str(folder / "ties.yml"), str(out)], "already exists"),
+                        ([str(tmp_path / "missing.yml"), str(tmp_path / "y")], "not found")):
+        assert main(["merge", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_block_fraction_follows_mergekit() -> None:
+    assert [block_fraction(f"model.layers.{i}.mlp.up_proj.weight", 3) for i in range(3)] == [0.0, 0.5, 1.0]
+    assert block_fraction("transformer.h.1.attn.c_attn.weight", 2) == 1.0
+    assert block_fraction("model.norm.weight", 3) == 0.0 and block_fraction("model.layers.0.x", 1) == 1.0
+
+
+@given(st.lists(st.floats(-10, 10), min_size=1, max_size=6), st.floats(0, 1))
+def test_a_gradient_interpolates_between_its_neighbours(values: list[float], t: float) -> None:
+    got = resolve([{"w": values}], "w", "model.layers.0.x", t, None)
+    position = t * (len(values) - 1)
+    lo, hi = values[int(position)], values[min(len(values) - 1, int(position) + 1)]
+    assert min(lo, hi) - 1e-9 <= got <= max(lo, hi) + 1e-9
+    assert resolve([{"w": values}], "w", "x", 0.0, None) == values[0]
+    assert resolve([{"w": values}], "w", "x", 1.0, None) == pytest.approx(values[-1])
+
+
+def test_filters_pick_the_first_match_and_models_override_the_top_level() -> None:
+    settings = [{"weight": 0.2}, {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 0.1}]}]
+    assert resolve(settings, "weight", "model.layers.0.mlp.up_proj.weight", 0, None) == 0.2
+    assert resolve(settings[1:], "weight", "model.layers.0.mlp.up_proj.weight", 0, None) == 0.5
+    assert resolve(settings[1:], "weight", "model.embed_tokens.weight", 0, None) == 0.1
+    assert resolve([{}], "density", "x", 0, 1.0) == 1.0
