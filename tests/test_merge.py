@@ -150,3 +150,94 @@ def test_filters_pick_the_first_match_and_models_override_the_top_level() -> Non
     assert resolve(settings[1:], "weight", "model.layers.0.mlp.up_proj.weight", 0, None) == 0.5
     assert resolve(settings[1:], "weight", "model.embed_tokens.weight", 0, None) == 0.1
     assert resolve([{}], "density", "x", 0, 1.0) == 1.0
+
+
+def _expert_folders(tmp_path: Path) -> dict[str, Path]:
+    """A base and experts from it: A moves layer 0's MLP output, B layer 1's attention output,
+    C layer 0's MLP output the other way and layer 1's attention too (so reverting its MLP
+    alone undoes less of C than of A)."""
+    from jaxpatch.examples import random_pair
+
+    base, _ = random_pair("llama", d_ff=16)
+    jaxpatch.save(base, tmp_path / "base")
+
+    def moved(name: str, **shifts: float) -> None:
+        from jaxpatch._tree import unflatten_dotted
+
+        flat = dict(flatten_params(base.params))
+        for leaf, shift in shifts.items():
+            flat[leaf.replace("__", ".")] = flat[leaf.replace("__", ".")] + shift
+        jaxpatch.save(jaxpatch.Model(base.config, unflatten_dotted(flat)), tmp_path / name)
+
+    moved("A", layers__0__mlp__down_proj__weight=0.05)
+    moved("B", layers__1__self_attn__o_proj__weight=0.05)
+    moved("C", layers__0__mlp__down_proj__weight=-0.1, layers__1__self_attn__o_proj__weight=0.2)
+    return {n: tmp_path / n for n in ("base", "A", "B", "C")}
+
+
+def _scores(folders: dict[str, Path], expert: str, out: Path) -> Path:
+    """A scores.json of the expert's modules, with the pair's fingerprints (as the CLI writes)."""
+    from jaxpatch.examples import EXAMPLE_PROMPTS
+    from jaxpatch.io.fingerprint import checkpoint_fingerprint
+
+    base, donor = jaxpatch.load(folders["base"]), jaxpatch.load(folders[expert])
+    batch = jaxpatch.make_batch(base.config, EXAMPLE_PROMPTS)
+    result = jaxpatch.sweep(base, donor, batch, jaxpatch.KLDivergence(), direction="noise",
+                            progress=False,
+                            inputs={"base": {"sha256": checkpoint_fingerprint(base)},
+                                    "donor": {"sha256": checkpoint_fingerprint(donor)}})
+    out.write_text(json.dumps(result.to_dict()))
+    return out
+
+
+def _guided(tmp_path: Path, experts: list[str], conflict: str = "winner",
+            extra: str = "") -> jaxpatch.Model:
+    lines = ["merge_method: weight_patching", "base_model: base", "models:"]
+    for e in experts:
+        lines += [f"  - model: {e}", f"    parameters: {{scores: {e}.scores.json}}"]
+    lines.append(f"parameters: {{threshold: 0.05, conflict: {conflict}{extra}}}")
+    (tmp_path / "g.yml").write_text("\n".join(lines) + "\n")
+    return merge_models(read_config(tmp_path / "g.yml"))
+
+
+def test_score_guided_merge_takes_each_component_from_the_expert_that_carries_it(
+        tmp_path: Path) -> None:
+    folders = _expert_folders(tmp_path)
+    for e in ("A", "B", "C"):
+        _scores(folders, e, tmp_path / f"{e}.scores.json")
+    flat = {n: flatten_params(jaxpatch.load(f).params) for n, f in folders.items()}
+    merged = flatten_params(_guided(tmp_path, ["A", "B"]).params)
+    for leaf, value in merged.items():  # disjoint experts: each module from its own expert
+        expected = {"layers.0.mlp.down_proj.weight": flat["A"],
+                    "layers.1.self_attn.o_proj.weight": flat["B"]}.get(leaf, flat["base"])[leaf]
+        np.testing.assert_allclose(value, expected, atol=1e-7, err_msg=leaf)
+    leaf = "layers.0.mlp.down_proj.weight"
+    effect = {e: next(c["effect"] for c in json.loads((tmp_path / f"{e}.scores.json").read_text())
+                      ["components"] if c["name"] == "layers.0.mlp.down_proj") for e in "AC"}
+    assert effect["A"] > effect["C"] + 0.01 and effect["C"] >= 0.05  # both carry it; A more
+    winner = flatten_params(_guided(tmp_path, ["A", "C"]).params)
+    np.testing.assert_allclose(winner[leaf], flat["A"][leaf], atol=1e-7)  # the larger effect wins
+    np.testing.assert_allclose(winner["layers.1.self_attn.o_proj.weight"],
+                               flat["C"]["layers.1.self_attn.o_proj.weight"], atol=1e-7)
+    weighted = flatten_params(_guided(tmp_path, ["A", "C"], "score_weighted").params)[leaf]
+    share_a = effect["A"] / (effect["A"] + effect["C"])
+    np.testing.assert_allclose(weighted, flat["base"][leaf] + share_a * 0.05 - (1 - share_a) * 0.1,
+                               atol=1e-6)
+    # Nothing carried: the rest falls back to a data-free merge when asked.
+    rest = flatten_params(_guided(tmp_path, ["A", "B"], extra=", rest: task_arithmetic").params)
+    np.testing.assert_allclose(rest["norm.weight"], flat["base"]["norm.weight"], atol=1e-7)
+
+
+def test_a_scores_file_of_another_pair_is_refused(tmp_path: Path) -> None:
+    folders = _expert_folders(tmp_path)
+    _scores(folders, "A", tmp_path / "A.scores.json")
+    shutil.copy(tmp_path / "A.scores.json", tmp_path / "B.scores.json")  # A's scores for B
+    with pytest.raises(InvalidInputError, match="B.scores.json: computed on another donor"):
+        _guided(tmp_path, ["A", "B"])
+    data = json.loads((tmp_path / "A.scores.json").read_text())
+    data["components"][0]["name"] = "layers.9.mlp.up_proj"
+    (tmp_path / "A.scores.json").write_text(json.dumps(data))
+    with pytest.raises(InvalidInputError, match="names component 'layers.9.mlp.up_proj'"):
+        _guided(tmp_path, ["A"])
+    with pytest.raises(InvalidInputError, match="conflict must be one of winner, score_weighted"):
+        _guided(tmp_path, ["A"], conflict="vote")

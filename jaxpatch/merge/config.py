@@ -18,10 +18,11 @@ from typing import Any, Literal, get_args
 
 from jaxpatch.errors import InvalidInputError
 
-__all__ = ["MergeMethod", "MERGE_METHODS", "PARAMETERS", "ModelEntry", "MergeConfig",
+__all__ = ["MergeMethod", "MERGE_METHODS", "PARAMETERS", "CHOICES", "ModelEntry", "MergeConfig",
            "parse_config", "read_config", "resolve"]
 
-MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
+MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp",
+                      "weight_patching"]
 MERGE_METHODS: tuple[MergeMethod, ...] = get_args(MergeMethod)
 
 _TASK = {"weight": ("model", float, None), "density": ("model", float, 1.0),
@@ -34,9 +35,20 @@ PARAMETERS: dict[str, dict[str, tuple[str, type, Any]]] = {
     "dare_linear": {**_TASK, "normalize": ("shared", bool, False), "rescale": ("shared", bool, True)},
     "dare_ties": {**_TASK, "normalize": ("shared", bool, False), "rescale": ("shared", bool, True)},
     "slerp": {"t": ("shared", float, None)},
+    # Score-guided (jaxpatch.merge.guided): each model's scores file, the selection threshold,
+    # how conflicts resolve, and the data-free method (with its own parameters) for the rest.
+    "weight_patching": {"scores": ("model", str, None), "weight": ("model", float, 1.0),
+                        "threshold": ("shared", float, 0.1), "conflict": ("shared", str, "winner"),
+                        "rest": ("shared", str, "base"), "density": ("model", float, 1.0),
+                        "lambda": ("shared", float, 1.0), "normalize": ("shared", bool, False),
+                        "rescale": ("shared", bool, False), "int8_mask": ("shared", bool, False)},
 }
 """Each method's parameters: name -> (scope, type, default); scope "model" is set per model
 (or at the top level for all), "shared" only at the top level; a None default is required."""
+
+CHOICES = {"conflict": ("winner", "score_weighted"),
+           "rest": ("base", "task_arithmetic", "ties", "dare_linear", "dare_ties")}
+"""The allowed values of the string parameters."""
 
 _TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
               "tokenizer_source"}
@@ -143,6 +155,8 @@ def parse_config(raw: Any, folder: Path, source: str = "config") -> MergeConfig:
         if base_path is not None and path == base_path:
             continue  # mergekit lists the base among the models; it is not merged as one
         _check_parameters(method, params, "model", f"models[{i}]", fail)
+        if isinstance(params.get("scores"), str):  # a file, read relative to the configuration
+            params = {**params, "scores": str(folder / params["scores"])}
         models.append(ModelEntry(path, dict(params)))
     top = raw.get("parameters") or {}
     if not isinstance(top, dict):
@@ -174,6 +188,9 @@ def _check_parameters(method: str, params: dict[str, Any], where: str, label: st
             raise fail(f"{label}: {name!r} is set for the whole merge, under top-level parameters")
         for value in _scalars(setting, f"{label}.{name}", fail):
             checked = _as(kind, value, f"{label}.{name}", fail)
+            if name in CHOICES and checked not in CHOICES[name]:
+                raise fail(f"{label}.{name} must be one of {', '.join(CHOICES[name])}, "
+                           f"got {value!r}")
             if name == "density" and not 0 < checked <= 1:
                 raise fail(f"{label}.density must be in (0, 1], got {value!r}")
 
@@ -200,6 +217,10 @@ def _scalars(setting: Any, label: str, fail: Any) -> list[Any]:
 
 
 def _as(kind: type, value: Any, label: str, fail: Any) -> Any:
+    if kind is str:
+        if not isinstance(value, str):
+            raise fail(f"{label} must be a string, got {value!r}")
+        return value
     if kind is bool:
         if not isinstance(value, bool):
             raise fail(f"{label} must be true or false, got {value!r}")

@@ -21,6 +21,7 @@ from jaxpatch._tree import flatten_params, unflatten_dotted
 from jaxpatch.errors import InvalidInputError, PatchError
 from jaxpatch.merge import methods
 from jaxpatch.merge.config import PARAMETERS, MergeConfig, resolve
+from jaxpatch.merge.guided import merge_guided
 from jaxpatch.models.families import tensor_rules
 from jaxpatch.models.model import Model
 from jaxpatch.patch import check_compatible
@@ -82,7 +83,8 @@ def merge_tensor(method: str, base: np.ndarray | None, tensors: Sequence[np.ndar
 
 
 def merge_models(config: MergeConfig, *, seed: int = 0, progress: bool = False) -> Model:
-    """Merges the models of a configuration.
+    """Merges the models of a configuration (the standard methods tensor by tensor; the
+    score-guided one by `jaxpatch.merge.guided`).
 
     Arguments:
         config: a checked configuration (`read_config`).
@@ -107,8 +109,6 @@ def merge_models(config: MergeConfig, *, seed: int = 0, progress: bool = False) 
         >>> bool(np.allclose(merged.params["norm"]["weight"], donor.params["norm"]["weight"]))
         True
     """
-    from tqdm.auto import tqdm
-
     from jaxpatch.io import load
 
     others = [load(entry.path, dtype=config.dtype) for entry in config.models]
@@ -123,6 +123,31 @@ def merge_models(config: MergeConfig, *, seed: int = 0, progress: bool = False) 
             raise PatchError(f"{reference_name} and {entry.path.name} differ in their config: "
                              f"{different[0]} is {getattr(reference.config, different[0])!r} and "
                              f"{getattr(model.config, different[0])!r}")
+    if config.method == "weight_patching":
+        assert base is not None  # checked when the configuration was parsed
+        return merge_guided(config, base, others, _rest(config, base, others, seed))
+    return _merge_tensors(config, base, others, seed, progress)
+
+
+def _rest(config: MergeConfig, base: Model, experts: list[Model], seed: int) -> Model | None:
+    """The data-free merge a score-guided merge falls back to (None: the base itself)."""
+    rest = str(resolve([config.parameters], "rest", "", 0.0, "base"))
+    if rest == "base":
+        return None
+    allowed = PARAMETERS[rest]
+    models = tuple(dataclasses.replace(e, parameters={"weight": 1.0, **{
+        k: v for k, v in e.parameters.items() if k in allowed}}) for e in config.models)
+    shared = {k: v for k, v in config.parameters.items() if k in allowed}
+    fallback = dataclasses.replace(config, method=rest, models=models, parameters=shared)  # type: ignore[arg-type]
+    return _merge_tensors(fallback, base, experts, seed, False)
+
+
+def _merge_tensors(config: MergeConfig, base: Model | None, others: list[Model], seed: int,
+                   progress: bool) -> Model:
+    """The standard merges: every tensor in Hugging Face's layout, parameters resolved for it."""
+    from tqdm.auto import tqdm
+
+    reference = base if base is not None else others[0]
     model_config = reference.config
     flats = [flatten_params(m.params) for m in others]
     base_flat = flatten_params(base.params) if base is not None else None
