@@ -163,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    p = command("merge-eval", _merge_eval, "merge a planted pair's experts with every method "
+                "(data-free, score-guided, localize-and-stitch) and measure each task's accuracy")
+    p.add_argument("pair", help="a planted pair folder with experts (experiments/pairs/default)")
+    p.add_argument("--out", required=True, help="folder for merge_eval.json and merge_eval.md")
+    p.add_argument("--threshold", type=float, default=0.1,
+                   help="score-guided merges: the effect a carrying module reaches (default 0.1)")
+    p.add_argument("--eval-prompts", type=int, default=128,
+                   help="accuracy prompts per task (default 128)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
     p = command("convert", _convert, "write a checkpoint in another format or dtype")
     p.add_argument("source", help="checkpoint folder to read (never modified)")
     p.add_argument("destination", help="folder to create")
@@ -412,6 +422,22 @@ def _merge(args: argparse.Namespace) -> None:
     jaxpatch.save(merged, args.out, overwrite=args.overwrite)
     print(f"merged {len(config.models)} model(s) into {config.base.name if config.base else 'none'}"
           f" with {config.method}: wrote {args.out}")
+
+
+def _merge_eval(args: argparse.Namespace) -> None:
+    from jaxpatch.merge_eval import merge_eval, table
+
+    check_output(args.out, args.overwrite)
+    if args.eval_prompts < 1:
+        raise InvalidInputError(f"--eval-prompts must be at least 1, got {args.eval_prompts}")
+    document = merge_eval(args.pair, threshold=args.threshold, eval_prompts=args.eval_prompts,
+                          progress=lambda combo: print(f"merged {combo}", flush=True))
+    markdown = table(document)
+    print(markdown)
+    with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+        (tmp / "merge_eval.json").write_text(json.dumps(document, indent=1) + "\n")
+        (tmp / "merge_eval.md").write_text(markdown + "\n")
+    print(f"wrote {args.out}/merge_eval.json, merge_eval.md")
 
 
 def _demo(args: argparse.Namespace) -> None:

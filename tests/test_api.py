@@ -31,7 +31,7 @@ def test_imports_run_one_way() -> None:
     """Low rooms never import high ones (docs/decisions/0009): checked on the source text."""
     order = ["_tree", "errors", "modes", "models", "io", "components", "prompts", "metrics",
              "patch", "stats", "scoring", "results", "pair", "engine", "attribution", "learned", "trace",
-             "hierarchy", "merge", "evaluate", "report", "cli"]
+             "hierarchy", "merge", "evaluate", "merge_eval", "report", "cli"]
     rank = {room: i for i, room in enumerate(order)}
     for name in MODULES:
         room = name.split(".")[1]

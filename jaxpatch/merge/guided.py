@@ -36,7 +36,7 @@ from jaxpatch.models.model import Model
 from jaxpatch.modes import SCORED_GRANULARITIES
 from jaxpatch.patch import alpha_shapes, component_entries
 
-__all__ = ["read_scores", "score_maps", "guided_coefficients", "merge_guided"]
+__all__ = ["read_scores", "score_maps", "guided_coefficients", "merge_guided", "stitch"]
 
 
 def read_scores(path: str | Path, config: ModelConfig, base: Model,
@@ -136,7 +136,8 @@ def guided_coefficients(maps: list[np.ndarray], weights: list[float], threshold:
 
 def merge_guided(config: MergeConfig, base: Model, experts: list[Model],
                  rest: Model | None) -> Model:
-    """The score-guided merge.
+    """The score-guided merge of a `weight_patching` configuration (scores read from each
+    model's `scores` file and checked against its pair).
 
     Arguments:
         config: a `weight_patching` configuration.
@@ -146,14 +147,40 @@ def merge_guided(config: MergeConfig, base: Model, experts: list[Model],
     Returns:
         The merged model.
     """
-    model_config = base.config
     spec = PARAMETERS["weight_patching"]
     threshold = float(resolve([config.parameters], "threshold", "", 0.0, spec["threshold"][2]))
     conflict = str(resolve([config.parameters], "conflict", "", 0.0, spec["conflict"][2]))
     weights = [float(resolve([e.parameters, config.parameters], "weight", "", 0.0, 1.0))
                for e in config.models]
-    maps = [score_maps(model_config, read_scores(e.parameters["scores"], model_config, base, x))
-            for e, x in zip(config.models, experts)]
+    effects = [read_scores(e.parameters["scores"], base.config, base, x)
+               for e, x in zip(config.models, experts)]
+    return stitch(base, experts, effects, weights, threshold, conflict, rest)
+
+
+def stitch(base: Model, experts: list[Model], effects: list[dict[str, float]],
+           weights: list[float], threshold: float, conflict: str,
+           rest: Model | None = None) -> Model:
+    """Each coefficient from the expert(s) whose effects carry it (`guided_coefficients`), the
+    rest from `rest` (default: the base).
+
+    Arguments:
+        base, experts: the models.
+        effects: per expert, component name -> effect.
+        weights: per expert, the scale of its delta.
+        threshold, conflict: as in `guided_coefficients`.
+        rest: the model the uncarried coefficients come from (None: the base).
+
+    Returns:
+        The merged model.
+
+    Example:
+        >>> merged = stitch(base, [donor], [{"layers.0.mlp.down_proj": 1.0}], [1.0], 0.5, "winner")
+        >>> leaf = lambda m: m.params["layers"][0]["mlp"]["down_proj"]["weight"]
+        >>> bool(jnp.array_equal(leaf(merged), leaf(donor)))
+        True
+    """
+    model_config = base.config
+    maps = [score_maps(model_config, e) for e in effects]
     flat_base = flatten_params(base.params)
     flat_experts = [flatten_params(x.params) for x in experts]
     flat_rest = flatten_params(rest.params) if rest is not None else flat_base

@@ -26,7 +26,7 @@ from jaxpatch.models.families import tensor_rules
 from jaxpatch.models.model import Model
 from jaxpatch.patch import check_compatible
 
-__all__ = ["block_fraction", "merge_tensor", "merge_models"]
+__all__ = ["block_fraction", "merge_tensor", "merge_models", "merge_models_in_memory"]
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
@@ -113,6 +113,33 @@ def merge_models(config: MergeConfig, *, seed: int = 0, progress: bool = False) 
 
     others = [load(entry.path, dtype=config.dtype) for entry in config.models]
     base = load(config.base, dtype=config.dtype) if config.base is not None else None
+    return merge_models_in_memory(config, base, others, seed=seed, progress=progress)
+
+
+def merge_models_in_memory(config: MergeConfig, base: Model | None, others: list[Model], *,
+                           seed: int = 0, progress: bool = False) -> Model:
+    """`merge_models` on models already loaded (`config`'s paths only name them).
+
+    Arguments:
+        config: the configuration.
+        base: the base model (None for linear without one).
+        others: the models merged, in the configuration's order.
+        seed, progress: as for `merge_models`.
+
+    Returns:
+        The merged model.
+
+    Example:
+        >>> import pathlib
+        >>> from jaxpatch.merge.config import parse_config
+        >>> c = parse_config({"merge_method": "linear", "models": [
+        ...     {"model": "a", "parameters": {"weight": 1.0}},
+        ...     {"model": "b", "parameters": {"weight": 1.0}}]}, pathlib.Path("."))
+        >>> m = merge_models_in_memory(c, None, [base, donor])
+        >>> bool(np.allclose(m.params["norm"]["weight"],
+        ...                  (base.params["norm"]["weight"] + donor.params["norm"]["weight"]) / 2))
+        True
+    """
     reference = base if base is not None else others[0]
     reference_name = "base" if base is not None else config.models[0].path.name
     for entry, model in zip(config.models, others):
