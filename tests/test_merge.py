@@ -241,3 +241,28 @@ def test_a_scores_file_of_another_pair_is_refused(tmp_path: Path) -> None:
         _guided(tmp_path, ["A"])
     with pytest.raises(InvalidInputError, match="conflict must be one of winner, score_weighted"):
         _guided(tmp_path, ["A"], conflict="vote")
+
+
+@pytest.mark.slow
+def test_merge_eval_covers_every_combination_and_method(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from jaxpatch.evaluate import default_pair_dir
+    from jaxpatch.merge_eval import GRID
+
+    out = tmp_path / "eval"
+    assert main(["merge-eval", str(default_pair_dir()), "--out", str(out),
+                 "--eval-prompts", "8"]) == 0
+    document = json.loads((out / "merge_eval.json").read_text())
+    assert list(document["combinations"]) == ["map+reverse", "map+sort", "reverse+sort",
+                                              "map+reverse+sort"]
+    methods = document["combinations"]["map+sort"]["methods"]
+    assert set(methods) == {*GRID, "weight_patching (winner)", "weight_patching (score_weighted)",
+                            "localize-and-stitch"}
+    assert set(methods["ties"]["accuracy"]) == {"map", "sort"}
+    assert methods["ties"]["setting"]["density"] in (0.2, 0.5, 0.8)
+    # The localizations are right: each expert's own modules alone keep its task.
+    assert document["localized_alone"]["reverse"]["weight_patching"] > 0.9
+    assert "layers.2.self_attn.o_proj" in document["localization"]["sort"]["learned"]
+    assert (out / "merge_eval.md").read_text().startswith("| method | map+reverse |")
+    assert main(["merge-eval", str(default_pair_dir()), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
