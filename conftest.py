@@ -4,7 +4,7 @@ The suite compiles hundreds of small programs and runs each a few times, so XLA'
 skips LLVM's optimization of the generated code (`--xla_backend_optimization_level=0`): the
 suite takes a fifth less time and the same numbers pass (the golden-fixture parity included).
 Two fake CPU devices are there for sharding tests. An `XLA_FLAGS` set by the caller replaces
-both flags.
+both flags. The persistent compilation cache is off unless a test turns it on.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
                                    "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAXPATCH_COMPILE_CACHE", "0")  # hermetic: tests that use it say so
 
 import pytest
 

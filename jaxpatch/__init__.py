@@ -22,10 +22,14 @@ The public API is what this module exports (every other name may change):
     Granularity, Direction, ...      the modes signatures take (`jaxpatch.modes`)
     JaxpatchError and its subclasses every error on bad input
 
+Importing jaxpatch turns JAX's persistent compilation cache on (`jaxpatch.compile_cache`;
+JAXPATCH_COMPILE_CACHE=0 turns it off).
+
 Docstring examples use a small random pair: `cfg`, `base`, `donor` and `batch` are
 `jaxpatch.examples.example_pair()` (see `jaxpatch.examples`).
 """
 
+from jaxpatch import compile_cache as _compile_cache
 from jaxpatch._tree import flatten_params
 from jaxpatch.attribution import Localization, alpha_gradients, attribute, localize
 from jaxpatch.components import Component, Selector, components, parse, select
@@ -89,6 +93,8 @@ from jaxpatch.results import ScoreMatrix, SweepResult
 from jaxpatch.scoring import plant_patch, planted_labels
 from jaxpatch.stats import roc_auc, roc_curve, spearman
 from jaxpatch.trace import activation_matrix, activation_patching
+
+_compile_cache.from_environment()  # on by default: see jaxpatch.compile_cache
 
 __version__ = "0.1.0"
 

@@ -39,11 +39,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["info", str(tmp / "missing")])  # one line on stderr, status 2
         2
     """
+    from jaxpatch import compile_cache
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    if args.no_compile_cache:
+        compile_cache.disable()
+    elif args.compile_cache:
+        compile_cache.enable(args.compile_cache)
     try:
         args.run(args)
     except JaxpatchError as e:
@@ -75,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jaxpatch",
         description="Weight patching in JAX: find which parameters are the source of a capability.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", metavar="DIR",
+                       help="JAX's persistent compilation cache folder (default: "
+                       "$JAXPATCH_COMPILE_CACHE, else ~/.cache/jaxpatch/xla)")
+    cache.add_argument("--no-compile-cache", action="store_true",
+                       help="do not read or write compiled programs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, run: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
