@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from golden import FIXTURES
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
@@ -266,3 +266,23 @@ def test_merge_eval_covers_every_combination_and_method(tmp_path: Path,
     assert (out / "merge_eval.md").read_text().startswith("| method | map+reverse |")
     assert main(["merge-eval", str(default_pair_dir()), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True),
+                     st.text(max_size=6), st.sampled_from(["ties", "slerp", "linear", "weight",
+                                                           "density", "mlp", "base", "e"]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
+        ["model", "parameters", "weight", "density", "filter", "value", "t", "lambda",
+         "normalize", "scores", "conflict", "rest"]), inner, max_size=3)), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(["merge_method", "base_model", "models", "parameters",
+                                        "dtype", "slices", "extra"]), _VALUES, max_size=5))
+def test_any_configuration_parses_or_is_refused_in_one_line(raw: dict) -> None:
+    """Whatever the YAML holds, parsing gives a configuration or jaxpatch's own error."""
+    try:
+        parse_config(raw, Path("."))
+    except InvalidInputError as e:
+        assert "\n" not in str(e)
