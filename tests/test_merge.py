@@ -91,6 +91,11 @@ def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="slerp merges the base with exactly one"):
         config(merge_method="slerp", parameters={"t": 0.5},
                models=[{"model": "a"}, {"model": "b"}])
+    partial = parse_config({"merge_method": "task_arithmetic", "base_model": "base", "models": [
+        {"model": "expert1", "parameters": {"weight": [{"filter": "mlp", "value": 0.5}]}}]},
+        MERGE / "llama", "partial.yml")
+    with pytest.raises(InvalidInputError, match="'weight' resolves to nothing for model.embed"):
+        merge_models(partial)
     (tmp_path / "bad.yml").write_text("merge_method: [unclosed\n")
     with pytest.raises(InvalidInputError, match="not YAML"):
         read_config(tmp_path / "bad.yml")

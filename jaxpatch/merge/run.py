@@ -186,11 +186,13 @@ def _merge_tensors(config: MergeConfig, base: Model | None, others: list[Model],
         t = block_fraction(rule.hf_name, model_config.n_layers)
         params: dict[str, Any] = {}
         for name, (scope, kind, default) in spec.items():
-            if scope == "model":
-                params[name] = [kind(resolve([e.parameters, config.parameters], name, rule.hf_name,
-                                             t, default)) for e in config.models]
-            else:
-                params[name] = kind(resolve([config.parameters], name, rule.hf_name, t, default))
+            sources = ([[e.parameters, config.parameters] for e in config.models]
+                       if scope == "model" else [[config.parameters]])
+            values = [resolve(settings, name, rule.hf_name, t, default) for settings in sources]
+            if any(v is None for v in values):
+                raise InvalidInputError(f"{config.source}: parameter {name!r} resolves to nothing "
+                                        f"for {rule.hf_name} (no filter matches it)")
+            params[name] = [kind(v) for v in values] if scope == "model" else kind(values[0])
         if "density" in params and not all(0 < d <= 1 for d in params["density"]):
             raise InvalidInputError(f"{config.source}: density resolves outside (0, 1] for "
                                     f"{rule.hf_name}: {params['density']}")
@@ -199,6 +201,4 @@ def _merge_tensors(config: MergeConfig, base: Model | None, others: list[Model],
                        if base_flat is not None else None)
         out = merge_tensor(config.method, base_tensor, tensors, params, jax.random.fold_in(key, index))
         merged.update(zip(rule.leaves, (jnp.asarray(x) for x in rule.to_canonical(out))))
-    params_tree = unflatten_dotted(merged)
-    return Model(model_config, jax.tree_util.tree_map(jnp.asarray, params_tree),
-                 tokenizer=reference.tokenizer)
+    return Model(model_config, unflatten_dotted(merged), tokenizer=reference.tokenizer)
