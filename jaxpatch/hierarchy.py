@@ -322,7 +322,7 @@ def _validated_sources(runner: _Runner, metric: Metric, items: Sequence[Componen
         without = runner.sweep(metric, _patches(config, rest), kind="validation_sweeps").recovery
         gains = {name: float(whole - r) for name, r in zip(rest, without)}
         kept = [i for i in members if gains[items[i].name] >= thresholds.min_gain]
-        if len(kept) == len(members) or not kept:
+        if len(kept) == len(members) or not kept:  # none kept: they stand in for each other
             break
         dropped.update({items[i].name: gains[items[i].name] for i in members if i not in kept})
         members = kept
@@ -586,6 +586,10 @@ def _role(c: Component, weight: float, activation: float, gains: dict[str, float
         role: Role = "source"
         reason = (f"in the validated source set: without its donor weights the set recovers "
                   f"{gain:.2f} less (>= {t.min_gain}); own weight score {weight:.2f}")
+        if gain < t.min_gain:  # no member of the chosen groups adds min_gain alone
+            reason = (f"in the validated source set, whose groups recover the behavior together; "
+                      f"alone it adds only {gain:.4f} (< {t.min_gain}): the set's members stand "
+                      f"in for each other; own weight score {weight:.2f}")
         if activation >= t.activation and supplied is not None and supplied >= t.supplied:
             also.append(f"also passes on upstream signal: its suppliers recover {supplied:.2f} "
                         f"of its output ({_suppliers_text(edges, c.name, t.edge)})")
