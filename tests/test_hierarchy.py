@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax.numpy as jnp
+
 import numpy as np
 import pytest
 
@@ -241,3 +243,27 @@ def test_a_component_anchor_drives_attribution_and_learned_patches() -> None:
     assert ranked.top(1)[0][0] == "layers.0.mlp.down_proj"
     with pytest.raises(MetricError, match="block-by-block gradient"):
         jaxpatch.attribute(pair.base, pair.donor, pair.batch, router, remat=True)
+
+
+def test_of_two_redundant_sources_the_smallest_set_keeps_one() -> None:
+    """A donor that writes the chain's feature twice (block 0's MLP, and also its attention):
+    either group alone recovers the behavior, so the smallest validated set holds one of them.
+    The other is not a source: alone in either direction its modules change nothing (the
+    remaining copy covers for them), though its output carries the feature."""
+    from jaxpatch._tree import unflatten_dotted
+
+    pair = chain_pair()
+    flat = dict(jaxpatch.flatten_params(pair.donor.params))
+    v = np.array(flat["layers.0.self_attn.v_proj.weight"])
+    o = np.array(flat["layers.0.self_attn.o_proj.weight"])
+    v[0, 0, 0], o[0, 0, 1] = 1.0, 2.0  # attention copies the constant into feature 1
+    flat["layers.0.self_attn.v_proj.weight"] = jnp.asarray(v)
+    flat["layers.0.self_attn.o_proj.weight"] = jnp.asarray(o)
+    twice = jaxpatch.Model(pair.config, unflatten_dotted(flat))
+    traced = trace_hierarchy(pair.base, twice, pair.batch, LogProb(), anchor_layer=1, depth=1)
+    sources = traced.with_role("source")
+    attention = ["layers.0.self_attn.v_proj", "layers.0.self_attn.o_proj"]
+    assert sources in (["layers.0.mlp.down_proj"], attention)
+    other = attention[1] if sources == ["layers.0.mlp.down_proj"] else "layers.0.mlp.down_proj"
+    row = next(r for r in traced.rows if r.component == other)
+    assert row.role == "inert" and row.weight_score < 0.01 and row.activation_score > 0.9
