@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import jax.numpy as jnp
-
 import numpy as np
 import pytest
 
