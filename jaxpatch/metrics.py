@@ -196,6 +196,10 @@ class Metric:
         empty for metrics that read the residual stream or the logits."""
         return {}
 
+    def columns(self) -> tuple[str, ...]:
+        """The names of the score's columns (`width` of them): the metric's name by default."""
+        return (self.name,) * self.width
+
     def check(self, config: ModelConfig) -> None:
         """Refuses settings that do not fit the architecture."""
         if self.layer is not None and not 0 <= self.layer < config.n_layers:
@@ -414,6 +418,9 @@ class ComponentAnchor(Metric):
 
     def outputs(self, config: ModelConfig) -> dict[str, OutputSites]:
         return {target: target_sites(config, target) for target in self.targets}
+
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self.targets)
 
     def prepare(self, config: ModelConfig, base: Params, donor: Params, batch: Batch,
                 readouts: tuple[Array, Array] | None = None) -> tuple[Array, ...]:

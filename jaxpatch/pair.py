@@ -117,8 +117,7 @@ def endpoint_scores(config: ModelConfig, base: Model, donor: Model, batch: Batch
     state = metric.prepare(config, base.params, donor.params, batch, readouts)
     base_score, donor_score = (np.asarray(mean_score(metric, x, batch, state), np.float64)
                                for x in readouts)
-    columns = getattr(metric, "targets", None) or [metric.name] * base_score.size
-    for column, b, d in zip(columns, base_score.reshape(-1), donor_score.reshape(-1)):
+    for column, b, d in zip(metric.columns(), base_score.reshape(-1), donor_score.reshape(-1)):
         what = metric.name if base_score.ndim == 0 else f"{metric.name} score of {column}"
         if not math.isfinite(b) or not math.isfinite(d):
             raise NonFiniteError(f"the {what} is not finite (base {b}, donor {d})")

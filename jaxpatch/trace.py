@@ -260,7 +260,7 @@ def activation_matrix(base: Model, donor: Model, batch: Batch, metric: Metric,
     wall_start = time.perf_counter()
     base_score, donor_score, values, timing = _activation_scores(
         base, donor, batch, metric, candidates, direction, chunk_size, progress, wall_start)
-    columns = list(getattr(metric, "targets", [metric.name] * metric.width))
+    columns = list(metric.columns())
     return ScoreMatrix(metric.name, direction, "activation", [c.name for c in candidates], columns,
                        np.asarray(base_score, np.float64).reshape(-1),
                        np.asarray(donor_score, np.float64).reshape(-1),

@@ -246,7 +246,7 @@ def sweep_matrix(
         memory_fraction, progress, wall_start)
     values = values.reshape(len(names), metric.width)
     check_finite_scores(names, values, "score")
-    columns = list(getattr(metric, "targets", [metric.name] * metric.width))
+    columns = list(metric.columns())
     return ScoreMatrix(metric.name, direction, "exact", names, columns,
                        np.asarray(prepared.base_score, np.float64).reshape(-1),
                        np.asarray(prepared.donor_score, np.float64).reshape(-1), values, timing)
