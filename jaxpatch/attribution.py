@@ -33,7 +33,8 @@ from jaxpatch.engine import sweep
 from jaxpatch.errors import JaxpatchError, MetricError
 from jaxpatch.metrics import Metric, read_metric
 from jaxpatch.models.config import ModelConfig, Params
-from jaxpatch.models.decoder import Probe, attention_allowed, block, embed, rope_tables, unembed
+from jaxpatch.models.decoder import (Probe, attention_allowed, block, embed, rope_at, rope_tables,
+                                     unembed)
 from jaxpatch.models.model import Model
 from jaxpatch.modes import (
     ATTRIBUTION_METHODS,
@@ -228,7 +229,7 @@ def _blockwise_gradients(config: ModelConfig, metric: Metric, base: Params, star
     for i in range(last + 1):
         inputs.append(x)
         queries = batch.positions if i == last else None
-        x = run["block_forward"](base["layers"][i], x, allowed[i], rope, queries)
+        x = run["block_forward"](base["layers"][i], x, allowed[i], rope_at(config, rope, i), queries)
     outside = [without_layers(tree) for tree in (zero, base, start, target)]  # embeddings, head
     top, dx = run["head_backward"](*outside, x, batch, state)
     # Blocks after the anchor do not reach the metric: their coefficients have no effect.
@@ -237,8 +238,8 @@ def _blockwise_gradients(config: ModelConfig, metric: Metric, base: Params, star
     for i in reversed(range(last + 1)):
         queries = batch.positions if i == last else None
         layers[i], dx = run["block_backward"](zero["layers"][i], base["layers"][i], start["layers"][i],
-                                              target["layers"][i], inputs[i], allowed[i], rope,
-                                              queries, dx)
+                                              target["layers"][i], inputs[i], allowed[i],
+                                              rope_at(config, rope, i), queries, dx)
     embedding = run["embed_backward"](*outside, batch.tokens, dx)
     return {**_add(top, embedding), "layers": layers}
 
@@ -275,7 +276,7 @@ def planned_gradient_bytes(base: Model, donor: Model, batch: Batch, metric: Metr
     zero = _zero_alpha(config)
     x = jax.eval_shape(run["embed_forward"], without_layers(start), batch.tokens)
     x = jnp.zeros(x.shape, x.dtype)
-    rope = rope_tables(config, batch.tokens.shape[1], x.dtype)
+    rope = rope_at(config, rope_tables(config, batch.tokens.shape[1], x.dtype), 0)
     allowed = attention_allowed(batch.mask, config.sliding_windows[0])
     last = config.n_layers - 1 if metric.layer is None else metric.layer
     readout_x = x[:, :batch.positions.shape[1]]  # the last block's output: readout positions only

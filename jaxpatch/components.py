@@ -6,6 +6,9 @@ Granularities and component names (every name is itself a valid selector):
              layers.i.input_layernorm, layers.i.self_attn.{q,k,v,o}_proj,
              layers.i.post_attention_layernorm, layers.i.mlp.{gate,up,down}_proj,
              then norm and lm_head (untied only). A module's bias goes with its weight.
+             Gemma 3 adds layers.i.self_attn.{q,k}_norm (before o_proj), and
+             layers.i.pre_feedforward_layernorm before and post_feedforward_layernorm after
+             the MLP (its post_attention_layernorm norms attention's output).
     head     for each block i: layers.i.self_attn[head=h] (row h of q, column h of o), then
              layers.i.self_attn[kv_head=g] (head g of k and v, shared by query heads
              g*r .. g*r+r-1 where r = n_heads / n_kv_heads).
@@ -83,8 +86,13 @@ def block_modules(config: ModelConfig) -> tuple[str, ...]:
         ('mlp.up_proj', 'mlp.down_proj')
     """
     mlp = ("gate_proj", "up_proj", "down_proj") if config.gated_mlp else ("up_proj", "down_proj")
-    return ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-            "self_attn.o_proj", "post_attention_layernorm", *(f"mlp.{m}" for m in mlp))
+    qk_norms = ("self_attn.q_norm", "self_attn.k_norm") if config.qk_norm else ()
+    attention = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                 *qk_norms, "self_attn.o_proj", "post_attention_layernorm")
+    if config.sandwich_norms:
+        return (*attention, "pre_feedforward_layernorm", *(f"mlp.{m}" for m in mlp),
+                "post_feedforward_layernorm")
+    return (*attention, *(f"mlp.{m}" for m in mlp))
 
 
 def components(config: ModelConfig, granularity: Granularity) -> list[Component]:

@@ -58,6 +58,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-bf16": ("llama", dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)),
+    # Gemma 3: q/k norms, four norms per block, query_pre_attn_scalar != head_dim, sliding
+    # windows (4, shorter than the sequence) in blocks 0 and 2 with their own rope base, full
+    # attention in block 1 with linear rope scaling, GQA, tied.
+    "gemma3": ("gemma3_text", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=24,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0,
+                                            "factor": 2.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
 }
 
 CORPUS = [
@@ -90,7 +100,7 @@ def randomize(model: Any, seed: int) -> None:
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             if "norm" in name or ".ln_" in name:
-                is_gemma = model.config.model_type == "gemma"
+                is_gemma = model.config.model_type in ("gemma", "gemma3_text")
                 p.copy_(0.1 * noise + (0.0 if is_gemma or name.endswith("bias") else 1.0))
             elif name.endswith("bias"):
                 p.copy_(0.1 * noise)
@@ -148,12 +158,15 @@ def build(name: str, family: str, kwargs: dict[str, Any], out: Path, seed: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "tests" / "fixtures")
+    parser.add_argument("--only", action="append", choices=list(VARIANTS),
+                        help="rebuild only this variant (repeatable; default: all)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import transformers  # pyright: ignore[reportMissingImports]  (the reference extra)
 
     for seed, (name, (family, kwargs)) in enumerate(VARIANTS.items()):
-        build(name, family, kwargs, args.out, seed)
+        if args.only is None or name in args.only:
+            build(name, family, kwargs, args.out, seed)
     (args.out / "VERSIONS.json").write_text(json.dumps(
         {"transformers": transformers.__version__, "torch": __import__("torch").__version__},
         indent=2) + "\n")

@@ -36,6 +36,7 @@ from jaxpatch.models.decoder import (
     block,
     embed,
     layer_at,
+    rope_at,
     rope_tables,
     run_blocks,
     stack_layers,
@@ -133,19 +134,20 @@ def local_program(config: ModelConfig, metric: Metric,
         layer_deltas = {n: jax.lax.dynamic_index_in_dim(d, ops.index, keepdims=False)
                         for n, d in ops.deltas.items()}
         allowed = attention_allowed(batch.mask, window_at(config, ops.index))
+        own_rope = rope_at(config, rope, ops.index)
 
         def one(alpha: Alphas) -> jax.Array:
             patched = replace_leaves(layer, _mixed(flat, layer_deltas, alpha, dense))
 
             def patched_is_readout(x: jax.Array) -> jax.Array:
-                return block(config, patched, x, allowed, rope, batch.positions)[0]
+                return block(config, patched, x, allowed, own_rope, batch.positions)[0]
 
             def patched_then_rest(x: jax.Array) -> jax.Array:
-                x = block(config, patched, x, allowed, rope)[0]
+                x = block(config, patched, x, allowed, own_rope)[0]
                 x = run_blocks(config, ops.stacked, x, batch.mask, rope, ops.index + 1, last)
                 readout_allowed = attention_allowed(batch.mask, window_at(config, last))
-                return block(config, layer_at(ops.stacked, last), x, readout_allowed, rope,
-                             batch.positions)[0]
+                return block(config, layer_at(ops.stacked, last), x, readout_allowed,
+                             rope_at(config, rope, last), batch.positions)[0]
 
             x = jax.lax.cond(ops.index == last, patched_is_readout, patched_then_rest,
                              ops.residual)
@@ -287,15 +289,16 @@ def prefix_pass(config: ModelConfig, stacked: Params, rest: Params, batch: Batch
 
     def step(h: jax.Array, i: jax.Array) -> tuple[jax.Array, jax.Array]:
         allowed = attention_allowed(batch.mask, window_at(config, i))
-        return block(config, layer_at(stacked, i), h, allowed, rope)[0], h
+        return block(config, layer_at(stacked, i), h, allowed, rope_at(config, rope, i))[0], h
 
     h, before = jax.lax.scan(step, x, jnp.arange(last))
     before = jnp.concatenate([before, h[None]])  # before blocks 0 .. last
     allowed = attention_allowed(batch.mask, window_at(config, last))
+    last_rope = rope_at(config, rope, last)
     if count > last + 1:  # the final modules need the stream after block `last` everywhere
-        after = block(config, layer_at(stacked, last), h, allowed, rope)[0]
+        after = block(config, layer_at(stacked, last), h, allowed, last_rope)[0]
         before = jnp.concatenate([before, after[None]])
         readout_x = jnp.take_along_axis(after, batch.positions[..., None], axis=1)
     else:
-        readout_x = block(config, layer_at(stacked, last), h, allowed, rope, batch.positions)[0]
+        readout_x = block(config, layer_at(stacked, last), h, allowed, last_rope, batch.positions)[0]
     return (readout_x if layer is not None else unembed(config, rest, readout_x)), before[:count]

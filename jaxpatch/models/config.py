@@ -17,8 +17,8 @@ import numpy as np
 __all__ = ["Family", "FAMILIES", "ACTIVATIONS", "DTYPES", "RopeScaling", "ModelConfig", "Params",
            "param_shapes", "init_params", "count_params"]
 
-Family = Literal["gpt2", "llama", "qwen2", "mistral", "gemma"]
-FAMILIES: tuple[str, ...] = ("gpt2", "llama", "qwen2", "mistral", "gemma")
+Family = Literal["gpt2", "llama", "qwen2", "mistral", "gemma", "gemma3_text"]
+FAMILIES: tuple[str, ...] = ("gpt2", "llama", "qwen2", "mistral", "gemma", "gemma3_text")
 ACTIVATIONS: tuple[str, ...] = ("gelu_tanh", "gelu", "silu", "relu")
 DTYPES: dict[str, jnp.dtype] = {
     "float32": jnp.dtype(jnp.float32),
@@ -63,7 +63,19 @@ class ModelConfig:
         gated_mlp: SwiGLU/GeGLU (gate, up, down) if True, else a plain up/down MLP.
         positional: "rope" or "learned".
         rope_theta: the RoPE base.
-        rope_scaling: an optional `RopeScaling`.
+        rope_scaling: an optional `RopeScaling` (of the full-attention blocks only when
+            `sliding_rope_theta` is set).
+        sliding_rope_theta: the RoPE base of the sliding-window blocks when it differs from
+            the full-attention blocks' (Gemma 3: 10,000 local, 1,000,000 global); None = the
+            same tables for every block.
+        attention_scale: the factor on query-key products; None = head_dim ** -0.5 (Gemma 3:
+            query_pre_attn_scalar ** -0.5).
+        qk_norm: RMSNorm over head_dim on queries and keys before the rotary embedding
+            (`self_attn.q_norm`, `self_attn.k_norm`; Gemma 3).
+        sandwich_norms: norms on what attention and the MLP add to the stream as well as before
+            them: `input_layernorm` -> attention -> `post_attention_layernorm` (+), then
+            `pre_feedforward_layernorm` -> MLP -> `post_feedforward_layernorm` (+) (Gemma 3,
+            Hugging Face's names). Without them `post_attention_layernorm` is the pre-MLP norm.
         qkv_bias, o_bias, mlp_bias: which linear maps carry a bias.
         tie_embeddings: the output projection is the transposed input embedding.
         scale_embeddings: multiply embeddings by sqrt(d_model) (Gemma).
@@ -101,6 +113,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     scale_embeddings: bool = False
     sliding_windows: tuple[int | None, ...] = ()
+    sliding_rope_theta: float | None = None
+    attention_scale: float | None = None
+    qk_norm: bool = False
+    sandwich_norms: bool = False
     dtype: str = "float32"
     metadata: str = "{}"
 
@@ -126,6 +142,25 @@ class ModelConfig:
     def queries_per_kv_head(self) -> int:
         """How many query heads share one key/value head (1 for MHA, n_heads for MQA)."""
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def block_norms(self) -> tuple[str, ...]:
+        """The names of a block's residual-width norms, in the order the block applies them.
+
+        Example:
+            >>> ModelConfig.tiny("llama").block_norms
+            ('input_layernorm', 'post_attention_layernorm')
+        """
+        if self.sandwich_norms:
+            return ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                    "post_feedforward_layernorm")
+        return ("input_layernorm", "post_attention_layernorm")
+
+    @property
+    def pre_mlp_norm(self) -> str:
+        """The name of the norm before the MLP (`post_attention_layernorm` unless the block
+        has sandwich norms)."""
+        return "pre_feedforward_layernorm" if self.sandwich_norms else "post_attention_layernorm"
 
     @property
     def jnp_dtype(self) -> jnp.dtype:
@@ -170,6 +205,11 @@ class ModelConfig:
             "mistral": dict(n_kv_heads=2),
             "gemma": dict(n_kv_heads=1, head_dim=16, norm_weight_offset=1.0,
                           activation="gelu_tanh", tie_embeddings=True, scale_embeddings=True),
+            "gemma3_text": dict(n_kv_heads=1, head_dim=16, norm_weight_offset=1.0,
+                                activation="gelu_tanh", tie_embeddings=True, scale_embeddings=True,
+                                sliding_windows=(4, None), sliding_rope_theta=10000.0,
+                                rope_theta=1e6, attention_scale=24**-0.5, qk_norm=True,
+                                sandwich_norms=True),
         }
         fields = {**common, **per_family[family], **overrides}
         return cls(family=family, **fields)  # type: ignore[arg-type]
@@ -226,14 +266,19 @@ def param_shapes(config: ModelConfig, dtype: jnp.dtype | None = None) -> Params:
                              c.qkv_bias),
             "o_proj": linear((c.n_heads, c.head_dim, c.d_model), (c.d_model,), c.o_bias),
         }
+        if c.qk_norm:
+            attn.update(q_norm={"weight": leaf(c.head_dim)}, k_norm={"weight": leaf(c.head_dim)})
         mlp = {
             "up_proj": linear((c.d_model, c.d_ff), (c.d_ff,), c.mlp_bias),
             "down_proj": linear((c.d_ff, c.d_model), (c.d_model,), c.mlp_bias),
         }
         if c.gated_mlp:
             mlp = {"gate_proj": linear((c.d_model, c.d_ff), (c.d_ff,), c.mlp_bias), **mlp}
-        return {"input_layernorm": norm(), "self_attn": attn,
-                "post_attention_layernorm": norm(), "mlp": mlp}
+        out = {"input_layernorm": norm(), "self_attn": attn, "post_attention_layernorm": norm()}
+        if c.sandwich_norms:
+            return {**out, "pre_feedforward_layernorm": norm(), "mlp": mlp,
+                    "post_feedforward_layernorm": norm()}
+        return {**out, "mlp": mlp}
 
     tree: Params = {"embed_tokens": {"weight": leaf(c.vocab_size, c.d_model)}}
     if c.positional == "learned":

@@ -24,7 +24,7 @@ from jaxpatch.models.config import ModelConfig, Params, RopeScaling
 __all__ = ["MixedWeight", "Probe", "dense", "Edit", "ForwardOutput", "forward", "embed",
            "lookup", "unembed", "block", "linear", "mixed_einsum", "probe_einsum",
            "attention_heads", "mlp", "activation", "norm", "attention_allowed", "stack_layers",
-           "layer_at", "window_at", "run_blocks", "rope_frequencies", "rope_tables", "apply_rope"]
+           "layer_at", "window_at", "run_blocks", "rope_frequencies", "Rope", "rope_tables", "rope_at", "apply_rope"]
 
 Array = jax.Array
 
@@ -232,7 +232,8 @@ def forward(
         allowed = attention_allowed(attention_mask, config.sliding_windows[i])
         queries = readout_positions if i == last else None
         block_edit = functools.partial(_edit_in_block, edit, i)
-        x, outputs = run_block(config, params["layers"][i], x, allowed, rope, queries, block_edit)
+        x, outputs = run_block(config, params["layers"][i], x, allowed, rope_at(config, rope, i),
+                               queries, block_edit)
         if collect:
             residuals.append(x)
             modules.update({f"layers.{i}.{name}": value for name, value in outputs.items()})
@@ -309,7 +310,7 @@ def block(
     queries: Array | None = None,
     edit: Edit = _no_edit,
 ) -> tuple[Array, dict[str, Array]]:
-    """One pre-norm transformer block.
+    """One pre-norm transformer block (with `config.sandwich_norms`, also normed outputs).
 
     Arguments:
         config: the architecture.
@@ -322,7 +323,8 @@ def block(
 
     Returns:
         The residual stream after the block (`[batch, q, d_model]` with `queries`), and the
-        module outputs (`self_attn`, `self_attn.heads`, `mlp`).
+        module outputs (`self_attn` and `mlp`: what each adds to the stream, after its post-norm
+        if any; `self_attn.heads`).
 
     Example:
         >>> import jax
@@ -339,11 +341,17 @@ def block(
     heads = edit("self_attn.heads",
                  attention_heads(config, layer["self_attn"], normed, allowed, rope, queries, edit))
     attn_out = edit("self_attn.o_proj", linear(layer["self_attn"]["o_proj"], heads, "bshk,hkd->bsd"))
+    if config.sandwich_norms:
+        attn_out = edit("post_attention_layernorm",
+                        norm(config, layer["post_attention_layernorm"], attn_out))
     if queries is not None:
         x = jnp.take_along_axis(x, queries[..., None], axis=1)
     x = x + attn_out
-    normed = edit("post_attention_layernorm", norm(config, layer["post_attention_layernorm"], x))
+    normed = edit(config.pre_mlp_norm, norm(config, layer[config.pre_mlp_norm], x))
     mlp_out = mlp(config, layer["mlp"], normed, edit)
+    if config.sandwich_norms:
+        mlp_out = edit("post_feedforward_layernorm",
+                       norm(config, layer["post_feedforward_layernorm"], mlp_out))
     x = x + mlp_out
     return x, {"self_attn": attn_out, "self_attn.heads": heads, "mlp": mlp_out}
 
@@ -481,6 +489,9 @@ def attention_heads(
     q = edit("self_attn.q_proj", linear(attn["q_proj"], h_q, "bsd,dhk->bshk"))
     k = edit("self_attn.k_proj", linear(attn["k_proj"], h, "bsd,dhk->bshk"))
     v = edit("self_attn.v_proj", linear(attn["v_proj"], h, "bsd,dhk->bshk"))
+    if config.qk_norm:
+        q = edit("self_attn.q_norm", norm(config, attn["q_norm"], q))
+        k = edit("self_attn.k_norm", norm(config, attn["k_norm"], k))
     if rope is not None:
         cos, sin = rope
         if queries is None:
@@ -493,7 +504,8 @@ def attention_heads(
     batch, n_queries = q.shape[:2]
     group = config.queries_per_kv_head
     q = q.reshape(batch, n_queries, config.n_kv_heads, group, config.head_dim)
-    scores = jnp.einsum("bqgrk,bsgk->bgrqs", q, k) * jnp.asarray(config.head_dim**-0.5, q.dtype)
+    scale = config.head_dim**-0.5 if config.attention_scale is None else config.attention_scale
+    scores = jnp.einsum("bqgrk,bsgk->bgrqs", q, k) * jnp.asarray(scale, q.dtype)
     scores = scores.astype(jnp.float32)
     scores = jnp.where(allowed[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -627,7 +639,7 @@ def window_at(config: ModelConfig, index: Array | int) -> Array | None:
 
 
 def run_blocks(config: ModelConfig, stacked: Params, x: Array, attention_mask: Array,
-               rope: tuple[Array, Array] | None, first: Array | int, stop: Array | int) -> Array:
+               rope: Rope | None, first: Array | int, stop: Array | int) -> Array:
     """Runs blocks `first .. stop - 1` (bounds may be traced) over stacked params, in a loop
     that compiles one block whatever the bounds.
 
@@ -642,13 +654,18 @@ def run_blocks(config: ModelConfig, stacked: Params, x: Array, attention_mask: A
     """
     def body(i: Array, h: Array) -> Array:
         allowed = attention_allowed(attention_mask, window_at(config, i))
-        return block(config, layer_at(stacked, i), h, allowed, rope)[0]
+        return block(config, layer_at(stacked, i), h, allowed, rope_at(config, rope, i))[0]
 
     return jax.lax.fori_loop(first, stop, body, x)
 
 
-def rope_frequencies(config: ModelConfig) -> np.ndarray:
+def rope_frequencies(config: ModelConfig, sliding: bool = False) -> np.ndarray:
     """The rotary inverse frequencies, float32 `[head_dim // 2]`, rescaled as configured.
+
+    Arguments:
+        config: the architecture.
+        sliding: the sliding-window blocks' frequencies (base `sliding_rope_theta`, never
+            rescaled) when the config gives them their own.
 
     Example:
         >>> from jaxpatch.models.config import ModelConfig
@@ -656,9 +673,11 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:
         [1.0, 0.10000000149011612]
     """
     dim = config.head_dim
+    own = sliding and config.sliding_rope_theta is not None
+    theta = config.sliding_rope_theta if own else config.rope_theta
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
-    return _rescale(inv_freq, config.rope_scaling)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    return inv_freq if own else _rescale(inv_freq, config.rope_scaling)
 
 
 def _rescale(inv_freq: np.ndarray, scaling: RopeScaling | None) -> np.ndarray:
@@ -680,8 +699,15 @@ def _rescale(inv_freq: np.ndarray, scaling: RopeScaling | None) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_tables(config: ModelConfig, seq: int, dtype: jnp.dtype) -> tuple[Array, Array] | None:
-    """`(cos, sin)` for positions `0..seq-1`, each `[seq, head_dim]`, cast to `dtype`; None
+Rope = tuple[Array, Array]
+"""Rotary `(cos, sin)` tables: `[seq, head_dim]` each for one block, or with a leading axis of 2
+(full-attention blocks, sliding-window blocks) as `rope_tables` returns them for a config with
+`sliding_rope_theta`; `rope_at` picks a block's."""
+
+
+def rope_tables(config: ModelConfig, seq: int, dtype: jnp.dtype) -> Rope | None:
+    """`(cos, sin)` for positions `0..seq-1`, each `[seq, head_dim]`, cast to `dtype`; with
+    `config.sliding_rope_theta`, each `[2, seq, head_dim]` (full-attention blocks first); None
     for a model with learned positions (no rotary embedding).
 
     Example:
@@ -689,15 +715,40 @@ def rope_tables(config: ModelConfig, seq: int, dtype: jnp.dtype) -> tuple[Array,
         >>> cos, sin = rope_tables(ModelConfig.tiny("llama"), 4, jnp.float32)
         >>> cos.shape, float(cos[0, 0])
         ((4, 8), 1.0)
+        >>> rope_tables(ModelConfig.tiny("gemma3_text"), 4, jnp.float32)[0].shape
+        (2, 4, 16)
         >>> rope_tables(ModelConfig.tiny("gpt2"), 4, jnp.float32) is None
         True
     """
     if config.positional != "rope":
         return None
-    inv_freq = jnp.asarray(rope_frequencies(config))
-    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+    def tables(sliding: bool) -> Rope:
+        inv_freq = jnp.asarray(rope_frequencies(config, sliding))
+        angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+        angles = jnp.concatenate([angles, angles], axis=-1)
+        return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+    if config.sliding_rope_theta is None:
+        return tables(False)
+    (cos_full, sin_full), (cos_local, sin_local) = tables(False), tables(True)
+    return jnp.stack([cos_full, cos_local]), jnp.stack([sin_full, sin_local])
+
+
+def rope_at(config: ModelConfig, rope: Rope | None, index: Array | int) -> Rope | None:
+    """Block `index`'s rotary tables out of `rope_tables`' (`index` may be traced).
+
+    Example:
+        >>> from jaxpatch.models.config import ModelConfig
+        >>> cfg = ModelConfig.tiny("gemma3_text")  # block 0 slides, block 1 is global
+        >>> tables = rope_tables(cfg, 4, jnp.float32)
+        >>> bool((rope_at(cfg, tables, 1)[1] == tables[1][0]).all())
+        True
+    """
+    if rope is None or config.sliding_rope_theta is None:
+        return rope
+    sliding = jnp.asarray([w is not None for w in config.sliding_windows], jnp.int32)[index]
+    return rope[0][sliding], rope[1][sliding]
 
 
 def apply_rope(x: Array, cos: Array, sin: Array) -> Array:

@@ -47,6 +47,7 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Model"),
     "mistral": ("MistralForCausalLM", "MistralModel"),
     "gemma": ("GemmaForCausalLM", "GemmaModel"),
+    "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextModel"),
 }
 HF_ACTIVATIONS = {
     "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None,
@@ -180,24 +181,34 @@ def _rope(r: ConfigReader) -> tuple[float, RopeScaling | None]:
     """RoPE settings from `rope_parameters` (5.x) or `rope_theta` + `rope_scaling` (4.x)."""
     merged = {**r.get("rope_parameters", {}), **r.get("rope_scaling", {})}
     theta = float(merged.pop("rope_theta", r.get("rope_theta", 10000.0)))
-    kind = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
-    merged.pop("type", None)
     if float(merged.pop("partial_rotary_factor", r.get("partial_rotary_factor", 1.0))) != 1.0:
         raise UnsupportedConfigError(f"{r.source}: partial_rotary_factor != 1 is not supported")
-    if kind == "default":
-        return theta, None
-    if kind == "linear":
-        return theta, RopeScaling("linear", float(merged["factor"]))
-    if kind == "llama3":
-        try:
-            return theta, RopeScaling(
+    return theta, _rope_scaling(r.source, merged)
+
+
+def _rope_scaling(source: str, merged: dict[str, Any]) -> RopeScaling | None:
+    """The frequency rescaling a rope parameter dict (without its theta) asks for."""
+    if not isinstance(merged, dict):
+        raise UnsupportedConfigError(f"{source}: rope parameters must be an object, got {merged!r}")
+    merged = dict(merged)
+    kind = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
+    merged.pop("type", None)
+    try:
+        if kind == "default":
+            return None
+        if kind == "linear":
+            return RopeScaling("linear", float(merged["factor"]))
+        if kind == "llama3":
+            return RopeScaling(
                 "llama3", float(merged["factor"]), float(merged["low_freq_factor"]),
                 float(merged["high_freq_factor"]), int(merged["original_max_position_embeddings"]))
-        except KeyError as missing:
-            raise UnsupportedConfigError(
-                f"{r.source}: llama3 rope scaling lacks {missing.args[0]!r}") from None
+    except KeyError as missing:
+        raise UnsupportedConfigError(
+            f"{source}: {kind} rope scaling lacks {missing.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise UnsupportedConfigError(f"{source}: {kind} rope scaling has a bad value ({e})") from None
     raise UnsupportedConfigError(
-        f"{r.source}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
+        f"{source}: rope type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
 def _llama_like(r: ConfigReader, family: str, **fields: Any) -> ModelConfig:
@@ -254,8 +265,48 @@ def _gemma(r: ConfigReader) -> ModelConfig:
                        qkv_bias=bias, o_bias=bias, tie_embeddings=r.get("tie_word_embeddings", True))
 
 
+def _gemma3_text(r: ConfigReader) -> ModelConfig:
+    r.expect("use_bidirectional_attention", [None, False], None)
+    r.expect("final_logit_softcapping", [None], None)
+    r.expect("attn_logit_softcapping", [None], None)
+    n_layers = r.require("num_hidden_layers")
+    pattern = r.get("sliding_window_pattern", r.get("_sliding_window_pattern", 6))
+    types = r.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    if set(types) - {"sliding_attention", "full_attention"} or len(types) != n_layers:
+        raise UnsupportedConfigError(f"{r.source}: layer_types {types!r} is not supported")
+    window = r.get("sliding_window", 4096)
+    windows = tuple(window if t == "sliding_attention" else None for t in types)
+    # 5.x: rope_parameters per layer type; 4.x: rope_theta, rope_local_base_freq, rope_scaling.
+    per_type = r.get("rope_parameters", {})
+    if not isinstance(per_type, dict):
+        raise UnsupportedConfigError(f"{r.source}: rope_parameters must be an object")
+    full = dict(per_type.get("full_attention") or r.get("rope_scaling", {}) or {})
+    local = dict(per_type.get("sliding_attention") or {})
+    theta = float(full.pop("rope_theta", r.get("rope_theta", 1_000_000.0)))
+    local_theta = float(local.pop("rope_theta", r.get("rope_local_base_freq", 10_000.0)))
+    if _rope_scaling(r.source, local) is not None:
+        raise UnsupportedConfigError(f"{r.source}: rope scaling of sliding-window layers is not "
+                                     "supported")
+    bias = r.get("attention_bias", False)
+    act = r.activation("hidden_activation", "gelu_pytorch_tanh")
+    scalar = r.get("query_pre_attn_scalar", 256)
+    if not isinstance(scalar, (int, float)) or scalar <= 0:
+        raise UnsupportedConfigError(f"{r.source}: query_pre_attn_scalar={scalar!r} is not a "
+                                     "positive number")
+    return _llama_like(
+        r, "gemma3_text", activation=act, norm_weight_offset=1.0, scale_embeddings=True,
+        qkv_bias=bias, o_bias=bias, tie_embeddings=r.get("tie_word_embeddings", True),
+        head_dim=r.get("head_dim", 256), max_position_embeddings=r.get("max_position_embeddings",
+                                                                         131_072),
+        rope_theta=theta, rope_scaling=_rope_scaling(r.source, full), sliding_windows=windows,
+        sliding_rope_theta=local_theta, attention_scale=float(scalar) ** -0.5, qk_norm=True,
+        sandwich_norms=True)
+
+
 TRANSLATORS: dict[str, Callable[[ConfigReader], ModelConfig]] = {
     "gpt2": _gpt2, "llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "gemma": _gemma,
+    "gemma3_text": _gemma3_text,
 }
 
 
@@ -289,8 +340,16 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             out["rope_scaling"] = scaling
     if c.family == "llama":
         out.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
-    if c.family == "gemma":
+    if c.family in ("gemma", "gemma3_text"):
         out.update(attention_bias=c.qkv_bias, hidden_activation=hf_act[c.activation])
+    if c.family == "gemma3_text":
+        scalar = c.head_dim if c.attention_scale is None else c.attention_scale ** -2
+        window = next((w for w in c.sliding_windows if w is not None), None)
+        out.update(query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-9
+                   else scalar, sliding_window=window,
+                   rope_local_base_freq=c.sliding_rope_theta or c.rope_theta,
+                   layer_types=["full_attention" if w is None else "sliding_attention"
+                                for w in c.sliding_windows])
     if c.family == "mistral":
         out["sliding_window"] = c.sliding_windows[0]
     if c.family == "qwen2":
@@ -412,7 +471,8 @@ def _llama_rules(c: ModelConfig) -> list[TensorRule]:
     rules = [_copy("model.embed_tokens.weight", "embed_tokens.weight", (c.vocab_size, d))]
     for i in range(c.n_layers):
         hf, ours = f"model.layers.{i}", f"layers.{i}"
-        rules.append(_copy(f"{hf}.input_layernorm.weight", f"{ours}.input_layernorm.weight", (d,)))
+        norms = [_copy(f"{hf}.{n}.weight", f"{ours}.{n}.weight", (d,)) for n in c.block_norms]
+        rules.append(norms[0])
         for proj, heads in (("q_proj", c.n_heads), ("k_proj", c.n_kv_heads), ("v_proj", c.n_kv_heads)):
             name = f"self_attn.{proj}"
             rules.append(_torch_linear(f"{hf}.{name}.weight", f"{ours}.{name}.weight",
@@ -420,18 +480,21 @@ def _llama_rules(c: ModelConfig) -> list[TensorRule]:
             if c.qkv_bias:
                 rules.append(_reshaped(f"{hf}.{name}.bias", f"{ours}.{name}.bias", (heads * k,),
                                        (heads, k)))
+        if c.qk_norm:
+            rules += [_copy(f"{hf}.self_attn.{n}.weight", f"{ours}.self_attn.{n}.weight", (k,))
+                      for n in ("q_norm", "k_norm")]
         rules.append(_torch_linear(f"{hf}.self_attn.o_proj.weight", f"{ours}.self_attn.o_proj.weight",
                                    (c.n_heads, k, d), 2))
         if c.o_bias:
             rules.append(_copy(f"{hf}.self_attn.o_proj.bias", f"{ours}.self_attn.o_proj.bias", (d,)))
-        rules.append(_copy(f"{hf}.post_attention_layernorm.weight",
-                           f"{ours}.post_attention_layernorm.weight", (d,)))
+        rules += norms[1:3]
         for proj, shape in (("gate_proj", (d, c.d_ff)), ("up_proj", (d, c.d_ff)),
                             ("down_proj", (c.d_ff, d))):
             name = f"mlp.{proj}"
             rules.append(_torch_linear(f"{hf}.{name}.weight", f"{ours}.{name}.weight", shape, 1))
             if c.mlp_bias:
                 rules.append(_copy(f"{hf}.{name}.bias", f"{ours}.{name}.bias", (shape[1],)))
+        rules += norms[3:]
     rules.append(_copy("model.norm.weight", "norm.weight", (d,)))
     if not c.tie_embeddings:
         rules.append(_torch_linear("lm_head.weight", "lm_head.weight", (d, c.vocab_size), 1))
