@@ -33,8 +33,7 @@ from jaxpatch.engine import sweep
 from jaxpatch.errors import JaxpatchError, MetricError
 from jaxpatch.metrics import Metric, read_metric
 from jaxpatch.models.config import ModelConfig, Params
-from jaxpatch.models.decoder import (Probe, attention_allowed, block, embed, rope_at, rope_tables,
-                                     unembed)
+from jaxpatch.models.decoder import Probe, attention_allowed, block, embed, rope_at, rope_tables, unembed
 from jaxpatch.models.model import Model
 from jaxpatch.modes import (
     ATTRIBUTION_METHODS,

@@ -24,7 +24,8 @@ from jaxpatch.models.config import ModelConfig, Params, RopeScaling
 __all__ = ["MixedWeight", "Probe", "dense", "Edit", "ForwardOutput", "forward", "embed",
            "lookup", "unembed", "block", "linear", "mixed_einsum", "probe_einsum",
            "attention_heads", "mlp", "activation", "norm", "attention_allowed", "stack_layers",
-           "layer_at", "window_at", "run_blocks", "rope_frequencies", "Rope", "rope_tables", "rope_at", "apply_rope"]
+           "layer_at", "window_at", "run_blocks", "rope_frequencies", "Rope", "rope_tables",
+           "rope_at", "apply_rope"]
 
 Array = jax.Array
 
