@@ -1,4 +1,5 @@
-"""Checkpoints in and out: Hugging Face folders (safetensors, no torch) and Orbax."""
+"""Checkpoints in and out: Hugging Face folders (safetensors, no torch), Orbax, and GGUF files
+(in only)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,21 @@ from pathlib import Path
 from typing import Literal
 
 from jaxpatch.errors import CheckpointNotFoundError
+from jaxpatch.io.gguf_model import is_gguf, load_gguf
 from jaxpatch.io.hf import load_hf, save_hf
 from jaxpatch.io.orbax import is_orbax_checkpoint, load_orbax, save_orbax
 from jaxpatch.models.model import Model
 
 
 def load(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
-    """Loads a model from a Hugging Face checkpoint folder or a jaxpatch Orbax folder.
+    """Loads a model from a Hugging Face checkpoint folder, a jaxpatch Orbax folder or a GGUF
+    file.
 
     Arguments:
-        path: the checkpoint folder.
-        dtype: cast floating params to "float32", "bfloat16" or "float16" (default: as stored).
+        path: the checkpoint folder, or a `.gguf` file (dequantized; needs the `gguf` extra
+            for quantized tensors).
+        dtype: cast floating params to "float32", "bfloat16" or "float16" (default: as stored;
+            float32 for GGUF).
 
     Returns:
         A `Model` with `.config`, `.params`, `.tokenizer` (or None) and `__call__(tokens)`.
@@ -31,8 +36,10 @@ def load(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
         (1, 3, 96)
     """
     folder = Path(path)
+    if is_gguf(folder):
+        return load_gguf(folder, dtype)
     if not folder.is_dir():
-        raise CheckpointNotFoundError(f"{folder}: checkpoint folder not found")
+        raise CheckpointNotFoundError(f"{folder}: checkpoint folder or GGUF file not found")
     if is_orbax_checkpoint(folder):
         return load_orbax(folder, dtype)
     return load_hf(folder, dtype)
@@ -62,4 +69,4 @@ def save(model: Model, path: str | os.PathLike[str], format: Literal["hf", "orba
         raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
 
 
-__all__ = ["load", "save", "load_hf", "save_hf", "load_orbax", "save_orbax"]
+__all__ = ["load", "save", "load_hf", "save_hf", "load_orbax", "save_orbax", "load_gguf"]

@@ -177,7 +177,7 @@ def load_hf(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
             # device_put, unlike jnp.asarray, may adopt the host buffer without a copy (CPU).
             leaves[leaf] = jax.device_put(np.ascontiguousarray(value))
         del array
-    return Model(config, _fill(config, leaves), load_tokenizer(folder), str(folder))
+    return Model(config, fill_params(config, leaves), load_tokenizer(folder), str(folder))
 
 
 def _check_tensors(config: ModelConfig, rules: list, infos: dict[str, safetensors.TensorInfo]) -> None:
@@ -198,8 +198,15 @@ def _check_tensors(config: ModelConfig, rules: list, infos: dict[str, safetensor
                 "this config.json")
 
 
-def _fill(config: ModelConfig, leaves: dict[str, jax.Array]) -> Params:
-    """Puts named leaves into the params tree of `config`, in the tree's own order."""
+def fill_params(config: ModelConfig, leaves: dict[str, jax.Array]) -> Params:
+    """Puts named leaves (dotted canonical names) into the params tree of `config`.
+
+    Example:
+        >>> cfg = ModelConfig.tiny("llama")
+        >>> flat = flatten_params(init_params(cfg, jax.random.key(0)))
+        >>> fill_params(cfg, flat)["layers"][1]["mlp"]["up_proj"]["weight"].shape
+        (32, 64)
+    """
     shapes = param_shapes(config)
     names = list(flatten_params(shapes))
     treedef = jax.tree_util.tree_structure(shapes)

@@ -1,0 +1,312 @@
+"""A model out of a GGUF file: llama.cpp's metadata mapped to a `ModelConfig`, its tensor names
+to Hugging Face's, its tensors dequantized, and its vocabulary rebuilt as a `tokenizers`
+tokenizer that encodes text as transformers' GGUF tokenizer does.
+
+Supported architectures: `gemma3` (Gemma 3 text models). Others are refused by name. Where the
+file is silent, the numbers transformers and llama.cpp agree on are used: sliding-window
+attention in five of every six blocks with a rope base of 10,000 there, and query scaling by
+`head_dim ** -0.5`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxpatch.errors import (
+    CorruptCheckpointError,
+    MissingTensorError,
+    TensorShapeError,
+    UnexpectedTensorError,
+    UnsupportedArchitectureError,
+    UnsupportedConfigError,
+)
+from jaxpatch.io.gguf import GGUFFile, read_gguf, read_gguf_tensor
+from jaxpatch.io.hf import fill_params
+from jaxpatch.models.config import DTYPES, ModelConfig, Params
+from jaxpatch.models.families import tensor_rules
+from jaxpatch.models.model import Model
+
+__all__ = ["GGUF_ARCHITECTURES", "gguf_config", "gguf_to_hf_name", "load_gguf", "gguf_tokenizer",
+           "is_gguf"]
+
+GGUF_ARCHITECTURES = ("gemma3",)
+
+# GGUF tensor name (after `blk.N.`) -> Hugging Face name (after `model.layers.N.`).
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "attn_output": "self_attn.o_proj",
+    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def _field(header: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    value = header.metadata.get(key, default)
+    if value is None:
+        raise CorruptCheckpointError(f"{header.path}: metadata {key!r} is missing")
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise CorruptCheckpointError(f"{header.path}: metadata {key!r}={value!r} has the wrong type")
+    return value
+
+
+def gguf_config(header: GGUFFile) -> ModelConfig:
+    """The `ModelConfig` a GGUF file's metadata describes.
+
+    Arguments:
+        header: from `read_gguf`.
+
+    Returns:
+        The config (dtype float32: the dequantized values).
+
+    Raises:
+        UnsupportedArchitectureError: the architecture is not in `GGUF_ARCHITECTURES`.
+        CorruptCheckpointError, UnsupportedConfigError: metadata missing, mistyped or absurd.
+
+    Example:
+        >>> gguf_config(read_gguf(fixtures / "gemma3.gguf")).family
+        'gemma3_text'
+    """
+    arch = header.metadata.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{header.path}: GGUF architecture {arch!r} is not supported "
+            f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+    a = f"{arch}."
+
+    def size(key: str, default: int | None = None) -> int:
+        value = _field(header, a + key, int, default)
+        if not 0 < value <= 1 << 24:
+            raise UnsupportedConfigError(f"{header.path}: {a + key}={value} is not a plausible size")
+        return value
+
+    n_layers = size("block_count")
+    d_model = size("embedding_length")
+    n_heads = size("attention.head_count")
+    head_dim = size("attention.key_length", d_model // n_heads)
+    if size("attention.value_length", head_dim) != head_dim:
+        raise UnsupportedConfigError(f"{header.path}: key and value lengths differ")
+    embedding = header.tensors.get("token_embd.weight")
+    if embedding is None:
+        raise MissingTensorError(f"{header.path}: tensor 'token_embd.weight' is missing")
+    window = size("attention.sliding_window", 4096)
+    theta = float(_field(header, a + "rope.freq_base", (int, float), 1_000_000.0))
+    scaling = header.metadata.get(a + "rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise UnsupportedConfigError(f"{header.path}: rope scaling {scaling!r} is not supported "
+                                     "(supported: none, linear)")
+    from jaxpatch.models.config import RopeScaling
+
+    rope_scaling = None
+    if scaling == "linear":
+        rope_scaling = RopeScaling("linear", float(_field(header, a + "rope.scaling.factor",
+                                                          (int, float))))
+    eos = header.metadata.get("tokenizer.ggml.eos_token_id")
+    bos = header.metadata.get("tokenizer.ggml.bos_token_id")
+    pad = header.metadata.get("tokenizer.ggml.padding_token_id")
+    metadata = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos),
+                                  ("pad_token_id", pad)) if isinstance(v, int)}
+    import json
+
+    try:
+        return ModelConfig(
+            family="gemma3_text", vocab_size=embedding.shape[0], d_model=d_model,
+            n_layers=n_layers, n_heads=n_heads, n_kv_heads=size("attention.head_count_kv", n_heads),
+            head_dim=head_dim, d_ff=size("feed_forward_length"),
+            max_position_embeddings=size("context_length"),
+            norm_eps=float(_field(header, a + "attention.layer_norm_rms_epsilon", float, 1e-6)),
+            norm_weight_offset=1.0, activation="gelu_tanh", tie_embeddings="output.weight"
+            not in header.tensors, scale_embeddings=True, rope_theta=theta,
+            rope_scaling=rope_scaling,
+            sliding_windows=tuple(None if (i + 1) % 6 == 0 else window for i in range(n_layers)),
+            sliding_rope_theta=10_000.0, attention_scale=head_dim ** -0.5, qk_norm=True,
+            sandwich_norms=True, metadata=json.dumps(metadata, sort_keys=True))
+    except ValueError as e:
+        raise UnsupportedConfigError(f"{header.path}: {e}") from None
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """The Hugging Face name of a Gemma 3 GGUF tensor, or None for a name it does not know.
+
+    Example:
+        >>> gguf_to_hf_name("blk.3.ffn_norm.weight")
+        'model.layers.3.pre_feedforward_layernorm.weight'
+    """
+    match = _BLOCK.fullmatch(name)
+    if match:
+        layer, module, leaf = match.groups()
+        hf = _BLOCK_NAMES.get(module)
+        return None if hf is None else f"model.layers.{layer}.{hf}.{leaf}"
+    stem, _, leaf = name.rpartition(".")
+    hf = _TOP_NAMES.get(stem)
+    return None if hf is None else f"{hf}.{leaf}"
+
+
+def load_gguf(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
+    """Loads a GGUF checkpoint: config, dequantized params and tokenizer.
+
+    Arguments:
+        path: the `.gguf` file.
+        dtype: "float32" (default), "bfloat16" or "float16" for the params.
+
+    Returns:
+        The `Model` (its tokenizer encodes text as transformers' tokenizer for the file does).
+
+    Raises:
+        JaxpatchError: a subclass naming the file, metadata key or tensor at fault.
+
+    Example:
+        >>> model = load_gguf(fixtures / "gemma3.gguf")
+        >>> model([[2, 5, 7]]).shape
+        (1, 3, 96)
+    """
+    header = read_gguf(path)
+    config = gguf_config(header)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise UnsupportedConfigError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        config = config.replace(dtype=dtype)
+    by_hf: dict[str, str] = {}
+    for name in header.tensors:
+        hf = gguf_to_hf_name(name)
+        if hf is None:
+            raise UnexpectedTensorError(f"{header.path}: tensor {name!r} is not part of a "
+                                        f"{config.family} model")
+        by_hf[hf] = name
+    rules = tensor_rules(config)
+    expected = {rule.hf_name for rule in rules}
+    for hf, name in by_hf.items():
+        if hf not in expected:
+            raise UnexpectedTensorError(f"{header.path}: tensor {name!r} ({hf}) does not fit "
+                                        "the architecture its metadata describes")
+    leaves: dict[str, jax.Array] = {}
+    for rule in rules:
+        name = next((g for h, g in by_hf.items() if h == rule.hf_name), None)
+        if name is None:
+            raise MissingTensorError(f"{header.path}: tensor for {rule.hf_name!r} is missing")
+        info = header.tensors[name]
+        if info.shape != rule.hf_shape:
+            raise TensorShapeError(f"{header.path}: tensor {name!r} has shape {info.shape}, "
+                                   f"expected {rule.hf_shape} from the metadata")
+        array = read_gguf_tensor(header, name)
+        if name.endswith("norm.weight"):  # llama.cpp stores Gemma's norm weights as 1 + w
+            array = array - np.float32(1.0)
+        for leaf, value in zip(rule.leaves, rule.to_canonical(array)):
+            leaves[leaf] = jax.device_put(np.ascontiguousarray(value, config.jnp_dtype))
+    params: Params = fill_params(config, leaves)
+    return Model(config, params, gguf_tokenizer(header), str(header.path))
+
+
+# ----------------------------------------------------------------------------------- tokenizer
+
+def gguf_tokenizer(header: GGUFFile) -> Any:
+    """The tokenizer a Gemma GGUF file's vocabulary describes, as a `tokenizers.Tokenizer`.
+
+    A sentencepiece-style BPE with byte fallback: spaces become `▁`, text is split after each
+    space run, and the merges, which the file does not list, are every split of a vocabulary
+    entry into two entries, ranked by the entry's position in the vocabulary (Gemma's scores do
+    not follow its merge order). Control tokens stay whole and are special; user-defined tokens
+    stay whole; `<bos>` is prepended when the file says so. This is the tokenizer transformers
+    builds for the file, rebuilt here without transformers.
+
+    Arguments:
+        header: from `read_gguf`.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        UnsupportedConfigError: a tokenizer model other than `llama` (sentencepiece).
+        CorruptCheckpointError: the vocabulary, its types or the special ids are malformed.
+
+    Example:
+        >>> tok = gguf_tokenizer(read_gguf(fixtures / "gemma3.gguf"))
+        >>> tok.encode("ab").tokens[0]
+        '<bos>'
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    meta = header.metadata
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "llama":
+        raise UnsupportedConfigError(f"{header.path}: tokenizer model {kind!r} is not supported "
+                                     "(supported: llama, the sentencepiece BPE Gemma uses)")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type", [])
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise CorruptCheckpointError(f"{header.path}: tokenizer.ggml.tokens is not a list of strings")
+    if not isinstance(types, list) or (types and len(types) != len(tokens)):
+        raise CorruptCheckpointError(f"{header.path}: tokenizer.ggml.token_type does not match "
+                                     "the vocabulary")
+    # Gemma files spell tokens of several spaces with real spaces; the model splits text into
+    # `▁` runs, so they are looked up under that spelling.
+    spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab: dict[str, int] = {}
+    for index, token in enumerate(spelled):
+        vocab[token] = index
+    merges = _merges(spelled, vocab)
+    special = {meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("unknown", "bos", "eos", "padding")}
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    if not isinstance(unk_id, int) or not 0 <= unk_id < len(tokens):
+        raise CorruptCheckpointError(f"{header.path}: tokenizer.ggml.unknown_token_id is missing "
+                                     "or out of range")
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=spelled[unk_id],
+                                     fuse_unk=True, byte_fallback=True, dropout=None))
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")  # pyright: ignore[reportAttributeAccessIssue]
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")  # pyright: ignore[reportAttributeAccessIssue]
+    tokenizer.decoder = decoders.Sequence(  # pyright: ignore[reportAttributeAccessIssue]
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    control = [AddedToken(t, normalized=False, special=True) for i, t in enumerate(tokens)
+               if (types and types[i] == 3) or i in special]
+    tokenizer.add_special_tokens(control)
+    user = [AddedToken(t, normalized=False, special=False) for i, t in enumerate(tokens)
+            if types and types[i] == 4 and spelled[i] == t]
+    tokenizer.add_tokens(user)
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", True) and isinstance(bos_id, int) \
+            and 0 <= bos_id < len(tokens):
+        bos = tokens[bos_id]
+        tokenizer.post_processor = processors.TemplateProcessing(  # pyright: ignore[reportAttributeAccessIssue]
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    return tokenizer
+
+
+def _merges(spelled: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every split of an entry into two entries, best first: by the entry's position in the
+    vocabulary, then the longer left piece, the longer right piece; within an entry, by the
+    pieces' ids."""
+    ranked: list[tuple[int, int, int, str, str]] = []
+    seen: set[str] = set()
+    for token in spelled:
+        if token in seen:
+            continue
+        seen.add(token)
+        rank = vocab[token]
+        local = [(token[:i], token[i:]) for i in range(1, len(token))
+                 if token[:i] in vocab and token[i:] in vocab]
+        local.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        ranked += [(rank, -len(left), -len(right), left, right) for left, right in local]
+    ranked.sort(key=lambda m: (m[0], m[1], m[2]))
+    return [(left, right) for _, _, _, left, right in ranked]
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether a path is a GGUF file (by its magic bytes).
+
+    Example:
+        >>> is_gguf(fixtures / "gemma3.gguf"), is_gguf(fixtures / "gemma3")
+        (True, False)
+    """
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GGUF"
