@@ -111,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a folder written by `jaxpatch demo`")
 
     p = command("info", _info, "print a checkpoint's architecture and parameter count")
-    p.add_argument("checkpoint", help="Hugging Face or jaxpatch Orbax checkpoint folder")
+    p.add_argument("checkpoint", help="Hugging Face or jaxpatch Orbax checkpoint folder, or a .gguf file")
 
     p = command("forward", _forward, "run a forward pass and print the top next-token predictions")
-    p.add_argument("checkpoint", help="Hugging Face or jaxpatch Orbax checkpoint folder")
+    p.add_argument("checkpoint", help="Hugging Face or jaxpatch Orbax checkpoint folder, or a .gguf file")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--text", help="text to tokenize with the checkpoint's tokenizer.json")
     group.add_argument("--tokens", help="comma-separated token ids")
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
     p = command("convert", _convert, "write a checkpoint in another format or dtype")
-    p.add_argument("source", help="checkpoint folder to read (never modified)")
+    p.add_argument("source", help="checkpoint folder or .gguf file to read (never modified)")
     p.add_argument("destination", help="folder to create")
     p.add_argument("--format", choices=["hf", "orbax"], default="hf")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params")

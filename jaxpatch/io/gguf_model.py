@@ -5,11 +5,14 @@ tokenizer that encodes text as transformers' GGUF tokenizer does.
 Supported architectures: `gemma3` (Gemma 3 text models). Others are refused by name. Where the
 file is silent, the numbers transformers and llama.cpp agree on are used: sliding-window
 attention in five of every six blocks with a rope base of 10,000 there, and query scaling by
-`head_dim ** -0.5`.
+`head_dim ** -0.5` (`(d_model / n_heads) ** -0.5` for the 62-block 27B model, as llama.cpp
+does; transformers' GGUF loader always uses 256 ** -0.5, which agrees for every released size
+but 27B).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -28,7 +31,7 @@ from jaxpatch.errors import (
 )
 from jaxpatch.io.gguf import GGUFFile, read_gguf, read_gguf_tensor
 from jaxpatch.io.hf import fill_params
-from jaxpatch.models.config import DTYPES, ModelConfig, Params
+from jaxpatch.models.config import DTYPES, ModelConfig, Params, RopeScaling
 from jaxpatch.models.families import tensor_rules
 from jaxpatch.models.model import Model
 
@@ -54,7 +57,7 @@ def _field(header: GGUFFile, key: str, kind: type | tuple[type, ...], default: A
     value = header.metadata.get(key, default)
     if value is None:
         raise CorruptCheckpointError(f"{header.path}: metadata {key!r} is missing")
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise CorruptCheckpointError(f"{header.path}: metadata {key!r}={value!r} has the wrong type")
     return value
 
@@ -104,8 +107,6 @@ def gguf_config(header: GGUFFile) -> ModelConfig:
     if scaling not in ("none", "linear"):
         raise UnsupportedConfigError(f"{header.path}: rope scaling {scaling!r} is not supported "
                                      "(supported: none, linear)")
-    from jaxpatch.models.config import RopeScaling
-
     rope_scaling = None
     if scaling == "linear":
         rope_scaling = RopeScaling("linear", float(_field(header, a + "rope.scaling.factor",
@@ -115,8 +116,6 @@ def gguf_config(header: GGUFFile) -> ModelConfig:
     pad = header.metadata.get("tokenizer.ggml.padding_token_id")
     metadata = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos),
                                   ("pad_token_id", pad)) if isinstance(v, int)}
-    import json
-
     try:
         return ModelConfig(
             family="gemma3_text", vocab_size=embedding.shape[0], d_model=d_model,
@@ -128,10 +127,18 @@ def gguf_config(header: GGUFFile) -> ModelConfig:
             not in header.tensors, scale_embeddings=True, rope_theta=theta,
             rope_scaling=rope_scaling,
             sliding_windows=tuple(None if (i + 1) % 6 == 0 else window for i in range(n_layers)),
-            sliding_rope_theta=10_000.0, attention_scale=head_dim ** -0.5, qk_norm=True,
+            sliding_rope_theta=10_000.0, attention_scale=_query_scale(n_layers, d_model, n_heads,
+                                                                      head_dim), qk_norm=True,
             sandwich_norms=True, metadata=json.dumps(metadata, sort_keys=True))
     except ValueError as e:
         raise UnsupportedConfigError(f"{header.path}: {e}") from None
+
+
+def _query_scale(n_layers: int, d_model: int, n_heads: int, head_dim: int) -> float:
+    """Gemma 3's query scaling, which a GGUF file does not store: llama.cpp's rule,
+    `(d_model / n_heads) ** -0.5` for the 27B model (62 blocks, query_pre_attn_scalar 168) and
+    `head_dim ** -0.5` otherwise (the released models' query_pre_attn_scalar equals head_dim)."""
+    return (d_model / n_heads) ** -0.5 if n_layers == 62 else head_dim ** -0.5
 
 
 def gguf_to_hf_name(name: str) -> str | None:
@@ -190,7 +197,7 @@ def load_gguf(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
                                         "the architecture its metadata describes")
     leaves: dict[str, jax.Array] = {}
     for rule in rules:
-        name = next((g for h, g in by_hf.items() if h == rule.hf_name), None)
+        name = by_hf.get(rule.hf_name)
         if name is None:
             raise MissingTensorError(f"{header.path}: tensor for {rule.hf_name!r} is missing")
         info = header.tensors[name]
@@ -300,7 +307,8 @@ def _merges(spelled: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
 
 
 def is_gguf(path: Path) -> bool:
-    """Whether a path is a GGUF file (by its magic bytes).
+    """Whether a path is meant as a GGUF file: a file named `*.gguf` or starting with the
+    GGUF magic (a `.gguf` file without the magic is then refused by `read_gguf`).
 
     Example:
         >>> is_gguf(fixtures / "gemma3.gguf"), is_gguf(fixtures / "gemma3")
@@ -309,4 +317,4 @@ def is_gguf(path: Path) -> bool:
     if not path.is_file():
         return False
     with open(path, "rb") as handle:
-        return handle.read(4) == b"GGUF"
+        return path.suffix.lower() == ".gguf" or handle.read(4) == b"GGUF"
