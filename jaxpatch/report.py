@@ -283,7 +283,8 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     order = [g for g in ("module", "head", "neuron") if g in grans]
 
     def aucs(method: str) -> str:
-        return "/".join(f"{grans[g]['auc'][method]:.2f}" for g in order)
+        return "/".join("-" if grans[g]["auc"][method] is None else f"{grans[g]['auc'][method]:.2f}"
+                        for g in order)
 
     ratio = acc["base_with_S_from_donor"] / acc["donor"] if acc["donor"] else float("nan")
     v = summary.get("narrow_then_verify") or {}
@@ -301,8 +302,8 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     ]
     if v:
         lines.append(f"narrow-then-verify ({v['granularity']}s): exact patches on "
-                     f"{v['verified_fraction']:.1%} caught {v['recall']:.0%} of the exact top "
-                     f"{v['recall_k']}; Spearman {v['spearman']:.2f}")
+                     f"{v['verified_fraction']:.1%} caught {v['recall']:.0%} of "
+                     f"{_recall_reference(v)}; Spearman {v['spearman']:.2f}")
     else:
         lines.append("narrow-then-verify: not run")
     p = (summary.get("hierarchy") or {}).get("planted")
@@ -313,6 +314,13 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
                      f"called sources ({p['outside_S_aggregation_or_execution']} aggregation or "
                      "execution)")
     return lines
+
+
+def _recall_reference(v: Mapping[str, Any]) -> str:
+    """What a narrow-then-verify recall was measured against."""
+    if v.get("reference") == "planted":
+        return f"S's exact top {v['recall_k']} (not swept exhaustively: too many {v['granularity']}s)"
+    return f"the exact top {v['recall_k']}"
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -362,18 +370,26 @@ def render_html(summary: Mapping[str, Any], results: Mapping[str, SweepResult]) 
               "itself); AUC is the chance that a component in S outranks one outside it.</p>",
               _table(["method", *(f"{g} ({sum(grans[g]['planted'])}/{len(grans[g]['names'])} in S)"
                                   for g in order)],
-                     [[METHOD_LABELS.get(m, m), *(float(grans[g]["auc"][m]) for g in order)]
+                     [[METHOD_LABELS.get(m, m), *(float("nan") if grans[g]["auc"][m] is None
+                                                  else float(grans[g]["auc"][m]) for g in order)]
                       for m in methods])]
+    narrowed = [g for g in order if not grans[g].get("exhaustive", True)]
+    if narrowed:
+        parts.append(f"<p>Not swept exhaustively ({', '.join(narrowed)}): too many components "
+                     "for one exact run each, so only the attribution methods, |delta W| and the "
+                     "random baseline rank them all (a dash: not run); exact patches verify the "
+                     "attribution shortlist below.</p>")
     parts.append("<div class=row>" + "".join(
-        _img(roc_png(grans[g]["planted"], grans[g]["importance"], f"{g} granularity"), f"ROC {g}")
+        _img(roc_png(grans[g]["planted"], {m: x for m, x in grans[g]["importance"].items()
+                                           if x is not None}, f"{g} granularity"), f"ROC {g}")
         for g in order) + "</div>")
     v = summary.get("narrow_then_verify") or {}
     if v:
         parts += ["<h2>Narrow, then verify</h2>",
                   f"<p>Ranked all {v['granularity']}s by {v['method']}, patched the top "
                   f"{v['top_k']} and {v['controls']} random others exactly "
-                  f"({v['verified_fraction']:.1%} of all). Recall of the exhaustive exact top "
-                  f"{v['recall_k']}: <b>{v['recall']:.2f}</b>; Spearman correlation of attribution "
+                  f"({v['verified_fraction']:.1%} of all). Recall of {_recall_reference(v)}: "
+                  f"<b>{v['recall']:.2f}</b>; Spearman correlation of attribution "
                   f"and exact effects on the verified set: <b>{v['spearman']:.2f}</b>.</p>",
                   _table(["most misranked", "attribution rank", "exact rank"],
                          [[m["name"], m["attribution_rank"], m["exact_rank"]] for m in v["misranked"]])]
@@ -503,7 +519,7 @@ def auc_csv(summary: Mapping[str, Any]) -> str:
     """
     rows = ["method,granularity,auc"]
     for g, data in summary["granularities"].items():
-        rows += [f"{m},{g},{a:.6g}" for m, a in data["auc"].items()]
+        rows += [f"{m},{g},{a:.6g}" for m, a in data["auc"].items() if a is not None]
     return "\n".join(rows) + "\n"
 
 

@@ -260,8 +260,8 @@ def read_gguf_tensor(header: GGUFFile, name: str, dtype: np.dtype | None = None)
 
     Example:
         >>> header = read_gguf(fixtures / "gemma3.gguf")
-        >>> read_gguf_tensor(header, "output_norm.weight").shape
-        (32,)
+        >>> read_gguf_tensor(header, "blk.0.attn_v.weight").shape  # Q8_0, dequantized
+        (256, 256)
     """
     info = header.tensors[name]
     if info.type not in SUPPORTED_TYPES:

@@ -203,7 +203,7 @@ def fill_params(config: ModelConfig, leaves: dict[str, jax.Array]) -> Params:
 
     Example:
         >>> cfg = ModelConfig.tiny("llama")
-        >>> flat = flatten_params(init_params(cfg, jax.random.key(0)))
+        >>> flat = flatten_params(jaxpatch.init_params(cfg, jax.random.key(0)))
         >>> fill_params(cfg, flat)["layers"][1]["mlp"]["up_proj"]["weight"].shape
         (32, 64)
     """
