@@ -11,8 +11,8 @@ stays bit-identical to the base except for the decoys:
    only at the answer position (the 262,144-way output layer is most of the cost), and the
    residual stream before S's first block is computed once: training runs from there.
 2. **Trained decoy.** The donor then learns *other* counterfactual facts (12 other landmarks) in a
-   disjoint set D, while a KL term keeps the measured facts' answer distributions where they
-   were. D moves at least as far as S.
+   disjoint set D until it answers them, while a KL term keeps the measured facts' answer
+   distributions where they were. D moves at least as far as S.
 3. **Function-preserving decoys.** Neurons next to S are rescaled (`experiments.decoys`): their
    weights move far, the donor's function not at all.
 
@@ -118,7 +118,7 @@ class Settings:
     lr: float = 2e-3
     max_steps: int = 300
     decoy_lr: float = 4e-3
-    decoy_steps: int = 200
+    decoy_steps: int = 150
     retain: float = 4.0
     target_accuracy: float = 0.9
     max_accuracy_change: float = 0.05
@@ -348,8 +348,9 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
         keep = _kl(fixed, _answer_logits(config, p, train_set, start_d, streams["task"]))
         return learn + s.retain * keep
 
-    donor, decoy_losses, decoy_steps = _train(config, donor, s.decoy, s.decoy_steps, s.decoy_lr,
-                                              decoy_loss, None, "decoy (D)")
+    donor, decoy_losses, decoy_steps = _train(
+        config, donor, s.decoy, s.decoy_steps, s.decoy_lr, decoy_loss,
+        lambda p: _accuracy(config, p, decoy_set) >= s.target_accuracy, "decoy (D)")
     accuracy["donor_after_decoy"] = _accuracy(config, donor, train_set)
     accuracy["decoy_facts_learned"] = _accuracy(config, donor, decoy_set)
     _check_unchanged(accuracy["donor"], accuracy["donor_after_decoy"], "the trained decoy", s)
@@ -373,6 +374,7 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
     record = {
         "format": PAIR_FORMAT,
         "settings": {**dataclasses.asdict(s), "task": TASK, "decoys": [f"facts={s.decoy}"],
+                     "rescale": [s.rescale],
                      "model": "google/gemma-3-270m (Q4_K_M GGUF, dequantized to float32)"},
         "facts": [dataclasses.asdict(f) for f in measured],
         "decoy_facts": [dataclasses.asdict(f) for f in decoy_facts],

@@ -371,6 +371,7 @@ def evaluate(pair: PlantedPair, *,
             "top_k": len(report.shortlist), "controls": len(report.controls),
             "verified_fraction": (len(report.shortlist) + len(report.controls)) / len(items[g]),
             "spearman": report.spearman, "recall": recall, "reference": reference,
+            "shortlist": report.shortlist,
             "misranked": misranked_to_dicts(report.misranked)})
 
     exhaustive: list[ScoredGranularity] = [g for g in granularities if g != "neuron"]

@@ -12,7 +12,7 @@ from jaxpatch.evaluate import delta_norms
 from jaxpatch.examples import EXAMPLE_PROMPTS, random_pair
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gemma3_text"])
 @pytest.mark.parametrize("attention", ["values", "queries"])
 def test_rescaling_keeps_every_logit_and_moves_the_weights(family, attention) -> None:
     model, _ = random_pair(family)

@@ -51,6 +51,8 @@ def reference_scores(base, donor, batch, metric, components, direction="denoise"
     ("qwen2", "neuron", VectorAnchor(layer=0), "denoise"),
     ("gpt2", "module", KLDivergence(), "denoise"),
     ("gemma", "layer", LogitDiff(), "noise"),
+    ("gemma3_text", "module", VectorAnchor(layer=1), "denoise"),
+    ("gemma3_text", "head", LogitDiff(), "noise"),
 ])
 def test_sweep_equals_patching_each_candidate_alone(family, granularity, metric, direction, pair) -> None:
     base, donor = pair(family, d_ff=16)

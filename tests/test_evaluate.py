@@ -102,3 +102,29 @@ def test_evaluate_reports_as_many_stages_as_it_says() -> None:
 
     evaluate(load_planted(default_pair_dir()), granularities=("module",), stage=stage)
     assert len(names) == stage_count(("module",)) and "learned-patch" in names
+
+
+def test_narrowed_neuron_evaluation_verifies_a_shortlist_and_measures_recall_on_S() -> None:
+    """Neurons not swept exhaustively (as on a real model): only the ranking methods run, the
+    IG shortlist is verified exactly, and recall is measured against S's own exact top."""
+    from jaxpatch.evaluate import evaluate, load_planted
+    from jaxpatch.report import render_html, summary_lines
+
+    pair = load_planted(default_pair_dir())
+    ev = evaluate(pair, granularities=("neuron",), exhaustive_neurons=False, verify_fraction=0.1,
+                  recall_k=10, learned_steps=2)
+    neuron = ev.summary["granularities"]["neuron"]
+    assert neuron["exhaustive"] is False
+    ran = {m for m, a in neuron["auc"].items() if a is not None}
+    assert ran == {"first-order", "integrated-gradients", "delta-norm", "random"}
+    assert "neuron/exact-noise" not in ev.results and "neuron/exact-denoise-S" in ev.results
+    in_s = ev.results["neuron/exact-denoise-S"]
+    assert sum(neuron["planted"]) == len(in_s.names)  # S's neurons, each patched exactly
+    v = ev.summary["narrow_then_verify"]
+    assert v["reference"] == "planted" and v["verified_fraction"] <= 0.1 + 1e-9
+    top = set(np.asarray(in_s.names)[np.argsort(-np.abs(in_s.effect), kind="stable")[:10]])
+    shortlist = set(v["shortlist"])
+    assert shortlist <= set(ev.results["neuron/verified"].names)
+    assert v["recall"] == len(top & shortlist) / 10
+    assert "S's exact top 10" in "\n".join(summary_lines(ev.summary))
+    assert "Not swept exhaustively (neuron)" in render_html(ev.summary, ev.results)

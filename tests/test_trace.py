@@ -109,7 +109,7 @@ def test_bad_direction_is_refused(pair) -> None:
                             direction="zero", progress=False)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma"])
+@pytest.mark.parametrize("family", ["gpt2", "gemma", "gemma3_text"])
 def test_every_site_is_recorded_and_an_edit_acts_where_it_is_made(family, pair) -> None:
     from jaxpatch.components import activation_sites
     from jaxpatch.trace import _sources

@@ -207,11 +207,13 @@ class ModelConfig:
                           activation="gelu_tanh", tie_embeddings=True, scale_embeddings=True),
             "gemma3_text": dict(n_kv_heads=1, head_dim=16, norm_weight_offset=1.0,
                                 activation="gelu_tanh", tie_embeddings=True, scale_embeddings=True,
-                                sliding_windows=(4, None), sliding_rope_theta=10000.0,
+                                sliding_rope_theta=10000.0,
                                 rope_theta=1e6, attention_scale=24**-0.5, qk_norm=True,
                                 sandwich_norms=True),
         }
         fields = {**common, **per_family[family], **overrides}
+        if family == "gemma3_text" and "sliding_windows" not in overrides:  # every other block slides
+            fields["sliding_windows"] = tuple(None if i % 2 else 4 for i in range(int(fields["n_layers"])))
         return cls(family=family, **fields)  # type: ignore[arg-type]
 
 
