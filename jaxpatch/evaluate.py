@@ -58,8 +58,8 @@ from jaxpatch.scoring import plant_patch, planted_labels
 from jaxpatch.stats import roc_auc
 from jaxpatch.trace import activation_patching
 
-__all__ = ["EVALUATED_METHODS", "EXHAUSTIVE_NEURONS", "PlantedPair", "default_pair_dir", "load_planted", "task_accuracy",
-           "behavior", "delta_norms", "importance", "Evaluation", "stage_count",
+__all__ = ["EVALUATED_METHODS", "EXHAUSTIVE_NEURONS", "PlantedPair", "default_pair_dir",
+           "load_planted", "task_accuracy", "behavior", "delta_norms", "importance", "Evaluation", "stage_count",
            "hierarchy_against_plant", "evaluate"]
 
 EVALUATED_METHODS: tuple[str, ...] = (
