@@ -59,8 +59,8 @@ from jaxpatch.stats import roc_auc
 from jaxpatch.trace import activation_patching
 
 __all__ = ["EVALUATED_METHODS", "EXHAUSTIVE_NEURONS", "PlantedPair", "default_pair_dir",
-           "load_planted", "task_accuracy", "behavior", "delta_norms", "importance", "Evaluation", "stage_count",
-           "hierarchy_against_plant", "evaluate"]
+           "load_planted", "task_accuracy", "behavior", "delta_norms", "importance", "Evaluation",
+           "stage_count", "hierarchy_against_plant", "evaluate"]
 
 EVALUATED_METHODS: tuple[str, ...] = (
     "exact-denoise", "exact-noise", "first-order", "integrated-gradients", "learned-patch",
