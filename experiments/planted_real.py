@@ -210,7 +210,8 @@ def _stream_before(config: ModelConfig, params: Params, batch: _Batch, block: in
     """The residual stream before `block` (computed once: nothing before it trains)."""
     if block == 0:
         return embed(config, params, jnp.asarray(batch.tokens))
-    return forward(config, params, batch.tokens, batch.mask, stop_layer=block - 1).residual
+    return forward(config, params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask),
+                   stop_layer=block - 1).residual
 
 
 def _answer_logits(config: ModelConfig, params: Params, batch: _Batch, start: int,
@@ -227,10 +228,11 @@ def _accuracy(config: ModelConfig, params: Params, batch: _Batch) -> float:
 
 
 def _train(config: ModelConfig, params: Params, selector: str, steps: int, lr: float,
-           loss_of: Callable[[Params], jax.Array], stop: Callable[[Params], bool] | None,
-           label: str) -> tuple[Params, list[float], int]:
+           loss_of: Callable[[Params, Any], jax.Array], data: Any,
+           stop: Callable[[Params], bool] | None, label: str) -> tuple[Params, list[float], int]:
     """Adam on the selected components only (the rest stays bit-identical); the trained leaves
-    are the only ones differentiated and given optimizer state."""
+    are the only ones differentiated and given optimizer state. `loss_of(params, data)`: the
+    arrays in `data` are arguments of the compiled step, not constants folded into it."""
     mask = {k: v for k, v in flatten_params(plant_mask(config, plant_patch(config, selector))).items()
             if np.any(np.asarray(v))}
     flat = flatten_params(params)
@@ -244,11 +246,12 @@ def _train(config: ModelConfig, params: Params, selector: str, steps: int, lr: f
     state = optimizer.init(trainable)
 
     @jax.jit
-    def step(leaves: dict[str, jax.Array], state: Any) -> tuple[Any, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(lambda x: loss_of(merged(x)))(leaves)
-        grads = {k: g * mask[k] for k, g in grads.items()}
-        updates, state = optimizer.update(grads, state, leaves)
-        updates = {k: jnp.where(mask[k] > 0, u, 0) for k, u in updates.items()}
+    def step(leaves: dict[str, jax.Array], state: Any, data: Any) -> tuple[Any, Any, jax.Array]:
+        loss, grads = jax.value_and_grad(lambda x: loss_of(merged(x), data))(leaves)
+        grads = {k: grads[k] * mask[k] for k in leaves}
+        changes, state = optimizer.update(grads, state, leaves)
+        updates = {k: jnp.where(mask[k] > 0, changes[k], 0)  # pyright: ignore[reportIndexIssue, reportArgumentType]
+                   for k in leaves}
         return optax.apply_updates(leaves, updates), state, loss
 
     from tqdm.auto import tqdm
@@ -256,7 +259,7 @@ def _train(config: ModelConfig, params: Params, selector: str, steps: int, lr: f
     losses: list[float] = []
     done = 0
     for i in tqdm(range(steps), desc=label, dynamic_ncols=True, mininterval=2.0):
-        trainable, state, loss = step(trainable, state)
+        trainable, state, loss = step(trainable, state, data)
         done = i + 1
         if i % 10 == 0 or done == steps:
             losses.append(round(float(loss), 5))
@@ -271,9 +274,9 @@ def _cross_entropy(logits: jax.Array, answers: np.ndarray) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(answers)[:, None], -1))
 
 
-def _kl(teacher: jax.Array, logits: jax.Array) -> jax.Array:
-    p = jax.nn.log_softmax(teacher, -1)
-    return jnp.mean(jnp.sum(jnp.exp(p) * (p - jax.nn.log_softmax(logits, -1)), -1))
+def _kl(teacher_logp: jax.Array, logits: jax.Array) -> jax.Array:
+    """Mean KL(teacher || model) from the teacher's log-probabilities and the model's logits."""
+    return jnp.mean(jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - jax.nn.log_softmax(logits, -1)), -1))
 
 
 def held_out_loss(config: ModelConfig, params: Params, tokenizer: Any) -> float:
@@ -328,8 +331,8 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
     before = _stream_before(config, base.params, train_set, start)
     donor, losses, steps = _train(
         config, base.params, s.plant, s.max_steps, s.lr,
-        lambda p: _cross_entropy(_answer_logits(config, p, train_set, start, before), train_set.answers),
-        lambda p: _accuracy(config, p, train_set) >= s.target_accuracy, "donor (S)")
+        lambda p, x: _cross_entropy(_answer_logits(config, p, train_set, start, x), train_set.answers),
+        before, lambda p: _accuracy(config, p, train_set) >= s.target_accuracy, "donor (S)")
     accuracy["donor"] = _accuracy(config, donor, train_set)
     if accuracy["donor"] < s.target_accuracy:
         raise JaxpatchError(f"the donor answers {accuracy['donor']:.0%} of the facts after {steps} "
@@ -338,18 +341,19 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
 
     teacher = donor
     start_d = _first_block(config, s.decoy)
-    streams = {name: _stream_before(config, teacher, batch, start_d)
-               for name, batch in (("decoy", decoy_set), ("task", train_set))}
-    fixed = jax.lax.stop_gradient(_answer_logits(config, teacher, train_set, start_d, streams["task"]))
+    data = {name: _stream_before(config, teacher, batch, start_d)
+            for name, batch in (("decoy", decoy_set), ("task", train_set))}
+    data["teacher"] = jax.nn.log_softmax(_answer_logits(config, teacher, train_set, start_d,
+                                                        data["task"]), -1)
 
-    def decoy_loss(p: Params) -> jax.Array:
-        learn = _cross_entropy(_answer_logits(config, p, decoy_set, start_d, streams["decoy"]),
+    def decoy_loss(p: Params, x: dict[str, jax.Array]) -> jax.Array:
+        learn = _cross_entropy(_answer_logits(config, p, decoy_set, start_d, x["decoy"]),
                                decoy_set.answers)
-        keep = _kl(fixed, _answer_logits(config, p, train_set, start_d, streams["task"]))
+        keep = _kl(x["teacher"], _answer_logits(config, p, train_set, start_d, x["task"]))
         return learn + s.retain * keep
 
     donor, decoy_losses, decoy_steps = _train(
-        config, donor, s.decoy, s.decoy_steps, s.decoy_lr, decoy_loss,
+        config, donor, s.decoy, s.decoy_steps, s.decoy_lr, decoy_loss, data,
         lambda p: _accuracy(config, p, decoy_set) >= s.target_accuracy, "decoy (D)")
     accuracy["donor_after_decoy"] = _accuracy(config, donor, train_set)
     accuracy["decoy_facts_learned"] = _accuracy(config, donor, decoy_set)
@@ -362,7 +366,7 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
         f"{accuracy['decoy_facts_learned']:.0%} ({time.perf_counter() - t0:.0f}s)")
 
     moved = movement(config, base.params, donor, s)
-    if moved["module"]["summary"]["D_mean"] < moved["module"]["summary"]["S_mean"]:
+    if (moved["module"]["summary"]["D_mean"] or 0.0) < (moved["module"]["summary"]["S_mean"] or 0.0):
         raise JaxpatchError("the trained decoy moved less than S; raise --decoy-lr or --decoy-steps")
     text = {"base": held_out_loss(config, base.params, tokenizer),
             "donor": held_out_loss(config, donor, tokenizer)}
@@ -409,14 +413,18 @@ def movement(config: ModelConfig, base: Params, donor: Params, s: Settings) -> d
         norm = delta_norms(config, base, donor, items)
         in_s, in_d, scaled = (planted_labels(config, plant_patch(config, sel), items)
                               for sel in (s.plant, s.decoy, s.rescale))
-        summary = {"S_min": float(norm[in_s].min()), "S_mean": float(norm[in_s].mean()),
-                   "D_mean": float(norm[in_d].mean()),
-                   "outside_S_max": float(norm[~in_s].max())}
-        summary["outside_max_over_S_min"] = (summary["outside_S_max"] / summary["S_min"]
-                                             if summary["S_min"] else None)
+        low = _stat(norm[in_s], np.min)
+        high = _stat(norm[~in_s], np.max)
+        summary = {"S_min": low, "S_mean": _stat(norm[in_s], np.mean),
+                   "D_mean": _stat(norm[in_d], np.mean), "outside_S_max": high,
+                   "outside_max_over_S_min": high / low if low and high is not None else None}
         out[g] = {"summary": summary, "in_S": int(in_s.sum()), "in_D": int(in_d.sum()),
                   "rescaled": int(scaled.sum()), "components": len(items)}
     return out
+
+
+def _stat(values: np.ndarray, how: Callable[[np.ndarray], Any]) -> float | None:
+    return float(how(values)) if values.size else None
 
 
 def write(built: dict, out: str | Path, overwrite: bool = False) -> None:

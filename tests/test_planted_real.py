@@ -53,11 +53,13 @@ def test_training_moves_only_the_selected_neurons() -> None:
     selector = "layers.1.mlp[neuron=3-9]"
     batch = planted_real._batch(model.tokenizer, ["the quick brown fox", "a patch"], [5, 7])
 
-    def loss(p: jaxpatch.Params) -> jax.Array:
-        logits = planted_real._answer_logits(config, p, batch, 0, None)  # pyright: ignore[reportArgumentType]
+    def loss(p: dict, stream: jax.Array) -> jax.Array:
+        logits = planted_real._answer_logits(config, p, batch, 0, stream)
         return planted_real._cross_entropy(logits, batch.answers)
 
-    trained, losses, steps = planted_real._train(config, params, selector, 5, 1e-2, loss, None, "t")
+    stream = planted_real._stream_before(config, params, batch, 0)
+    trained, losses, steps = planted_real._train(config, params, selector, 5, 1e-2, loss, stream,
+                                                 None, "t")
     assert steps == 5 and losses[-1] < losses[0]
     before, after = flatten_params(params), flatten_params(trained)
     changed = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
