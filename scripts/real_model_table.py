@@ -177,6 +177,38 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+START, END = "<!-- real-model:start -->", "<!-- real-model:end -->"
+
+
+def readme_table(r: dict[str, Any]) -> str:
+    """The README's short version of the results."""
+    p, auc, v = r["parity"], r["auc"], r["narrow_then_verify"]
+    return "\n".join([
+        f"Measured by `scripts/real_model_table.py` on {r['machine']}:",
+        "",
+        "| what | measured |",
+        "| --- | --- |",
+        f"| logits vs transformers' GGUF load, largest error / logit scale | {p['max_relative_error']:.1e} "
+        f"(top-5 equal on {p['top5_agree']}/{p['prompts']} prompts) |",
+        f"| module ROC AUC against S: exact denoise / noise / IG / \\|dW\\| | "
+        f"{auc['module']['exact-denoise']:.3f} / {auc['module']['exact-noise']:.3f} / "
+        f"{auc['module']['integrated-gradients']:.3f} / {auc['module']['delta-norm']:.3f} |",
+        f"| neurons: IG shortlist verified exactly | {v['recall']:.0%} of S's exact top {v['recall_k']} on "
+        f"{v['verified_fraction']:.1%} of {r['planted']['neuron'][1]} neurons |",
+        f"| building the pair / the demo on it | {r['pair']['seconds']:.0f} s / "
+        f"{r['evaluate_seconds']:.0f} s |",
+    ])
+
+
+def update_readme(r: dict[str, Any]) -> None:
+    """Puts the short table between the README's markers."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    readme.write_text(f"{head}{START}\n{readme_table(r)}\n{END}{tail}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--pair", type=Path, default=planted_real.default_out(0),
@@ -191,6 +223,7 @@ def main() -> None:
         (docs / "real_model.json").write_text(json.dumps(result, indent=1) + "\n")
     text = markdown(result)
     (docs / "real_model.md").write_text(text)
+    update_readme(result)
     print(text)
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from golden import FIXTURES
@@ -50,6 +51,17 @@ def test_tiny_tokenizer_matches_transformers() -> None:
     model = jaxpatch.load(TINY)
     ours = [model.tokenizer.encode(t).ids for t in texts["texts"]]
     assert ours == texts["ids"]
+
+
+def test_a_chosen_dtype_is_applied_after_dequantizing() -> None:
+    full, half = jaxpatch.load(TINY), jaxpatch.load(TINY, dtype="bfloat16")
+    assert half.config.dtype == "bfloat16"
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves(half.params)} == {"bfloat16"}
+    norm = full.params["layers"][0]["input_layernorm"]["weight"]
+    assert np.array_equal(np.asarray(half.params["layers"][0]["input_layernorm"]["weight"]),
+                          np.asarray(norm.astype("bfloat16")))
+    with pytest.raises(UnsupportedConfigError, match="dtype"):
+        jaxpatch.load(TINY, dtype="float64")
 
 
 def test_q8_0_dequantized_by_hand_equals_the_reader() -> None:
