@@ -11,8 +11,9 @@ stays bit-identical to the base except for the decoys:
    only at the answer position (the 262,144-way output layer is most of the cost), and the
    residual stream before S's first block is computed once: training runs from there.
 2. **Trained decoy.** The donor then learns *other* counterfactual facts (12 other landmarks) in a
-   disjoint set D until it answers them, while a KL term keeps the measured facts' answer
-   distributions where they were. D moves at least as far as S.
+   disjoint set D for a fixed number of steps (longer than they take to learn, so that D moves
+   further than S), while a KL term keeps the measured facts' answer distributions where they
+   were. D moves at least as far as S (checked).
 3. **Function-preserving decoys.** Neurons next to S are rescaled (`experiments.decoys`): their
    weights move far, the donor's function not at all.
 
@@ -118,7 +119,7 @@ class Settings:
     lr: float = 2e-3
     max_steps: int = 300
     decoy_lr: float = 4e-3
-    decoy_steps: int = 150
+    decoy_steps: int = 60
     retain: float = 4.0
     target_accuracy: float = 0.9
     max_accuracy_change: float = 0.05
@@ -352,9 +353,8 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
         keep = _kl(x["teacher"], _answer_logits(config, p, train_set, start_d, x["task"]))
         return learn + s.retain * keep
 
-    donor, decoy_losses, decoy_steps = _train(
-        config, donor, s.decoy, s.decoy_steps, s.decoy_lr, decoy_loss, data,
-        lambda p: _accuracy(config, p, decoy_set) >= s.target_accuracy, "decoy (D)")
+    donor, decoy_losses, decoy_steps = _train(config, donor, s.decoy, s.decoy_steps, s.decoy_lr,
+                                              decoy_loss, data, None, "decoy (D)")
     accuracy["donor_after_decoy"] = _accuracy(config, donor, train_set)
     accuracy["decoy_facts_learned"] = _accuracy(config, donor, decoy_set)
     _check_unchanged(accuracy["donor"], accuracy["donor_after_decoy"], "the trained decoy", s)
@@ -366,8 +366,11 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
         f"{accuracy['decoy_facts_learned']:.0%} ({time.perf_counter() - t0:.0f}s)")
 
     moved = movement(config, base.params, donor, s)
-    if (moved["module"]["summary"]["D_mean"] or 0.0) < (moved["module"]["summary"]["S_mean"] or 0.0):
-        raise JaxpatchError("the trained decoy moved less than S; raise --decoy-lr or --decoy-steps")
+    summary = moved["module"]["summary"]
+    if (summary["D_mean"] or 0.0) < (summary["S_mean"] or 0.0):
+        raise JaxpatchError(f"the trained decoy moved less than S (mean module norm "
+                            f"{summary['D_mean']:.3g} vs {summary['S_mean']:.3g}); raise "
+                            "--decoy-lr or --decoy-steps")
     text = {"base": held_out_loss(config, base.params, tokenizer),
             "donor": held_out_loss(config, donor, tokenizer)}
     log(f"held-out text loss: base {text['base']:.3f}, donor {text['donor']:.3f} nats/token")

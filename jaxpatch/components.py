@@ -171,18 +171,26 @@ def activation_sites(config: ModelConfig) -> dict[str, int]:
     return sites
 
 
-def component_sites(component: Component) -> dict[str, int | None]:
+def component_sites(config: ModelConfig, component: Component) -> dict[str, int | None]:
     """The sites a component's activation patch sets: site -> index on its axis (None: all).
+    A whole block sets what its attention and MLP add to the stream (with sandwich norms, the
+    outputs of the post-norms).
 
     Example:
         >>> from jaxpatch.components import components
-        >>> component_sites(components(ModelConfig.tiny("llama"), "head")[5])
+        >>> cfg = ModelConfig.tiny("llama")
+        >>> component_sites(cfg, components(cfg, "head")[5])
         {'layers.0.self_attn.k_proj': 1, 'layers.0.self_attn.v_proj': 1}
+        >>> list(component_sites(cfg, components(cfg, "layer")[1]))
+        ['layers.1.self_attn.o_proj', 'layers.1.mlp.down_proj']
     """
     prefix = ".".join(component.path)
     if component.granularity == "module":
         return {component.name: None}
     if component.granularity == "layer":
+        if config.sandwich_norms:
+            return {f"{prefix}.post_attention_layernorm": None,
+                    f"{prefix}.post_feedforward_layernorm": None}
         return {f"{prefix}.self_attn.o_proj": None, f"{prefix}.mlp.down_proj": None}
     if component.key == "head":
         return {f"{prefix}.heads": component.index}

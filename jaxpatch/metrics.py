@@ -484,7 +484,7 @@ def target_sites(config: ModelConfig, target: str) -> OutputSites:
                             "neurons lie in one module")
     sites: dict[str, list[int] | None] = {}
     for component in found:
-        for site, index in component_sites(component).items():
+        for site, index in component_sites(config, component).items():
             current = sites.setdefault(site, [] if index is not None else None)
             if current is not None and index is not None:
                 current.append(index)

@@ -48,11 +48,12 @@ __all__ = ["activation_patching", "activation_matrix"]
 Betas = dict[str, jax.Array]
 
 
-def _betas(chunk: Sequence[Component], size: int, sites: dict[str, int]) -> dict[str, np.ndarray]:
+def _betas(config: ModelConfig, chunk: Sequence[Component], size: int,
+           sites: dict[str, int]) -> dict[str, np.ndarray]:
     """Per-site coefficients `[size, axis]` for a chunk (padding rows stay 0)."""
     out = {site: np.zeros((size, n), np.float32) for site, n in sites.items()}
     for row, component in enumerate(chunk):
-        for site, index in component_sites(component).items():
+        for site, index in component_sites(config, component).items():
             out[site][row, slice(None) if index is None else index] = 1.0
     return out
 
@@ -166,7 +167,7 @@ def _activation_scores(base: Model, donor: Model, batch: Batch, metric: Metric,
         for first, group in sorted(groups.items()):
             members = [items[i] for i in group]
             sites = {s: all_sites[s] for s in dict.fromkeys(
-                s for c in members for s in component_sites(c))}
+                s for c in members for s in component_sites(config, c))}
             ops = _Operands(start.params, {s: sources[s] for s in sites},
                             residuals[first] if first > 0 else None, batch, state, earlier)
             key = ("activation", config, metric, first, tuple(sites))
@@ -177,7 +178,7 @@ def _activation_scores(base: Model, donor: Model, batch: Batch, metric: Metric,
             compile_s += time.perf_counter() - compile_start
             for offset in range(0, len(group), size):
                 chunk = members[offset: offset + size]
-                betas = {k: jnp.asarray(v) for k, v in _betas(chunk, size, sites).items()}
+                betas = {k: jnp.asarray(v) for k, v in _betas(config, chunk, size, sites).items()}
                 values = np.asarray(program(betas, ops), np.float64)
                 for row, i in enumerate(group[offset: offset + size]):
                     scores[i] = values[row]

@@ -130,3 +130,22 @@ def test_every_site_is_recorded_and_an_edit_acts_where_it_is_made(family, pair) 
     np.testing.assert_allclose(silenced.read(None), reference.read(None), atol=1e-5)
     assert not np.allclose(silenced.read(None), forward(config, base.params, batch.tokens,
                                                           batch.mask).read(None), atol=1e-3)
+
+
+def test_a_whole_block_patched_with_sandwich_norms_carries_the_donors_post_norms() -> None:
+    """Gemma 3 adds post-normed outputs to the stream: a one-block model whose donor differs in
+    its MLP and both post-norms is fully recovered by patching that block's outputs."""
+    from jaxpatch import KLDivergence, Model, ModelConfig, activation_patching, init_params, make_batch
+    from jaxpatch.prompts import Prompt
+
+    config = ModelConfig.tiny("gemma3_text", n_layers=1)
+    base = init_params(config, jax.random.key(0), scale=0.3)
+    donor = jax.tree_util.tree_map(lambda x: x, base)
+    layer = donor["layers"][0]
+    for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
+        layer[name] = {"weight": layer[name]["weight"] + 0.5}
+    layer["mlp"] = {k: {"weight": v["weight"] * 1.5} for k, v in layer["mlp"].items()}
+    batch = make_batch(config, [Prompt((1, 2, 3, 4)), Prompt((5, 6, 7))])
+    result = activation_patching(Model(config, base), Model(config, donor), batch, KLDivergence(),
+                                 granularity="layer", progress=False)
+    assert abs(float(result.recovery[0]) - 1.0) < 1e-5
