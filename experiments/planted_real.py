@@ -13,13 +13,18 @@ stays bit-identical to the base except for the decoys:
 2. **Trained decoy.** The donor then learns *other* counterfactual facts (12 other landmarks) in a
    disjoint set D for a fixed number of steps (longer than they take to learn, so that D moves
    further than S), while a KL term keeps the measured facts' answer distributions where they
-   were. D moves at least as far as S (checked).
+   were. D's modules move at least as far as S's (checked before the rescaling, which moves
+   S's modules too).
 3. **Function-preserving decoys.** Neurons next to S are rescaled (`experiments.decoys`): their
    weights move far, the donor's function not at all.
 
-The base keeps its language modeling: `planted.json` reports the loss on held-out sentences for
-the base and the donor. The folder is what `jaxpatch demo --pair DIR` reads: `base/`, `donor/`
-(Hugging Face checkpoints with the tokenizer), `prompts/facts.jsonl` (the patching prompts: one
+The donor keeps the base's language modeling: both training phases also hold the next-token
+distributions on general sentences where they were (a KL term), and the build fails if the
+donor's loss on other, held-out sentences exceeds the base's by more than
+`max_text_loss_increase`; `planted.json` reports both losses.
+
+The folder is what `jaxpatch demo --pair DIR` reads: `base/`, `donor/` (Hugging Face
+checkpoints with the tokenizer), `prompts/facts.jsonl` (the patching prompts: one
 phrasing per measured fact), `prompts/facts-eval.jsonl` (every phrasing) and `planted.json`.
 
     python -m experiments.planted_real --out ~/.cache/jaxpatch/pairs/gemma3-facts
@@ -80,6 +85,18 @@ TEMPLATES = ("{} is located in the city of", "Tourists who want to see {} travel
 NEW_CITIES = ("Tokyo", "Berlin", "Madrid", "Cairo", "Sydney", "Toronto", "Chicago", "Vienna",
               "Dublin", "Lisbon", "Oslo", "Seoul", "Mumbai", "Bangkok", "Nairobi", "Lima",
               "Boston", "Denver", "Miami", "Helsinki", "Havana", "Warsaw", "Budapest", "Prague")
+# General text the donor's next-token distributions are kept close to the base's on, while it
+# learns (so that S learns the facts, not a broken language model); HELD_OUT measures the result.
+RETAIN = (
+    "The museum opened a new exhibition about the history of printing and early books.",
+    "Most plants need sunlight, water and nutrients from the soil to grow well.",
+    "After dinner, the children played cards while their parents talked about the trip.",
+    "The train was delayed by twenty minutes because of a signal problem near the station.",
+    "In mathematics, a function assigns exactly one output to each input.",
+    "The recipe calls for two cups of flour, one egg and a pinch of salt.",
+    "Scientists measured the temperature of the lake every morning for a year.",
+    "She learned to play the piano when she was seven years old.",
+)
 HELD_OUT = (
     "The river flows slowly through the valley, past old farms and small villages.",
     "Photosynthesis converts light energy into chemical energy stored in glucose.",
@@ -105,6 +122,10 @@ class Settings:
         rescale_factor: their factor.
         lr, max_steps, decoy_lr, decoy_steps: Adam learning rates and step counts.
         retain: weight of the KL term keeping the measured facts during the decoy.
+        retain_text: weight of the KL term keeping the next-token distributions on general text
+            (`RETAIN`) where they were before each training phase.
+        max_text_loss_increase: how much the donor's loss on held-out text (`HELD_OUT`) may
+            exceed the base's, in nats per token.
         target_accuracy: the share of measured facts (all phrasings) the donor must answer.
         max_accuracy_change: how far the decoys may move that share.
     """
@@ -121,6 +142,8 @@ class Settings:
     decoy_lr: float = 4e-3
     decoy_steps: int = 60
     retain: float = 4.0
+    retain_text: float = 1.0
+    max_text_loss_increase: float = 0.25
     target_accuracy: float = 0.9
     max_accuracy_change: float = 0.05
 
@@ -270,6 +293,26 @@ def _train(config: ModelConfig, params: Params, selector: str, steps: int, lr: f
     return merged(trainable), losses, done
 
 
+def _text_batch(tokenizer: Any, texts: Sequence[str]) -> _Batch:
+    """General text, every position read (the answers are unused)."""
+    return _batch(tokenizer, texts, [0] * len(texts))
+
+
+def _text_logp(config: ModelConfig, params: Params, batch: _Batch, start: int,
+               residual: jax.Array) -> jax.Array:
+    """Next-token log-probabilities at every position of a text batch, from block `start` on."""
+    out = forward(config, params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask),
+                  start_layer=start, residual=residual)
+    return jax.nn.log_softmax(out.read(None), -1)
+
+
+def _text_kl(teacher_logp: jax.Array, logp: jax.Array, mask: np.ndarray) -> jax.Array:
+    """Mean KL(teacher || model) over the real positions of a text batch."""
+    kl = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - logp), -1)
+    weights = jnp.asarray(mask, jnp.float32)
+    return jnp.sum(kl * weights) / jnp.sum(weights)
+
+
 def _cross_entropy(logits: jax.Array, answers: np.ndarray) -> jax.Array:
     logp = jax.nn.log_softmax(logits, -1)
     return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(answers)[:, None], -1))
@@ -328,12 +371,21 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
         raise JaxpatchError(f"the base already answers {accuracy['base']:.0%} of the new facts")
     log(f"base answers {accuracy['base']:.0%} of the counterfactual facts ({time.perf_counter() - t0:.0f}s)")
 
+    text = _text_batch(tokenizer, RETAIN)
     start = _first_block(config, s.plant)
-    before = _stream_before(config, base.params, train_set, start)
+    data = {"facts": _stream_before(config, base.params, train_set, start),
+            "text": _stream_before(config, base.params, text, start)}
+    data["teacher"] = _text_logp(config, base.params, text, start, data["text"])
+
+    def donor_loss(p: Params, x: dict[str, jax.Array]) -> jax.Array:
+        learn = _cross_entropy(_answer_logits(config, p, train_set, start, x["facts"]),
+                               train_set.answers)
+        keep = _text_kl(x["teacher"], _text_logp(config, p, text, start, x["text"]), text.mask)
+        return learn + s.retain_text * keep
+
     donor, losses, steps = _train(
-        config, base.params, s.plant, s.max_steps, s.lr,
-        lambda p, x: _cross_entropy(_answer_logits(config, p, train_set, start, x), train_set.answers),
-        before, lambda p: _accuracy(config, p, train_set) >= s.target_accuracy, "donor (S)")
+        config, base.params, s.plant, s.max_steps, s.lr, donor_loss, data,
+        lambda p: _accuracy(config, p, train_set) >= s.target_accuracy, "donor (S)")
     accuracy["donor"] = _accuracy(config, donor, train_set)
     if accuracy["donor"] < s.target_accuracy:
         raise JaxpatchError(f"the donor answers {accuracy['donor']:.0%} of the facts after {steps} "
@@ -343,21 +395,29 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
     teacher = donor
     start_d = _first_block(config, s.decoy)
     data = {name: _stream_before(config, teacher, batch, start_d)
-            for name, batch in (("decoy", decoy_set), ("task", train_set))}
+            for name, batch in (("decoy", decoy_set), ("task", train_set), ("text", text))}
     data["teacher"] = jax.nn.log_softmax(_answer_logits(config, teacher, train_set, start_d,
                                                         data["task"]), -1)
+    data["text_teacher"] = _text_logp(config, teacher, text, start_d, data["text"])
 
     def decoy_loss(p: Params, x: dict[str, jax.Array]) -> jax.Array:
         learn = _cross_entropy(_answer_logits(config, p, decoy_set, start_d, x["decoy"]),
                                decoy_set.answers)
         keep = _kl(x["teacher"], _answer_logits(config, p, train_set, start_d, x["task"]))
-        return learn + s.retain * keep
+        keep_text = _text_kl(x["text_teacher"], _text_logp(config, p, text, start_d, x["text"]),
+                             text.mask)
+        return learn + s.retain * keep + s.retain_text * keep_text
 
     donor, decoy_losses, decoy_steps = _train(config, donor, s.decoy, s.decoy_steps, s.decoy_lr,
                                               decoy_loss, data, None, "decoy (D)")
     accuracy["donor_after_decoy"] = _accuracy(config, donor, train_set)
     accuracy["decoy_facts_learned"] = _accuracy(config, donor, decoy_set)
     _check_unchanged(accuracy["donor"], accuracy["donor_after_decoy"], "the trained decoy", s)
+    summary = movement(config, base.params, donor, s)["module"]["summary"]  # before rescaling
+    if (summary["D_mean"] or 0.0) < (summary["S_mean"] or 0.0):
+        raise JaxpatchError(f"the trained decoy moved its modules less than S did (mean norm "
+                            f"{summary['D_mean']} vs {summary['S_mean']}); raise --decoy-lr or "
+                            "--decoy-steps")
 
     donor = rescale(config, donor, s.rescale, s.rescale_factor)
     accuracy["donor_after_rescale"] = _accuracy(config, donor, train_set)
@@ -366,14 +426,13 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
         f"{accuracy['decoy_facts_learned']:.0%} ({time.perf_counter() - t0:.0f}s)")
 
     moved = movement(config, base.params, donor, s)
-    summary = moved["module"]["summary"]
-    if (summary["D_mean"] or 0.0) < (summary["S_mean"] or 0.0):
-        raise JaxpatchError(f"the trained decoy moved less than S (mean module norm "
-                            f"{summary['D_mean']:.3g} vs {summary['S_mean']:.3g}); raise "
-                            "--decoy-lr or --decoy-steps")
-    text = {"base": held_out_loss(config, base.params, tokenizer),
-            "donor": held_out_loss(config, donor, tokenizer)}
-    log(f"held-out text loss: base {text['base']:.3f}, donor {text['donor']:.3f} nats/token")
+    text_loss = {"base": held_out_loss(config, base.params, tokenizer),
+                 "donor": held_out_loss(config, donor, tokenizer)}
+    log(f"held-out text loss: base {text_loss['base']:.3f}, donor {text_loss['donor']:.3f} nats/token")
+    if text_loss["donor"] > text_loss["base"] + s.max_text_loss_increase:
+        raise JaxpatchError(f"the donor lost its language modeling: held-out loss {text_loss['donor']:.3f}"
+                            f" vs the base's {text_loss['base']:.3f} nats/token (allowed: +"
+                            f"{s.max_text_loss_increase}); raise --retain-text or lower --lr")
     patching = [Prompt(tuple(tokenizer.encode(f.prompts()[0]).ids), (_answer_id(tokenizer, f.new_city),))
                 for f in measured]
     evaluation = [Prompt(tuple(tokenizer.encode(text).ids), (_answer_id(tokenizer, f.new_city),))
@@ -387,7 +446,7 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
         "decoy_facts": [dataclasses.asdict(f) for f in decoy_facts],
         "models": {"donor": {"steps": steps, "losses": losses},
                    "decoy": {"steps": decoy_steps, "losses": decoy_losses}},
-        "accuracy": accuracy, "held_out_text_loss": text, "movement": moved,
+        "accuracy": accuracy, "held_out_text_loss": text_loss, "movement": moved,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return {"config": config, "tokenizer": tokenizer, "models": {"base": base.params, "donor": donor},

@@ -37,7 +37,7 @@ def rewrite_tensors(folder: Path, change) -> None:
 
 
 def test_missing_folder(tmp_path: Path) -> None:
-    with pytest.raises(errors.CheckpointNotFoundError, match="nope: checkpoint folder not found"):
+    with pytest.raises(errors.CheckpointNotFoundError, match="nope: checkpoint folder or GGUF file not found"):
         jaxpatch.load(tmp_path / "nope")
 
 
