@@ -59,7 +59,8 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
     folder = copy_fixture(tmp_path)
     edit_config(folder, model_type="bert")
     with pytest.raises(errors.UnsupportedArchitectureError,
-                       match="'bert' is not supported \\(supported: gpt2, llama, qwen2, mistral, gemma\\)"):
+                       match=r"'bert' is not supported \(supported: gpt2, llama, qwen2, mistral, gemma, "
+                             r"gemma3_text\)"):
         jaxpatch.load(folder)
 
 
@@ -208,7 +209,7 @@ def test_console_script_exits_with_status_2(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "jaxpatch.cli", "info", str(tmp_path / "x")],
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"jaxpatch: error: {tmp_path / 'x'}: checkpoint folder not found"]
+    assert result.stderr.strip().splitlines() == [f"jaxpatch: error: {tmp_path / 'x'}: checkpoint folder or GGUF file not found"]
 
 
 # ------------------------------------------------------------------------- the sweep command
