@@ -137,13 +137,13 @@ class Settings:
     decoy: str = "layers.10-11.mlp[neuron=0-511]"
     rescale: str = "layers.6-7.mlp[neuron=256-511]"
     rescale_factor: float = 16.0
-    lr: float = 2e-3
+    lr: float = 1e-3
     max_steps: int = 300
-    decoy_lr: float = 4e-3
+    decoy_lr: float = 3e-3
     decoy_steps: int = 60
     retain: float = 4.0
-    retain_text: float = 1.0
-    max_text_loss_increase: float = 0.25
+    retain_text: float = 8.0
+    max_text_loss_increase: float = 1.0
     target_accuracy: float = 0.9
     max_accuracy_change: float = 0.05
 

@@ -99,7 +99,7 @@ def run(pair_dir: Path) -> dict[str, Any]:
 def markdown(r: dict[str, Any]) -> str:
     """The document."""
     p, pair, auc, v = r["parity"], r["pair"], r["auc"], r["narrow_then_verify"]
-    fmt = lambda x: "-" if x is None else f"{x:.3f}"
+    fmt = lambda x: "-" if x is None else "n/a" if x != x else f"{x:.3f}"  # x != x: NaN, no S there
     module_ok = min(auc["module"]["exact-denoise"], auc["module"]["exact-noise"]) >= 0.95
     recall_ok = v["recall"] >= 0.9 and v["verified_fraction"] <= 0.1
     acc, text = pair["accuracy"], pair["held_out_text_loss"]
@@ -149,7 +149,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"(modules {r['planted']['module'][0]}/{r['planted']['module'][1]} in S, heads "
         f"{r['planted']['head'][0]}/{r['planted']['head'][1]}, neurons "
         f"{r['planted']['neuron'][0]}/{r['planted']['neuron'][1]}); a dash: not run at that "
-        "granularity (one exact run per neuron is too slow on a CPU):",
+        "granularity (one exact run per neuron is too slow on a CPU); n/a: S has no component "
+        "at that granularity (S is MLP neurons: no head is in it).",
         "",
         "| method | module | head | neuron |",
         "| --- | --- | --- | --- |",
@@ -168,7 +169,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"noise {auc['module']['exact-noise']:.3f} | {'met' if module_ok else 'missed'} |",
         f"| neuron narrow -> verify recall >= 0.9 on <= 10% of neurons | {v['recall']:.2f} on "
         f"{v['verified_fraction']:.1%} | {'met' if recall_ok else 'missed'} |",
-        f"| |dW| beside it (module / neuron AUC) | {fmt(auc['module']['delta-norm'])} / "
+        f"| \\|dW\\| beside it (module / neuron AUC) | {fmt(auc['module']['delta-norm'])} / "
         f"{fmt(auc['neuron']['delta-norm'])} | |",
         "",
         "Stage times (s): " + ", ".join(f"{k} {val:g}" for k, val in r["timing"].items()) + ".",
