@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", action="append", choices=["module", "head", "neuron"],
                    help="granularities to score (repeatable; default all three)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline and controls")
+    p.add_argument("--stage", action="append", metavar="NAME",
+                   help="run only these stages (repeatable; default all: narrow-then-verify, the "
+                        "methods, hierarchy)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = command("report", _report, "re-render report.html from a demo run's saved results")
@@ -473,7 +476,8 @@ def _demo(args: argparse.Namespace) -> None:
         return tqdm(total=total, desc=f"[{next(stages)}/{count}] {name}", unit="step",
                     disable=args.no_progress, dynamic_ncols=True, leave=True)
 
-    evaluation = evaluate(pair, granularities=granularities, seed=args.seed, stage=stage)
+    evaluation = evaluate(pair, granularities=granularities, seed=args.seed, stages=args.stage,
+                          stage=stage)
     write_run(evaluation.summary, evaluation.results, out, overwrite=True)
     print(f"report: {out / 'report.html'} (results.json, auc.csv and scores/ beside it)")
     print("\n".join(summary_lines(evaluation.summary)))

@@ -51,6 +51,7 @@ from jaxpatch.metrics import LogProb
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
 from jaxpatch.modes import PAIR_DIRECTIONS, SCORED_GRANULARITIES, PairDirection, ScoredGranularity
+from jaxpatch.pair import endpoint_scores
 from jaxpatch.patch import apply, component_entries
 from jaxpatch.prompts import Prompt, greedy_continuations, make_batch, read_prompts
 from jaxpatch.results import SweepResult, misranked_to_dicts
@@ -58,7 +59,7 @@ from jaxpatch.scoring import plant_patch, planted_labels
 from jaxpatch.stats import roc_auc
 from jaxpatch.trace import activation_patching
 
-__all__ = ["EVALUATED_METHODS", "EXHAUSTIVE_NEURONS", "PlantedPair", "default_pair_dir",
+__all__ = ["EVALUATED_METHODS", "EXHAUSTIVE_NEURONS", "STAGES", "PlantedPair", "default_pair_dir",
            "load_planted", "task_accuracy", "behavior", "delta_norms", "importance", "Evaluation",
            "stage_count", "hierarchy_against_plant", "evaluate"]
 
@@ -67,6 +68,7 @@ EVALUATED_METHODS: tuple[str, ...] = (
     "activation-denoise", "activation-noise", "delta-norm", "random")
 RESULTS_FORMAT = "jaxpatch.planted-evaluation/1"
 EXHAUSTIVE_NEURONS = 8192  # above this many neurons, neuron granularity is narrowed, not swept
+STAGES: tuple[str, ...] = ("narrow-then-verify", *EVALUATED_METHODS, "hierarchy")
 
 
 @dataclasses.dataclass
@@ -272,6 +274,7 @@ def evaluate(pair: PlantedPair, *,
              ig_steps: int = 16, learned_steps: int = 200, learned_budget: float = 0.1,
              verify_fraction: float | None = None, controls: int = 6,
              recall_k: int = 20, seed: int = 0, exhaustive_neurons: bool | None = None,
+             stages: Sequence[str] | None = None,
              stage: Callable[[str, int], Any] | None = None) -> Evaluation:
     """Runs every method at every granularity and scores it against the planted set.
 
@@ -291,6 +294,8 @@ def evaluate(pair: PlantedPair, *,
         exhaustive_neurons: sweep every neuron exactly (to rank them all and to measure the
             recall of the exhaustive top); False narrows instead and measures the recall of S's
             own exact top `recall_k`; None: exhaustive up to `EXHAUSTIVE_NEURONS` neurons.
+        stages: run only these stages (`STAGES`; the behavior always runs); the methods not
+            run are reported as not run. Default: all.
         stage: called as `stage(name, total)` at the start of each stage; returns an object
             with `update(n)` and `close()` (a progress bar), or None.
 
@@ -306,8 +311,12 @@ def evaluate(pair: PlantedPair, *,
         (39, 11, 0.92)
     """
     base, donor, config = pair.base, pair.donor, pair.base.config
+    unknown = sorted(set(stages or ()) - set(STAGES))
+    if unknown:
+        raise InvalidInputError(f"unknown stage {unknown[0]!r} (choose from {', '.join(STAGES)})")
     metric = LogProb()
     batch = make_batch(config, pair.prompts, "targets")
+    _, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric)
     plant = plant_patch(config, pair.plant)
     timing: dict[str, float] = {}
     results: dict[str, SweepResult] = {}
@@ -319,6 +328,8 @@ def evaluate(pair: PlantedPair, *,
 
     def run_stage(name: str, fn: Callable[[ScoredGranularity], SweepResult | np.ndarray | None],
                   which: Sequence[ScoredGranularity] = granularities) -> None:
+        if stages is not None and name not in stages:
+            which = []
         bar = stage(name, len(which)) if stage else None
         t0 = time.perf_counter()
         for g in which:
@@ -433,8 +444,6 @@ def evaluate(pair: PlantedPair, *,
             "exhaustive": g != "neuron" or exhaustive_neurons,
         }
     ig = results.get(f"{granularities[0]}/integrated-gradients")
-    scored = next(results[f"{g}/{m}"] for m in ("exact-noise", "first-order") for g in granularities
-                  if f"{g}/{m}" in results)
     summary = {
         "format": RESULTS_FORMAT,
         "pair": {"folder": str(pair.folder), "plant": pair.plant, "task": pair.task,
@@ -442,7 +451,7 @@ def evaluate(pair: PlantedPair, *,
                  "base_text": pair.record.get("base", {}).get("text"), "inputs": inputs,
                  "movement": {g: m["summary"] for g, m in pair.record.get("movement", {}).items()}},
         "metric": {"name": metric.name, "prompts": len(pair.prompts),
-                   "base_score": scored.base_score, "donor_score": scored.donor_score},
+                   "base_score": base_score, "donor_score": donor_score},
         "behavior": accuracy, "granularities": per_granularity, "narrow_then_verify": verification,
         "learned_patch": learned, "hierarchy": hierarchy,
         "completeness": ig.extra.get("completeness") if ig else None,

@@ -79,7 +79,7 @@ def main() -> int:
     sites = activation_sites(config)
     program = jax.jit(_program(config, metric, 0))
     ops = _Operands(base.params, sources, None, batch, state, None)
-    betas = {k: jnp.asarray(v) for k, v in _betas(items, len(items), sites).items()}
+    betas = {k: jnp.asarray(v) for k, v in _betas(config, items, len(items), sites).items()}
     full = np.asarray(program(betas, ops))
     full_s = timed(lambda: np.asarray(program(betas, ops)))
     np.testing.assert_allclose(full, reused.scores, rtol=1e-5, atol=1e-5)

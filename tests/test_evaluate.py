@@ -128,3 +128,16 @@ def test_narrowed_neuron_evaluation_verifies_a_shortlist_and_measures_recall_on_
     assert v["recall"] == len(top & shortlist) / 10
     assert "S's exact top 10" in "\n".join(summary_lines(ev.summary))
     assert "Not swept exhaustively (neuron)" in render_html(ev.summary, ev.results)
+
+
+def test_evaluate_runs_only_the_stages_asked_for() -> None:
+    from jaxpatch.errors import InvalidInputError
+    from jaxpatch.evaluate import evaluate, load_planted
+
+    pair = load_planted(default_pair_dir())
+    ev = evaluate(pair, granularities=("module",), stages=("delta-norm", "random"))
+    module = ev.summary["granularities"]["module"]
+    assert {m for m, a in module["auc"].items() if a is not None} == {"delta-norm", "random"}
+    assert ev.results == {} and ev.summary["metric"]["donor_score"] > ev.summary["metric"]["base_score"]
+    with pytest.raises(InvalidInputError, match="unknown stage 'exact'"):
+        evaluate(pair, granularities=("module",), stages=("exact",))
