@@ -56,6 +56,7 @@ from jaxpatch.errors import JaxpatchError
 from jaxpatch.evaluate import delta_norms
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import embed, forward
+from jaxpatch.models.model import pad_right
 from jaxpatch.modes import SCORED_GRANULARITIES
 from jaxpatch.prompts import Prompt
 from jaxpatch.scoring import plant_mask, plant_patch, planted_labels
@@ -203,13 +204,7 @@ def _answer_id(tokenizer: Any, city: str) -> int:
 
 
 def _batch(tokenizer: Any, texts: Sequence[str], answers: Sequence[int]) -> _Batch:
-    ids = [tokenizer.encode(t).ids for t in texts]
-    width = max(len(i) for i in ids)
-    tokens = np.zeros((len(ids), width), np.int32)
-    mask = np.zeros((len(ids), width), bool)
-    for row, seq in enumerate(ids):
-        tokens[row, :len(seq)] = seq
-        mask[row, :len(seq)] = True
+    tokens, mask = pad_right([tokenizer.encode(t).ids for t in texts])
     positions = mask.sum(1, keepdims=True).astype(np.int32) - 1
     return _Batch(tokens, mask, positions, np.asarray(answers, np.int32))
 
