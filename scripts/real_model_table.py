@@ -181,6 +181,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"{fmt(auc['neuron']['delta-norm'])} | |",
         "",
         "Stage times (s): " + ", ".join(f"{k} {val:g}" for k, val in r["timing"].items()) + ".",
+        *([f"\n{r['note']}"] if r.get("note") else []),
         "",
     ]
     return "\n".join(lines)
@@ -223,13 +224,16 @@ def main() -> None:
     parser.add_argument("--pair", type=Path, default=planted_real.default_out(0),
                         help="the pair folder (built there when missing)")
     parser.add_argument("--render", action="store_true", help="only rewrite the markdown from the JSON")
+    parser.add_argument("--note", help="a remark on the run, kept in the JSON and shown in the document")
     args = parser.parse_args()
     docs = ROOT / "docs"
     if args.render:
         result = json.loads((docs / "real_model.json").read_text())
-    else:
+    else:  # measure
         result = run(args.pair)
-        (docs / "real_model.json").write_text(json.dumps(result, indent=1) + "\n")
+    if args.note:
+        result["note"] = args.note
+    (docs / "real_model.json").write_text(json.dumps(result, indent=1) + "\n")
     text = markdown(result)
     (docs / "real_model.md").write_text(text)
     update_readme(result)
