@@ -374,7 +374,7 @@ def evaluate(pair: PlantedPair, *,
         if report.exhaustive is not None:
             results[f"{g}/exact-denoise"] = report.exhaustive
             importances[g]["exact-denoise"] = importance(report.exhaustive)
-        else:  # S's own neurons patched one at a time: the ground truth recall is measured on
+        else:  # S's own neurons, patched one at a time: the ground truth for the recall
             in_s = sweep(base, donor, batch, metric, granularity=g, selector=pair.plant,
                          direction="denoise", progress=False, **common)
             results[f"{g}/exact-denoise-S"] = in_s
