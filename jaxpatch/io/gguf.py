@@ -282,8 +282,11 @@ def read_gguf_tensor(header: GGUFFile, name: str, dtype: np.dtype | None = None)
     return out if dtype is None or out.dtype == dtype else out.astype(dtype)
 
 
+_BY_NAME = {name: (block, block_bytes) for name, block, block_bytes in GGML_TYPES.values()}
+
+
 def _row_bytes(info: GGUFTensor) -> int:
-    _, block, block_bytes = next(t for t in GGML_TYPES.values() if t[0] == info.type)
+    block, block_bytes = _BY_NAME[info.type]
     return info.shape[-1] // block * block_bytes
 
 
