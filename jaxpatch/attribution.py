@@ -31,6 +31,7 @@ from jaxpatch._tree import flatten_params, without_layers
 from jaxpatch.components import Component, SelectorLike, select
 from jaxpatch.engine import sweep
 from jaxpatch.errors import JaxpatchError, MetricError
+from jaxpatch.io.runlog import TaskLog
 from jaxpatch.metrics import Metric, read_metric
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import Probe, attention_allowed, block, embed, rope_at, rope_tables, unembed
@@ -401,7 +402,7 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
               method: AttributionMethod = "first-order", direction: PairDirection = "denoise",
               steps: int = 16, step_batch: int = 1, prompt_batch: int | None = None,
               remat: bool = False, positions: Positions = "last",
-              inputs: Mapping[str, Any] | None = None) -> SweepResult:
+              inputs: Mapping[str, Any] | None = None, log: TaskLog | None = None) -> SweepResult:
     """Attribution scores for every component, in the same table as `sweep`.
 
     A component's `score` is the predicted metric of the model with that component patched:
@@ -420,6 +421,8 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         remat: compute the gradient block by block, recomputing activations (less memory).
         positions: recorded in the result.
         inputs: fingerprints to record.
+        log: a resumable run's log: the finished table is recorded there and read back
+            instead of recomputed (exactly: floats round-trip through JSON).
 
     Returns:
         A `SweepResult` with `method` set.
@@ -429,6 +432,11 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         >>> len(r.names), r.method
         (12, 'first-order')
     """
+    if log is not None:
+        return SweepResult.from_dict(log.memo("attribution", lambda: attribute(
+            base, donor, batch, metric, granularity=granularity, selector=selector, method=method,
+            direction=direction, steps=steps, step_batch=step_batch, prompt_batch=prompt_batch,
+            remat=remat, positions=positions, inputs=inputs).to_dict()))
     wall_start = time.perf_counter()
     config = base.config
     check_pair(base, donor)
@@ -497,7 +505,8 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
              direction: PairDirection = "denoise", steps: int = 16, step_batch: int = 1,
              prompt_batch: int | None = None, remat: bool = False, exhaustive: bool = False,
              recall_k: int | None = None, seed: int = 0, progress: bool = True,
-             positions: Positions = "last", inputs: Mapping[str, Any] | None = None) -> Localization:
+             positions: Positions = "last", inputs: Mapping[str, Any] | None = None,
+             log: TaskLog | None = None) -> Localization:
     """Ranks components by attribution, then patches the top k and a random control sample
     exactly and reports how far the ranking can be trusted.
 
@@ -512,6 +521,8 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
             shortlist caught the truly strongest components.
         seed: the control sample's seed (recorded).
         progress: show progress bars.
+        positions, inputs: recorded in the results.
+        log: a resumable run's log (the attribution table and the exact sweeps' chunks).
 
     Returns:
         A `Localization`.
@@ -525,7 +536,7 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     attribution = attribute(base, donor, batch, metric, granularity=granularity, selector=selector,
                             method=method, direction=direction, steps=steps, step_batch=step_batch,
                             prompt_batch=prompt_batch, remat=remat, positions=positions,
-                            inputs=inputs)
+                            inputs=inputs, log=log)
     items = select(base.config, selector, granularity)
     order = np.argsort(-np.abs(attribution.effect), kind="stable")
     k = min(top_k, len(items))
@@ -535,7 +546,8 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     control = sorted(rng.choice(rest, size=min(controls, len(rest)), replace=False).tolist()) if rest else []
     verified = sorted(shortlist + control)
     exact = sweep(base, donor, batch, metric, candidates=[items[i] for i in verified],
-                  direction=direction, progress=progress, positions=positions, inputs=inputs)
+                  direction=direction, progress=progress, positions=positions, inputs=inputs,
+                  log=None if log is None else log.sub("verify"))
     approx = attribution.effect[verified]
     rho = spearman(approx, exact.effect)
     rank_attr = average_ranks(-np.abs(approx))
@@ -547,7 +559,8 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     recall = None
     if exhaustive:
         full = sweep(base, donor, batch, metric, candidates=items, direction=direction,
-                     progress=progress, positions=positions, inputs=inputs)
+                     progress=progress, positions=positions, inputs=inputs,
+                     log=None if log is None else log.sub("exhaustive"))
         k_truth = min(recall_k or k, len(items))
         truth = set(np.argsort(-np.abs(full.effect), kind="stable")[:k_truth].tolist())
         recall = len(truth & set(shortlist)) / k_truth

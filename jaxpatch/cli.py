@@ -7,13 +7,16 @@ Every subcommand turns a `JaxpatchError` into one line on stderr and exit status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from jaxpatch.errors import InvalidInputError, JaxpatchError
-from jaxpatch.io.atomic import atomic_directory
+from jaxpatch.io.atomic import atomic_directory, atomic_write_bytes
+from jaxpatch.io.runlog import RunLog, writing
 from jaxpatch.modes import Positions
 
 __all__ = ["main", "build_parser", "EXIT_BAD_INPUT"]
@@ -181,12 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("merge-eval", _merge_eval, "merge a planted pair's experts with every method "
                 "(data-free, score-guided, localize-and-stitch) and measure each task's accuracy")
     p.add_argument("pair", help="a planted pair folder with experts (experiments/pairs/default)")
-    p.add_argument("--out", required=True, help="folder for merge_eval.json and merge_eval.md")
+    p.add_argument("--out", required=True, help="folder for merge_eval.json and merge_eval.md "
+                   "(progress recorded there; the same command resumes it)")
     p.add_argument("--threshold", type=float, default=0.1,
                    help="score-guided merges: the effect a carrying module reaches (default 0.1)")
     p.add_argument("--eval-prompts", type=int, default=128,
                    help="accuracy prompts per task (default 128)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an existing --out folder")
 
     p = command("convert", _convert, "write a checkpoint in another format or dtype")
     p.add_argument("source", help="checkpoint folder or .gguf file to read (never modified)")
@@ -215,8 +220,11 @@ def add_run_arguments(p: argparse.ArgumentParser, direction: bool = True) -> Non
     if direction:
         p.add_argument("--direction", choices=["denoise", "noise"], default="denoise")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params")
-    p.add_argument("--out", help="folder for scores.json, scores.csv and heatmap.png")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--out", help="folder for the results; progress is recorded there as the run "
+                   "goes, and the same command started again resumes it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an existing --out folder (its recorded progress is "
+                        "discarded, its results replaced)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -244,8 +252,14 @@ def positions_of(args: argparse.Namespace) -> Positions:
     return "targets" if args.metric == "logprob" else args.positions
 
 
-def prepare_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+def prepare_run(args: argparse.Namespace,
+                resumable: bool = True) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
     """Loads the pair, reads the prompts, builds the batch and the metric from the run flags.
+
+    Arguments:
+        args: the parsed flags (`add_run_arguments`).
+        resumable: the command records its progress in `--out` (an existing folder with a
+            progress log is then accepted, to resume).
 
     Returns:
         `(base, donor, batch, metric, inputs)`.
@@ -256,7 +270,9 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str,
     from jaxpatch.pair import check_pair
     from jaxpatch.prompts import greedy_continuations, make_batch, read_prompts
 
-    if args.out:  # refuse an existing output before any work
+    if args.out and resumable:  # refuse an unusable output folder before any work
+        RunLog.check_folder(args.out, args.overwrite)
+    elif args.out:
         check_output(args.out, args.overwrite)
     base = jaxpatch.load(args.base, dtype=args.dtype)
     donor = jaxpatch.load(args.donor, dtype=args.dtype)
@@ -279,20 +295,78 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, dict[str,
               "donor": {"path": args.donor, "sha256": checkpoint_fingerprint(donor)},
               "prompts": {"path": args.prompts, "sha256": file_sha256(args.prompts),
                           "count": len(prompts)},
+              "anchor_file": None if not args.anchor_file else {
+                  "path": args.anchor_file, "sha256": file_sha256(args.anchor_file)},
               "granularity": args.granularity, "select": args.select,
               "continuations": continuations, "versions": versions()}
     return base, donor, batch, metric, inputs
 
 
-def write_result(result: Any, out: str, overwrite: bool) -> None:
-    """Writes scores.json, scores.csv and heatmap.png into `out`, atomically, and says so."""
+# Flags that change no number of a run: a resumed run may differ in them.
+_NOT_SETTINGS = frozenset({"run", "debug", "out", "overwrite", "no_progress", "compile_cache",
+                           "no_compile_cache", "base", "donor", "prompts", "anchor_file",
+                           "save_anchor", "pair"})
+
+
+def run_settings(args: argparse.Namespace, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a run for resuming: the command, every flag that changes a number,
+    the inputs' fingerprints (not their paths) and the versions and device kind.
+
+    Example:
+        >>> args = build_parser().parse_args(["merge-eval", "pair", "--out", "o"])
+        >>> run_settings(args, {"pair": {"sha256": "ab"}})["arguments"]["threshold"]
+        0.1
+    """
+    from jaxpatch.io.fingerprint import versions
+
+    arguments = {k: v for k, v in sorted(vars(args).items())
+                 if k not in _NOT_SETTINGS and not callable(v)}
+    fingerprints = {name: value["sha256"] for name, value in inputs.items()
+                    if isinstance(value, Mapping) and "sha256" in value}
+    return {"command": args.command, "arguments": arguments, "inputs": fingerprints,
+            "versions": versions()}
+
+
+@contextlib.contextmanager
+def run_log(args: argparse.Namespace, inputs: Mapping[str, Any]) -> Iterator[RunLog | None]:
+    """The progress log of a run with `--out` (None without), held for the block.
+
+    Example:
+        >>> args = build_parser().parse_args(["merge-eval", "pair", "--out", str(tmp / "r")])
+        >>> with run_log(args, {}) as log:
+        ...     log.path.name
+        'progress.jsonl'
+    """
+    if not args.out:
+        yield None
+        return
+    with RunLog.open(args.out, run_settings(args, inputs), overwrite=args.overwrite) as log:
+        if log.resumed:
+            print(f"resuming the run in {args.out}: {log.resumed} finished pieces recorded",
+                  file=sys.stderr)
+        yield log
+
+
+def write_outputs(out: str, files: Mapping[str, bytes | str]) -> None:
+    """Writes each output file atomically into `out`, in order (the main JSON goes last, so
+    that its presence means the run finished), and says so.
+
+    Example:
+        >>> write_outputs(str(tmp), {"a.csv": "x,y", "a.json": "{}"})
+        wrote .../a.csv, a.json
+    """
+    for name, data in files.items():
+        with writing(Path(out) / name):
+            atomic_write_bytes(Path(out) / name, data.encode() if isinstance(data, str) else data)
+    print(f"wrote {out}/{', '.join(files)}")
+
+
+def result_files(result: Any) -> dict[str, bytes | str]:
+    """A score table's output files: scores.csv, heatmap.png, then scores.json."""
     from jaxpatch.report import heatmap_png
 
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        (tmp / "scores.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-        (tmp / "scores.csv").write_text(result.to_csv())
-        (tmp / "heatmap.png").write_bytes(heatmap_png(result))
-    print(f"wrote {out}/scores.json, scores.csv, heatmap.png")
+    return {"scores.csv": result.to_csv(), "heatmap.png": heatmap_png(result),
+            "scores.json": json.dumps(result.to_dict(), indent=1) + "\n"}
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -300,15 +374,19 @@ def _sweep(args: argparse.Namespace) -> None:
     from jaxpatch.report import summary_table
 
     base, donor, batch, metric, inputs = prepare_run(args)
-    result = sweep(base, donor, batch, metric, granularity=args.granularity, selector=args.select,
-                   direction=args.direction, chunk_size=args.chunk_size,
-                   progress=not args.no_progress, positions=positions_of(args), inputs=inputs)
-    print(summary_table(result))
-    t = result.timing
-    print(f"{len(result.names)} candidates in {t['wall_s']:.1f} s (compile {t['compile_s']:.1f} s, "
-          f"{t['candidates_per_s']:.1f} candidates/s)")
-    if args.out:
-        write_result(result, args.out, args.overwrite)
+    with run_log(args, inputs) as log:
+        result = sweep(base, donor, batch, metric, granularity=args.granularity,
+                       selector=args.select, direction=args.direction, chunk_size=args.chunk_size,
+                       progress=not args.no_progress, positions=positions_of(args), inputs=inputs,
+                       log=log.task("sweep") if log else None)
+        print(summary_table(result))
+        t = result.timing
+        print(f"{len(result.names)} candidates in {t['wall_s']:.1f} s (compile "
+              f"{t['compile_s']:.1f} s, {t['candidates_per_s']:.1f} candidates/s"
+              + (f"; {int(t['resumed_candidates'])} read from the progress log)"
+                 if "resumed_candidates" in t else ")"))
+        if args.out:
+            write_outputs(args.out, result_files(result))
 
 
 def _attribute(args: argparse.Namespace) -> None:
@@ -316,14 +394,17 @@ def _attribute(args: argparse.Namespace) -> None:
     from jaxpatch.report import summary_table
 
     base, donor, batch, metric, inputs = prepare_run(args)
-    result = attribute(base, donor, batch, metric, **attribution_options(args), inputs=inputs)
-    print(summary_table(result))
-    if "completeness" in result.extra:
-        c = result.extra["completeness"]
-        print(f"completeness: attributions sum to {c['sum_of_attributions']:.6g}, the score "
-              f"difference is {c['score_difference']:.6g} (relative gap {c['relative_gap']:.2e})")
-    if args.out:
-        write_result(result, args.out, args.overwrite)
+    with run_log(args, inputs) as log:
+        result = attribute(base, donor, batch, metric, **attribution_options(args), inputs=inputs,
+                           log=log.task("attribute") if log else None)
+        print(summary_table(result))
+        if "completeness" in result.extra:
+            c = result.extra["completeness"]
+            print(f"completeness: attributions sum to {c['sum_of_attributions']:.6g}, the score "
+                  f"difference is {c['score_difference']:.6g} (relative gap "
+                  f"{c['relative_gap']:.2e})")
+        if args.out:
+            write_outputs(args.out, result_files(result))
 
 
 def _localize(args: argparse.Namespace) -> None:
@@ -331,22 +412,22 @@ def _localize(args: argparse.Namespace) -> None:
     from jaxpatch.report import heatmap_png
 
     base, donor, batch, metric, inputs = prepare_run(args)
-    report = localize(base, donor, batch, metric, **attribution_options(args), top_k=args.top_k,
-                      controls=args.controls, exhaustive=args.exhaustive, recall_k=args.recall_k,
-                      seed=args.seed, progress=not args.no_progress, inputs=inputs)
+    with run_log(args, inputs) as log:
+        report = localize(base, donor, batch, metric, **attribution_options(args),
+                          top_k=args.top_k, controls=args.controls, exhaustive=args.exhaustive,
+                          recall_k=args.recall_k, seed=args.seed, progress=not args.no_progress,
+                          inputs=inputs, log=log.task("localize") if log else None)
+        if args.out:
+            write_outputs(args.out, {
+                "attribution.csv": report.attribution.to_csv(), "exact.csv": report.exact.to_csv(),
+                "heatmap.png": heatmap_png(report.attribution),
+                "localize.json": json.dumps(report.to_dict(), indent=1) + "\n"})
     print(f"verified {len(report.shortlist)} top components and {len(report.controls)} controls "
           f"exactly; Spearman correlation of attribution and exact effects: {report.spearman:.3f}")
     if report.recall is not None:
         print(f"recall of the exact top {args.recall_k or len(report.shortlist)}: {report.recall:.2f}")
     for name, a, e in report.misranked:
         print(f"  misranked: {name} (attribution rank {a}, exact rank {e})")
-    if args.out:
-        with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
-            (tmp / "localize.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-            (tmp / "attribution.csv").write_text(report.attribution.to_csv())
-            (tmp / "exact.csv").write_text(report.exact.to_csv())
-            (tmp / "heatmap.png").write_bytes(heatmap_png(report.attribution))
-        print(f"wrote {args.out}/localize.json, attribution.csv, exact.csv, heatmap.png")
 
 
 def _learn(args: argparse.Namespace) -> None:
@@ -407,24 +488,23 @@ def _trace(args: argparse.Namespace) -> None:
     thresholds = thresholds_of(args.threshold)
     base, donor, batch, metric, inputs = prepare_run(args)
     anchor = args.anchor_layer if args.metric != "anchor" else None
-    traced = trace_hierarchy(base, donor, batch, metric, granularity=args.granularity,
-                             selector=args.select, targets=args.target, anchor_layer=anchor,
-                             depth=args.depth, top_targets=args.top_targets,
-                             max_groups=args.max_groups, thresholds=thresholds,
-                             progress=not args.no_progress)
+    with run_log(args, inputs) as log:
+        traced = trace_hierarchy(base, donor, batch, metric, granularity=args.granularity,
+                                 selector=args.select, targets=args.target, anchor_layer=anchor,
+                                 depth=args.depth, top_targets=args.top_targets,
+                                 max_groups=args.max_groups, thresholds=thresholds,
+                                 progress=not args.no_progress, log=log.task("trace") if log else None)
+        if args.out:
+            graph = {**traced.graph(), "inputs": inputs}
+            write_outputs(args.out, {"hierarchy.csv": traced.to_csv(),
+                                     "hierarchy.png": hierarchy_png(graph),
+                                     "graph.json": json.dumps(graph, indent=1) + "\n"})
     for role in ("source", "aggregation", "execution"):
         names = traced.with_role(role)
         print(f"{role} ({len(names)}): {', '.join(names) or '-'}")
     print(f"validated sources recover {traced.sources_recovery:.3f} together; {len(traced.edges)} "
           f"edges; {traced.calls['candidate_runs']} candidate runs in "
           f"{traced.timing['wall_s']:.1f} s")
-    if args.out:
-        graph = {**traced.graph(), "inputs": inputs}
-        with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
-            (tmp / "hierarchy.csv").write_text(traced.to_csv())
-            (tmp / "graph.json").write_text(json.dumps(graph, indent=1) + "\n")
-            (tmp / "hierarchy.png").write_bytes(hierarchy_png(graph))
-        print(f"wrote {args.out}/hierarchy.csv, graph.json, hierarchy.png")
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -440,19 +520,22 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _merge_eval(args: argparse.Namespace) -> None:
+    from jaxpatch.io.fingerprint import folder_sha256
     from jaxpatch.merge_eval import merge_eval, table
 
-    check_output(args.out, args.overwrite)
+    RunLog.check_folder(args.out, args.overwrite)
     if args.eval_prompts < 1:
         raise InvalidInputError(f"--eval-prompts must be at least 1, got {args.eval_prompts}")
-    document = merge_eval(args.pair, threshold=args.threshold, eval_prompts=args.eval_prompts,
-                          progress=lambda combo: print(f"merged {combo}", flush=True))
-    markdown = table(document)
-    print(markdown)
-    with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
-        (tmp / "merge_eval.json").write_text(json.dumps(document, indent=1) + "\n")
-        (tmp / "merge_eval.md").write_text(markdown + "\n")
-    print(f"wrote {args.out}/merge_eval.json, merge_eval.md")
+    if not Path(args.pair).is_dir():
+        raise InvalidInputError(f"{args.pair}: planted pair folder not found")
+    with run_log(args, {"pair": {"sha256": folder_sha256(args.pair)}}) as log:
+        document = merge_eval(args.pair, threshold=args.threshold, eval_prompts=args.eval_prompts,
+                              progress=lambda combo: print(f"merged {combo}", flush=True),
+                              log=log.task("merge-eval") if log else None)
+        markdown = table(document)
+        print(markdown)
+        write_outputs(args.out, {"merge_eval.md": markdown + "\n",
+                                 "merge_eval.json": json.dumps(document, indent=1) + "\n"})
 
 
 def _demo(args: argparse.Namespace) -> None:

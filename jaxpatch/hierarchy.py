@@ -51,6 +51,7 @@ import numpy as np
 from jaxpatch.components import Component, SelectorLike, select
 from jaxpatch.engine import sweep, sweep_matrix
 from jaxpatch.errors import InvalidInputError, MetricError
+from jaxpatch.io.runlog import TaskLog
 from jaxpatch.metrics import (
     ComponentAnchor,
     KLDivergence,
@@ -253,26 +254,35 @@ def _patches(config: Any, sets: Mapping[str, Sequence[Component]]) -> dict[str, 
 
 
 class _Runner:
-    """Runs the sweeps of one trace, counting them and their candidate runs."""
+    """Runs the sweeps of one trace, counting them and their candidate runs; with a log, each
+    run records into a part of it named by its place in the trace (the trace's runs follow
+    from its inputs, so a resumed trace asks for the same runs in the same order)."""
 
-    def __init__(self, base: Model, donor: Model, batch: Batch, progress: bool) -> None:
+    def __init__(self, base: Model, donor: Model, batch: Batch, progress: bool,
+                 log: TaskLog | None) -> None:
         self.base, self.donor, self.batch, self.progress = base, donor, batch, progress
+        self.log, self.runs = log, 0
         self.calls = {"sweeps": 0, "validation_sweeps": 0, "tracing_sweeps": 0,
                       "activation_runs": 0, "candidate_runs": 0}
+
+    def _next_log(self) -> TaskLog | None:
+        self.runs += 1
+        return None if self.log is None else self.log.sub(f"run{self.runs:04d}")
 
     def sweep(self, metric: Metric, candidates: Any, direction: str = "denoise",
               kind: str = "sweeps") -> SweepResult:
         self.calls[kind] += 1
         self.calls["candidate_runs"] += len(candidates)
         return sweep(self.base, self.donor, self.batch, metric, candidates=candidates,
-                     direction=direction, progress=self.progress)  # type: ignore[arg-type]
+                     direction=direction, progress=self.progress,  # type: ignore[arg-type]
+                     log=self._next_log())
 
     def activation(self, metric: Metric, granularity: ScoredGranularity,
                    selector: SelectorLike | None, direction: str) -> SweepResult:
         result = activation_patching(self.base, self.donor, self.batch, metric,
                                      granularity=granularity, selector=selector,
                                      direction=direction,  # type: ignore[arg-type]
-                                     progress=self.progress)
+                                     progress=self.progress, log=self._next_log())
         self.calls["activation_runs"] += 1
         self.calls["candidate_runs"] += len(result.names)
         return result
@@ -283,9 +293,9 @@ class _Runner:
         self.calls["activation_runs"] += 1
         self.calls["candidate_runs"] += len(patches) + len(items)
         weights = sweep_matrix(self.base, self.donor, self.batch, metric, patches,
-                               progress=self.progress)
+                               progress=self.progress, log=self._next_log())
         activations = activation_matrix(self.base, self.donor, self.batch, metric, items,
-                                        progress=self.progress)
+                                        progress=self.progress, log=self._next_log())
         return weights, activations
 
 
@@ -365,6 +375,7 @@ def trace_hierarchy(
     max_groups: int = 12,
     thresholds: Thresholds = Thresholds(),
     progress: bool = False,
+    log: TaskLog | None = None,
 ) -> Hierarchy:
     """Sorts every component into source, aggregation, execution or inert, and traces which
     suppliers' weights recover which targets' outputs.
@@ -388,6 +399,7 @@ def trace_hierarchy(
             subsets are scored).
         thresholds: the role thresholds (`Thresholds`).
         progress: show progress bars.
+        log: a resumable run's log (every sweep's and activation run's chunks).
 
     Returns:
         A `Hierarchy`.
@@ -426,7 +438,7 @@ def trace_hierarchy(
     if output_metric is None:
         has_targets = bool((np.asarray(batch.targets)[:, 0] >= 0).all())
         output_metric = LogProb() if has_targets else KLDivergence()
-    runner = _Runner(base, donor, batch, progress)
+    runner = _Runner(base, donor, batch, progress, log)
     items = select(config, selector, granularity)
     if targets is not None:
         for target in targets:

@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxpatch.engine import sweep
 from jaxpatch.evaluate import PlantedPair, load_planted, task_accuracy
+from jaxpatch.io.runlog import TaskLog
 from jaxpatch.learned import learn_patch
 from jaxpatch.merge.config import MergeConfig, ModelEntry
 from jaxpatch.merge.guided import stitch
@@ -73,23 +74,36 @@ def experts_of(pair: PlantedPair) -> dict[str, Model]:
 
 
 def localize_experts(pair: PlantedPair, experts: dict[str, Model], *, learned_steps: int = 200,
-                     learned_sparsity: float = 0.01) -> dict[str, dict[str, Any]]:
+                     learned_sparsity: float = 0.01,
+                     log: TaskLog | None = None) -> dict[str, dict[str, Any]]:
     """Each expert's localization: noise-direction sweep effects per module, and the modules of
     a learned denoise patch.
+
+    Arguments:
+        pair: the planted pair (its base, and its prompts folder).
+        experts: the experts by task.
+        learned_steps, learned_sparsity: the learned patch's optimizer steps and penalty.
+        log: a resumable run's log: each expert's localization is recorded once finished.
 
     Returns:
         task -> {"effects": module -> effect, "learned": [module, ...]}.
     """
-    out: dict[str, dict[str, Any]] = {}
-    for task, expert in experts.items():
+    def localized(task: str, expert: Model) -> dict[str, Any]:
         prompts = read_prompts(pair.folder / "prompts" / f"{task}.jsonl")
         batch = make_batch(pair.base.config, prompts, "targets")
         result = sweep(pair.base, expert, batch, LogProb(), direction="noise", progress=False)
         learned = learn_patch(pair.base, expert, batch, LogProb(), steps=learned_steps,
                               sparsity=learned_sparsity)
-        out[task] = {"effects": dict(zip(result.names, result.effect.tolist())),
-                     "learned": learned.selected}
-    return out
+        return {"effects": dict(zip(result.names, result.effect.tolist())),
+                "learned": learned.selected}
+
+    return {task: _memo(log, f"localized {task}", lambda t=task, e=expert: localized(t, e))
+            for task, expert in experts.items()}
+
+
+def _memo(log: TaskLog | None, key: str, compute: Callable[[], Any]) -> Any:
+    """`compute()`, recorded in (or read back from) `log` when there is one."""
+    return compute() if log is None else log.memo(key, compute)
 
 
 def _data_free(method: str, params: dict[str, Any], base: Model, chosen: list[Model],
@@ -103,7 +117,8 @@ def _data_free(method: str, params: dict[str, Any], base: Model, chosen: list[Mo
 
 
 def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int = 128,
-               learned_steps: int = 200, progress: Callable[[str], Any] | None = None) -> dict[str, Any]:
+               learned_steps: int = 200, progress: Callable[[str], Any] | None = None,
+               log: TaskLog | None = None) -> dict[str, Any]:
     """Merges every pair of the folder's experts and all of them with every method, and
     measures each merged model's accuracy on every merged task.
 
@@ -113,6 +128,8 @@ def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int 
         eval_prompts: accuracy prompts per task (the first of each task's eval file).
         learned_steps: steps of the learned masks (localize-and-stitch).
         progress: called with a line per finished combination.
+        log: a resumable run's log: localizations and finished combinations are recorded
+            and read back instead of recomputed.
 
     Returns:
         The `merge_eval.json` document: per combination, per method, the accuracy per task,
@@ -124,15 +141,15 @@ def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int 
     experts = experts_of(pair)
     evals = {t: read_prompts(pair.folder / "prompts" / f"{t}-eval.jsonl")[:eval_prompts]
              for t in experts}
-    located = localize_experts(pair, experts, learned_steps=learned_steps)
+    located = localize_experts(pair, experts, learned_steps=learned_steps, log=log)
     config = pair.base.config
 
     def accuracy(model: Model, tasks: tuple[str, ...]) -> dict[str, float]:
         return {t: task_accuracy(config, model.params, evals[t]) for t in tasks}
 
     combos = [c for k in range(2, len(experts) + 1) for c in itertools.combinations(experts, k)]
-    results: dict[str, Any] = {}
-    for combo in combos:
+
+    def merged_combination(combo: tuple[str, ...]) -> dict[str, Any]:
         chosen = [experts[t] for t in combo]
         methods: dict[str, Any] = {}
         for method, grid in GRID.items():
@@ -157,7 +174,12 @@ def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int 
         methods["localize-and-stitch"] = {"accuracy": acc,
                                           "average": float(np.mean(list(acc.values()))),
                                           "setting": {"learned_steps": learned_steps}}
-        results["+".join(combo)] = {"methods": methods}
+        return {"methods": methods}
+
+    results: dict[str, Any] = {}
+    for combo in combos:
+        results["+".join(combo)] = _memo(log, "+".join(combo),
+                                         lambda c=combo: merged_combination(c))
         if progress:
             progress("+".join(combo))
     experts_accuracy = {t: task_accuracy(config, m.params, evals[t]) for t, m in experts.items()}

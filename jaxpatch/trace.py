@@ -34,6 +34,7 @@ from jaxpatch._tree import without_layers
 from jaxpatch.components import Component, SelectorLike, activation_sites, component_sites, select
 from jaxpatch.engine.programs import compiled, prefix_pass, stacked_checked
 from jaxpatch.errors import JaxpatchError, MetricError
+from jaxpatch.io.runlog import TaskLog
 from jaxpatch.metrics import Metric, mean_score, metric_readout, read_metric
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
@@ -133,8 +134,10 @@ def _group_start(config: ModelConfig, component: Component) -> int:
 
 def _activation_scores(base: Model, donor: Model, batch: Batch, metric: Metric,
                        items: Sequence[Component], direction: PairDirection, chunk_size: int,
-                       progress: bool, wall_start: float) -> tuple[Any, Any, np.ndarray, dict[str, float]]:
-    """Every item's raw score (`[n]` or `[n, width]`), with the endpoint scores and timing."""
+                       progress: bool, wall_start: float,
+                       log: TaskLog | None) -> tuple[Any, Any, np.ndarray, dict[str, float]]:
+    """Every item's raw score (`[n]` or `[n, width]`), with the endpoint scores and timing;
+    chunks recorded in `log` are replayed, new ones recorded."""
     config = base.config
     check_pair(base, donor)
     metric.check(config)
@@ -162,8 +165,10 @@ def _activation_scores(base: Model, donor: Model, batch: Batch, metric: Metric,
     prepare_s, compile_s = time.perf_counter() - wall_start, 0.0
     from tqdm.auto import tqdm
 
-    with tqdm(total=runs, unit="cand", desc=f"activation {direction}", disable=not progress,
-              dynamic_ncols=True) as bar:
+    resumed = 0 if log is None else log.recorded_candidates()
+    with tqdm(total=runs, initial=min(resumed, runs), unit="cand",
+              desc=f"activation {direction}" + (f" (resumed {resumed})" if resumed else ""),
+              disable=not progress, dynamic_ncols=True) as bar:
         for first, group in sorted(groups.items()):
             members = [items[i] for i in group]
             sites = {s: all_sites[s] for s in dict.fromkeys(
@@ -176,16 +181,24 @@ def _activation_scores(base: Model, donor: Model, batch: Batch, metric: Metric,
             specs = {s: jax.ShapeDtypeStruct((size, n), jnp.float32) for s, n in sites.items()}
             program = compiled(key, fn, specs, ops)
             compile_s += time.perf_counter() - compile_start
-            for offset in range(0, len(group), size):
-                chunk = members[offset: offset + size]
-                betas = {k: jnp.asarray(v) for k, v in _betas(config, chunk, size, sites).items()}
-                values = np.asarray(program(betas, ops), np.float64)
-                for row, i in enumerate(group[offset: offset + size]):
+            names = [c.name for c in members]
+            offset = 0
+            while offset < len(group):
+                values = None if log is None else log.replay(names, offset)
+                if values is None:
+                    chunk = members[offset: offset + size]
+                    betas = {k: jnp.asarray(v) for k, v in _betas(config, chunk, size, sites).items()}
+                    values = np.asarray(program(betas, ops), np.float64)[: len(chunk)]
+                    if log is not None:
+                        log.record_chunk(names[offset: offset + len(chunk)], values)
+                    bar.update(len(chunk))
+                for row, i in enumerate(group[offset: offset + len(values)]):
                     scores[i] = values[row]
-                bar.update(len(chunk))
+                offset += len(values)
     values = np.array(scores, np.float64)
     check_finite_scores([c.name for c in items], values, "activation patching score")
-    return base_score, donor_score, values, run_timing(wall_start, prepare_s, compile_s, runs)
+    return base_score, donor_score, values, run_timing(wall_start, prepare_s, compile_s,
+                                                       runs - resumed)
 
 
 def activation_patching(
@@ -201,6 +214,7 @@ def activation_patching(
     progress: bool = True,
     positions: Positions = "last",
     inputs: dict[str, Any] | None = None,
+    log: TaskLog | None = None,
 ) -> SweepResult:
     """Scores every component by patching its output activation between base and donor.
 
@@ -215,6 +229,7 @@ def activation_patching(
         chunk_size: candidates per vmapped batch (chunks are padded to this size).
         progress: show a progress bar.
         positions, inputs: recorded in the result.
+        log: record finished chunks here and replay the ones it holds (a resumable run).
 
     Returns:
         A `SweepResult` with `method="activation"`, in candidate order; components after the
@@ -231,7 +246,7 @@ def activation_patching(
                           "activation_matrix for it")
     items = select(base.config, selector, granularity)
     base_score, donor_score, values, timing = _activation_scores(
-        base, donor, batch, metric, items, direction, chunk_size, progress, wall_start)
+        base, donor, batch, metric, items, direction, chunk_size, progress, wall_start, log)
     return SweepResult(metric.name, direction, metric.layer, positions, base_score, donor_score,
                        [c.name for c in items], values, timing, dict(inputs or {}),
                        method="activation")
@@ -239,14 +254,15 @@ def activation_patching(
 
 def activation_matrix(base: Model, donor: Model, batch: Batch, metric: Metric,
                       candidates: Sequence[Component], *, direction: PairDirection = "denoise",
-                      chunk_size: int = 64, progress: bool = True) -> ScoreMatrix:
+                      chunk_size: int = 64, progress: bool = True,
+                      log: TaskLog | None = None) -> ScoreMatrix:
     """Activation patching of every candidate, read on every column of a metric (e.g. every
     target of a `ComponentAnchor` with several targets) from the same runs.
 
     Arguments:
         base, donor, batch, metric: the run (`metric` may have any width).
         candidates: the components whose outputs are patched (the rows).
-        direction, chunk_size, progress: as for `activation_patching`.
+        direction, chunk_size, progress, log: as for `activation_patching`.
 
     Returns:
         A `ScoreMatrix` with `method="activation"`.
@@ -260,7 +276,7 @@ def activation_matrix(base: Model, donor: Model, batch: Batch, metric: Metric,
     """
     wall_start = time.perf_counter()
     base_score, donor_score, values, timing = _activation_scores(
-        base, donor, batch, metric, candidates, direction, chunk_size, progress, wall_start)
+        base, donor, batch, metric, candidates, direction, chunk_size, progress, wall_start, log)
     columns = list(metric.columns())
     return ScoreMatrix(metric.name, direction, "activation", [c.name for c in candidates], columns,
                        np.asarray(base_score, np.float64).reshape(-1),

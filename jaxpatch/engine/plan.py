@@ -27,7 +27,7 @@ from jaxpatch.patch import Patch, alpha_shapes, component_entries
 from jaxpatch.prompts import Batch
 
 __all__ = ["Candidate", "ProgramPlan", "candidates_of", "is_block_local", "plan_programs",
-           "alpha_rows", "available_memory_bytes", "auto_chunk_size"]
+           "alpha_rows", "available_memory_bytes", "auto_chunk_size", "is_out_of_memory"]
 
 _MATERIALIZE_BYTES = 256 * 1024**2  # at most this much of per-candidate patched weights
 _MAX_AUTO_CHUNK = 256
@@ -256,3 +256,18 @@ def auto_chunk_size(config: ModelConfig, batch: Batch, budget: int) -> int:
     per_token = 4 * config.d_model + 3 * config.d_ff + 2 * config.n_heads * s
     per_candidate = int(p * s * per_token * max(item, 4) * 2)
     return max(1, min(_MAX_AUTO_CHUNK, budget // max(per_candidate, 1)))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an error raised by running a program is the device running out of memory
+    (XLA's RESOURCE_EXHAUSTED, or a host `MemoryError`).
+
+    Example:
+        >>> is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4 GiB"))
+        True
+        >>> is_out_of_memory(ValueError("shapes do not match"))
+        False
+    """
+    if isinstance(error, MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "RESOURCE_EXHAUSTED" in str(error)

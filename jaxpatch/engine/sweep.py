@@ -11,12 +11,16 @@ the plain forward, but never computes what a candidate does not change:
 - patched leaves stay factored (`MixedWeight`): no weight copy per candidate;
 - a metric reading block L stops there, computing block L only at the readout positions;
   candidates after L are reported as exactly unchanged without running;
-- chunks are padded to one size per program so each program compiles once.
+- chunks are padded to one size per program so each program compiles once;
+- with a `TaskLog` (`jaxpatch.io.runlog`), every finished chunk is recorded and a resumed run
+  replays the recorded chunks with their boundaries, computing only the rest (bitwise equal to
+  an uninterrupted run); running out of device memory halves the chunk and carries on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any, Mapping, Sequence
 
@@ -33,6 +37,7 @@ from jaxpatch.engine.plan import (
     auto_chunk_size,
     available_memory_bytes,
     candidates_of,
+    is_out_of_memory,
     plan_programs,
 )
 from jaxpatch.engine.programs import (
@@ -45,7 +50,8 @@ from jaxpatch.engine.programs import (
     prefix_pass,
     stacked_checked,
 )
-from jaxpatch.errors import MetricError
+from jaxpatch.errors import JaxpatchError, MetricError
+from jaxpatch.io.runlog import TaskLog
 from jaxpatch.metrics import Metric, mean_score, metric_readout
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
@@ -56,6 +62,8 @@ from jaxpatch.prompts import Batch
 from jaxpatch.results import ScoreMatrix, SweepResult, check_finite_scores, run_timing
 
 __all__ = ["sweep", "sweep_matrix"]
+
+_LOG = logging.getLogger("jaxpatch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +165,7 @@ def sweep(
     progress: bool = True,
     positions: Positions = "last",
     inputs: Mapping[str, Any] | None = None,
+    log: TaskLog | None = None,
 ) -> SweepResult:
     """Scores every candidate patch exactly.
 
@@ -179,6 +188,8 @@ def sweep(
         progress: show a progress bar.
         positions: the readout positions `batch` was built with (recorded in the result).
         inputs: fingerprints to record in the result.
+        log: record finished chunks here and replay the ones it holds (a resumable run; see
+            `jaxpatch.io.runlog`). The scores are bitwise those of a run without it.
 
     Returns:
         A `SweepResult` in candidate order.
@@ -200,7 +211,7 @@ def sweep(
     wall_start = time.perf_counter()
     prepared, names, values, timing, skipped = _scores(
         base, donor, batch, metric, candidates, direction, references, chunk_size, materialize,
-        memory_fraction, progress, wall_start)
+        memory_fraction, progress, wall_start, log)
     check_finite_scores(names, values, "score")
     return SweepResult(metric.name, direction, metric.layer, positions,
                        float(prepared.base_score), float(prepared.donor_score), names, values,
@@ -220,6 +231,7 @@ def sweep_matrix(
     materialize: bool | None = None,
     memory_fraction: float = 0.3,
     progress: bool = True,
+    log: TaskLog | None = None,
 ) -> ScoreMatrix:
     """Scores every candidate patch exactly on every column of a metric: one run per
     candidate reads them all (e.g. every target of a `ComponentAnchor` with several targets).
@@ -227,8 +239,8 @@ def sweep_matrix(
     Arguments:
         base, donor, batch, metric: as for `sweep` (`metric` may have any width).
         candidates: components, or a mapping of names to custom `Patch`es (the rows).
-        direction, references, chunk_size, materialize, memory_fraction, progress: as for
-            `sweep`.
+        direction, references, chunk_size, materialize, memory_fraction, progress, log: as
+            for `sweep`.
 
     Returns:
         A `ScoreMatrix`: rows in candidate order, one column per metric column.
@@ -243,7 +255,7 @@ def sweep_matrix(
     wall_start = time.perf_counter()
     prepared, names, values, timing, _ = _scores(
         base, donor, batch, metric, candidates, direction, references, chunk_size, materialize,
-        memory_fraction, progress, wall_start)
+        memory_fraction, progress, wall_start, log)
     values = values.reshape(len(names), metric.width)
     check_finite_scores(names, values, "score")
     columns = list(metric.columns())
@@ -256,7 +268,8 @@ def _scores(base: Model, donor: Model, batch: Batch, metric: Metric,
             candidates: Sequence[Component] | Mapping[str, Patch], direction: Direction,
             references: Sequence[Params] | None, chunk_size: int | None,
             materialize: bool | None, memory_fraction: float, progress: bool,
-            wall_start: float) -> tuple[_Prepared, list[str], np.ndarray, dict[str, float], list[str]]:
+            wall_start: float, log: TaskLog | None
+            ) -> tuple[_Prepared, list[str], np.ndarray, dict[str, float], list[str]]:
     """prepare -> plan -> compile -> execute: the raw scores of every candidate (`[n]` or
     `[n, width]`), with the prepared endpoints, timing, and the names skipped."""
     config = base.config
@@ -266,14 +279,16 @@ def _scores(base: Model, donor: Model, batch: Batch, metric: Metric,
     run = [c for c in cands if c.first_layer <= last_block
            or (metric.layer is None and c.first_layer == config.n_layers)]
     skipped = [c.name for c in cands if c not in run]
-    budget = int(available_memory_bytes() * memory_fraction)
+    memory = _memory_plan(config, batch, memory_fraction, log)
+    if log is not None and log.limit is not None:  # this run ran out of memory before
+        chunk_size = min(chunk_size or memory["auto_chunk"], log.limit)
     plans = plan_programs(
         # a metric that reads inside blocks runs the plain forward (no block-local program)
         config, run, -1 if metric.outputs(config) else last_block,
         leaf_bytes={n: int(np.prod(a.shape)) * a.dtype.itemsize
                     for n, a in flatten_params(prepared.start).items()},
-        chunk_size=chunk_size, auto_chunk=auto_chunk_size(config, batch, budget),
-        materialize=materialize, budget=budget)
+        chunk_size=chunk_size, auto_chunk=memory["auto_chunk"],
+        materialize=materialize, budget=memory["budget"])
     programs = [(plan, *_program(config, metric, plan, prepared, batch)) for plan in plans]
     prepare_s = time.perf_counter() - wall_start
 
@@ -282,27 +297,84 @@ def _scores(base: Model, donor: Model, batch: Batch, metric: Metric,
         compiled(key, fn, plan.alpha_specs(config), operands[0])
     compile_s = time.perf_counter() - compile_start
 
+    resumed = 0 if log is None else log.recorded_candidates()
     scores = {name: prepared.start_score for name in skipped}
-    scores.update(_execute(config, programs, direction, len(run), progress))
+    scores.update(_execute(config, programs, direction, len(run), progress, log, resumed))
     names = [c.name for c in cands]
     values = np.array([scores[n] for n in names], np.float64)
-    return prepared, names, values, run_timing(wall_start, prepare_s, compile_s, len(run)), skipped
+    timing = run_timing(wall_start, prepare_s, compile_s, len(run) - resumed)
+    if resumed:
+        timing["resumed_candidates"] = float(resumed)
+    return prepared, names, values, timing, skipped
+
+
+def _memory_plan(config: ModelConfig, batch: Batch, memory_fraction: float,
+                 log: TaskLog | None) -> dict[str, int]:
+    """The byte budget of a chunk and the chunk size it allows, from free device memory; a
+    resumed run reuses its first start's (so its chunks, and bits, are the same)."""
+    def measure() -> dict[str, int]:
+        budget = int(available_memory_bytes() * memory_fraction)
+        return {"budget": budget, "auto_chunk": auto_chunk_size(config, batch, budget)}
+
+    return measure() if log is None else log.memo("memory", measure)
 
 
 def _execute(config: ModelConfig, programs: Sequence[tuple[ProgramPlan, tuple, Any, list[Any]]],
-             direction: str, total: int, progress: bool) -> dict[str, np.ndarray]:
-    """Runs every plan's candidates in padded chunks; their scores by name."""
+             direction: str, total: int, progress: bool, log: TaskLog | None,
+             resumed: int) -> dict[str, np.ndarray]:
+    """Runs every plan's candidates in padded chunks; their scores by name.
+
+    Recorded chunks are replayed where a group's next candidates begin one; a chunk that runs
+    out of device memory is retried at half the size, and the rest of the task keeps it."""
     from tqdm.auto import tqdm
 
     scores: dict[str, np.ndarray] = {}
-    with tqdm(total=total, unit="cand", desc=f"sweep {direction}", disable=not progress,
-              dynamic_ncols=True) as bar:
+    limit: int | None = None
+    with tqdm(total=total, initial=min(resumed, total), unit="cand",
+              desc=f"sweep {direction}" + (f" (resumed {resumed})" if resumed else ""),
+              disable=not progress, dynamic_ncols=True) as bar:
         for plan, key, fn, operands in programs:
             for group, ops in zip(plan.groups, operands):
-                for offset in range(0, len(group), plan.chunk):
-                    chunk: Sequence[Candidate] = group[offset: offset + plan.chunk]
-                    alphas = {n: jnp.asarray(a) for n, a in alpha_rows(config, plan, chunk).items()}
-                    values = np.asarray(compiled(key, fn, alphas, ops)(alphas, ops))
+                names = [c.name for c in group]
+                offset = 0
+                while offset < len(group):
+                    values = None if log is None else log.replay(names, offset)
+                    if values is not None:
+                        chunk = group[offset: offset + len(values)]
+                    else:
+                        if limit is not None and plan.chunk > limit:
+                            plan = dataclasses.replace(plan, chunk=limit)
+                        chunk = group[offset: offset + plan.chunk]
+                        try:
+                            values = _run_chunk(config, plan, key, fn, ops, chunk)
+                        except Exception as error:  # only running out of memory is retried
+                            if not is_out_of_memory(error):
+                                raise
+                            limit = _halved(plan.chunk, log)
+                            continue
+                        if log is not None:
+                            log.record_chunk(names[offset: offset + len(chunk)], values)
+                        bar.update(len(chunk))
                     scores.update({c.name: v for c, v in zip(chunk, values)})
-                    bar.update(len(chunk))
+                    offset += len(chunk)
     return scores
+
+
+def _run_chunk(config: ModelConfig, plan: ProgramPlan, key: tuple, fn: Any, ops: Any,
+               chunk: Sequence[Candidate]) -> np.ndarray:
+    """One chunk's raw scores (`[len(chunk)]` or `[len(chunk), width]`), padding dropped."""
+    alphas = {n: jnp.asarray(a) for n, a in alpha_rows(config, plan, chunk).items()}
+    return np.asarray(compiled(key, fn, alphas, ops)(alphas, ops))[: len(chunk)]
+
+
+def _halved(chunk: int, log: TaskLog | None) -> int:
+    """The chunk size after running out of memory at `chunk` (said once per halving)."""
+    if chunk <= 1:
+        raise JaxpatchError("out of device memory with one candidate per chunk: use fewer or "
+                            "shorter prompts, a lower --dtype, or a device with more memory")
+    smaller = chunk // 2
+    _LOG.warning("jaxpatch: out of device memory at %d candidates per chunk; continuing with %d",
+                 chunk, smaller)
+    if log is not None:
+        log.record_limit(smaller)
+    return smaller

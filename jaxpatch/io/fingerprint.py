@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["file_sha256", "checkpoint_fingerprint", "versions"]
+__all__ = ["file_sha256", "folder_sha256", "checkpoint_fingerprint", "versions"]
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -32,6 +32,24 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def folder_sha256(folder: str | os.PathLike[str]) -> str:
+    """A SHA-256 over a folder's files: their relative names and contents, in name order.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> empty = folder_sha256(d)
+        >>> _ = (d / "a").write_bytes(b"x")
+        >>> folder_sha256(d) != empty
+        True
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
 def checkpoint_fingerprint(model: Any) -> str:
     """A SHA-256 identifying a model: over its checkpoint folder's files (names and bytes) when
     it was loaded from one, else over its params.
@@ -42,12 +60,9 @@ def checkpoint_fingerprint(model: Any) -> str:
         >>> len(checkpoint_fingerprint(SimpleNamespace(source=None, params={"w": jnp.ones(2)})))
         64
     """
-    digest = hashlib.sha256()
     if model.source is not None and Path(model.source).is_dir():
-        for path in sorted(p for p in Path(model.source).rglob("*") if p.is_file()):
-            digest.update(str(path.relative_to(model.source)).encode())
-            digest.update(file_sha256(path).encode())
-        return digest.hexdigest()
+        return folder_sha256(model.source)
+    digest = hashlib.sha256()
     for leaf in jax.tree_util.tree_leaves(model.params):
         digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     return digest.hexdigest()
@@ -65,4 +80,4 @@ def versions() -> dict[str, str]:
     return {"jaxpatch": jaxpatch.__version__, "jax": jax.__version__,
             "jaxlib": importlib.metadata.version("jaxlib"),
             "numpy": np.__version__, "python": platform.python_version(),
-            "backend": jax.default_backend()}
+            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
