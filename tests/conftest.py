@@ -30,3 +30,18 @@ def pair() -> Callable[..., tuple[jaxpatch.Model, jaxpatch.Model]]:
 
     return make
 
+
+@pytest.fixture(scope="session")
+def donor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A donor for the llama-gqa fixture: every weight perturbed."""
+    import dataclasses
+
+    import jax
+
+    base = jaxpatch.load(FIXTURES / "llama-gqa")
+    leaves, treedef = jax.tree_util.tree_flatten(base.params)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    moved = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    folder = tmp_path_factory.mktemp("donor") / "donor"
+    jaxpatch.save(dataclasses.replace(base, params=jax.tree_util.tree_unflatten(treedef, moved)), folder)
+    return folder

@@ -1,0 +1,309 @@
+"""Long runs survive: resume after a kill (bit for bit), refusal of another run's folder,
+torn and damaged progress logs, running out of memory, full disks."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from golden import FIXTURES
+
+import jaxpatch
+from jaxpatch.attribution import attribute, localize
+from jaxpatch.cli import main
+from jaxpatch.engine import sweep
+from jaxpatch.errors import JaxpatchError, OutputExistsError
+from jaxpatch.examples import example_pair
+from jaxpatch.hierarchy import trace_hierarchy
+from jaxpatch.io import runlog
+from jaxpatch.io.runlog import LOG_NAME, CorruptProgressError, OutputWriteError, RunLog, RunMismatchError
+from jaxpatch.trace import activation_patching
+
+PROMPTS = ('{"text": "the quick brown fox", "target": " jumps", "foil": " dog"}\n'
+           '{"tokens": [5, 6, 7, 8, 9, 10], "target_tokens": [11], "foil_tokens": [12]}\n')
+
+
+def cut_log(folder: Path, keep: int, torn: bool = True) -> None:
+    """Keeps the header and the first `keep` records of a run's log, plus half a line."""
+    lines = (folder / LOG_NAME).read_bytes().split(b"\n")
+    kept = b"\n".join(lines[: keep + 1]) + b"\n"
+    (folder / LOG_NAME).write_bytes(kept + (lines[keep + 1][:40] if torn else b""))
+
+
+# ----------------------------------------------------------------------------- the log itself
+
+def test_a_torn_last_line_is_dropped_and_a_damaged_one_refused(tmp_path: Path) -> None:
+    with RunLog.open(tmp_path, {"a": 1}) as log:
+        for i in range(3):
+            log.task("t").record_chunk([f"c{i}"], np.array([float(i)]))
+    cut_log(tmp_path, 2)
+    with RunLog.open(tmp_path, {"a": 1}) as log:
+        assert log.resumed == 2 and log.task("t").replay(["c0", "c1", "c2"], 2) is None
+        assert log.task("t").replay(["c0", "c1"], 1).tolist() == [1.0]
+    assert (tmp_path / LOG_NAME).read_bytes().endswith(b"\n")  # the torn tail was cut off
+    lines = (tmp_path / LOG_NAME).read_bytes().split(b"\n")
+    lines[1] = lines[1].replace(b'"c0"', b'"cX"')  # a flipped byte in the middle
+    (tmp_path / LOG_NAME).write_bytes(b"\n".join(lines))
+    with pytest.raises(CorruptProgressError, match=f"{LOG_NAME}:2: damaged"):
+        RunLog.open(tmp_path, {"a": 1})
+    with RunLog.open(tmp_path, {"a": 1}, overwrite=True) as log:  # --overwrite starts afresh
+        assert log.resumed == 0
+
+
+def test_another_runs_folder_is_refused_naming_each_difference(tmp_path: Path) -> None:
+    RunLog.open(tmp_path, {"command": "sweep", "arguments": {"granularity": "module"}}).close()
+    with pytest.raises(RunMismatchError) as e:
+        RunLog.open(tmp_path, {"command": "sweep", "arguments": {"granularity": "neuron"}})
+    assert "arguments.granularity is neuron (the recorded run had module)" in str(e.value)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="holds no jaxpatch progress log"):
+        RunLog.open(tmp_path / "other", {})
+
+
+def test_a_second_process_cannot_write_the_same_folder(tmp_path: Path) -> None:
+    with RunLog.open(tmp_path, {}):
+        script = ("import sys; from jaxpatch.io.runlog import RunLog\n"
+                  f"RunLog.open({str(tmp_path)!r}, {{}})")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert "another jaxpatch run is writing to this folder" in done.stderr
+
+
+# ---------------------------------------------------------------- resuming, bit for bit
+
+@pytest.fixture(scope="module")
+def neuron_reference() -> tuple:
+    pair = example_pair()
+    metric = jaxpatch.KLDivergence()
+    result = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron", chunk_size=4,
+                   progress=False)
+    return pair, metric, result
+
+
+def test_a_resumed_sweep_equals_an_uninterrupted_one_bit_for_bit(tmp_path: Path,
+                                                                 neuron_reference: tuple) -> None:
+    pair, metric, reference = neuron_reference
+    with RunLog.open(tmp_path, {}) as log:
+        sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron", chunk_size=4,
+              progress=False, log=log.task("sweep"))
+        chunks = len(log.records) - 1  # the memory plan is a record too
+    for keep in (1, chunks // 2, chunks):
+        cut_log(tmp_path, keep, torn=keep < chunks)
+        with RunLog.open(tmp_path, {}) as log:
+            resumed = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
+                            chunk_size=4, progress=False, log=log.task("sweep"))
+        assert resumed.names == reference.names
+        assert resumed.scores.tobytes() == reference.scores.tobytes()
+        assert resumed.timing.get("resumed_candidates", 0) == 4 * (keep - 1)
+
+
+def test_resumed_activation_patching_attribution_and_localize_are_identical(tmp_path: Path) -> None:
+    pair = example_pair()
+    metric = jaxpatch.VectorAnchor(layer=pair.config.n_layers - 1)
+
+    def run(log: RunLog | None) -> tuple:
+        task = (lambda name: log.task(name)) if log else (lambda name: None)
+        return (activation_patching(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
+                                    chunk_size=8, progress=False, log=task("act")),
+                attribute(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
+                          method="integrated-gradients", steps=4, log=task("ig")),
+                localize(pair.base, pair.donor, pair.batch, metric, top_k=6, controls=6,
+                         exhaustive=True, progress=False, log=task("localize")))
+
+    plain = run(None)
+    with RunLog.open(tmp_path, {}) as log:
+        run(log)
+        total = len(log.records)
+    cut_log(tmp_path, total // 2)
+    with RunLog.open(tmp_path, {}) as log:
+        assert 0 < log.resumed < total
+        resumed = run(log)
+    assert resumed[0].scores.tobytes() == plain[0].scores.tobytes()
+    assert resumed[1].scores.tobytes() == plain[1].scores.tobytes()
+    assert resumed[2].to_dict()["exact"]["components"] == plain[2].to_dict()["exact"]["components"]
+    assert resumed[2].exhaustive.scores.tobytes() == plain[2].exhaustive.scores.tobytes()
+
+
+def test_a_resumed_trace_finds_the_same_hierarchy(tmp_path: Path) -> None:
+    from jaxpatch.examples import chain_pair
+
+    pair = chain_pair()
+
+    def run(log: RunLog | None) -> dict:
+        traced = trace_hierarchy(pair.base, pair.donor, pair.batch, jaxpatch.LogProb(),
+                                 anchor_layer=1, log=log.task("trace") if log else None)
+        graph = traced.graph()
+        graph.pop("timing", None)
+        return graph
+
+    plain = run(None)
+    with RunLog.open(tmp_path, {}) as log:
+        run(log)
+        total = len(log.records)
+    cut_log(tmp_path, total // 3)
+    with RunLog.open(tmp_path, {}) as log:
+        assert run(log) == plain
+
+
+# ------------------------------------------------------------ killed processes, via the CLI
+
+def _record_count(folder: Path) -> int:
+    try:
+        return (folder / LOG_NAME).read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.slow
+def test_a_neuron_sweep_killed_at_random_points_resumes_to_identical_scores(
+        tmp_path: Path, donor_dir: Path) -> None:
+    """SIGKILL a `jaxpatch sweep --granularity neuron` several times at random points of its
+    progress; each restart continues; the final scores equal an uninterrupted run's, bit
+    for bit."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(PROMPTS)
+    env = {**os.environ, "JAXPATCH_COMPILE_CACHE": str(tmp_path / "xla")}
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "jaxpatch.cli", "sweep", "--base", str(FIXTURES / "llama-gqa"),
+                "--donor", str(donor_dir), "--prompts", str(prompts), "--granularity", "neuron",
+                "--metric", "kl", "--chunk-size", "2", "--no-progress", "--out", str(out)]
+
+    subprocess.run(command(tmp_path / "reference"), check=True, env=env, capture_output=True)
+    total = _record_count(tmp_path / "reference")
+    out, rng, kills = tmp_path / "killed", random.Random(0), 0
+    for fraction in (0.15, 0.4, 0.65, 0.85):
+        target = int(total * fraction) + rng.randrange(-2, 3)
+        process = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        while process.poll() is None and _record_count(out) < target:
+            time.sleep(0.002)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+        assert not (out / "scores.json").exists() or process.returncode == 0
+    assert kills >= 3, "the runs finished before they could be killed"
+    final = subprocess.run(command(out), env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert "resuming the run" in final.stderr
+    scores = [json.loads((folder / "scores.json").read_text())["components"]
+              for folder in (tmp_path / "reference", out)]
+    assert [c["score"] for c in scores[0]] == [c["score"] for c in scores[1]]
+    assert [c["name"] for c in scores[0]] == [c["name"] for c in scores[1]]
+
+
+def test_the_cli_resumes_refuses_other_settings_and_starts_afresh_with_overwrite(
+        tmp_path: Path, donor_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(PROMPTS)
+    out = tmp_path / "run"
+    run = ["sweep", "--base", str(FIXTURES / "llama-gqa"), "--donor", str(donor_dir),
+           "--prompts", str(prompts), "--no-progress", "--out", str(out)]
+    assert main([*run, "--granularity", "head"]) == 0
+    first = (out / "scores.json").read_text()
+    assert main([*run, "--granularity", "head"]) == 0  # finished: replayed, nothing recomputed
+    assert "read from the progress log" in capsys.readouterr().out
+    again = json.loads((out / "scores.json").read_text())
+    assert again["components"] == json.loads(first)["components"]
+    assert main([*run, "--granularity", "module"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "arguments.granularity is module (the recorded run had head)" in error
+    prompts.write_text(PROMPTS.replace("quick", "slow"))
+    assert main([*run, "--granularity", "head"]) == 2
+    assert "inputs.prompts is" in capsys.readouterr().err
+    assert main([*run, "--granularity", "module", "--overwrite"]) == 0
+    assert len(json.loads((out / "scores.json").read_text())["components"]) == 21  # modules
+
+
+# --------------------------------------------------------------------- memory and disk
+
+def test_running_out_of_memory_halves_the_chunk_with_the_same_scores(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        neuron_reference: tuple, tmp_path: Path) -> None:
+    """A fake allocator limit: any chunk of more than 3 candidates fails as XLA does."""
+    engine = sys.modules["jaxpatch.engine.sweep"]  # the module, not the function it exports
+    pair, metric, reference = neuron_reference
+    real = engine._run_chunk
+
+    def limited(config, plan, key, fn, ops, chunk):  # noqa: ANN001, ANN202
+        if plan.chunk > 3:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return real(config, plan, key, fn, ops, chunk)
+
+    monkeypatch.setattr(engine, "_run_chunk", limited)
+    with RunLog.open(tmp_path, {}) as log:
+        halved = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
+                       chunk_size=16, progress=False, log=log.task("s"))
+        assert log.task("s").limit == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "jaxpatch: out of device memory at 16 candidates per chunk; continuing with 8",
+        "jaxpatch: out of device memory at 8 candidates per chunk; continuing with 4",
+        "jaxpatch: out of device memory at 4 candidates per chunk; continuing with 2"]
+    np.testing.assert_allclose(halved.scores, reference.scores, rtol=1e-6, atol=1e-7)
+    at_two = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron", chunk_size=2,
+                   progress=False)
+    assert halved.scores.tobytes() == at_two.scores.tobytes()
+    monkeypatch.setattr(engine, "_run_chunk", lambda *a: (_ for _ in ()).throw(
+        RuntimeError("RESOURCE_EXHAUSTED: out of memory")))
+    with pytest.raises(JaxpatchError, match="out of device memory with one candidate per chunk"):
+        sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron", chunk_size=1,
+              progress=False)
+
+
+def test_a_full_disk_fails_cleanly_and_the_run_resumes(monkeypatch: pytest.MonkeyPatch,
+                                                        neuron_reference: tuple,
+                                                        tmp_path: Path) -> None:
+    pair, metric, reference = neuron_reference
+    real_write, writes = os.write, []
+
+    def filling(fd: int, data: bytes) -> int:
+        writes.append(len(data))
+        if len(writes) > 6:  # the header, the memory plan, then 4 chunks fit
+            real_write(fd, data[: len(data) // 2])  # a partial write, as a full disk gives
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(runlog.os, "write", filling)
+    with pytest.raises(OutputWriteError, match="No space left on device.*4 chunks recorded"):
+        with RunLog.open(tmp_path, {}) as log:
+            sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron", chunk_size=4,
+                  progress=False, log=log.task("s"))
+    monkeypatch.setattr(runlog.os, "write", real_write)
+    assert (tmp_path / LOG_NAME).read_bytes().endswith(b"\n")  # no torn line left behind
+    with RunLog.open(tmp_path, {}) as log:
+        assert log.resumed == 5
+        resumed = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
+                        chunk_size=4, progress=False, log=log.task("s"))
+    assert resumed.scores.tobytes() == reference.scores.tobytes()
+
+
+def test_an_unwritable_output_folder_is_refused_in_one_line(tmp_path: Path, donor_dir: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(PROMPTS)
+    run = ["sweep", "--base", str(FIXTURES / "llama-gqa"), "--donor", str(donor_dir),
+           "--prompts", str(prompts), "--no-progress", "--out"]
+    (tmp_path / "file").write_text("not a folder")
+    assert main([*run, str(tmp_path / "file" / "run")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "cannot write (Not a directory)" in error
+    if os.geteuid() != 0:  # permissions do not bind root
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            assert main([*run, str(locked / "run")]) == 2
+        finally:
+            locked.chmod(0o700)
+        assert "cannot write (Permission denied)" in capsys.readouterr().err
+        assert not (locked / "run").exists()
