@@ -28,7 +28,11 @@ from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import check_tokens
 from jaxpatch.modes import POSITIONS, Positions, check_mode
 
-__all__ = ["Prompt", "Batch", "read_prompts", "make_batch", "greedy_continuations"]
+__all__ = ["Prompt", "Batch", "read_prompts", "make_batch", "greedy_continuations",
+           "MAX_PROMPTS_BYTES", "MAX_LINE_BYTES"]
+
+MAX_PROMPTS_BYTES = 1024**3  # a prompts file is read whole: refuse what cannot be meant
+MAX_LINE_BYTES = 4 * 1024**2  # one prompt (with its target and foil), as JSON
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +92,23 @@ def read_prompts(path: str | os.PathLike[str], tokenizer: Any = None) -> list[Pr
     """
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
+        if path.stat().st_size > MAX_PROMPTS_BYTES:
+            raise PromptsError(f"{path}: {path.stat().st_size} bytes is more than the "
+                               f"{MAX_PROMPTS_BYTES} a prompts file may have")
+        lines = path.read_bytes().split(b"\n")
+    except (FileNotFoundError, IsADirectoryError):
         raise PromptsError(f"{path}: prompts file not found") from None
-    except UnicodeDecodeError:
-        raise PromptsError(f"{path}: not a UTF-8 text file") from None
+    text = []
+    for number, line in enumerate(lines, 1):
+        if len(line) > MAX_LINE_BYTES:
+            raise PromptsError(f"{path}:{number}: a line of {len(line)} bytes is longer than "
+                               f"the {MAX_LINE_BYTES} a prompt may have")
+        try:
+            text.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise PromptsError(f"{path}:{number}: not UTF-8 text ({e.reason})") from None
     prompts = [_parse_line(path, n, line, tokenizer)
-               for n, line in enumerate(lines, 1) if line.strip()]
+               for n, line in enumerate(text, 1) if line.strip()]
     if not prompts:
         raise PromptsError(f"{path}: no prompts (the file is empty)")
     return prompts
@@ -106,6 +120,8 @@ def _parse_line(path: Path, number: int, line: str, tokenizer: Any) -> Prompt:
         item = json.loads(line)
     except json.JSONDecodeError as e:
         raise PromptsError(f"{where}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise PromptsError(f"{where}: the JSON nests too deeply") from None
     if not isinstance(item, dict):
         raise PromptsError(f"{where}: expected a JSON object with 'text' or 'tokens'")
 
@@ -113,8 +129,10 @@ def _parse_line(path: Path, number: int, line: str, tokenizer: Any) -> Prompt:
         if tokens_key in item:
             value = item[tokens_key]
             if not (isinstance(value, list) and value
-                    and all(isinstance(t, int) and not isinstance(t, bool) for t in value)):
-                raise PromptsError(f"{where}: {tokens_key!r} must be a non-empty list of integers")
+                    and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31
+                            for t in value)):
+                raise PromptsError(f"{where}: {tokens_key!r} must be a non-empty list of "
+                                   "token ids (integers from 0)")
             return tuple(value)
         if text_key in item:
             if not isinstance(item[text_key], str):

@@ -94,8 +94,8 @@ def test_anchor_file_round_trip_and_checks(tmp_path: Path) -> None:
     ('{"tokens": [1, 2]}\n{"tokens": [1, 2]\n', ":2: not valid JSON"),
     ('{"tokens": [1, 2]}\n\n["a"]\n', ":3: expected a JSON object"),
     ('{"prompt": "x"}\n', ":1: needs 'text' or 'tokens'"),
-    ('{"tokens": []}\n', ":1: 'tokens' must be a non-empty list of integers"),
-    ('{"tokens": [1, "2"]}\n', ":1: 'tokens' must be a non-empty list of integers"),
+    ('{"tokens": []}\n', ":1: 'tokens' must be a non-empty list of token ids"),
+    ('{"tokens": [1, "2"]}\n', ":1: 'tokens' must be a non-empty list of token ids"),
     ('{"text": "hello"}\n', ":1: 'text' needs a tokenizer"),
 ])
 def test_prompts_file_errors_name_the_line(tmp_path: Path, content: str, message: str) -> None:

@@ -38,6 +38,7 @@ __all__ = ["SINGLE_FILE", "INDEX_FILE", "PICKLE_FILES", "read_json", "read_confi
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+MAX_JSON_BYTES = 64 * 1024**2  # config.json and the shard index are small
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 
 
@@ -52,11 +53,16 @@ def read_json(path: Path) -> Any:
         {'a': 1}
     """
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CorruptCheckpointError(f"{path}: {path.stat().st_size} bytes is too large for "
+                                         f"a JSON settings file (at most {MAX_JSON_BYTES})")
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: file not found") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CorruptCheckpointError(f"{path}: the JSON nests too deeply") from None
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -86,7 +92,8 @@ def weight_files(folder: Path) -> list[Path]:
     """
     index = folder / INDEX_FILE
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptCheckpointError(f"{index}: has no weight_map")
         return [_shard_path(folder, index, name) for name in dict.fromkeys(weight_map.values())]

@@ -69,8 +69,9 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
         The tensors it holds, by name, in file order.
 
     Raises:
-        CorruptCheckpointError: the file is too short, its header is malformed, or a tensor's
-            extent is inconsistent with its shape or lies past the end of the file.
+        CorruptCheckpointError: the file is too short, its header is malformed, a tensor's
+            extent is inconsistent with its shape or lies past the end of the file, or two
+            tensors overlap.
 
     Example:
         >>> import tempfile, numpy as np
@@ -95,12 +96,19 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(f"{path}: the header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CorruptCheckpointError(f"{path}: the header nests too deeply") from None
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: the header is not a JSON object")
     data_start = 8 + header_len
-    infos = [_tensor_info(path, name, entry, data_start, size)
-             for name, entry in header.items() if name != "__metadata__"]
-    return {info.name: info for info in sorted(infos, key=lambda i: i.offset)}
+    infos = sorted((_tensor_info(path, name, entry, data_start, size)
+                    for name, entry in header.items() if name != "__metadata__"),
+                   key=lambda i: (i.offset, i.nbytes))
+    for before, after in zip(infos, infos[1:]):
+        if after.offset < before.offset + before.nbytes:
+            raise CorruptCheckpointError(
+                f"{path}: tensors {before.name!r} and {after.name!r} overlap in the file")
+    return {info.name: info for info in infos}
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:

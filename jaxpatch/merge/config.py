@@ -109,6 +109,8 @@ def read_config(path: str | Path) -> MergeConfig:
         raise InvalidInputError(f"{path}: merge configuration not found") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise InvalidInputError(f"{path}: not YAML ({type(e).__name__})") from None
+    except RecursionError:
+        raise InvalidInputError(f"{path}: the YAML nests too deeply") from None
     return parse_config(raw, path.parent, str(path))
 
 

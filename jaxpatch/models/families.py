@@ -49,6 +49,26 @@ ARCHITECTURES = {
     "gemma": ("GemmaForCausalLM", "GemmaModel"),
     "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextModel"),
 }
+# Sizes and counts a config claims: integers in [low, high], checked when read, so that nothing
+# is ever built from an absurd claim before the weight files are compared with it.
+SIZE_BOUNDS: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(("vocab_size",), (1, 1 << 22)),
+    **dict.fromkeys(("hidden_size", "n_embd"), (1, 1 << 17)),
+    **dict.fromkeys(("num_hidden_layers", "n_layer"), (1, 1024)),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_key_value_heads"), (1, 1024)),
+    **dict.fromkeys(("head_dim",), (1, 4096)),
+    **dict.fromkeys(("intermediate_size", "n_inner"), (1, 1 << 20)),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "sliding_window"), (1, 1 << 24)),
+    **dict.fromkeys(("max_window_layers", "sliding_window_pattern", "_sliding_window_pattern"),
+                    (0, 1 << 20)),
+}
+# Real numbers a config claims: finite and positive.
+POSITIVE_NUMBERS = frozenset({"rms_norm_eps", "layer_norm_epsilon", "rope_theta",
+                              "rope_local_base_freq", "query_pre_attn_scalar"})
+# Switches: JSON booleans.
+SWITCHES = frozenset({"tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
+                      "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+                      "reorder_and_upcast_attn", "use_bidirectional_attention"})
 HF_ACTIVATIONS = {
     "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None,
     "gelu": "gelu", "silu": "silu", "swish": "silu", "relu": "relu",
@@ -70,10 +90,32 @@ class ConfigReader:
         self.used: set[str] = set()
 
     def get(self, key: str, default: Any = None) -> Any:
-        """The value of `key`, or `default` when absent or null."""
+        """The value of `key`, or `default` when absent or null; sizes, numbers and switches
+        are checked for their type and range (`SIZE_BOUNDS`, `POSITIVE_NUMBERS`, `SWITCHES`)."""
         self.used.add(key)
         value = self.raw.get(key)
-        return default if value is None else value
+        if value is None:
+            return default
+        self._check(key, value)
+        return value
+
+    def _check(self, key: str, value: Any) -> None:
+        def bad(what: str) -> UnsupportedConfigError:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:36] + "..."
+            return UnsupportedConfigError(f"{self.source}: {key}={shown} {what}")
+
+        if key in SIZE_BOUNDS:
+            low, high = SIZE_BOUNDS[key]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise bad("is not an integer")
+            if not low <= value <= high:
+                raise bad(f"is out of range (expected {low}..{high})")
+        elif key in POSITIVE_NUMBERS:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not math.isfinite(value) or value <= 0:
+                raise bad("is not a positive number")
+        elif key in SWITCHES and not isinstance(value, bool):
+            raise bad("is not true or false")
 
     def require(self, key: str) -> Any:
         """The value of `key`; refuses the config when it is absent."""
@@ -139,14 +181,26 @@ def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelCon
         >>> cfg.d_ff, cfg.positional
         (64, 'learned')
     """
+    try:
+        return _translated(raw, source)
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError,
+            OverflowError) as e:  # a value of the wrong type or shape somewhere
+        raise UnsupportedConfigError(f"{source}: malformed config ({type(e).__name__}: "
+                                     f"{str(e)[:200]})") from None
+
+
+def _translated(raw: dict[str, Any], source: str) -> ModelConfig:
     model_type = raw.get("model_type")
-    if model_type not in TRANSLATORS:
+    if not isinstance(model_type, str) or model_type not in TRANSLATORS:
         raise UnsupportedArchitectureError(
             f"{source}: model_type {model_type!r} is not supported "
             f"(supported: {', '.join(FAMILIES)})"
         )
     reader = ConfigReader(raw, source)
-    for arch in reader.get("architectures", []):
+    architectures = reader.get("architectures", [])
+    if not isinstance(architectures, list):
+        raise UnsupportedConfigError(f"{source}: architectures must be a list of names")
+    for arch in architectures:
         if arch not in ARCHITECTURES[model_type]:
             raise UnsupportedArchitectureError(
                 f"{source}: architecture {arch!r} is not supported for {model_type} "
