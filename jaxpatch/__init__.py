@@ -54,6 +54,7 @@ from jaxpatch.errors import (
                              UnsupportedConfigError,
 )
 from jaxpatch.io import load, save
+from jaxpatch.io.runlog import RunLog
 from jaxpatch.learned import LearnedPatch, learn_patch
 from jaxpatch.metrics import (
                              ComponentAnchor,
@@ -112,7 +113,7 @@ __all__ = [
     "check_pair", "endpoints", "endpoint_scores", "score_patch", "sweep", "SweepResult",
     "attribute", "alpha_gradients", "localize", "Localization", "learn_patch", "LearnedPatch",
     "activation_patching", "sweep_matrix", "activation_matrix", "ScoreMatrix",
-    "plant_patch", "planted_labels", "roc_auc", "roc_curve", "spearman",
+    "plant_patch", "planted_labels", "roc_auc", "roc_curve", "spearman", "RunLog",
     # modes
     "Granularity", "ScoredGranularity", "Direction", "PairDirection", "AttributionMethod",
     "Positions",

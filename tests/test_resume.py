@@ -307,3 +307,18 @@ def test_an_unwritable_output_folder_is_refused_in_one_line(tmp_path: Path, dono
             locked.chmod(0o700)
         assert "cannot write (Permission denied)" in capsys.readouterr().err
         assert not (locked / "run").exists()
+
+
+def test_scores_repeat_bit_for_bit_and_chunk_sizes_agree_to_float32_rounding(
+        neuron_reference: tuple) -> None:
+    """What determinism means here (docs/decisions/0016): the same chunk size repeats to the
+    bit; other chunk sizes reduce in another order and agree to rounding."""
+    pair, metric, reference = neuron_reference
+    again = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron", chunk_size=4,
+                  progress=False)
+    assert again.scores.tobytes() == reference.scores.tobytes()
+    scale = np.abs(reference.scores).max()
+    for chunk in (1, 3, 64):
+        other = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
+                      chunk_size=chunk, progress=False)
+        assert np.abs(other.scores - reference.scores).max() <= 8 * np.finfo(np.float32).eps * scale
