@@ -334,8 +334,8 @@ def load_anchor(path: str | os.PathLike[str], config: ModelConfig, layer: int) -
             direction, saved_layer = data["direction"], int(data["layer"])
     except FileNotFoundError:
         raise MetricError(f"{path}: anchor file not found") from None
-    except (ValueError, KeyError, OSError) as e:
-        raise MetricError(f"{path}: not an anchor file ({e})") from None
+    except (ValueError, KeyError, OSError, TypeError, MemoryError) as e:
+        raise MetricError(f"{path}: not an anchor file ({type(e).__name__}: {e})") from None
     if direction.shape != (config.d_model,):
         raise MetricError(f"{path}: anchor has shape {direction.shape}, the model needs "
                           f"({config.d_model},)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -40,6 +41,7 @@ __all__ = ["PATCH_FORMAT", "Index", "alpha_shapes", "component_entries", "indexe
            "mix_leaf", "apply", "check_compatible", "ablation_target"]
 
 PATCH_FORMAT = "jaxpatch.patch/1"
+_MAX_PATCH_LEAF = 2**31  # elements: more than any weight matrix of the models jaxpatch loads
 Index = tuple  # an index into an alpha leaf: ints and slices
 
 
@@ -263,12 +265,17 @@ class Patch:
                 raise ValueError(f"format is {data.get('format')!r}, expected {PATCH_FORMAT!r}")
             flat = {}
             for name, leaf in data["alpha"].items():
-                a = np.zeros(leaf["shape"], np.float32)
+                shape = leaf["shape"]
+                if not (isinstance(shape, list) and all(
+                        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+                        and math.prod(shape) <= _MAX_PATCH_LEAF):
+                    raise ValueError(f"leaf {name!r} has an impossible shape {str(shape)[:40]}")
+                a = np.zeros(shape, np.float32)
                 for index, value in zip(leaf["indices"], leaf["values"]):
                     a[tuple(index)] = value
                 flat[name] = a
             return cls(unflatten_dotted(flat), data.get("label", ""))
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
             raise PatchError(f"{source}: not a jaxpatch patch ({e})") from None
 
 

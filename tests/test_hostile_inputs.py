@@ -276,3 +276,15 @@ def test_every_command_leaves_its_input_folders_byte_identical(tmp_path: Path,
         assert prompts.read_bytes() == prompts_bytes and merge.read_bytes() == merge_bytes
     assert np.isfinite(json.loads((tmp_path / "sweep" / "scores.json").read_text())
                        ["components"][0]["score"])
+
+
+@FUZZ
+@given(alpha=st.dictionaries(st.text(max_size=6), st.fixed_dictionaries({
+    "shape": json_values | st.lists(st.integers(-2, 2**40), max_size=3),
+    "indices": json_values, "values": json_values}), max_size=2) | json_values)
+def test_patch_files_parse_or_are_refused(alpha: Any) -> None:
+    text = json.dumps({"format": "jaxpatch.patch/1", "alpha": alpha})
+    try:
+        jaxpatch.Patch.from_json(text)
+    except JaxpatchError:
+        pass
