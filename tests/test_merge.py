@@ -269,8 +269,15 @@ def test_merge_eval_covers_every_combination_and_method(tmp_path: Path,
     assert document["localized_alone"]["reverse"]["weight_patching"] > 0.9
     assert "layers.2.self_attn.o_proj" in document["localization"]["sort"]["learned"]
     assert (out / "merge_eval.md").read_text().startswith("| method | map+reverse |")
+    # The same command again replays the recorded localizations and merges; others are refused.
+    assert main(["merge-eval", str(default_pair_dir()), "--out", str(out),
+                 "--eval-prompts", "8"]) == 0
+    again = json.loads((out / "merge_eval.json").read_text())
+    assert again["combinations"] == document["combinations"]
+    assert again["localization"] == document["localization"]
+    assert "resuming the run" in capsys.readouterr().err
     assert main(["merge-eval", str(default_pair_dir()), "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "eval_prompts is 128 (the recorded run had 8)" in capsys.readouterr().err
 
 
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True),
