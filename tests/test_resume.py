@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -37,6 +38,19 @@ def cut_log(folder: Path, keep: int, torn: bool = True) -> None:
     lines = (folder / LOG_NAME).read_bytes().split(b"\n")
     kept = b"\n".join(lines[: keep + 1]) + b"\n"
     (folder / LOG_NAME).write_bytes(kept + (lines[keep + 1][:40] if torn else b""))
+
+
+def plain_and_resumed(folder: Path, run: Callable[[RunLog | None], Any],
+                      fraction: float) -> tuple[Any, Any]:
+    """`run` without a log; then with one, cut to `fraction` of its records, and resumed."""
+    plain = run(None)
+    with RunLog.open(folder, {}) as log:
+        run(log)
+        total = len(log.records)
+    cut_log(folder, int(total * fraction))
+    with RunLog.open(folder, {}) as log:
+        assert 0 < log.resumed < total
+        return plain, run(log)
 
 
 # ----------------------------------------------------------------------------- the log itself
@@ -119,14 +133,7 @@ def test_resumed_activation_patching_attribution_and_localize_are_identical(tmp_
                 localize(pair.base, pair.donor, pair.batch, metric, top_k=6, controls=6,
                          exhaustive=True, progress=False, log=task("localize")))
 
-    plain = run(None)
-    with RunLog.open(tmp_path, {}) as log:
-        run(log)
-        total = len(log.records)
-    cut_log(tmp_path, total // 2)
-    with RunLog.open(tmp_path, {}) as log:
-        assert 0 < log.resumed < total
-        resumed = run(log)
+    plain, resumed = plain_and_resumed(tmp_path, run, 0.5)
     assert resumed[0].scores.tobytes() == plain[0].scores.tobytes()
     assert resumed[1].scores.tobytes() == plain[1].scores.tobytes()
     assert resumed[2].to_dict()["exact"]["components"] == plain[2].to_dict()["exact"]["components"]
@@ -145,13 +152,8 @@ def test_a_resumed_trace_finds_the_same_hierarchy(tmp_path: Path) -> None:
         graph.pop("timing", None)
         return graph
 
-    plain = run(None)
-    with RunLog.open(tmp_path, {}) as log:
-        run(log)
-        total = len(log.records)
-    cut_log(tmp_path, total // 3)
-    with RunLog.open(tmp_path, {}) as log:
-        assert run(log) == plain
+    plain, resumed = plain_and_resumed(tmp_path, run, 0.3)
+    assert resumed == plain
 
 
 # ------------------------------------------------------------ killed processes, via the CLI
