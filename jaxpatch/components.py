@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import re
 from typing import Iterable, Literal, Sequence, Union, get_args
+
+import numpy as np
 
 from jaxpatch.errors import SelectorError
 from jaxpatch.models.config import ModelConfig
@@ -112,6 +115,12 @@ def components(config: ModelConfig, granularity: Granularity) -> list[Component]
         128
     """
     check_mode("granularity", granularity, GRANULARITIES, SelectorError)
+    return list(_components(config, granularity))
+
+
+@functools.lru_cache(maxsize=32)
+def _components(config: ModelConfig, granularity: Granularity) -> tuple[Component, ...]:
+    """`components`, built once per architecture and granularity (they are immutable)."""
     c = config
     out: list[Component] = []
     if granularity == "module":
@@ -141,7 +150,34 @@ def components(config: ModelConfig, granularity: Granularity) -> list[Component]
         out.append(_module("norm", c.n_layers))
         if not c.tie_embeddings:
             out.append(_module("lm_head", c.n_layers))
-    return out
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Groups:
+    """`components(config, granularity)` as runs of components that share a module path and
+    index kind: selectors are evaluated once per run, over its indices as an array.
+
+    Attributes:
+        runs: per run, its (path, key) and [start, stop) in the component list.
+        indices: every component's index (-1 where it has none).
+    """
+
+    runs: tuple[tuple[tuple[str, ...], IndexKey | None, int, int], ...]
+    indices: np.ndarray
+
+
+@functools.lru_cache(maxsize=32)
+def _groups(config: ModelConfig, granularity: Granularity) -> _Groups:
+    items = _components(config, granularity)
+    runs: list[tuple[tuple[str, ...], IndexKey | None, int, int]] = []
+    for i, c in enumerate(items):
+        if runs and runs[-1][:2] == (c.path, c.key) and c.key is not None:
+            runs[-1] = (c.path, c.key, runs[-1][2], i + 1)
+        else:
+            runs.append((c.path, c.key, i, i + 1))
+    indices = np.array([-1 if c.index is None else c.index for c in items], np.int64)
+    return _Groups(tuple(runs), indices)
 
 
 # ----------------------------------------------------------------------- activation sites
@@ -213,6 +249,13 @@ class Selector:
     text: str = ""
 
     def matches(self, component: Component) -> bool:
+        """Whether the selector selects one component."""
+        index = np.array([-1 if component.index is None else component.index])
+        return bool(self.mask(component.path, component.key, index)[0])
+
+    def mask(self, path: tuple[str, ...], key: IndexKey | None, indices: np.ndarray) -> np.ndarray:
+        """Which of the components at `path` with index kind `key` and these indices (-1:
+        none) the selector selects, as a boolean array."""
         raise NotImplementedError
 
     def __or__(self, other: Selector) -> Selector:
@@ -235,16 +278,17 @@ class _Path(Selector):
     ranges: tuple[tuple[int, int], ...]
     text: str
 
-    def matches(self, component: Component) -> bool:
-        if len(self.segments) > len(component.path):
-            return False
-        if not all(_segment_matches(p, s) for p, s in zip(self.segments, component.path)):
-            return False
+    def mask(self, path: tuple[str, ...], key: IndexKey | None, indices: np.ndarray) -> np.ndarray:
+        if len(self.segments) > len(path) or not all(
+                _segment_matches(p, s) for p, s in zip(self.segments, path)):
+            return np.zeros(len(indices), bool)
         if self.key is None:
-            return True
-        index = component.index
-        return (component.key == self.key and index is not None
-                and any(lo <= index <= hi for lo, hi in self.ranges))
+            return np.ones(len(indices), bool)
+        hit = np.zeros(len(indices), bool)
+        if key == self.key:
+            for lo, hi in self.ranges:
+                hit |= (indices >= lo) & (indices <= hi)
+        return hit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,8 +296,8 @@ class _Union(Selector):
     a: Selector
     b: Selector
 
-    def matches(self, component: Component) -> bool:
-        return self.a.matches(component) or self.b.matches(component)
+    def mask(self, path: tuple[str, ...], key: IndexKey | None, indices: np.ndarray) -> np.ndarray:
+        return self.a.mask(path, key, indices) | self.b.mask(path, key, indices)
 
     @property
     def text(self) -> str:  # type: ignore[override]
@@ -265,8 +309,8 @@ class _Intersection(Selector):
     a: Selector
     b: Selector
 
-    def matches(self, component: Component) -> bool:
-        return self.a.matches(component) and self.b.matches(component)
+    def mask(self, path: tuple[str, ...], key: IndexKey | None, indices: np.ndarray) -> np.ndarray:
+        return self.a.mask(path, key, indices) & self.b.mask(path, key, indices)
 
     @property
     def text(self) -> str:  # type: ignore[override]
@@ -277,8 +321,8 @@ class _Intersection(Selector):
 class _Complement(Selector):
     a: Selector
 
-    def matches(self, component: Component) -> bool:
-        return not self.a.matches(component)
+    def mask(self, path: tuple[str, ...], key: IndexKey | None, indices: np.ndarray) -> np.ndarray:
+        return ~self.a.mask(path, key, indices)
 
     @property
     def text(self) -> str:  # type: ignore[override]
@@ -454,11 +498,15 @@ def select(config: ModelConfig, selector: SelectorLike | None,
         >>> [c.name for c in select(ModelConfig.tiny("llama"), "layers.1.mlp[neuron=2-3]", "neuron")]
         ['layers.1.mlp[neuron=2]', 'layers.1.mlp[neuron=3]']
     """
-    everything = components(config, granularity)
+    check_mode("granularity", granularity, GRANULARITIES, SelectorError)
+    everything = _components(config, granularity)
     if selector is None:
-        return everything
+        return list(everything)
     sel = as_selector(selector)
-    chosen = [c for c in everything if sel.matches(c)]
+    table = _groups(config, granularity)
+    keep = np.concatenate([sel.mask(path, key, table.indices[start:stop])
+                           for path, key, start, stop in table.runs])
+    chosen = [everything[i] for i in np.flatnonzero(keep)]
     if not chosen:
         raise SelectorError(f"selector {str(sel)!r} matches no component at granularity {granularity!r}")
     return chosen

@@ -276,9 +276,10 @@ def _scores(base: Model, donor: Model, batch: Batch, metric: Metric,
     prepared = _prepare(base, donor, batch, metric, direction, references)
     cands = candidates_of(config, candidates)
     last_block = config.n_layers - 1 if metric.layer is None else metric.layer
-    run = [c for c in cands if c.first_layer <= last_block
-           or (metric.layer is None and c.first_layer == config.n_layers)]
-    skipped = [c.name for c in cands if c not in run]
+    runs = [c.first_layer <= last_block or (metric.layer is None and c.first_layer == config.n_layers)
+            for c in cands]
+    run = [c for c, r in zip(cands, runs) if r]
+    skipped = [c.name for c, r in zip(cands, runs) if not r]
     memory = _memory_plan(config, batch, memory_fraction, log)
     if log is not None and log.limit is not None:  # this run ran out of memory before
         chunk_size = min(chunk_size or memory["auto_chunk"], log.limit)
