@@ -385,16 +385,31 @@ def component_scores(config: ModelConfig, grads: Params, items: Sequence[Compone
     # An alpha leaf has one axis of size > 1 at most, so an indexed entry is one element.
     flat = {name: np.asarray(g, np.float64).reshape(-1) for name, g in flatten_params(grads).items()}
     out = np.empty(len(items))
-    indexed: dict[tuple[tuple[str, ...], str], list[int]] = {}
-    for i, c in enumerate(items):
-        if c.key is None:
-            out[i] = sum(flat[name].sum() for name in component_entries(config, c))
-        else:
-            indexed.setdefault((c.path, c.key), []).append(i)
-    for (path, key), members in indexed.items():  # one vectorized gather per module
-        index = np.array([items[i].index for i in members])
-        out[members] = sum(flat[name][index] for name, _ in indexed_leaves(config, path, key))
+    for start, stop in _module_runs(items):  # one vectorized gather per run of one module
+        first = items[start]
+        if first.key is None:
+            out[start] = sum(flat[name].sum() for name in component_entries(config, first))
+            continue
+        index = np.fromiter((c.index for c in items[start:stop]), np.int64, stop - start)
+        out[start:stop] = sum(flat[name][index]
+                              for name, _ in indexed_leaves(config, first.path, first.key))
     return out
+
+
+def _module_runs(items: Sequence[Component]) -> list[tuple[int, int]]:
+    """[start, stop) of the runs of consecutive indexed components of one module and kind
+    (each component without an index is a run of its own)."""
+    runs: list[tuple[int, int]] = []
+    start, n = 0, len(items)
+    for i in range(1, n + 1):
+        if i < n:
+            c, first = items[i], items[start]
+            if c.key is not None and c.key == first.key and (c.path is first.path
+                                                               or c.path == first.path):
+                continue
+        runs.append((start, i))
+        start = i
+    return runs
 
 
 def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,

@@ -240,7 +240,8 @@ def check_finite_scores(names: Sequence[str], values: np.ndarray, what: str) -> 
         ...
         jaxpatch.errors.NonFiniteError: the score of 'b' is NaN or Inf
     """
-    bad = [n for n, v in zip(names, values) if not np.isfinite(v).all()]
-    if bad:
-        raise NonFiniteError(f"the {what} of {bad[0]!r} is NaN or Inf"
+    finite = np.isfinite(np.asarray(values)).reshape(len(names), -1).all(axis=1)
+    bad = np.flatnonzero(~finite)
+    if len(bad):
+        raise NonFiniteError(f"the {what} of {names[bad[0]]!r} is NaN or Inf"
                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
