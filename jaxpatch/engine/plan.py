@@ -245,17 +245,22 @@ def available_memory_bytes() -> int:
 
 
 def auto_chunk_size(config: ModelConfig, batch: Batch, budget: int) -> int:
-    """How many candidates' activations fit in `budget` bytes (at most 256).
+    """How many candidates' activations fit in `budget` bytes: a power of two, at most 256, so
+    that the programs' shapes (and the compilation cache's keys) do not move with small changes
+    of free memory.
 
     Example:
         >>> auto_chunk_size(cfg, batch, 2**30)
         256
+        >>> auto_chunk_size(cfg, batch, 150_000)  # room for 3 candidates: rounded down
+        2
     """
     p, s = batch.tokens.shape
     item = jnp.dtype(config.dtype).itemsize
     per_token = 4 * config.d_model + 3 * config.d_ff + 2 * config.n_heads * s
     per_candidate = int(p * s * per_token * max(item, 4) * 2)
-    return max(1, min(_MAX_AUTO_CHUNK, budget // max(per_candidate, 1)))
+    fits = max(1, min(_MAX_AUTO_CHUNK, budget // max(per_candidate, 1)))
+    return 1 << (fits.bit_length() - 1)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
