@@ -46,7 +46,7 @@ from jaxpatch.models.decoder import (
 from jaxpatch.prompts import Batch
 
 __all__ = ["Alphas", "LocalOperands", "GeneralOperands", "local_program", "general_program",
-           "compiled", "prefix_pass", "stacked_checked", "deltas"]
+           "compiled", "prefix_pass", "stacked_checked", "check_finite", "deltas"]
 
 Alphas = dict[str, jax.Array]
 """A chunk's coefficients: signature leaf -> `[chunk, *alpha shape]`."""
@@ -57,7 +57,8 @@ class LocalOperands(NamedTuple):
 
     Attributes:
         stacked: the start model's blocks, stacked (`stack_layers`).
-        deltas: `target - start` of the signature leaves, stacked over blocks.
+        deltas: `target - start` of the signature leaves of the patched block (made per
+            block when its candidates run, so no stacked copy of all blocks' differences).
         rest: the start model's params outside the blocks.
         residual: the residual stream before the patched block, `[P, S, d_model]`.
         index: the patched block (int32 scalar).
@@ -131,13 +132,11 @@ def local_program(config: ModelConfig, metric: Metric,
         rope = rope_tables(config, batch.tokens.shape[1], ops.residual.dtype)
         layer = layer_at(ops.stacked, ops.index)
         flat = flatten_params(layer)
-        layer_deltas = {n: jax.lax.dynamic_index_in_dim(d, ops.index, keepdims=False)
-                        for n, d in ops.deltas.items()}
         allowed = attention_allowed(batch.mask, window_at(config, ops.index))
         own_rope = rope_at(config, rope, ops.index)
 
         def one(alpha: Alphas) -> jax.Array:
-            patched = replace_leaves(layer, _mixed(flat, layer_deltas, alpha, dense))
+            patched = replace_leaves(layer, _mixed(flat, ops.deltas, alpha, dense))
 
             def patched_is_readout(x: jax.Array) -> jax.Array:
                 return block(config, patched, x, allowed, own_rope, batch.positions)[0]
@@ -217,8 +216,32 @@ def compiled(key: Any, fn: Callable[..., Any], *args: Any) -> Callable[..., Any]
 @jax.jit
 def _stack_and_check(params: Params) -> tuple[Params, Params]:
     """The blocks stacked (`stack_layers`), and per leaf whether it is all finite."""
-    finite = jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), params)
-    return stack_layers(params["layers"]), finite
+    return stack_layers(params["layers"]), _finite(params)
+
+
+@jax.jit
+def _finite(params: Params) -> Params:
+    """Per leaf, whether it is all finite."""
+    return jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), params)
+
+
+def check_finite(params: Params, which: str, finite: Params | None = None) -> None:
+    """Refuses NaN or Inf in any tensor of a params tree, naming it.
+
+    Arguments:
+        params: the params.
+        which: the model's role in messages ("base", "donor", "ablation target").
+        finite: the per-leaf flags, when already computed.
+
+    Raises:
+        NonFiniteError: naming the tensor.
+
+    Example:
+        >>> check_finite(base.params, "base")  # nothing to say
+    """
+    for name, ok in flatten_params(_finite(params) if finite is None else finite).items():
+        if not bool(ok):
+            raise NonFiniteError(f"{which} tensor {name!r} holds NaN or Inf")
 
 
 def stacked_checked(params: Params, which: str) -> Params:
@@ -236,9 +259,7 @@ def stacked_checked(params: Params, which: str) -> Params:
         (2, 64, 32)
     """
     stacked, finite = _stack_and_check(params)
-    for name, ok in flatten_params(finite).items():
-        if not bool(ok):
-            raise NonFiniteError(f"{which} tensor {name!r} holds NaN or Inf")
+    check_finite(params, which, finite)
     return stacked
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,7 @@ from jaxpatch.engine.plan import (
 from jaxpatch.engine.programs import (
     GeneralOperands,
     LocalOperands,
+    check_finite,
     compiled,
     deltas,
     general_program,
@@ -72,7 +73,8 @@ class _Prepared:
 
     Attributes:
         start, target: the params a patch moves from and towards (`pair.endpoints`).
-        start_stacked, target_stacked: their blocks, stacked.
+        start_stacked: the start model's blocks, stacked (the one copy of params a sweep
+            adds; the target's differences are made per block as its candidates run).
         residuals: the start model's residual stream before each block that may run.
         start_readout: what the metric reads from the start model.
         state, base_score, donor_score, start_score: the metric's state and scores (floats,
@@ -82,7 +84,6 @@ class _Prepared:
     start: Params
     target: Params
     start_stacked: Params
-    target_stacked: Params
     residuals: jax.Array
     start_readout: Any
     state: Any
@@ -93,59 +94,70 @@ class _Prepared:
 
 def _prepare(base: Model, donor: Model, batch: Batch, metric: Metric, direction: Direction,
              references: Sequence[Params] | None) -> _Prepared:
-    """Checks the pair, stacks each distinct params tree once, runs the base and donor once
-    (what the metric reads, and the residual streams candidates start from)."""
+    """Checks the pair, runs the base and donor once (what the metric reads, and the residual
+    streams candidates start from), keeping only the start model's stacked blocks."""
     config = base.config
     check_pair(base, donor)
     metric.check(config)
     start, target = endpoints(base, donor, direction, references)
     last_block = config.n_layers - 1 if metric.layer is None else metric.layer
     count = last_block + 2 if metric.layer is None else last_block + 1
-    stacked_base = stacked_checked(base.params, "base")
-    stacked_donor = stacked_checked(donor.params, "donor")
-    runs = {name: prefix_pass(config, stacked, without_layers(model.params), batch, metric.layer,
-                              count)
-            for name, stacked, model in (("base", stacked_base, base),
-                                         ("donor", stacked_donor, donor))}
+    runs, start_stacked = {}, None
+    for name, model in (("base", base), ("donor", donor)):  # one stacked copy alive at a time
+        stacked = stacked_checked(model.params, name)
+        runs[name] = prefix_pass(config, stacked, without_layers(model.params), batch,
+                                 metric.layer, count)
+        if model.params is start:
+            start_stacked = stacked
+        del stacked
+    if target is not base.params and target is not donor.params:  # an ablation target
+        check_finite(target, "target")
+    if start_stacked is None:  # pragma: no cover - the start is always the base or the donor
+        start_stacked = stacked_checked(start, "start")
     if metric.outputs(config):  # read inside blocks: prefix_pass's readout does not serve
         runs = {name: (metric_readout(config, metric, model.params, batch), run[1])
                 for (name, run), model in zip(runs.items(), (base, donor))}
     state, base_score, donor_score = endpoint_scores(
         config, base, donor, batch, metric, (runs["base"][0], runs["donor"][0]))
     start_run = runs["base"] if start is base.params else runs["donor"]
-
-    def stacked(tree: Params) -> Params:  # an ablation target (or a dtype cast) is a new tree
-        if tree is base.params or tree is donor.params:
-            return stacked_base if tree is base.params else stacked_donor
-        return stacked_checked(tree, "target")
-
     start_score = np.asarray(mean_score(metric, start_run[0], batch, state), np.float64)
-    return _Prepared(start, target, stacked(start), stacked(target), start_run[1], start_run[0],
-                     state, base_score, donor_score, start_score)
+    return _Prepared(start, target, start_stacked, start_run[1], start_run[0], state, base_score,
+                     donor_score, start_score)
+
+
+Operands = Callable[[int], Any]
+"""A program's operands for its i-th group, made when the group runs."""
 
 
 def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _Prepared,
-             batch: Batch) -> tuple[tuple, Any, list[Any]]:
-    """A plan's cache key, program function, and operands for each of its groups."""
+             batch: Batch) -> tuple[tuple, Any, Operands]:
+    """A plan's cache key, program function, and the maker of each group's operands."""
     if plan.kind == "local":
         key = ("local", config, metric, plan.signature, plan.dense)
         fn = local_program(config, metric, plan.dense)
-        stacked_deltas = deltas(prepared.target_stacked, prepared.start_stacked, plan.signature)
         rest = without_layers(prepared.start)
-        operands = [LocalOperands(prepared.start_stacked, stacked_deltas, rest,
-                                  prepared.residuals[g[0].first_layer],
-                                  jnp.int32(g[0].first_layer), batch, prepared.state)
-                    for g in plan.groups]
-        return key, fn, operands
+
+        def local(i: int) -> LocalOperands:
+            layer = plan.groups[i][0].first_layer
+            block_deltas = deltas(prepared.target["layers"][layer],
+                                  prepared.start["layers"][layer], plan.signature)
+            return LocalOperands(prepared.start_stacked, block_deltas, rest,
+                                 prepared.residuals[layer], jnp.int32(layer), batch,
+                                 prepared.state)
+
+        return key, fn, local
     key = ("general", config, metric, plan.start_layer, plan.signature, plan.dense)
     fn = general_program(config, metric, plan.start_layer, plan.dense)
     first_layer = plan.groups[0][0].first_layer
     residual = None if first_layer < 0 else prepared.residuals[plan.start_layer]
     earlier = prepared.start_readout if metric.outputs(config) else None
-    operands = [GeneralOperands(prepared.start, deltas(prepared.target, prepared.start,
-                                                       plan.signature),
-                                residual, batch, prepared.state, earlier)]
-    return key, fn, operands
+
+    def general(i: int) -> GeneralOperands:
+        return GeneralOperands(prepared.start, deltas(prepared.target, prepared.start,
+                                                      plan.signature),
+                               residual, batch, prepared.state, earlier)
+
+    return key, fn, general
 
 
 def sweep(
@@ -295,7 +307,7 @@ def _scores(base: Model, donor: Model, batch: Batch, metric: Metric,
 
     compile_start = time.perf_counter()
     for plan, key, fn, operands in programs:
-        compiled(key, fn, plan.alpha_specs(config), operands[0])
+        compiled(key, fn, plan.alpha_specs(config), operands(0))
     compile_s = time.perf_counter() - compile_start
 
     resumed = 0 if log is None else log.recorded_candidates()
@@ -320,7 +332,7 @@ def _memory_plan(config: ModelConfig, batch: Batch, memory_fraction: float,
     return measure() if log is None else log.memo("memory", measure)
 
 
-def _execute(config: ModelConfig, programs: Sequence[tuple[ProgramPlan, tuple, Any, list[Any]]],
+def _execute(config: ModelConfig, programs: Sequence[tuple[ProgramPlan, tuple, Any, Operands]],
              direction: str, total: int, progress: bool, log: TaskLog | None,
              resumed: int) -> dict[str, np.ndarray]:
     """Runs every plan's candidates in padded chunks; their scores by name.
@@ -335,8 +347,9 @@ def _execute(config: ModelConfig, programs: Sequence[tuple[ProgramPlan, tuple, A
               desc=f"sweep {direction}" + (f" (resumed {resumed})" if resumed else ""),
               disable=not progress, dynamic_ncols=True) as bar:
         for plan, key, fn, operands in programs:
-            for group, ops in zip(plan.groups, operands):
+            for i, group in enumerate(plan.groups):
                 names = [c.name for c in group]
+                ops = None  # made when a chunk of the group must run (not when all replay)
                 offset = 0
                 while offset < len(group):
                     values = None if log is None else log.replay(names, offset)
@@ -346,6 +359,7 @@ def _execute(config: ModelConfig, programs: Sequence[tuple[ProgramPlan, tuple, A
                         if limit is not None and plan.chunk > limit:
                             plan = dataclasses.replace(plan, chunk=limit)
                         chunk = group[offset: offset + plan.chunk]
+                        ops = operands(i) if ops is None else ops
                         try:
                             values = _run_chunk(config, plan, key, fn, ops, chunk)
                         except Exception as error:  # only running out of memory is retried
