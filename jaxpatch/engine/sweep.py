@@ -103,7 +103,9 @@ def _prepare(base: Model, donor: Model, batch: Batch, metric: Metric, direction:
     last_block = config.n_layers - 1 if metric.layer is None else metric.layer
     count = last_block + 2 if metric.layer is None else last_block + 1
     runs, start_stacked = {}, None
-    for name, model in (("base", base), ("donor", donor)):  # one stacked copy alive at a time
+    order = (("donor", donor), ("base", base)) if start is base.params else (("base", base),
+                                                                              ("donor", donor))
+    for name, model in order:  # the start last: one stacked copy alive at a time
         stacked = stacked_checked(model.params, name)
         runs[name] = prefix_pass(config, stacked, without_layers(model.params), batch,
                                  metric.layer, count)
@@ -115,8 +117,8 @@ def _prepare(base: Model, donor: Model, batch: Batch, metric: Metric, direction:
     if start_stacked is None:  # pragma: no cover - the start is always the base or the donor
         start_stacked = stacked_checked(start, "start")
     if metric.outputs(config):  # read inside blocks: prefix_pass's readout does not serve
-        runs = {name: (metric_readout(config, metric, model.params, batch), run[1])
-                for (name, run), model in zip(runs.items(), (base, donor))}
+        runs = {name: (metric_readout(config, metric, model.params, batch), runs[name][1])
+                for name, model in (("base", base), ("donor", donor))}
     state, base_score, donor_score = endpoint_scores(
         config, base, donor, batch, metric, (runs["base"][0], runs["donor"][0]))
     start_run = runs["base"] if start is base.params else runs["donor"]
