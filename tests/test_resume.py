@@ -324,3 +324,16 @@ def test_scores_repeat_bit_for_bit_and_chunk_sizes_agree_to_float32_rounding(
         other = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
                       chunk_size=chunk, progress=False)
         assert np.abs(other.scores - reference.scores).max() <= 8 * np.finfo(np.float32).eps * scale
+
+
+def test_a_well_formed_line_with_a_malformed_record_is_refused(tmp_path: Path) -> None:
+    """A record whose checksum holds but whose content is not a record (written by hand)."""
+    from jaxpatch.io.runlog import _line
+
+    with RunLog.open(tmp_path, {}) as log:
+        log.task("t").record_chunk(["a"], np.array([1.0]))
+    with open(tmp_path / LOG_NAME, "ab") as f:
+        f.write(_line({"kind": "chunk", "task": "t", "names": ["b"], "values": {"dtype": "<f8"}}))
+        f.write(_line({"kind": "memo", "task": "t", "key": "k", "value": 1}))
+    with pytest.raises(CorruptProgressError, match=f"{LOG_NAME}:3: malformed progress record"):
+        RunLog.open(tmp_path, {})

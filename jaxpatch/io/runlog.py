@@ -157,8 +157,13 @@ class RunLog:
         self._chunks: dict[tuple[str, str], tuple[list[str], np.ndarray]] = {}
         self._memos: dict[tuple[str, str], Any] = {}
         self._limits: dict[str, int] = {}
-        for record in records:
-            self._index(record)
+        for number, record in enumerate(records, 2):
+            try:
+                self._index(record)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                raise CorruptProgressError(f"{self.path}:{number}: malformed progress record "
+                                           f"({type(e).__name__}); pass --overwrite to start the "
+                                           "run afresh") from None
 
     @classmethod
     def check_folder(cls, folder: str | os.PathLike[str], overwrite: bool) -> None:
@@ -227,7 +232,7 @@ class RunLog:
                 raise RunMismatchError(
                     f"{path}: holds the progress of another run: {'; '.join(differences)}. Use "
                     "the same command to resume, another --out, or --overwrite to start fresh")
-            return cls(path, settings, body, fd)
+            return cls(path, settings, body, fd)  # refuses malformed records
         except BaseException:
             os.close(fd)
             raise
