@@ -362,7 +362,14 @@ def write_outputs(out: str, files: Mapping[str, bytes | str]) -> None:
 
 
 def result_files(result: Any) -> dict[str, bytes | str]:
-    """A score table's output files: scores.csv, heatmap.png, then scores.json."""
+    """A score table's output files: scores.csv, heatmap.png, then scores.json.
+
+    Example:
+        >>> from jaxpatch.results import SweepResult
+        >>> list(result_files(SweepResult("kl", "denoise", None, "last", 1.0, 0.0,
+        ...                               ["layers.0.mlp"], np.array([0.5]))))
+        ['scores.csv', 'heatmap.png', 'scores.json']
+    """
     from jaxpatch.report import heatmap_png
 
     return {"scores.csv": result.to_csv(), "heatmap.png": heatmap_png(result),

@@ -249,7 +249,14 @@ class RunLog:
         return TaskLog(self, name)
 
     def close(self) -> None:
-        """Releases the folder's lock (the log stays for a later resume)."""
+        """Releases the folder's lock (the log stays for a later resume).
+
+        Example:
+            >>> log = RunLog.open(tmp / "closed", {})
+            >>> log.close()
+            >>> RunLog.open(tmp / "closed", {}).resumed  # another run may now open it
+            0
+        """
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -271,7 +278,14 @@ class RunLog:
             self._limits[task] = int(record["chunk"])
 
     def append(self, record: Mapping[str, Any]) -> None:
-        """Appends one record and flushes it to disk (see `TaskLog` for the kinds)."""
+        """Appends one record and flushes it to disk (`TaskLog` writes the kinds it reads).
+
+        Example:
+            >>> with RunLog.open(tmp / "append", {}) as log:
+            ...     log.append({"kind": "memo", "task": "t", "key": "k", "value": 1})
+            ...     log.task("t").memo("k", lambda: 2)
+            1
+        """
         if self._fd is None:
             raise ValueError("the run log is closed")
         _append(self._fd, self.path, record, len(self._chunks))
@@ -304,7 +318,14 @@ class TaskLog:
         return TaskLog(self.log, f"{self.name}/{name}")
 
     def chunk_at(self, first: str) -> tuple[list[str], np.ndarray] | None:
-        """The recorded chunk that starts with candidate `first`: names and values."""
+        """The recorded chunk that starts with candidate `first`: names and values.
+
+        Example:
+            >>> with RunLog.open(tmp / "at", {}) as log:
+            ...     log.task("s").record_chunk(["a", "b"], np.array([1.0, 2.0]))
+            ...     log.task("s").chunk_at("a")[0], log.task("other").chunk_at("a")
+            (['a', 'b'], None)
+        """
         return self.log._chunks.get((self.name, first))
 
     def replay(self, names: Sequence[str], offset: int) -> np.ndarray | None:
@@ -325,17 +346,37 @@ class TaskLog:
         return found[1]
 
     def record_chunk(self, names: Sequence[str], values: np.ndarray) -> None:
-        """Records one finished chunk's raw values (row i belongs to `names[i]`)."""
+        """Records one finished chunk's raw values (row i belongs to `names[i]`), bit for bit.
+
+        Example:
+            >>> with RunLog.open(tmp / "rec", {}) as log:
+            ...     log.task("s").record_chunk(["a"], np.array([np.float32(0.1)]))
+            ...     log.task("s").chunk_at("a")[1].dtype
+            dtype('float32')
+        """
         self.log.append({"kind": "chunk", "task": self.name, "names": list(names),
                          "values": encode_array(np.asarray(values))})
 
     def recorded_candidates(self) -> int:
-        """How many candidates this task's recorded chunks hold."""
+        """How many candidates this task's recorded chunks hold.
+
+        Example:
+            >>> with RunLog.open(tmp / "count", {}) as log:
+            ...     log.task("s").record_chunk(["a", "b"], np.zeros(2))
+            ...     log.task("s").recorded_candidates(), log.task("t").recorded_candidates()
+            (2, 0)
+        """
         return sum(len(names) for (task, _), (names, _) in self.log._chunks.items()
                    if task == self.name)
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
-        """The recorded value of `key`, or `compute()` recorded (JSON-able; floats exact)."""
+        """The recorded value of `key`, or `compute()` recorded (JSON-able; floats exact).
+
+        Example:
+            >>> with RunLog.open(tmp / "memo", {}) as log:
+            ...     log.task("s").memo("x", lambda: {"v": 0.1}), log.task("s").memo("x", lambda: 2)
+            ({'v': 0.1}, {'v': 0.1})
+        """
         found = self.log._memos.get((self.name, key), _MISSING)
         if found is not _MISSING:
             return found
@@ -345,11 +386,19 @@ class TaskLog:
 
     @property
     def limit(self) -> int | None:
-        """The chunk size this task fell back to after running out of memory, if it did."""
+        """The chunk size this task fell back to after running out of memory, if it did.
+
+        Example:
+            >>> with RunLog.open(tmp / "limit", {}) as log:
+            ...     before = log.task("s").limit
+            ...     log.task("s").record_limit(8)
+            ...     before, log.task("s").limit
+            (None, 8)
+        """
         return self.log._limits.get(self.name)
 
     def record_limit(self, chunk: int) -> None:
-        """Records a smaller chunk size for the rest of this task."""
+        """Records a smaller chunk size for the rest of this task (see `limit`)."""
         self.log.append({"kind": "limit", "task": self.name, "chunk": int(chunk)})
 
 
