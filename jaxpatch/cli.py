@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("sweep", _sweep, "score every component by exact weight patching")
     add_run_arguments(p)
     p.add_argument("--chunk-size", type=int, help="candidates per batch (default: from free memory)")
+    p.add_argument("--mesh", metavar="candidates=N",
+                   help="split each chunk's candidates across N devices (default: one device)")
 
     p = command("attribute", _attribute, "score every component by gradient attribution")
     add_run_arguments(p)
@@ -385,7 +387,7 @@ def _sweep(args: argparse.Namespace) -> None:
         result = sweep(base, donor, batch, metric, granularity=args.granularity,
                        selector=args.select, direction=args.direction, chunk_size=args.chunk_size,
                        progress=not args.no_progress, positions=positions_of(args), inputs=inputs,
-                       log=log.task("sweep") if log else None)
+                       log=log.task("sweep") if log else None, mesh=args.mesh)
         print(summary_table(result))
         t = result.timing
         print(f"{len(result.names)} candidates in {t['wall_s']:.1f} s (compile "

@@ -237,10 +237,10 @@ def test_running_out_of_memory_halves_the_chunk_with_the_same_scores(
     pair, metric, reference = neuron_reference
     real = engine._run_chunk
 
-    def limited(config, plan, key, fn, ops, chunk):
+    def limited(config, plan, key, fn, ops, chunk, mesh):
         if plan.chunk > 3:
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
-        return real(config, plan, key, fn, ops, chunk)
+        return real(config, plan, key, fn, ops, chunk, mesh)
 
     monkeypatch.setattr(engine, "_run_chunk", limited)
     with RunLog.open(tmp_path, {}) as log:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxpatch._tree import flatten_params, without_layers
 from jaxpatch.components import Component, SelectorLike, select
@@ -53,6 +54,7 @@ from jaxpatch.engine.programs import (
 )
 from jaxpatch.errors import JaxpatchError, MetricError
 from jaxpatch.io.runlog import TaskLog
+from jaxpatch.mesh import MeshLike, candidate_devices, candidate_specs, make_mesh, replicate, shard_candidates
 from jaxpatch.metrics import Metric, mean_score, metric_readout
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
@@ -132,10 +134,12 @@ Operands = Callable[[int], Any]
 
 
 def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _Prepared,
-             batch: Batch) -> tuple[tuple, Any, Operands]:
-    """A plan's cache key, program function, and the maker of each group's operands."""
+             batch: Batch, mesh: Mesh | None) -> tuple[tuple, Any, Operands]:
+    """A plan's cache key, program function, and the maker of each group's operands (whole
+    on every device of a mesh)."""
+    place = (lambda ops: ops) if mesh is None else (lambda ops: replicate(mesh, ops))
     if plan.kind == "local":
-        key = ("local", config, metric, plan.signature, plan.dense)
+        key = ("local", config, metric, plan.signature, plan.dense, mesh)
         fn = local_program(config, metric, plan.dense)
         rest = without_layers(prepared.start)
 
@@ -143,21 +147,21 @@ def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _
             layer = plan.groups[i][0].first_layer
             block_deltas = deltas(prepared.target["layers"][layer],
                                   prepared.start["layers"][layer], plan.signature)
-            return LocalOperands(prepared.start_stacked, block_deltas, rest,
-                                 prepared.residuals[layer], jnp.int32(layer), batch,
-                                 prepared.state)
+            return place(LocalOperands(prepared.start_stacked, block_deltas, rest,
+                                       prepared.residuals[layer], jnp.int32(layer), batch,
+                                       prepared.state))
 
         return key, fn, local
-    key = ("general", config, metric, plan.start_layer, plan.signature, plan.dense)
+    key = ("general", config, metric, plan.start_layer, plan.signature, plan.dense, mesh)
     fn = general_program(config, metric, plan.start_layer, plan.dense)
     first_layer = plan.groups[0][0].first_layer
     residual = None if first_layer < 0 else prepared.residuals[plan.start_layer]
     earlier = prepared.start_readout if metric.outputs(config) else None
 
     def general(i: int) -> GeneralOperands:
-        return GeneralOperands(prepared.start, deltas(prepared.target, prepared.start,
-                                                      plan.signature),
-                               residual, batch, prepared.state, earlier)
+        return place(GeneralOperands(prepared.start, deltas(prepared.target, prepared.start,
+                                                            plan.signature),
+                                     residual, batch, prepared.state, earlier))
 
     return key, fn, general
 
@@ -180,6 +184,7 @@ def sweep(
     positions: Positions = "last",
     inputs: Mapping[str, Any] | None = None,
     log: TaskLog | None = None,
+    mesh: MeshLike | None = None,
 ) -> SweepResult:
     """Scores every candidate patch exactly.
 
@@ -204,6 +209,9 @@ def sweep(
         inputs: fingerprints to record in the result.
         log: record finished chunks here and replay the ones it holds (a resumable run; see
             `jaxpatch.io.runlog`). The scores are bitwise those of a run without it.
+        mesh: split each chunk's candidates across devices (`jaxpatch.mesh`: a `Mesh`,
+            `{"candidates": 4}` or `"candidates=4"`); chunks are rounded up to a multiple of
+            the devices. None: one device.
 
     Returns:
         A `SweepResult` in candidate order.
@@ -225,7 +233,7 @@ def sweep(
     wall_start = time.perf_counter()
     prepared, names, values, timing, skipped = _scores(
         base, donor, batch, metric, candidates, direction, references, chunk_size, materialize,
-        memory_fraction, progress, wall_start, log)
+        memory_fraction, progress, wall_start, log, mesh)
     check_finite_scores(names, values, "score")
     return SweepResult(metric.name, direction, metric.layer, positions,
                        float(prepared.base_score), float(prepared.donor_score), names, values,
@@ -246,6 +254,7 @@ def sweep_matrix(
     memory_fraction: float = 0.3,
     progress: bool = True,
     log: TaskLog | None = None,
+    mesh: MeshLike | None = None,
 ) -> ScoreMatrix:
     """Scores every candidate patch exactly on every column of a metric: one run per
     candidate reads them all (e.g. every target of a `ComponentAnchor` with several targets).
@@ -253,8 +262,8 @@ def sweep_matrix(
     Arguments:
         base, donor, batch, metric: as for `sweep` (`metric` may have any width).
         candidates: components, or a mapping of names to custom `Patch`es (the rows).
-        direction, references, chunk_size, materialize, memory_fraction, progress, log: as
-            for `sweep`.
+        direction, references, chunk_size, materialize, memory_fraction, progress, log,
+            mesh: as for `sweep`.
 
     Returns:
         A `ScoreMatrix`: rows in candidate order, one column per metric column.
@@ -269,7 +278,7 @@ def sweep_matrix(
     wall_start = time.perf_counter()
     prepared, names, values, timing, _ = _scores(
         base, donor, batch, metric, candidates, direction, references, chunk_size, materialize,
-        memory_fraction, progress, wall_start, log)
+        memory_fraction, progress, wall_start, log, mesh)
     values = values.reshape(len(names), metric.width)
     check_finite_scores(names, values, "score")
     columns = list(metric.columns())
@@ -282,7 +291,7 @@ def _scores(base: Model, donor: Model, batch: Batch, metric: Metric,
             candidates: Sequence[Component] | Mapping[str, Patch], direction: Direction,
             references: Sequence[Params] | None, chunk_size: int | None,
             materialize: bool | None, memory_fraction: float, progress: bool,
-            wall_start: float, log: TaskLog | None
+            wall_start: float, log: TaskLog | None, mesh_spec: MeshLike | None
             ) -> tuple[_Prepared, list[str], np.ndarray, dict[str, float], list[str]]:
     """prepare -> plan -> compile -> execute: the raw scores of every candidate (`[n]` or
     `[n, width]`), with the prepared endpoints, timing, and the names skipped."""
@@ -304,17 +313,21 @@ def _scores(base: Model, donor: Model, batch: Batch, metric: Metric,
                     for n, a in flatten_params(prepared.start).items()},
         chunk_size=chunk_size, auto_chunk=memory["auto_chunk"],
         materialize=materialize, budget=memory["budget"])
-    programs = [(plan, *_program(config, metric, plan, prepared, batch)) for plan in plans]
+    mesh = make_mesh(mesh_spec)
+    split = candidate_devices(mesh)
+    plans = [dataclasses.replace(p, chunk=-(-p.chunk // split) * split) for p in plans]
+    programs = [(plan, *_program(config, metric, plan, prepared, batch, mesh)) for plan in plans]
     prepare_s = time.perf_counter() - wall_start
 
     compile_start = time.perf_counter()
     for plan, key, fn, operands in programs:
-        compiled(key, fn, plan.alpha_specs(config), operands(0))
+        specs = plan.alpha_specs(config)
+        compiled(key, fn, specs if mesh is None else candidate_specs(mesh, specs), operands(0))
     compile_s = time.perf_counter() - compile_start
 
     resumed = 0 if log is None else log.recorded_candidates()
     scores = {name: prepared.start_score for name in skipped}
-    scores.update(_execute(config, programs, direction, len(run), progress, log, resumed))
+    scores.update(_execute(config, programs, direction, len(run), progress, log, resumed, mesh))
     names = [c.name for c in cands]
     values = np.array([scores[n] for n in names], np.float64)
     timing = run_timing(wall_start, prepare_s, compile_s, len(run) - resumed)
@@ -336,7 +349,7 @@ def _memory_plan(config: ModelConfig, batch: Batch, memory_fraction: float,
 
 def _execute(config: ModelConfig, programs: Sequence[tuple[ProgramPlan, tuple, Any, Operands]],
              direction: str, total: int, progress: bool, log: TaskLog | None,
-             resumed: int) -> dict[str, np.ndarray]:
+             resumed: int, mesh: Mesh | None) -> dict[str, np.ndarray]:
     """Runs every plan's candidates in padded chunks; their scores by name.
 
     Recorded chunks are replayed where a group's next candidates begin one; a chunk that runs
@@ -360,10 +373,16 @@ def _execute(config: ModelConfig, programs: Sequence[tuple[ProgramPlan, tuple, A
                     else:
                         if limit is not None and plan.chunk > limit:
                             plan = dataclasses.replace(plan, chunk=limit)
+                            if mesh is not None and limit % candidate_devices(mesh):
+                                raise JaxpatchError(
+                                    f"out of device memory at {limit * 2} candidates per chunk, "
+                                    f"and {limit} do not split across "
+                                    f"{candidate_devices(mesh)} devices: pass a smaller "
+                                    "--chunk-size that does")
                         chunk = group[offset: offset + plan.chunk]
                         ops = operands(i) if ops is None else ops
                         try:
-                            values = _run_chunk(config, plan, key, fn, ops, chunk)
+                            values = _run_chunk(config, plan, key, fn, ops, chunk, mesh)
                         except Exception as error:  # only running out of memory is retried
                             if not is_out_of_memory(error):
                                 raise
@@ -378,9 +397,12 @@ def _execute(config: ModelConfig, programs: Sequence[tuple[ProgramPlan, tuple, A
 
 
 def _run_chunk(config: ModelConfig, plan: ProgramPlan, key: tuple, fn: Any, ops: Any,
-               chunk: Sequence[Candidate]) -> np.ndarray:
-    """One chunk's raw scores (`[len(chunk)]` or `[len(chunk), width]`), padding dropped."""
-    alphas = {n: jnp.asarray(a) for n, a in alpha_rows(config, plan, chunk).items()}
+               chunk: Sequence[Candidate], mesh: Mesh | None = None) -> np.ndarray:
+    """One chunk's raw scores (`[len(chunk)]` or `[len(chunk), width]`), padding dropped; on
+    a mesh, the chunk's candidates split across its devices."""
+    rows = alpha_rows(config, plan, chunk)
+    alphas = ({n: jnp.asarray(a) for n, a in rows.items()} if mesh is None
+              else shard_candidates(mesh, rows))
     return np.asarray(compiled(key, fn, alphas, ops)(alphas, ops))[: len(chunk)]
 
 
