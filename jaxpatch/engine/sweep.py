@@ -296,6 +296,7 @@ def _scores(base: Model, donor: Model, batch: Batch, metric: Metric,
     """prepare -> plan -> compile -> execute: the raw scores of every candidate (`[n]` or
     `[n, width]`), with the prepared endpoints, timing, and the names skipped."""
     config = base.config
+    mesh = make_mesh(mesh_spec)  # a bad mesh is refused before any work
     prepared = _prepare(base, donor, batch, metric, direction, references)
     cands = candidates_of(config, candidates)
     last_block = config.n_layers - 1 if metric.layer is None else metric.layer
@@ -313,7 +314,6 @@ def _scores(base: Model, donor: Model, batch: Batch, metric: Metric,
                     for n, a in flatten_params(prepared.start).items()},
         chunk_size=chunk_size, auto_chunk=memory["auto_chunk"],
         materialize=materialize, budget=memory["budget"])
-    mesh = make_mesh(mesh_spec)
     split = candidate_devices(mesh)
     plans = [dataclasses.replace(p, chunk=-(-p.chunk // split) * split) for p in plans]
     programs = [(plan, *_program(config, metric, plan, prepared, batch, mesh)) for plan in plans]
