@@ -35,6 +35,7 @@ from jaxpatch.components import Component, SelectorLike, activation_sites, compo
 from jaxpatch.engine.programs import compiled, prefix_pass, stacked_checked
 from jaxpatch.errors import JaxpatchError, MetricError
 from jaxpatch.io.runlog import TaskLog
+from jaxpatch.mesh import MeshLike, candidate_devices, candidate_specs, make_mesh, replicate, shard_candidates
 from jaxpatch.metrics import Metric, mean_score, metric_readout, read_metric
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
@@ -134,11 +135,13 @@ def _group_start(config: ModelConfig, component: Component) -> int:
 
 def _activation_scores(base: Model, donor: Model, batch: Batch, metric: Metric,
                        items: Sequence[Component], direction: PairDirection, chunk_size: int,
-                       progress: bool, wall_start: float,
-                       log: TaskLog | None) -> tuple[Any, Any, np.ndarray, dict[str, float]]:
+                       progress: bool, wall_start: float, log: TaskLog | None,
+                       mesh_spec: MeshLike | None) -> tuple[Any, Any, np.ndarray, dict[str, float]]:
     """Every item's raw score (`[n]` or `[n, width]`), with the endpoint scores and timing;
-    chunks recorded in `log` are replayed, new ones recorded."""
+    chunks recorded in `log` are replayed, new ones recorded; on a mesh, each chunk's
+    candidates are split across its devices."""
     config = base.config
+    mesh = make_mesh(mesh_spec)  # a bad mesh is refused before any work
     check_pair(base, donor)
     metric.check(config)
     check_mode("activation patching direction", direction, PAIR_DIRECTIONS, JaxpatchError)
@@ -160,6 +163,8 @@ def _activation_scores(base: Model, donor: Model, batch: Batch, metric: Metric,
         if first <= last_block or (metric.layer is None and first == config.n_layers):
             groups.setdefault(first, []).append(i)
     size = max(1, min(chunk_size, max((len(g) for g in groups.values()), default=1)))
+    split = candidate_devices(mesh)
+    size = -(-size // split) * split
     scores: list[Any] = [start_score] * len(items)
     runs = sum(len(g) for g in groups.values())
     prepare_s, compile_s = time.perf_counter() - wall_start, 0.0
@@ -175,11 +180,13 @@ def _activation_scores(base: Model, donor: Model, batch: Batch, metric: Metric,
                 s for c in members for s in component_sites(config, c))}
             ops = _Operands(start.params, {s: sources[s] for s in sites},
                             residuals[first] if first > 0 else None, batch, state, earlier)
-            key = ("activation", config, metric, first, tuple(sites))
+            ops = ops if mesh is None else replicate(mesh, ops)
+            key = ("activation", config, metric, first, tuple(sites), mesh)
             fn = _program(config, metric, first)
             compile_start = time.perf_counter()
             specs = {s: jax.ShapeDtypeStruct((size, n), jnp.float32) for s, n in sites.items()}
-            program = compiled(key, fn, specs, ops)
+            program = compiled(key, fn, specs if mesh is None else candidate_specs(mesh, specs),
+                               ops)
             compile_s += time.perf_counter() - compile_start
             names = [c.name for c in members]
             offset = 0
@@ -187,7 +194,9 @@ def _activation_scores(base: Model, donor: Model, batch: Batch, metric: Metric,
                 values = None if log is None else log.replay(names, offset)
                 if values is None:
                     chunk = members[offset: offset + size]
-                    betas = {k: jnp.asarray(v) for k, v in _betas(config, chunk, size, sites).items()}
+                    rows = _betas(config, chunk, size, sites)
+                    betas = ({k: jnp.asarray(v) for k, v in rows.items()} if mesh is None
+                             else shard_candidates(mesh, rows))
                     values = np.asarray(program(betas, ops), np.float64)[: len(chunk)]
                     if log is not None:
                         log.record_chunk(names[offset: offset + len(chunk)], values)
@@ -215,6 +224,7 @@ def activation_patching(
     positions: Positions = "last",
     inputs: dict[str, Any] | None = None,
     log: TaskLog | None = None,
+    mesh: MeshLike | None = None,
 ) -> SweepResult:
     """Scores every component by patching its output activation between base and donor.
 
@@ -230,6 +240,7 @@ def activation_patching(
         progress: show a progress bar.
         positions, inputs: recorded in the result.
         log: record finished chunks here and replay the ones it holds (a resumable run).
+        mesh: split each chunk's candidates across devices, as for `sweep`.
 
     Returns:
         A `SweepResult` with `method="activation"`, in candidate order; components after the
@@ -246,7 +257,7 @@ def activation_patching(
                           "activation_matrix for it")
     items = select(base.config, selector, granularity)
     base_score, donor_score, values, timing = _activation_scores(
-        base, donor, batch, metric, items, direction, chunk_size, progress, wall_start, log)
+        base, donor, batch, metric, items, direction, chunk_size, progress, wall_start, log, mesh)
     return SweepResult(metric.name, direction, metric.layer, positions, base_score, donor_score,
                        [c.name for c in items], values, timing, dict(inputs or {}),
                        method="activation")
@@ -255,14 +266,14 @@ def activation_patching(
 def activation_matrix(base: Model, donor: Model, batch: Batch, metric: Metric,
                       candidates: Sequence[Component], *, direction: PairDirection = "denoise",
                       chunk_size: int = 64, progress: bool = True,
-                      log: TaskLog | None = None) -> ScoreMatrix:
+                      log: TaskLog | None = None, mesh: MeshLike | None = None) -> ScoreMatrix:
     """Activation patching of every candidate, read on every column of a metric (e.g. every
     target of a `ComponentAnchor` with several targets) from the same runs.
 
     Arguments:
         base, donor, batch, metric: the run (`metric` may have any width).
         candidates: the components whose outputs are patched (the rows).
-        direction, chunk_size, progress, log: as for `activation_patching`.
+        direction, chunk_size, progress, log, mesh: as for `activation_patching`.
 
     Returns:
         A `ScoreMatrix` with `method="activation"`.
@@ -276,7 +287,8 @@ def activation_matrix(base: Model, donor: Model, batch: Batch, metric: Metric,
     """
     wall_start = time.perf_counter()
     base_score, donor_score, values, timing = _activation_scores(
-        base, donor, batch, metric, candidates, direction, chunk_size, progress, wall_start, log)
+        base, donor, batch, metric, candidates, direction, chunk_size, progress, wall_start, log,
+        mesh)
     columns = list(metric.columns())
     return ScoreMatrix(metric.name, direction, "activation", [c.name for c in candidates], columns,
                        np.asarray(base_score, np.float64).reshape(-1),
