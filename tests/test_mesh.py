@@ -74,3 +74,19 @@ def test_meshes_are_parsed_and_refused_by_name() -> None:
     with pytest.raises(InvalidInputError, match="needs 4096 devices"):
         make_mesh("candidates=4096")
     assert make_mesh(None) is None
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs two (fake) devices")
+def test_activation_patching_split_across_two_devices_equals_one_device() -> None:
+    pair = example_pair()
+    metric = jaxpatch.KLDivergence()
+    one = jaxpatch.activation_patching(pair.base, pair.donor, pair.batch, metric,
+                                       granularity="neuron", progress=False)
+    two = jaxpatch.activation_patching(pair.base, pair.donor, pair.batch, metric,
+                                       granularity="neuron", chunk_size=7, progress=False,
+                                       mesh="candidates=2")
+    assert two.names == one.names
+    np.testing.assert_allclose(two.scores, one.scores, rtol=0, atol=1e-5)
+    meshed = [exe for key, exe in programs._COMPILED.items()
+              if key[0][0] == "activation" and isinstance(key[0][-1], jax.sharding.Mesh)]
+    assert meshed and all(len(exe.output_shardings.device_set) == 2 for exe in meshed)
