@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxpatch.engine import sweep
 from jaxpatch.evaluate import PlantedPair, load_planted, task_accuracy
-from jaxpatch.io.runlog import TaskLog
+from jaxpatch.io.runlog import TaskLog, memo
 from jaxpatch.learned import learn_patch
 from jaxpatch.merge.config import MergeConfig, ModelEntry
 from jaxpatch.merge.guided import stitch
@@ -97,13 +97,9 @@ def localize_experts(pair: PlantedPair, experts: dict[str, Model], *, learned_st
         return {"effects": dict(zip(result.names, result.effect.tolist())),
                 "learned": learned.selected}
 
-    return {task: _memo(log, f"localized {task}", lambda t=task, e=expert: localized(t, e))
+    return {task: memo(log, f"localized {task}", lambda t=task, e=expert: localized(t, e))
             for task, expert in experts.items()}
 
-
-def _memo(log: TaskLog | None, key: str, compute: Callable[[], Any]) -> Any:
-    """`compute()`, recorded in (or read back from) `log` when there is one."""
-    return compute() if log is None else log.memo(key, compute)
 
 
 def _data_free(method: str, params: dict[str, Any], base: Model, chosen: list[Model],
@@ -178,7 +174,7 @@ def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int 
 
     results: dict[str, Any] = {}
     for combo in combos:
-        results["+".join(combo)] = _memo(log, "+".join(combo),
+        results["+".join(combo)] = memo(log, "+".join(combo),
                                          lambda c=combo: merged_combination(c))
         if progress:
             progress("+".join(combo))

@@ -53,7 +53,7 @@ from jaxpatch.engine.programs import (
     stacked_checked,
 )
 from jaxpatch.errors import JaxpatchError, MetricError
-from jaxpatch.io.runlog import TaskLog
+from jaxpatch.io.runlog import TaskLog, memo
 from jaxpatch.mesh import MeshLike, candidate_devices, candidate_specs, make_mesh, replicate, shard_candidates
 from jaxpatch.metrics import Metric, mean_score, metric_readout
 from jaxpatch.models.config import ModelConfig, Params
@@ -344,7 +344,7 @@ def _memory_plan(config: ModelConfig, batch: Batch, memory_fraction: float,
         budget = int(available_memory_bytes() * memory_fraction)
         return {"budget": budget, "auto_chunk": auto_chunk_size(config, batch, budget)}
 
-    return measure() if log is None else log.memo("memory", measure)
+    return memo(log, "memory", measure)
 
 
 def _execute(config: ModelConfig, programs: Sequence[tuple[ProgramPlan, tuple, Any, Operands]],

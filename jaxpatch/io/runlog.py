@@ -37,7 +37,7 @@ from jaxpatch.errors import JaxpatchError, OutputExistsError
 
 __all__ = ["LOG_NAME", "LOG_FORMAT", "RunLog", "TaskLog", "RunMismatchError",
            "CorruptProgressError", "OutputWriteError", "settings_differences", "encode_array",
-           "decode_array", "writing"]
+           "decode_array", "writing", "memo"]
 
 LOG_NAME = "progress.jsonl"
 LOG_FORMAT = "jaxpatch.progress/1"
@@ -146,11 +146,8 @@ class RunLog:
         >>> again.close()
     """
 
-    def __init__(self, folder: Path, settings: Mapping[str, Any],
-                 records: list[dict[str, Any]], fd: int | None) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, records: list[dict[str, Any]], fd: int | None) -> None:
         self.path = folder / LOG_NAME
-        self.settings = dict(settings)
         self.records = records
         self.resumed = len(records)
         self._fd = fd
@@ -222,7 +219,7 @@ class RunLog:
             if not records:
                 header = {"kind": "header", "format": LOG_FORMAT, "settings": settings}
                 _append(fd, path / LOG_NAME, header, 0)
-                return cls(path, settings, [], fd)
+                return cls(path, [], fd)
             header, body = records[0], records[1:]
             if header.get("kind") != "header" or header.get("format") != LOG_FORMAT:
                 raise CorruptProgressError(f"{path / LOG_NAME}: not a jaxpatch progress log of "
@@ -232,7 +229,7 @@ class RunLog:
                 raise RunMismatchError(
                     f"{path}: holds the progress of another run: {'; '.join(differences)}. Use "
                     "the same command to resume, another --out, or --overwrite to start fresh")
-            return cls(path, settings, body, fd)  # refuses malformed records
+            return cls(path, body, fd)  # refuses malformed records
         except BaseException:
             os.close(fd)
             raise
@@ -403,6 +400,16 @@ class TaskLog:
 
 
 _MISSING = object()
+
+
+def memo(log: TaskLog | None, key: str, compute: Callable[[], Any]) -> Any:
+    """`compute()`, recorded in (or read back from) `log` when there is one.
+
+    Example:
+        >>> memo(None, "x", lambda: 1)
+        1
+    """
+    return compute() if log is None else log.memo(key, compute)
 
 
 def _lock(fd: int, folder: Path) -> None:
