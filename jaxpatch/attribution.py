@@ -32,6 +32,7 @@ from jaxpatch.components import Component, SelectorLike, select
 from jaxpatch.engine import sweep
 from jaxpatch.errors import JaxpatchError, MetricError
 from jaxpatch.io.runlog import TaskLog
+from jaxpatch.mesh import MeshLike, make_mesh
 from jaxpatch.metrics import Metric, read_metric
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import Probe, attention_allowed, block, embed, rope_at, rope_tables, unembed
@@ -45,10 +46,11 @@ from jaxpatch.modes import (
     Positions,
     check_mode,
 )
-from jaxpatch.pair import check_pair, endpoint_scores, endpoints
+from jaxpatch.pair import check_pair, endpoint_scores, endpoints, placed_on
 from jaxpatch.patch import Patch, component_entries, indexed_leaves, mix_leaf
 from jaxpatch.prompts import Batch
 from jaxpatch.results import Misranked, SweepResult, check_finite_scores, misranked_to_dicts
+from jaxpatch.rounding import jit
 from jaxpatch.stats import average_ranks, spearman
 
 __all__ = ["alpha_gradients", "value_and_alpha_gradient", "planned_gradient_bytes",
@@ -59,7 +61,7 @@ def _slice(tree: Any, start: int, stop: int) -> Any:
     return jax.tree_util.tree_map(lambda a: a[start:stop], tree)
 
 
-@jax.jit
+@jit
 def _add(a: Params, b: Params) -> Params:
     return jax.tree_util.tree_map(jnp.add, a, b)
 
@@ -89,7 +91,7 @@ def _gradient_function(config: ModelConfig, metric: Metric, first_order: bool) -
     (docs/decisions/0008)."""
     grad = jax.grad(_objective(config, metric))
 
-    @jax.jit
+    @jit
     def run(ts: jax.Array, weight: jax.Array, start: Params, target: Params, batch: Batch,
             state: Any) -> Params:
         zero = Patch.zeros(config).alpha  # constants of the program
@@ -142,7 +144,7 @@ def value_and_alpha_gradient(config: ModelConfig, metric: Metric, start_layer: i
     """
     value_and_grad = jax.value_and_grad(_objective(config, metric, start_layer, remat))
 
-    @jax.jit
+    @jit
     def run(at: Params, start: Params, target: Params, batch: Batch, state: Any,
             residual: jax.Array | None = None) -> tuple[jax.Array, Params]:
         return value_and_grad(Patch.zeros(config).alpha, at, start, target, batch, state, residual)
@@ -150,12 +152,12 @@ def value_and_alpha_gradient(config: ModelConfig, metric: Metric, start_layer: i
     return run
 
 
-@jax.jit
+@jit
 def _mix_all(t: jax.Array, start: Params, target: Params) -> Params:
     return jax.tree_util.tree_map(lambda s, g: mix_leaf(t, s, g), start, target)
 
 
-@jax.jit
+@jit
 def _scale(weight: jax.Array, tree: Params) -> Params:
     return jax.tree_util.tree_map(lambda g: weight * g, tree)
 
@@ -175,16 +177,16 @@ def _blockwise_functions(config: ModelConfig, metric: Metric) -> dict[str, Calla
     """Jitted stages of a block-by-block gradient: each holds one block's activations at most
     (docs/decisions/0008)."""
 
-    @jax.jit
+    @jit
     def embed_forward(base: Params, tokens: jax.Array) -> jax.Array:
         return embed(config, base, tokens)
 
-    @jax.jit
+    @jit
     def block_forward(base: Params, x: jax.Array, allowed: jax.Array, rope: Any,
                       queries: jax.Array | None) -> jax.Array:
         return block(config, base, x, allowed, rope, queries)[0]
 
-    @jax.jit
+    @jit
     def head_backward(zero: Params, base: Params, start: Params, target: Params, x: jax.Array,
                       batch: Batch, state: Any) -> tuple[Params, jax.Array]:
         def score(alpha: Params, h: jax.Array) -> jax.Array:
@@ -194,7 +196,7 @@ def _blockwise_functions(config: ModelConfig, metric: Metric) -> dict[str, Calla
 
         return jax.grad(score, argnums=(0, 1))(zero, x)
 
-    @jax.jit
+    @jit
     def block_backward(zero: Params, base: Params, start: Params, target: Params, x: jax.Array,
                        allowed: jax.Array, rope: Any, queries: jax.Array | None,
                        dy: jax.Array) -> tuple[Params, jax.Array]:
@@ -203,7 +205,7 @@ def _blockwise_functions(config: ModelConfig, metric: Metric) -> dict[str, Calla
 
         return jax.vjp(run, zero, x)[1](dy)
 
-    @jax.jit
+    @jit
     def embed_backward(zero: Params, base: Params, start: Params, target: Params,
                        tokens: jax.Array, dx: jax.Array) -> Params:
         return jax.vjp(lambda a: embed(config, _probes(a, base, start, target), tokens), zero)[1](dx)[0]
@@ -417,7 +419,8 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
               method: AttributionMethod = "first-order", direction: PairDirection = "denoise",
               steps: int = 16, step_batch: int = 1, prompt_batch: int | None = None,
               remat: bool = False, positions: Positions = "last",
-              inputs: Mapping[str, Any] | None = None, log: TaskLog | None = None) -> SweepResult:
+              inputs: Mapping[str, Any] | None = None, log: TaskLog | None = None,
+              mesh: MeshLike | None = None) -> SweepResult:
     """Attribution scores for every component, in the same table as `sweep`.
 
     A component's `score` is the predicted metric of the model with that component patched:
@@ -438,6 +441,8 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         inputs: fingerprints to record.
         log: a resumable run's log: the finished table is recorded there and read back
             instead of recomputed (exactly: floats round-trip through JSON).
+        mesh: devices to split the work over (`jaxpatch.mesh`): params along `model`, prompts
+            along `candidates` and `data` together (attribution has no candidates).
 
     Returns:
         A `SweepResult` with `method` set.
@@ -451,10 +456,11 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         return SweepResult.from_dict(log.memo("attribution", lambda: attribute(
             base, donor, batch, metric, granularity=granularity, selector=selector, method=method,
             direction=direction, steps=steps, step_batch=step_batch, prompt_batch=prompt_batch,
-            remat=remat, positions=positions, inputs=inputs).to_dict()))
+            remat=remat, positions=positions, inputs=inputs, mesh=mesh).to_dict()))
     wall_start = time.perf_counter()
     config = base.config
     check_pair(base, donor)
+    base, donor, batch = placed_on(make_mesh(mesh), base, donor, batch, ("candidates", "data"))
     metric.check(config)
     state, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric)
     grads = alpha_gradients(base, donor, batch, metric, direction=direction, method=method,
@@ -521,7 +527,7 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
              prompt_batch: int | None = None, remat: bool = False, exhaustive: bool = False,
              recall_k: int | None = None, seed: int = 0, progress: bool = True,
              positions: Positions = "last", inputs: Mapping[str, Any] | None = None,
-             log: TaskLog | None = None) -> Localization:
+             log: TaskLog | None = None, mesh: MeshLike | None = None) -> Localization:
     """Ranks components by attribution, then patches the top k and a random control sample
     exactly and reports how far the ranking can be trusted.
 
@@ -538,6 +544,7 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         progress: show progress bars.
         positions, inputs: recorded in the results.
         log: a resumable run's log (the attribution table and the exact sweeps' chunks).
+        mesh: devices to split the work over, as for `attribute` and `sweep`.
 
     Returns:
         A `Localization`.
@@ -551,7 +558,7 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     attribution = attribute(base, donor, batch, metric, granularity=granularity, selector=selector,
                             method=method, direction=direction, steps=steps, step_batch=step_batch,
                             prompt_batch=prompt_batch, remat=remat, positions=positions,
-                            inputs=inputs, log=log)
+                            inputs=inputs, log=log, mesh=mesh)
     items = select(base.config, selector, granularity)
     order = np.argsort(-np.abs(attribution.effect), kind="stable")
     k = min(top_k, len(items))
@@ -562,7 +569,7 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     verified = sorted(shortlist + control)
     exact = sweep(base, donor, batch, metric, candidates=[items[i] for i in verified],
                   direction=direction, progress=progress, positions=positions, inputs=inputs,
-                  log=None if log is None else log.sub("verify"))
+                  log=None if log is None else log.sub("verify"), mesh=mesh)
     approx = attribution.effect[verified]
     rho = spearman(approx, exact.effect)
     rank_attr = average_ranks(-np.abs(approx))
@@ -575,7 +582,7 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     if exhaustive:
         full = sweep(base, donor, batch, metric, candidates=items, direction=direction,
                      progress=progress, positions=positions, inputs=inputs,
-                     log=None if log is None else log.sub("exhaustive"))
+                     log=None if log is None else log.sub("exhaustive"), mesh=mesh)
         k_truth = min(recall_k or k, len(items))
         truth = set(np.argsort(-np.abs(full.effect), kind="stable")[:k_truth].tolist())
         recall = len(truth & set(shortlist)) / k_truth

@@ -14,9 +14,13 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import jax
+import numpy as np
+
 from jaxpatch.errors import InvalidInputError, JaxpatchError
 from jaxpatch.io.atomic import atomic_directory, atomic_write_bytes
 from jaxpatch.io.runlog import RunLog, writing
+from jaxpatch.mesh import is_writer
 from jaxpatch.modes import Positions
 
 __all__ = ["main", "build_parser", "EXIT_BAD_INPUT"]
@@ -54,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.compile_cache:
         compile_cache.enable(args.compile_cache)
     try:
+        if args.distributed:
+            from jaxpatch.mesh import initialize_distributed
+
+            initialize_distributed()
         args.run(args)
     except JaxpatchError as e:
         if args.debug:
@@ -90,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "$JAXPATCH_COMPILE_CACHE, else ~/.cache/jaxpatch/xla)")
     cache.add_argument("--no-compile-cache", action="store_true",
                        help="do not read or write compiled programs")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-process run first (jax.distributed: "
+                        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or SLURM, "
+                        "Open MPI, Cloud TPU); every process runs the same command, the first "
+                        "writes the results")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, run: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
@@ -130,8 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("sweep", _sweep, "score every component by exact weight patching")
     add_run_arguments(p)
     p.add_argument("--chunk-size", type=int, help="candidates per batch (default: from free memory)")
-    p.add_argument("--mesh", metavar="candidates=N",
-                   help="split each chunk's candidates across N devices (default: one device)")
 
     p = command("attribute", _attribute, "score every component by gradient attribution")
     add_run_arguments(p)
@@ -152,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("learn", _learn, "learn the smallest patch that recovers (or destroys) the behavior: "
                 "one gate per component, trained under a sparsity penalty")
-    add_run_arguments(p)
+    add_run_arguments(p, mesh=False)
     p.add_argument("--sparsity", type=float, action="append",
                    help="penalty per component in units of effect (repeatable: one patch each, the "
                    "effect-against-size front; default 0.01)")
@@ -204,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_run_arguments(p: argparse.ArgumentParser, direction: bool = True) -> None:
+def add_run_arguments(p: argparse.ArgumentParser, direction: bool = True,
+                      mesh: bool = True) -> None:
     """The flags shared by commands that score components of a base/donor pair."""
     p.add_argument("--base", required=True, help="base checkpoint folder")
     p.add_argument("--donor", required=True, help="donor (behavior-specialized) checkpoint folder")
@@ -228,6 +240,12 @@ def add_run_arguments(p: argparse.ArgumentParser, direction: bool = True) -> Non
                    help="start afresh in an existing --out folder (its recorded progress is "
                         "discarded, its results replaced)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if mesh:
+        p.add_argument("--mesh", metavar="AXIS=N,...",
+                       help="split the work over devices: candidates=N (a chunk's candidates), "
+                       "model=N (heads and neurons; the checkpoints are read shard by shard), "
+                       "data=N (prompts), e.g. candidates=4,model=2 (default: every local device "
+                       "on candidates)")
 
 
 def add_attribution_arguments(p: argparse.ArgumentParser) -> None:
@@ -268,16 +286,21 @@ def prepare_run(args: argparse.Namespace,
     """
     import jaxpatch
     from jaxpatch.io.fingerprint import checkpoint_fingerprint, file_sha256, versions
+    from jaxpatch.mesh import default_mesh, make_mesh
     from jaxpatch.metrics import metric_from_name
     from jaxpatch.pair import check_pair
     from jaxpatch.prompts import greedy_continuations, make_batch, read_prompts
 
-    if args.out and resumable:  # refuse an unusable output folder before any work
+    if args.out and resumable and is_writer():  # refuse an unusable folder before any work
         RunLog.check_folder(args.out, args.overwrite)
-    elif args.out:
+    elif args.out and is_writer():
         check_output(args.out, args.overwrite)
-    base = jaxpatch.load(args.base, dtype=args.dtype)
-    donor = jaxpatch.load(args.donor, dtype=args.dtype)
+    mesh = None
+    if "mesh" in args:  # the default recorded as what it is (part of a run's identity)
+        mesh = make_mesh(args.mesh) if args.mesh else default_mesh()
+        args.mesh = None if mesh is None else ",".join(f"{k}={v}" for k, v in mesh.shape.items())
+    base = jaxpatch.load(args.base, dtype=args.dtype, mesh=mesh)
+    donor = jaxpatch.load(args.donor, dtype=args.dtype, mesh=mesh)
     check_pair(base, donor)
     prompts = read_prompts(args.prompts, base.tokenizer)
     layer = args.anchor_layer if args.anchor_layer is not None else base.config.n_layers - 1
@@ -342,10 +365,33 @@ def run_log(args: argparse.Namespace, inputs: Mapping[str, Any]) -> Iterator[Run
     if not args.out:
         yield None
         return
+    if jax.process_count() > 1:  # the first process records; the others run the same chunks
+        with _first_process_log(args, inputs) as log:
+            yield log
+        return
     with RunLog.open(args.out, run_settings(args, inputs), overwrite=args.overwrite) as log:
         if log.resumed:
             print(f"resuming the run in {args.out}: {log.resumed} finished pieces recorded",
                   file=sys.stderr)
+        yield log
+
+
+@contextlib.contextmanager
+def _first_process_log(args: argparse.Namespace,
+                       inputs: Mapping[str, Any]) -> Iterator[RunLog | None]:
+    """A multi-process run's log: kept by the first process, None elsewhere. Every process
+    must run the same chunks, so a run with recorded progress is refused on all of them."""
+    from jax.experimental import multihost_utils
+
+    with contextlib.ExitStack() as stack:
+        log = (stack.enter_context(RunLog.open(args.out, run_settings(args, inputs),
+                                               overwrite=args.overwrite))
+               if is_writer() else None)
+        resumed = int(multihost_utils.broadcast_one_to_all(
+            np.int32(0 if log is None else log.resumed)))
+        if resumed:
+            raise InvalidInputError(f"{args.out}: a multi-process run cannot resume recorded "
+                                    "progress yet: resume it as one process, or pass --overwrite")
         yield log
 
 
@@ -357,6 +403,8 @@ def write_outputs(out: str, files: Mapping[str, bytes | str]) -> None:
         >>> write_outputs(str(tmp), {"a.csv": "x,y", "a.json": "{}"})
         wrote .../a.csv, a.json
     """
+    if not is_writer():  # the first process of a multi-process run writes
+        return
     for name, data in files.items():
         with writing(Path(out) / name):
             atomic_write_bytes(Path(out) / name, data.encode() if isinstance(data, str) else data)
@@ -405,7 +453,7 @@ def _attribute(args: argparse.Namespace) -> None:
     base, donor, batch, metric, inputs = prepare_run(args)
     with run_log(args, inputs) as log:
         result = attribute(base, donor, batch, metric, **attribution_options(args), inputs=inputs,
-                           log=log.task("attribute") if log else None)
+                           log=log.task("attribute") if log else None, mesh=args.mesh)
         print(summary_table(result))
         if "completeness" in result.extra:
             c = result.extra["completeness"]
@@ -425,7 +473,8 @@ def _localize(args: argparse.Namespace) -> None:
         report = localize(base, donor, batch, metric, **attribution_options(args),
                           top_k=args.top_k, controls=args.controls, exhaustive=args.exhaustive,
                           recall_k=args.recall_k, seed=args.seed, progress=not args.no_progress,
-                          inputs=inputs, log=log.task("localize") if log else None)
+                          inputs=inputs, log=log.task("localize") if log else None,
+                          mesh=args.mesh)
         if args.out:
             write_outputs(args.out, {
                 "attribution.csv": report.attribution.to_csv(), "exact.csv": report.exact.to_csv(),
@@ -502,7 +551,8 @@ def _trace(args: argparse.Namespace) -> None:
                                  selector=args.select, targets=args.target, anchor_layer=anchor,
                                  depth=args.depth, top_targets=args.top_targets,
                                  max_groups=args.max_groups, thresholds=thresholds,
-                                 progress=not args.no_progress, log=log.task("trace") if log else None)
+                                 progress=not args.no_progress,
+                                 log=log.task("trace") if log else None, mesh=args.mesh)
         if args.out:
             graph = {**traced.graph(), "inputs": inputs}
             write_outputs(args.out, {"hierarchy.csv": traced.to_csv(),
@@ -613,9 +663,6 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _forward(args: argparse.Namespace) -> None:
-    import jax
-    import numpy as np
-
     import jaxpatch
 
     model = jaxpatch.load(args.checkpoint, dtype=args.dtype)

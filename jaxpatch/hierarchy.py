@@ -47,11 +47,13 @@ import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxpatch.components import Component, SelectorLike, select
 from jaxpatch.engine import sweep, sweep_matrix
 from jaxpatch.errors import InvalidInputError, MetricError
 from jaxpatch.io.runlog import TaskLog
+from jaxpatch.mesh import MeshLike, make_mesh
 from jaxpatch.metrics import (
     ComponentAnchor,
     KLDivergence,
@@ -62,7 +64,7 @@ from jaxpatch.metrics import (
 )
 from jaxpatch.models.model import Model
 from jaxpatch.modes import SCORED_GRANULARITIES, Role, ScoredGranularity, check_mode
-from jaxpatch.pair import check_pair
+from jaxpatch.pair import check_pair, placed_on
 from jaxpatch.patch import Patch
 from jaxpatch.prompts import Batch
 from jaxpatch.results import ScoreMatrix, SweepResult
@@ -259,9 +261,9 @@ class _Runner:
     from its inputs, so a resumed trace asks for the same runs in the same order)."""
 
     def __init__(self, base: Model, donor: Model, batch: Batch, progress: bool,
-                 log: TaskLog | None) -> None:
+                 log: TaskLog | None, mesh: Mesh | None) -> None:
         self.base, self.donor, self.batch, self.progress = base, donor, batch, progress
-        self.log, self.runs = log, 0
+        self.log, self.runs, self.mesh = log, 0, mesh
         self.calls = {"sweeps": 0, "validation_sweeps": 0, "tracing_sweeps": 0,
                       "activation_runs": 0, "candidate_runs": 0}
 
@@ -275,14 +277,15 @@ class _Runner:
         self.calls["candidate_runs"] += len(candidates)
         return sweep(self.base, self.donor, self.batch, metric, candidates=candidates,
                      direction=direction, progress=self.progress,  # type: ignore[arg-type]
-                     log=self._next_log())
+                     log=self._next_log(), mesh=self.mesh)
 
     def activation(self, metric: Metric, granularity: ScoredGranularity,
                    selector: SelectorLike | None, direction: str) -> SweepResult:
         result = activation_patching(self.base, self.donor, self.batch, metric,
                                      granularity=granularity, selector=selector,
                                      direction=direction,  # type: ignore[arg-type]
-                                     progress=self.progress, log=self._next_log())
+                                     progress=self.progress, log=self._next_log(),
+                                     mesh=self.mesh)
         self.calls["activation_runs"] += 1
         self.calls["candidate_runs"] += len(result.names)
         return result
@@ -293,9 +296,10 @@ class _Runner:
         self.calls["activation_runs"] += 1
         self.calls["candidate_runs"] += len(patches) + len(items)
         weights = sweep_matrix(self.base, self.donor, self.batch, metric, patches,
-                               progress=self.progress, log=self._next_log())
+                               progress=self.progress, log=self._next_log(), mesh=self.mesh)
         activations = activation_matrix(self.base, self.donor, self.batch, metric, items,
-                                        progress=self.progress, log=self._next_log())
+                                        progress=self.progress, log=self._next_log(),
+                                        mesh=self.mesh)
         return weights, activations
 
 
@@ -376,6 +380,7 @@ def trace_hierarchy(
     thresholds: Thresholds = Thresholds(),
     progress: bool = False,
     log: TaskLog | None = None,
+    mesh: MeshLike | None = None,
 ) -> Hierarchy:
     """Sorts every component into source, aggregation, execution or inert, and traces which
     suppliers' weights recover which targets' outputs.
@@ -400,6 +405,7 @@ def trace_hierarchy(
         thresholds: the role thresholds (`Thresholds`).
         progress: show progress bars.
         log: a resumable run's log (every sweep's and activation run's chunks).
+        mesh: devices to split every run over (`jaxpatch.mesh`), as for `sweep`.
 
     Returns:
         A `Hierarchy`.
@@ -438,7 +444,9 @@ def trace_hierarchy(
     if output_metric is None:
         has_targets = bool((np.asarray(batch.targets)[:, 0] >= 0).all())
         output_metric = LogProb() if has_targets else KLDivergence()
-    runner = _Runner(base, donor, batch, progress, log)
+    mesh = make_mesh(mesh)  # a bad mesh is refused before any work
+    base, donor, batch = placed_on(mesh, base, donor, batch)
+    runner = _Runner(base, donor, batch, progress, log, mesh)
     items = select(config, selector, granularity)
     if targets is not None:
         for target in targets:

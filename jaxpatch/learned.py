@@ -52,6 +52,7 @@ from jaxpatch.modes import PAIR_DIRECTIONS, Granularity, PairDirection, check_mo
 from jaxpatch.pair import check_pair, endpoint_scores, endpoints, score_patch
 from jaxpatch.patch import Patch, alpha_shapes, component_entries, mix_leaf
 from jaxpatch.prompts import Batch
+from jaxpatch.rounding import jit
 
 __all__ = ["LearnedPatch", "gate_index", "learn_patch"]
 
@@ -135,12 +136,12 @@ def gate_index(config: ModelConfig, items: Sequence[Component]) -> Params:
     return unflatten_dotted(flat)
 
 
-@jax.jit
+@jit
 def _alpha_of(gates: jax.Array, index: Params) -> Params:
     return jax.tree_util.tree_map(lambda i: jnp.where(i >= 0, gates[jnp.maximum(i, 0)], 0.0), index)
 
 
-@jax.jit
+@jit
 def _mix(alpha: Params, start: Params, target: Params) -> Params:
     return jax.tree_util.tree_map(mix_leaf, alpha, start, target)
 
@@ -158,7 +159,7 @@ def _steps_function(config: ModelConfig, metric: Metric, optimizer: Any, start_l
     `lax.scan` (no Python between steps; see the module docstring for the step)."""
     score_and_grad = value_and_alpha_gradient(config, metric, start_layer, remat)
 
-    @jax.jit
+    @jit
     def run(theta: jax.Array, opt_state: Any, temperatures: jax.Array, index: Params,
             start: Params, target: Params, batch: Batch, state: Any, residual: jax.Array | None,
             scale: jax.Array, offset: jax.Array,

@@ -27,6 +27,7 @@ from jaxpatch.io.atomic import atomic_write_bytes
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import Edit, forward
 from jaxpatch.prompts import Batch
+from jaxpatch.rounding import jit
 
 __all__ = ["readout", "endpoint_readouts", "read_metric", "metric_readout", "metric_endpoints",
            "Metric", "VectorAnchor", "anchor_direction", "ComponentAnchor", "target_sites",
@@ -41,7 +42,7 @@ OutputSites = tuple[tuple[str, "tuple[int, ...] | None"], ...]
 for all), in order."""
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(jit, static_argnums=(0, 3))
 def readout(config: ModelConfig, params: Params, batch: Batch, layer: int | None) -> Array:
     """What a metric reads from a model: the residual after block `layer` (or the logits when
     None) at the batch's readout positions, `[P, Q, d_model]` or `[P, Q, vocab]`.
@@ -159,7 +160,7 @@ def _gather(x: Array, positions: Array) -> Array:
     return jnp.take_along_axis(x, index, axis=1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jit, static_argnums=(0, 1))
 def metric_readout(config: ModelConfig, metric: Metric, params: Params, batch: Batch) -> Readout:
     """`read_metric` of a plain run, jitted.
 
@@ -280,7 +281,7 @@ def anchor_direction(h_base: Array, h_donor: Array, batch: Batch, layer: int) ->
     return jnp.asarray(v / length)
 
 
-@jax.jit
+@jit
 def _mean_difference(h_base: Array, h_donor: Array, weights: Array) -> tuple[Array, Array, Array]:
     """The mean over prompts of the weighted donor-minus-base difference, its length, and the
     largest base residual norm (to judge the length against)."""
@@ -289,7 +290,7 @@ def _mean_difference(h_base: Array, h_donor: Array, weights: Array) -> tuple[Arr
     return v, jnp.linalg.norm(v), jnp.linalg.norm(h_base.astype(jnp.float32), axis=-1).max()
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def mean_score(metric: Metric, x: Array, batch: Batch, state: Any) -> Array:
     """The run's score: the mean over prompts of `metric.score` (jitted per metric).
 

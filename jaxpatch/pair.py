@@ -14,8 +14,10 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxpatch.errors import JaxpatchError, MetricError, NonFiniteError
+from jaxpatch.mesh import place_params, place_prompts
 from jaxpatch.metrics import Metric, Readout, mean_score, metric_endpoints, metric_readout
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
@@ -23,7 +25,7 @@ from jaxpatch.modes import DIRECTIONS, Direction, check_mode
 from jaxpatch.patch import Patch, ablation_target, apply, check_compatible
 from jaxpatch.prompts import Batch
 
-__all__ = ["check_pair", "endpoints", "endpoint_scores", "score_patch"]
+__all__ = ["check_pair", "endpoints", "endpoint_scores", "score_patch", "placed_on"]
 
 
 def check_pair(base: Model, donor: Model) -> None:
@@ -157,3 +159,22 @@ def score_patch(base: Model, donor: Model, patch: Patch, batch: Batch, metric: M
         state = metric.prepare(base.config, base.params, donor.params, batch)
     patched = apply(patch, start, target)
     return float(mean_score(metric, metric_readout(base.config, metric, patched, batch), batch, state))
+
+
+def placed_on(mesh: Mesh | None, base: Model, donor: Model, batch: Batch,
+              prompt_axes: tuple[str, ...] = ("data",)) -> tuple[Model, Model, Batch]:
+    """The pair and prompts placed on a mesh before any program runs: params split along
+    `model` (no copy when loaded so), prompts along `prompt_axes` (see `jaxpatch.mesh`).
+    Without a mesh, the same objects.
+
+    Example:
+        >>> from jaxpatch.mesh import make_mesh
+        >>> b, d, p = placed_on(make_mesh({"model": 1}), base, donor, batch)
+        >>> b.params["layers"][0]["mlp"]["up_proj"]["weight"].sharding.spec
+        PartitionSpec(None, 'model')
+    """
+    if mesh is None:
+        return base, donor, batch
+    base, donor = (dataclasses.replace(m, params=place_params(mesh, m.params))
+                   for m in (base, donor))
+    return base, donor, place_prompts(mesh, batch, batch.tokens.shape[0], prompt_axes)

@@ -36,6 +36,7 @@ from jaxpatch.components import Component, SelectorLike, select
 from jaxpatch.errors import PatchError
 from jaxpatch.models.config import ModelConfig, Params, param_shapes
 from jaxpatch.modes import Granularity
+from jaxpatch.rounding import jit
 
 __all__ = ["PATCH_FORMAT", "Index", "alpha_shapes", "component_entries", "indexed_leaves", "Patch",
            "mix_leaf", "apply", "check_compatible", "ablation_target"]
@@ -318,7 +319,7 @@ def mix_leaf(alpha: jax.Array | float, start: jax.Array, target: jax.Array) -> j
     return (1 - alpha) * start + alpha * target
 
 
-@jax.jit
+@jit
 def apply(patch: Patch | Params, start: Params, target: Params) -> Params:
     """Patched params `start + alpha * (target - start)`, leaf by leaf (jitted).
 

@@ -27,6 +27,7 @@ from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import check_tokens
 from jaxpatch.modes import POSITIONS, Positions, check_mode
+from jaxpatch.rounding import jit
 
 __all__ = ["Prompt", "Batch", "read_prompts", "make_batch", "greedy_continuations",
            "MAX_PROMPTS_BYTES", "MAX_LINE_BYTES"]
@@ -228,7 +229,7 @@ def make_batch(config: ModelConfig, prompts: Sequence[Prompt], positions: Positi
     return Batch(*(jnp.asarray(a) for a in (tokens, mask, pos, weights, targets, foils)))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _next_tokens(config: ModelConfig, params: Params, tokens: jax.Array, mask: jax.Array,
                  last: jax.Array) -> jax.Array:
     out = forward(config, params, tokens, mask, readout_positions=last[:, None])

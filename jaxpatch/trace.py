@@ -35,15 +35,25 @@ from jaxpatch.components import Component, SelectorLike, activation_sites, compo
 from jaxpatch.engine.programs import compiled, prefix_pass, stacked_checked
 from jaxpatch.errors import JaxpatchError, MetricError
 from jaxpatch.io.runlog import TaskLog
-from jaxpatch.mesh import MeshLike, candidate_devices, candidate_specs, make_mesh, replicate, shard_candidates
+from jaxpatch.mesh import (
+    MeshLike,
+    candidate_devices,
+    candidate_specs,
+    make_mesh,
+    place_params,
+    place_prompts,
+    shard_candidates,
+    to_host,
+)
 from jaxpatch.metrics import Metric, mean_score, metric_readout, read_metric
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import Model
 from jaxpatch.modes import PAIR_DIRECTIONS, Granularity, PairDirection, Positions, check_mode
-from jaxpatch.pair import check_pair, endpoint_scores
+from jaxpatch.pair import check_pair, endpoint_scores, placed_on
 from jaxpatch.prompts import Batch
 from jaxpatch.results import ScoreMatrix, SweepResult, check_finite_scores, run_timing
+from jaxpatch.rounding import jit
 
 __all__ = ["activation_patching", "activation_matrix"]
 
@@ -75,7 +85,7 @@ def _record(store: dict[str, jax.Array], site: str, value: jax.Array) -> jax.Arr
     return value
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(jit, static_argnums=(0, 3))
 def _sources(config: ModelConfig, params: Params, batch: Batch, layer: int | None) -> dict[str, jax.Array]:
     """Every site's output in a clean run of `params`."""
     store: dict[str, jax.Array] = {}
@@ -143,6 +153,7 @@ def _activation_scores(base: Model, donor: Model, batch: Batch, metric: Metric,
     config = base.config
     mesh = make_mesh(mesh_spec)  # a bad mesh is refused before any work
     check_pair(base, donor)
+    base, donor, batch = placed_on(mesh, base, donor, batch)
     metric.check(config)
     check_mode("activation patching direction", direction, PAIR_DIRECTIONS, JaxpatchError)
     start, source = (base, donor) if direction == "denoise" else (donor, base)
@@ -180,7 +191,9 @@ def _activation_scores(base: Model, donor: Model, batch: Batch, metric: Metric,
                 s for c in members for s in component_sites(config, c))}
             ops = _Operands(start.params, {s: sources[s] for s in sites},
                             residuals[first] if first > 0 else None, batch, state, earlier)
-            ops = ops if mesh is None else replicate(mesh, ops)
+            if mesh is not None:  # params split along `model`, prompts along `data`
+                ops = _Operands(place_params(mesh, ops.params),
+                                *place_prompts(mesh, ops[1:], batch.tokens.shape[0]))
             key = ("activation", config, metric, first, tuple(sites), mesh)
             fn = _program(config, metric, first)
             compile_start = time.perf_counter()
@@ -197,7 +210,7 @@ def _activation_scores(base: Model, donor: Model, batch: Batch, metric: Metric,
                     rows = _betas(config, chunk, size, sites)
                     betas = ({k: jnp.asarray(v) for k, v in rows.items()} if mesh is None
                              else shard_candidates(mesh, rows))
-                    values = np.asarray(program(betas, ops), np.float64)[: len(chunk)]
+                    values = to_host(program(betas, ops)).astype(np.float64)[: len(chunk)]
                     if log is not None:
                         log.record_chunk(names[offset: offset + len(chunk)], values)
                     bar.update(len(chunk))

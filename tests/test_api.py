@@ -29,7 +29,7 @@ def test_the_top_level_exports_every_error_and_resolves_its_names() -> None:
 
 def test_imports_run_one_way() -> None:
     """Low rooms never import high ones (docs/decisions/0009): checked on the source text."""
-    order = ["_tree", "errors", "modes", "compile_cache", "mesh", "models", "io", "components",
+    order = ["_tree", "errors", "modes", "compile_cache", "rounding", "mesh", "models", "io", "components",
              "prompts", "metrics", "patch", "stats", "scoring", "results", "pair", "engine",
              "attribution",
              "learned", "trace", "hierarchy", "merge", "evaluate", "merge_eval", "report", "cli"]

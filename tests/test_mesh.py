@@ -1,22 +1,29 @@
-"""Sweeps on a device mesh (the candidates axis) equal one device's, on fake CPU devices."""
+"""Work on a device mesh (candidates, model and data axes) equals one device's, on fake CPU
+devices; a model-axis load reads each device's shard only."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import jax
 import numpy as np
 import pytest
+from golden import FIXTURES
 
 import jaxpatch
 from jaxpatch.engine import programs
-from jaxpatch.errors import InvalidInputError
-from jaxpatch.examples import example_pair
-from jaxpatch.mesh import make_mesh, parse_mesh
+from jaxpatch.errors import InvalidInputError, TensorShapeError
+from jaxpatch.examples import example_pair, random_pair
+from jaxpatch.io import safetensors
+from jaxpatch.io.hf import load_hf
+from jaxpatch.mesh import default_mesh, make_mesh, parse_mesh
+from jaxpatch.pair import placed_on
 
 
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs two (fake) devices")
@@ -41,39 +48,124 @@ def test_a_sweep_split_across_two_devices_equals_one_device(granularity: str) ->
 SCRIPT = r"""
 import json, sys, numpy as np, jaxpatch
 from jaxpatch.examples import example_pair
+from jaxpatch.hierarchy import trace_hierarchy
 pair = example_pair()
+args = (pair.base, pair.donor, pair.batch)
+kl, anchor = jaxpatch.KLDivergence(), jaxpatch.VectorAnchor(layer=1)
+runs = {
+    "sweep kl": lambda mesh: jaxpatch.sweep(*args, kl, granularity="neuron", progress=False,
+                                            mesh=mesh).scores,
+    "sweep anchor": lambda mesh: jaxpatch.sweep(*args, anchor, granularity="head",
+                                                progress=False, mesh=mesh).scores,
+    "attribution": lambda mesh: jaxpatch.attribute(*args, kl, granularity="neuron",
+                                                   mesh=mesh).scores,
+    "activation": lambda mesh: jaxpatch.activation_patching(
+        *args, anchor, granularity="module", progress=False, mesh=mesh).scores,
+    "trace": lambda mesh: np.array([
+        [r.weight_score, r.activation_score, -1.0 if r.supplied is None else r.supplied]
+        for r in trace_hierarchy(*args, anchor, depth=1, top_targets=3, max_groups=3,
+                                 mesh=mesh).rows]),
+}
 out = {}
-for metric in (jaxpatch.KLDivergence(), jaxpatch.VectorAnchor(layer=1)):
-    one = jaxpatch.sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
-                         progress=False).scores
-    for n in (8, 4, 2, 1):
-        split = jaxpatch.sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
-                               progress=False, mesh=f"candidates={n}").scores
-        out[f"{metric.name} {n}"] = float(np.abs(split - one).max())
+for name, run in runs.items():
+    one = run(None)
+    for mesh in sys.argv[1:]:
+        out[f"{name} {mesh}"] = float(np.abs(run(mesh) - one).max())
 print(json.dumps(out))
 """
+
+MESHES = ["candidates=8", "candidates=4,model=2", "candidates=2,model=4", "model=8",
+          "candidates=2,model=2,data=2"]
 
 
 @pytest.mark.slow
 def test_mesh_shapes_on_eight_devices_equal_one_device() -> None:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
-                                      "--xla_backend_optimization_level=0"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                                      "--xla_backend_optimization_level=0",
+           "JAXPATCH_COMPILE_CACHE": "0"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, *MESHES], env=env, capture_output=True,
                           text=True, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr
     gaps = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(gaps) == 8 and max(gaps.values()) <= 1e-5, gaps
+    assert len(gaps) == 5 * len(MESHES) and max(gaps.values()) <= 1e-5, gaps
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs two (fake) devices")
+@pytest.mark.parametrize("mesh", ["model=2", "data=2"])
+def test_model_and_data_axes_split_the_work_and_equal_one_device(mesh: str) -> None:
+    pair = example_pair()
+    tokens = np.random.default_rng(0).integers(1, pair.base.config.vocab_size, (4, 6))
+    prompts = jaxpatch.make_batch(pair.base.config, [jaxpatch.Prompt(tuple(map(int, row)))
+                                                     for row in tokens])
+    metric = jaxpatch.VectorAnchor(layer=1)
+    one = jaxpatch.sweep(pair.base, pair.donor, prompts, metric, granularity="neuron",
+                         progress=False)
+    two = jaxpatch.sweep(pair.base, pair.donor, prompts, metric, granularity="neuron",
+                         progress=False, mesh=mesh)
+    np.testing.assert_allclose(two.scores, one.scores, rtol=0, atol=1e-5)
+    attributed = [jaxpatch.attribute(pair.base, pair.donor, prompts, metric,
+                                     granularity="neuron", mesh=m).scores for m in (None, mesh)]
+    np.testing.assert_allclose(attributed[1], attributed[0], rtol=0, atol=1e-5)
+    placed, _, batch = placed_on(make_mesh(mesh), pair.base, pair.donor, prompts)
+    up = placed.params["layers"][0]["mlp"]["up_proj"]["weight"]
+    if mesh == "model=2":  # each device holds half the neurons
+        assert {s.data.shape for s in up.addressable_shards} == {(up.shape[0], up.shape[1] // 2)}
+    else:  # each device holds half the prompts
+        tokens = batch.tokens
+        assert {s.data.shape[0] for s in tokens.addressable_shards} == {tokens.shape[0] // 2}
+
+
+class _ReadRecorder(np.ndarray):
+    """A mapped checkpoint tensor that records the size of every slice read from it (views
+    made by transposing and reshaping stay recorders)."""
+
+    largest: ClassVar[list[int]] = [0]
+
+    def __getitem__(self, index):  # type: ignore[override]
+        out = super().__getitem__(index)
+        _ReadRecorder.largest[0] = max(_ReadRecorder.largest[0], np.asarray(out).nbytes)
+        return out
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs two (fake) devices")
+def test_model_axis_load_reads_each_devices_shard_only(tmp_path: Path, monkeypatch) -> None:
+    """With `model=2`, the largest slice read from the file is half the largest tensor (an
+    up_proj of 8 MiB): no tensor split along `model` is read whole."""
+    base, _ = random_pair("llama", d_model=64, d_ff=32768, n_layers=1)
+    jaxpatch.save(base, tmp_path / "wide")
+    mapped = safetensors.map_tensor
+    monkeypatch.setattr(safetensors, "map_tensor",
+                        lambda info: mapped(info).view(_ReadRecorder))
+    split = jaxpatch.load(tmp_path / "wide", mesh="model=2")
+    largest = max(x.nbytes for x in jax.tree_util.tree_leaves(split.params))
+    assert largest == 64 * 32768 * 4 and _ReadRecorder.largest[0] == largest // 2
+    whole = jaxpatch.load(tmp_path / "wide")
+    for a, b in zip(jax.tree_util.tree_leaves(whole.params), jax.tree_util.tree_leaves(split.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for name, leaf in jaxpatch.flatten_params(split.params).items():
+        if "proj" in name and "weight" in name:  # every projection split in two
+            assert all(s.data.size * 2 == leaf.size for s in leaf.addressable_shards), name
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs two (fake) devices")
+def test_a_large_tensor_that_cannot_split_is_refused(tmp_path: Path) -> None:
+    base, _ = random_pair("llama", n_heads=3, n_kv_heads=3, d_model=48, head_dim=16)
+    jaxpatch.save(base, tmp_path / "odd")
+    with pytest.raises(TensorShapeError, match=r"q_proj\.weight.*does not split along the mesh's "
+                                               r"model axis of 2"):
+        load_hf(tmp_path / "odd", mesh=make_mesh("model=2"), max_whole_bytes=1024)
 
 
 def test_meshes_are_parsed_and_refused_by_name() -> None:
-    assert parse_mesh("candidates=2") == {"candidates": 2}
+    assert parse_mesh("candidates=2,model=1") == {"candidates": 2, "model": 1}
     with pytest.raises(InvalidInputError, match="expected NAME=SIZE"):
         parse_mesh("candidates")
-    with pytest.raises(InvalidInputError, match="mesh axis 'model' is not one jaxpatch splits"):
-        make_mesh({"candidates": 1, "model": 1})
+    with pytest.raises(InvalidInputError, match="mesh axis 'pipeline' is not one jaxpatch splits"):
+        make_mesh({"candidates": 1, "pipeline": 1})
     with pytest.raises(InvalidInputError, match="needs 4096 devices"):
         make_mesh("candidates=4096")
     assert make_mesh(None) is None
+    assert dict(default_mesh().shape) == {"candidates": len(jax.devices())}
 
 
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs two (fake) devices")
@@ -90,3 +182,44 @@ def test_activation_patching_split_across_two_devices_equals_one_device() -> Non
     meshed = [exe for key, exe in programs._COMPILED.items()
               if key[0][0] == "activation" and isinstance(key[0][-1], jax.sharding.Mesh)]
     assert meshed and all(len(exe.output_shardings.device_set) == 2 for exe in meshed)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["sweep", "attribute"])
+def test_two_processes_give_the_single_process_result(command: str, tmp_path: Path,
+                                                      donor_dir: Path) -> None:
+    """`jaxpatch --distributed` in two CPU processes (one device each, a localhost
+    coordinator) on a `candidates=2` mesh: the first process writes the single process's
+    scores; the second writes nothing."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"tokens": [3 + i, 7, 11 + i, 5]}) + "\n"
+                               for i in range(4)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAXPATCH_COMPILE_CACHE": "0"}
+
+    def args(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "jaxpatch.cli", *extra, command, "--base",
+                str(FIXTURES / "llama-gqa"), "--donor", str(donor_dir), "--prompts", str(prompts),
+                "--granularity", "neuron", "--metric", "kl", "--no-progress", "--out", str(out)]
+
+    single = subprocess.run(args(tmp_path / "one"), env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    port = _free_port()
+    processes = [subprocess.Popen(args(tmp_path / "two", "--distributed") + ["--mesh", "candidates=2"],
+                                  env={**env, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                                       "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err for _, err in outputs]
+    assert "wrote" in outputs[0][0] and "wrote" not in outputs[1][0]
+    one, two = (json.loads((tmp_path / name / "scores.json").read_text())["components"]
+                for name in ("one", "two"))
+    assert [c["name"] for c in one] == [c["name"] for c in two]
+    np.testing.assert_allclose([c["score"] for c in two], [c["score"] for c in one], atol=1e-5)

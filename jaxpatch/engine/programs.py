@@ -8,7 +8,7 @@ Two programs score a chunk of candidates, each vmapped over the chunk's coeffici
 - `general_program`: candidates that patch several blocks, the embeddings or the final
   modules: the plain forward from their first block with the patched leaves mixed.
 
-Patched leaves are `MixedWeight(start, delta, alpha)`: kept factored, a matmul never builds a
+Patched leaves are `MixedWeight(start, target, alpha)`: kept factored, a matmul never builds a
 patched weight per candidate (`dense=True` builds them when that is cheaper). Every program
 takes the chunk's coefficients first and its operands (a pytree) second.
 
@@ -44,9 +44,10 @@ from jaxpatch.models.decoder import (
     window_at,
 )
 from jaxpatch.prompts import Batch
+from jaxpatch.rounding import COMPILER_OPTIONS, jit
 
 __all__ = ["Alphas", "LocalOperands", "GeneralOperands", "local_program", "general_program",
-           "compiled", "prefix_pass", "stacked_checked", "check_finite", "deltas"]
+           "compiled", "prefix_pass", "stacked_checked", "check_finite", "leaves_named"]
 
 Alphas = dict[str, jax.Array]
 """A chunk's coefficients: signature leaf -> `[chunk, *alpha shape]`."""
@@ -57,8 +58,8 @@ class LocalOperands(NamedTuple):
 
     Attributes:
         stacked: the start model's blocks, stacked (`stack_layers`).
-        deltas: `target - start` of the signature leaves of the patched block (made per
-            block when its candidates run, so no stacked copy of all blocks' differences).
+        targets: the target model's signature leaves of the patched block (its own arrays,
+            not copies).
         rest: the start model's params outside the blocks.
         residual: the residual stream before the patched block, `[P, S, d_model]`.
         index: the patched block (int32 scalar).
@@ -67,7 +68,7 @@ class LocalOperands(NamedTuple):
     """
 
     stacked: Params
-    deltas: dict[str, jax.Array]
+    targets: dict[str, jax.Array]
     rest: Params
     residual: jax.Array
     index: jax.Array
@@ -80,7 +81,7 @@ class GeneralOperands(NamedTuple):
 
     Attributes:
         start: the start model's params.
-        deltas: `target - start` of the signature leaves (dotted names).
+        targets: the target model's signature leaves (dotted names).
         residual: the residual stream before the first block run, or None from the embeddings.
         batch: the prompts.
         state: the metric's state.
@@ -89,17 +90,17 @@ class GeneralOperands(NamedTuple):
     """
 
     start: Params
-    deltas: dict[str, jax.Array]
+    targets: dict[str, jax.Array]
     residual: jax.Array | None
     batch: Batch
     state: Any
     earlier: Any = None
 
 
-def _mixed(leaves: Mapping[str, jax.Array], deltas: Mapping[str, jax.Array],
+def _mixed(leaves: Mapping[str, jax.Array], targets: Mapping[str, jax.Array],
            alpha: Mapping[str, jax.Array], dense: bool) -> dict[str, Any]:
     """The patched leaves as `MixedWeight`s, or their materialized values."""
-    mixed = {n: MixedWeight(leaves[n], deltas[n], alpha[n]) for n in alpha}
+    mixed = {n: MixedWeight(leaves[n], targets[n], alpha[n]) for n in alpha}
     return {n: m.value() for n, m in mixed.items()} if dense else mixed
 
 
@@ -136,7 +137,7 @@ def local_program(config: ModelConfig, metric: Metric,
         own_rope = rope_at(config, rope, ops.index)
 
         def one(alpha: Alphas) -> jax.Array:
-            patched = replace_leaves(layer, _mixed(flat, ops.deltas, alpha, dense))
+            patched = replace_leaves(layer, _mixed(flat, ops.targets, alpha, dense))
 
             def patched_is_readout(x: jax.Array) -> jax.Array:
                 return block(config, patched, x, allowed, own_rope, batch.positions)[0]
@@ -180,7 +181,7 @@ def general_program(config: ModelConfig, metric: Metric, start_layer: int,
         flat = flatten_params(ops.start)
 
         def one(alpha: Alphas) -> jax.Array:
-            params = replace_leaves(ops.start, _mixed(flat, ops.deltas, alpha, dense))
+            params = replace_leaves(ops.start, _mixed(flat, ops.targets, alpha, dense))
             x = read_metric(config, metric, params, ops.batch, start_layer=start_layer,
                             residual=ops.residual, earlier=ops.earlier)
             return jnp.mean(metric.score(x, ops.batch, ops.state), axis=0)
@@ -195,31 +196,32 @@ _COMPILED_MAX = 64  # compiled programs kept, least recently used dropped first
 
 
 def compiled(key: Any, fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
-    """`fn` jitted and compiled for the shapes of `args` (arrays or `ShapeDtypeStruct`s),
-    cached under `key` (the static settings `fn` was built from) and those shapes.
+    """`fn` jitted and compiled for the shapes (and placements) of `args` (arrays or
+    `ShapeDtypeStruct`s), cached under `key` (the static settings `fn` was built from) and them.
 
     Example:
         >>> double = compiled("double", lambda x: 2 * x, jax.ShapeDtypeStruct((2,), jnp.float32))
         >>> double(jnp.ones(2)).tolist()
         [2.0, 2.0]
     """
-    shapes = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), args)
+    shapes = jax.tree_util.tree_map(
+        lambda x: (tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)), args)
     full_key = (key, jax.tree_util.tree_structure(args), tuple(jax.tree_util.tree_leaves(shapes)))
     if full_key not in _COMPILED:
-        _COMPILED[full_key] = jax.jit(fn).lower(*args).compile()
+        _COMPILED[full_key] = jax.jit(fn, compiler_options=COMPILER_OPTIONS).lower(*args).compile()
         while len(_COMPILED) > _COMPILED_MAX:
             _COMPILED.popitem(last=False)
     _COMPILED.move_to_end(full_key)
     return _COMPILED[full_key]
 
 
-@jax.jit
+@jit
 def _stack_and_check(params: Params) -> tuple[Params, Params]:
     """The blocks stacked (`stack_layers`), and per leaf whether it is all finite."""
     return stack_layers(params["layers"]), _finite(params)
 
 
-@jax.jit
+@jit
 def _finite(params: Params) -> Params:
     """Per leaf, whether it is all finite."""
     return jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), params)
@@ -263,24 +265,20 @@ def stacked_checked(params: Params, which: str) -> Params:
     return stacked
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _differences(target: Mapping[str, jax.Array], start: Mapping[str, jax.Array],
-                 names: tuple[str, ...]) -> dict[str, jax.Array]:
-    return {n: target[n] - start[n] for n in names}
-
-
-def deltas(target: Params, start: Params, names: tuple[str, ...]) -> dict[str, jax.Array]:
-    """`target - start` of the named leaves (dotted names relative to the trees given).
+def leaves_named(params: Params, names: tuple[str, ...]) -> dict[str, jax.Array]:
+    """The named leaves of a params tree (dotted names relative to the tree given): the
+    arrays themselves, not copies.
 
     Example:
-        >>> d = deltas(donor.params, base.params, ("norm.weight",))
-        >>> bool((d["norm.weight"] == donor.params["norm"]["weight"] - base.params["norm"]["weight"]).all())
+        >>> leaves = leaves_named(donor.params, ("norm.weight",))
+        >>> leaves["norm.weight"] is donor.params["norm"]["weight"]
         True
     """
-    return _differences(flatten_params(target), flatten_params(start), names)
+    flat = flatten_params(params)
+    return {n: flat[n] for n in names}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+@functools.partial(jit, static_argnums=(0, 4, 5))
 def prefix_pass(config: ModelConfig, stacked: Params, rest: Params, batch: Batch,
                 layer: int | None, count: int) -> tuple[jax.Array, jax.Array]:
     """One pass over stacked blocks (one compiled block whatever the depth).

@@ -46,20 +46,31 @@ from jaxpatch.engine.programs import (
     LocalOperands,
     check_finite,
     compiled,
-    deltas,
     general_program,
+    leaves_named,
     local_program,
     prefix_pass,
     stacked_checked,
 )
 from jaxpatch.errors import JaxpatchError, MetricError
 from jaxpatch.io.runlog import TaskLog, memo
-from jaxpatch.mesh import MeshLike, candidate_devices, candidate_specs, make_mesh, replicate, shard_candidates
+from jaxpatch.mesh import (
+    MeshLike,
+    candidate_devices,
+    candidate_specs,
+    make_mesh,
+    place_leaves,
+    place_params,
+    place_prompts,
+    replicate,
+    shard_candidates,
+    to_host,
+)
 from jaxpatch.metrics import Metric, mean_score, metric_readout
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
 from jaxpatch.modes import Direction, Granularity, Positions
-from jaxpatch.pair import check_pair, endpoint_scores, endpoints
+from jaxpatch.pair import check_pair, endpoint_scores, endpoints, placed_on
 from jaxpatch.patch import Patch
 from jaxpatch.prompts import Batch
 from jaxpatch.results import ScoreMatrix, SweepResult, check_finite_scores, run_timing
@@ -135,21 +146,33 @@ Operands = Callable[[int], Any]
 
 def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _Prepared,
              batch: Batch, mesh: Mesh | None) -> tuple[tuple, Any, Operands]:
-    """A plan's cache key, program function, and the maker of each group's operands (whole
-    on every device of a mesh)."""
-    place = (lambda ops: ops) if mesh is None else (lambda ops: replicate(mesh, ops))
+    """A plan's cache key, program function, and the maker of each group's operands (on a
+    mesh: params split along `model`, prompts along `data`, the rest whole on every device)."""
+    prompts = batch.tokens.shape[0]
+
+    def on_mesh(params: Params, stacked: bool = False) -> Params:
+        return params if mesh is None else place_params(mesh, params, stacked)
+
+    def leaves(named: dict[str, jax.Array], prefix: str) -> dict[str, jax.Array]:
+        return named if mesh is None else place_leaves(mesh, named, prefix)
+
+    def per_prompt(tree: Any) -> Any:
+        return tree if mesh is None else place_prompts(mesh, tree, prompts)
+
+    whole = (lambda x: x) if mesh is None else (lambda x: replicate(mesh, x))
     if plan.kind == "local":
         key = ("local", config, metric, plan.signature, plan.dense, mesh)
         fn = local_program(config, metric, plan.dense)
-        rest = without_layers(prepared.start)
+        stacked = on_mesh(prepared.start_stacked, stacked=True)
+        rest = on_mesh(without_layers(prepared.start))
+        shared = per_prompt((batch, prepared.state))
 
         def local(i: int) -> LocalOperands:
             layer = plan.groups[i][0].first_layer
-            block_deltas = deltas(prepared.target["layers"][layer],
-                                  prepared.start["layers"][layer], plan.signature)
-            return place(LocalOperands(prepared.start_stacked, block_deltas, rest,
-                                       prepared.residuals[layer], jnp.int32(layer), batch,
-                                       prepared.state))
+            targets = leaves(leaves_named(prepared.target["layers"][layer], plan.signature),
+                             f"layers.{layer}.")
+            return LocalOperands(stacked, targets, rest, per_prompt(prepared.residuals[layer]),
+                                 whole(jnp.int32(layer)), *shared)
 
         return key, fn, local
     key = ("general", config, metric, plan.start_layer, plan.signature, plan.dense, mesh)
@@ -157,11 +180,12 @@ def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _
     first_layer = plan.groups[0][0].first_layer
     residual = None if first_layer < 0 else prepared.residuals[plan.start_layer]
     earlier = prepared.start_readout if metric.outputs(config) else None
+    start = on_mesh(prepared.start)
+    targets = leaves(leaves_named(prepared.target, plan.signature), "")
+    placed = per_prompt((residual, batch, prepared.state, earlier))
 
     def general(i: int) -> GeneralOperands:
-        return place(GeneralOperands(prepared.start, deltas(prepared.target, prepared.start,
-                                                            plan.signature),
-                                     residual, batch, prepared.state, earlier))
+        return GeneralOperands(start, targets, *placed)
 
     return key, fn, general
 
@@ -297,6 +321,7 @@ def _scores(base: Model, donor: Model, batch: Batch, metric: Metric,
     `[n, width]`), with the prepared endpoints, timing, and the names skipped."""
     config = base.config
     mesh = make_mesh(mesh_spec)  # a bad mesh is refused before any work
+    base, donor, batch = placed_on(mesh, base, donor, batch)
     prepared = _prepare(base, donor, batch, metric, direction, references)
     cands = candidates_of(config, candidates)
     last_block = config.n_layers - 1 if metric.layer is None else metric.layer
@@ -403,7 +428,7 @@ def _run_chunk(config: ModelConfig, plan: ProgramPlan, key: tuple, fn: Any, ops:
     rows = alpha_rows(config, plan, chunk)
     alphas = ({n: jnp.asarray(a) for n, a in rows.items()} if mesh is None
               else shard_candidates(mesh, rows))
-    return np.asarray(compiled(key, fn, alphas, ops)(alphas, ops))[: len(chunk)]
+    return to_host(compiled(key, fn, alphas, ops)(alphas, ops))[: len(chunk)]
 
 
 def _halved(chunk: int, log: TaskLog | None) -> int:

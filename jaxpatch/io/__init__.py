@@ -3,18 +3,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Literal
+
+from jax.sharding import Mesh
 
 from jaxpatch.errors import CheckpointNotFoundError
 from jaxpatch.io.gguf_model import is_gguf, load_gguf
 from jaxpatch.io.hf import load_hf, save_hf
 from jaxpatch.io.orbax import is_orbax_checkpoint, load_orbax, save_orbax
+from jaxpatch.mesh import MeshLike, make_mesh, place_params
 from jaxpatch.models.model import Model
 
 
-def load(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
+def load(path: str | os.PathLike[str], dtype: str | None = None,
+         mesh: MeshLike | None = None) -> Model:
     """Loads a model from a Hugging Face checkpoint folder, a jaxpatch Orbax folder or a GGUF
     file.
 
@@ -23,6 +28,9 @@ def load(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
             for quantized tensors).
         dtype: cast floating params to "float32", "bfloat16" or "float16" (default: as stored;
             float32 for GGUF).
+        mesh: place the params on a mesh, split along its `model` axis (`jaxpatch.mesh`): a
+            Hugging Face folder is read shard by shard (no split tensor is ever whole in
+            memory); Orbax and GGUF are read whole, then placed.
 
     Returns:
         A `Model` with `.config`, `.params`, `.tokenizer` (or None) and `__call__(tokens)`.
@@ -36,13 +44,21 @@ def load(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
         (1, 3, 96)
     """
     folder = Path(path)
+    placed = make_mesh(mesh)  # a bad mesh is refused before any reading
     if is_gguf(folder):
-        return load_gguf(folder, dtype)
+        return _placed(load_gguf(folder, dtype), placed)
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"{folder}: checkpoint folder or GGUF file not found")
     if is_orbax_checkpoint(folder):
-        return load_orbax(folder, dtype)
-    return load_hf(folder, dtype)
+        return _placed(load_orbax(folder, dtype), placed)
+    return load_hf(folder, dtype, placed)
+
+
+def _placed(model: Model, mesh: Mesh | None) -> Model:
+    """A model read whole, placed on a mesh (unchanged without one)."""
+    if mesh is None:
+        return model
+    return dataclasses.replace(model, params=place_params(mesh, model.params))
 
 
 def save(model: Model, path: str | os.PathLike[str], format: Literal["hf", "orbax"] = "hf",

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from jaxpatch._tree import flatten_params
 from jaxpatch.errors import (
@@ -29,16 +30,18 @@ from jaxpatch.errors import (
 )
 from jaxpatch.io import safetensors
 from jaxpatch.io.atomic import atomic_directory
+from jaxpatch.mesh import param_spec
 from jaxpatch.models.config import ModelConfig, Params, param_shapes
 from jaxpatch.models.families import config_from_hf, config_to_hf, hf_prefix, is_ignored_tensor, tensor_rules
 from jaxpatch.models.model import Model
 
-__all__ = ["SINGLE_FILE", "INDEX_FILE", "PICKLE_FILES", "read_json", "read_config", "weight_files",
-           "tensor_index", "load_hf", "load_tokenizer", "save_hf"]
+__all__ = ["SINGLE_FILE", "INDEX_FILE", "PICKLE_FILES", "MAX_WHOLE_BYTES", "read_json",
+           "read_config", "weight_files", "tensor_index", "load_hf", "load_tokenizer", "save_hf"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_JSON_BYTES = 64 * 1024**2  # config.json and the shard index are small
+MAX_WHOLE_BYTES = 256 * 1024**2  # a tensor held whole on every device of a mesh
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 
 
@@ -145,7 +148,8 @@ def tensor_index(config: ModelConfig, files: list[Path]) -> dict[str, safetensor
     return infos
 
 
-def load_hf(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
+def load_hf(path: str | os.PathLike[str], dtype: str | None = None, mesh: Mesh | None = None,
+            max_whole_bytes: int = MAX_WHOLE_BYTES) -> Model:
     """Loads a Hugging Face checkpoint folder.
 
     Arguments:
@@ -153,6 +157,11 @@ def load_hf(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
             optionally `tokenizer.json`).
         dtype: cast floating params to "float32", "bfloat16" or "float16" (default: keep the
             stored dtype).
+        mesh: place the params on this mesh as `jaxpatch.mesh.param_spec` says (split along
+            `model`): each device's shard is read straight from the file, so no tensor split
+            along `model` is ever held whole in host or device memory.
+        max_whole_bytes: with a mesh, refuse a tensor that would be held whole (on every
+            device) and is larger than this: one whose axis does not divide by `model`.
 
     Returns:
         The `Model`.
@@ -177,14 +186,38 @@ def load_hf(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
                                             else config.dtype))
     leaves: dict[str, jax.Array] = {}
     for rule in rules:
-        array = safetensors.read_tensor(infos[rule.hf_name])
-        if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
-            array = array.astype(config.jnp_dtype)
+        info = infos[rule.hf_name]
+        cast = (config.jnp_dtype if dtype is not None and jnp.issubdtype(info.dtype, jnp.floating)
+                else info.dtype)
+        if mesh is not None:
+            views = rule.to_canonical(safetensors.map_tensor(info))
+            for leaf, view in zip(rule.leaves, views):
+                leaves[leaf] = _sharded_leaf(mesh, leaf, view, cast, info, max_whole_bytes)
+            continue
+        array = safetensors.read_tensor(info).astype(cast, copy=False)
         for leaf, value in zip(rule.leaves, rule.to_canonical(array)):
             # device_put, unlike jnp.asarray, may adopt the host buffer without a copy (CPU).
             leaves[leaf] = jax.device_put(np.ascontiguousarray(value))
         del array
     return Model(config, fill_params(config, leaves), load_tokenizer(folder), str(folder))
+
+
+def _sharded_leaf(mesh: Mesh, leaf: str, view: np.ndarray, dtype: Any,
+                  info: safetensors.TensorInfo, max_whole_bytes: int) -> jax.Array:
+    """One params leaf placed on the mesh, each device's shard read from the mapped file."""
+    sharding = NamedSharding(mesh, param_spec(mesh, leaf, view.shape))
+    nbytes = view.size * np.dtype(dtype).itemsize
+    if sharding.is_fully_replicated and nbytes > max_whole_bytes and mesh.size > 1:
+        raise TensorShapeError(
+            f"{info.file.name}: tensor {info.name!r} ({leaf}, shape {tuple(view.shape)}, "
+            f"{nbytes} bytes) would be held whole on every device: it is larger than "
+            f"max_whole_bytes={max_whole_bytes} and does not split along the mesh's model axis "
+            f"of {mesh.shape.get('model', 1)}")
+
+    def shard(index: Any) -> np.ndarray:
+        return np.array(view[index], dtype=dtype)  # a copy of the slice only
+
+    return jax.make_array_from_callback(tuple(view.shape), sharding, shard)
 
 
 def _check_tensors(config: ModelConfig, rules: list, infos: dict[str, safetensors.TensorInfo]) -> None:

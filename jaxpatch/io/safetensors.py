@@ -23,7 +23,8 @@ import numpy as np
 
 from jaxpatch.errors import CorruptCheckpointError
 
-__all__ = ["SAFETENSORS_DTYPES", "TensorInfo", "read_header", "read_tensor", "write_file"]
+__all__ = ["SAFETENSORS_DTYPES", "TensorInfo", "read_header", "read_tensor", "map_tensor",
+           "write_file"]
 
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -155,6 +156,22 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
         raise CorruptCheckpointError(
             f"{info.file}: tensor {info.name!r} could be read only {got} of {info.nbytes} bytes")
     return out
+
+
+def map_tensor(info: TensorInfo) -> np.ndarray:
+    """One tensor as a read-only memory map of the file: slicing it reads only the bytes of the
+    slice (what a loader that places shards on devices needs).
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> f = Path(tempfile.mkdtemp()) / "x.safetensors"
+        >>> write_file(f, {"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+        >>> np.array(map_tensor(read_header(f)["w"])[:, 1]).tolist()
+        [1.0, 4.0]
+    """
+    if not info.nbytes:
+        return np.empty(info.shape, info.dtype)
+    return np.memmap(info.file, dtype=info.dtype, mode="r", offset=info.offset, shape=info.shape)
 
 
 def write_file(path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray],

@@ -35,6 +35,7 @@ from jaxpatch.models.config import ModelConfig
 from jaxpatch.models.model import Model
 from jaxpatch.modes import SCORED_GRANULARITIES
 from jaxpatch.patch import alpha_shapes, component_entries
+from jaxpatch.rounding import jit
 
 __all__ = ["read_scores", "score_maps", "guided_coefficients", "merge_guided", "stitch"]
 
@@ -194,7 +195,7 @@ def stitch(base: Model, experts: list[Model], effects: list[dict[str, float]],
     return dataclasses.replace(base, params=unflatten_dotted(merged), source=None)
 
 
-@jax.jit
+@jit
 def _mix(base: jax.Array, experts: jax.Array, coefficients: jax.Array, covered: jax.Array,
          rest: jax.Array) -> jax.Array:
     """`base + sum_e c_e (expert_e - base)` where covered, `rest` elsewhere (coefficients

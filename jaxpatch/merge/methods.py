@@ -26,6 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxpatch.rounding import jit
+
 __all__ = ["linear", "task_arithmetic", "slerp", "keep_count", "magnitude_mask", "random_mask",
            "rescale_l1", "consensus_mask", "generalized_task_arithmetic"]
 
@@ -36,7 +38,7 @@ def _work_dtype(x: Array) -> jnp.dtype:
     return jnp.dtype(jnp.float64) if x.dtype == jnp.float64 else jnp.dtype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("normalize",))
+@functools.partial(jit, static_argnames=("normalize",))
 def linear(tensors: Array, weights: Array, normalize: bool = True) -> Array:
     """The weighted sum of `tensors` `[n, ...]` with `weights` `[n]`.
 
@@ -52,7 +54,7 @@ def linear(tensors: Array, weights: Array, normalize: bool = True) -> Array:
     return out.astype(tensors.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("normalize",))
+@functools.partial(jit, static_argnames=("normalize",))
 def task_arithmetic(base: Array, tensors: Array, weights: Array, normalize: bool = False,
                     lam: float = 1.0) -> Array:
     """`base + lam * sum_i w_i (tensors_i - base)`, divided by `sum_i w_i` when normalizing.
@@ -133,7 +135,7 @@ def consensus_mask(deltas: Array) -> Array:
     return (jnp.sign(deltas) == majority).astype(deltas.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("sparsify", "consensus", "normalize", "rescale"))
+@functools.partial(jit, static_argnames=("sparsify", "consensus", "normalize", "rescale"))
 def generalized_task_arithmetic(base: Array, tensors: Array, weights: Array, densities: Array,
                                 keeps: Array, sparsify: str | None, consensus: str | None,
                                 normalize: bool, rescale: bool, lam: float, key: Array) -> Array:
@@ -190,7 +192,7 @@ def generalized_task_arithmetic(base: Array, tensors: Array, weights: Array, den
     return (base + mixed).astype(dtype)
 
 
-@jax.jit
+@jit
 def slerp(t: Array, v0: Array, v1: Array, dot_threshold: float = 0.9995,
           eps: float = 1e-8) -> Array:
     """Spherical interpolation between two tensors (flattened), t = 0 giving `v0`.

@@ -31,17 +31,19 @@ Array = jax.Array
 
 
 class MixedWeight(NamedTuple):
-    """A parameter `base + alpha * delta`, kept factored.
+    """A parameter `(1 - alpha) * start + alpha * target`, kept factored.
 
     A matmul with a `MixedWeight` whose alpha varies only along output axes (or only along input
-    axes, or not at all) never builds the mixed weight: it computes `x @ base` plus the alpha-
-    scaled `x @ delta`. This is how many candidate patches run in one batch without a weight copy
-    per candidate. Any params leaf may be a `MixedWeight`.
+    axes, or not at all) never builds the mixed weight: it computes `x @ start` and `x @ target`
+    with float32 accumulation and mixes the two. This is how many candidate patches run in one
+    batch without a weight copy per candidate. At alpha = 0 and 1 the result is the matmul with
+    `start` or `target` itself (the same bits a plain forward of either model computes). Any
+    params leaf may be a `MixedWeight`.
 
     Attributes:
-        base: the starting weight.
-        delta: the difference towards the target weight (same shape).
-        alpha: coefficients of the same rank, broadcastable to `base`.
+        start: the weight patched into.
+        target: the weight copied from (same shape).
+        alpha: coefficients of the same rank, broadcastable to `start`.
 
     Example:
         >>> w = MixedWeight(jnp.zeros((2, 2)), jnp.ones((2, 2)), jnp.array([[0.0, 1.0]]))
@@ -49,13 +51,14 @@ class MixedWeight(NamedTuple):
         [[0.0, 1.0], [0.0, 1.0]]
     """
 
-    base: Array
-    delta: Array
+    start: Array
+    target: Array
     alpha: Array
 
     def value(self) -> Array:
-        """The mixed weight, materialized."""
-        return self.base + self.alpha.astype(self.base.dtype) * self.delta
+        """The mixed weight, materialized (as `jaxpatch.mix_leaf` computes it)."""
+        alpha = self.alpha.astype(self.start.dtype)
+        return (1 - alpha) * self.start + alpha * self.target
 
 
 class Probe(NamedTuple):
@@ -275,8 +278,9 @@ def lookup(table: Array | MixedWeight | Probe, ids: Array) -> Array:
         [[[0.0, 0.0, 1.0]]]
     """
     if isinstance(table, MixedWeight) and table.alpha.size == 1:
-        alpha = table.alpha.reshape(()).astype(table.base.dtype)
-        return jnp.take(table.base, ids, axis=0) + alpha * jnp.take(table.delta, ids, axis=0)
+        rows = MixedWeight(jnp.take(table.start, ids, axis=0), jnp.take(table.target, ids, axis=0),
+                           table.alpha.reshape(()))
+        return rows.value()
     if isinstance(table, Probe) and table.alpha.size == 1:
         alpha = table.alpha.reshape(()).astype(table.base.dtype)
         delta = jnp.take(table.target, ids, axis=0) - jnp.take(table.start, ids, axis=0)
@@ -378,25 +382,35 @@ def linear(module: Params, x: Array, spec: str) -> Array:
 
 def mixed_einsum(spec: str, x: Array, weight: MixedWeight) -> Array:
     """`einsum(spec, x, weight.value())` without building the mixed weight when alpha varies
-    only along the weight's output axes, only along its input axes, or not at all.
+    only along the weight's output axes, only along its input axes, or not at all: the matmuls
+    with start and target accumulate in float32 and mix there, rounded once to x's dtype.
 
     Example:
-        >>> w = MixedWeight(jnp.ones((2, 3)), jnp.ones((2, 3)), jnp.array([[0.0, 1.0, 0.5]]))
+        >>> w = MixedWeight(jnp.ones((2, 3)), 2 * jnp.ones((2, 3)), jnp.array([[0.0, 1.0, 0.5]]))
         >>> mixed_einsum("bi,io->bo", jnp.ones((1, 2)), w).tolist()
         [[2.0, 4.0, 3.0]]
     """
     x_spec, rest = spec.split(",")
     w_spec, y_spec = rest.split("->")
-    alpha = weight.alpha.astype(x.dtype)
+    f32 = jnp.float32
+    alpha = weight.alpha.astype(f32)
     varying = {letter for letter, n in zip(w_spec, alpha.shape) if n != 1}
-    y = jnp.einsum(spec, x, weight.base)
-    if not varying:
-        return y + alpha.reshape(()) * jnp.einsum(spec, x, weight.delta)
-    if varying <= set(y_spec) - set(x_spec):
-        return y + jnp.einsum(spec, x, weight.delta) * _align(alpha, w_spec, y_spec)
-    if varying <= set(x_spec) - set(y_spec):
-        return y + jnp.einsum(spec, x * _align(alpha, w_spec, x_spec), weight.delta)
-    return jnp.einsum(spec, x, weight.value())
+    out_dtype = jnp.result_type(x, weight.start)
+
+    def matmul(inputs: Array, w: Array) -> Array:
+        return jnp.einsum(spec, inputs, w, preferred_element_type=f32)
+
+    if not varying or varying <= set(y_spec) - set(x_spec):
+        a = _align(alpha, w_spec, y_spec) if varying else alpha.reshape(())
+        y = (1 - a) * matmul(x, weight.start) + a * matmul(x, weight.target)
+    elif varying <= set(x_spec) - set(y_spec):
+        a = _align(alpha, w_spec, x_spec)
+        xf = x.astype(f32)
+        y = (matmul(((1 - a) * xf).astype(x.dtype), weight.start)
+             + matmul((a * xf).astype(x.dtype), weight.target))
+    else:
+        return jnp.einsum(spec, x, weight.value())
+    return y.astype(out_dtype)
 
 
 def probe_einsum(spec: str, x: Array, weight: Probe) -> Array:

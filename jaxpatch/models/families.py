@@ -430,7 +430,9 @@ class TensorRule:
         hf_name: the tensor's name in the checkpoint (with the family's usual prefix).
         hf_shape: its shape in the checkpoint.
         leaves: the canonical dotted leaf names it fills.
-        to_canonical: HF array -> canonical arrays (one per leaf).
+        to_canonical: HF array -> canonical arrays (one per leaf), views of the HF array
+            (transposed, reshaped, split) so a loader can read a slice of a leaf without
+            reading the whole tensor.
         to_hf: canonical arrays -> HF array.
     """
 
@@ -460,8 +462,7 @@ def _torch_linear(hf_name: str, leaf: str, shape: tuple[int, ...], in_ndim: int)
     """
     n_in = math.prod(shape[:in_ndim])
     n_out = math.prod(shape[in_ndim:])
-    return TensorRule(hf_name, (n_out, n_in), (leaf,),
-                      lambda a: (np.ascontiguousarray(a.T).reshape(shape),),
+    return TensorRule(hf_name, (n_out, n_in), (leaf,), lambda a: (a.T.reshape(shape),),
                       lambda xs: np.ascontiguousarray(xs[0].reshape(n_in, n_out).T))
 
 
@@ -469,7 +470,7 @@ def _split_columns(hf_name: str, leaves: tuple[str, ...], hf_shape: tuple[int, .
                    shape: tuple[int, ...]) -> TensorRule:
     """GPT-2's fused `c_attn` (`[..., 3 * d]`): split the last axis into q, k, v."""
     def to_canonical(a: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(np.ascontiguousarray(p).reshape(shape) for p in np.split(a, 3, axis=-1))
+        return tuple(p.reshape(shape) for p in np.split(a, 3, axis=-1))
 
     def to_hf(xs: Sequence[np.ndarray]) -> np.ndarray:
         lead = hf_shape[:-1]

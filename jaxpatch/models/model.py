@@ -13,11 +13,12 @@ import numpy as np
 from jaxpatch.errors import InvalidInputError
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
+from jaxpatch.rounding import jit
 
 __all__ = ["Model", "pad_right", "check_tokens"]
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jit, static_argnums=0)
 def _logits(config: ModelConfig, params: Params, tokens: jax.Array,
             attention_mask: jax.Array) -> jax.Array:
     return forward(config, params, tokens, attention_mask).read(None)
