@@ -29,7 +29,7 @@ from jaxpatch._tree import flatten_params
 from jaxpatch.errors import InvalidInputError
 
 __all__ = ["MeshLike", "MESH_AXES", "PARAM_AXES", "make_mesh", "parse_mesh", "default_mesh",
-           "candidate_devices", "shard_candidates", "replicate", "candidate_specs", "param_spec",
+           "axis_size", "candidate_devices", "shard_candidates", "replicate", "candidate_specs", "param_spec",
            "param_shardings", "place_params", "place_leaves", "place_prompts", "prompt_spec", "to_host",
            "initialize_distributed", "is_writer"]
 
@@ -139,7 +139,7 @@ def candidate_devices(mesh: Mesh | None) -> int:
         >>> candidate_devices(None), candidate_devices(make_mesh({"candidates": 1}))
         (1, 1)
     """
-    return 1 if mesh is None else int(mesh.shape.get("candidates", 1))
+    return axis_size(mesh, "candidates")
 
 
 def _candidate_spec(mesh: Mesh) -> PartitionSpec:
@@ -182,7 +182,13 @@ def candidate_specs(mesh: Mesh, specs: Mapping[str, jax.ShapeDtypeStruct]) -> di
             for name, s in specs.items()}
 
 
-def _axis_size(mesh: Mesh | None, axis: str) -> int:
+def axis_size(mesh: Mesh | None, axis: str) -> int:
+    """How many devices a mesh axis has (1 without a mesh or without that axis).
+
+    Example:
+        >>> axis_size(make_mesh({"candidates": 1}), "model"), axis_size(None, "data")
+        (1, 1)
+    """
     return 1 if mesh is None else int(mesh.shape.get(axis, 1))
 
 
@@ -208,7 +214,7 @@ def param_spec(mesh: Mesh, name: str, shape: tuple[int, ...], stacked: bool = Fa
         PartitionSpec()
     """
     axis = PARAM_AXES.get(_LAYER.sub("", name))
-    size = _axis_size(mesh, "model")
+    size = axis_size(mesh, "model")
     if axis is None or "model" not in mesh.shape:
         return PartitionSpec()
     axis += int(stacked)

@@ -40,7 +40,7 @@ batch = make_batch(base.config, [Prompt(tuple(map(int, row))) for row in tokens]
 last = base.config.n_layers - 1
 metric = VectorAnchor(layer=last)
 selections = {"module": ("module", "layers.*.self_attn.*_proj | layers.*.mlp.*_proj"),
-              "neuron": ("neuron", f"layers.{last}.mlp.down_proj[neuron=0-255]")}
+              "neuron": ("neuron", f"layers.{last}.mlp[neuron=0-255]")}
 out = []
 for kind, (granularity, select) in selections.items():
     reference = None

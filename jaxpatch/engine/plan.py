@@ -244,10 +244,20 @@ def available_memory_bytes() -> int:
         return 4 * 1024**3
 
 
-def auto_chunk_size(config: ModelConfig, batch: Batch, budget: int) -> int:
-    """How many candidates' activations fit in `budget` bytes: a power of two, at most 256, so
-    that the programs' shapes (and the compilation cache's keys) do not move with small changes
-    of free memory.
+def auto_chunk_size(config: ModelConfig, batch: Batch, budget: int, model_split: int = 1,
+                    prompt_split: int = 1) -> int:
+    """How many candidates' activations fit in `budget` bytes of one device: a power of two,
+    at most 256, so that the programs' shapes (and the compilation cache's keys) do not move
+    with small changes of free memory.
+
+    Arguments:
+        config, batch: the model and the prompts.
+        budget: bytes for one chunk's activations on one device.
+        model_split: devices the heads and MLP neurons are split over (a mesh's `model` axis).
+        prompt_split: devices the prompts are split over (a mesh's `data` axis).
+
+    Returns:
+        Candidates per device.
 
     Example:
         >>> auto_chunk_size(cfg, batch, 2**30)
@@ -257,8 +267,8 @@ def auto_chunk_size(config: ModelConfig, batch: Batch, budget: int) -> int:
     """
     p, s = batch.tokens.shape
     item = jnp.dtype(config.dtype).itemsize
-    per_token = 4 * config.d_model + 3 * config.d_ff + 2 * config.n_heads * s
-    per_candidate = int(p * s * per_token * max(item, 4) * 2)
+    per_token = 4 * config.d_model + (3 * config.d_ff + 2 * config.n_heads * s) / model_split
+    per_candidate = int(-(-p // prompt_split) * s * per_token * max(item, 4) * 2)
     fits = max(1, min(_MAX_AUTO_CHUNK, budget // max(per_candidate, 1)))
     return 1 << (fits.bit_length() - 1)
 

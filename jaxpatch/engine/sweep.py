@@ -56,6 +56,7 @@ from jaxpatch.errors import JaxpatchError, MetricError
 from jaxpatch.io.runlog import TaskLog, memo
 from jaxpatch.mesh import (
     MeshLike,
+    axis_size,
     candidate_devices,
     candidate_specs,
     make_mesh,
@@ -329,7 +330,7 @@ def _scores(base: Model, donor: Model, batch: Batch, metric: Metric,
             for c in cands]
     run = [c for c, r in zip(cands, runs) if r]
     skipped = [c.name for c, r in zip(cands, runs) if not r]
-    memory = _memory_plan(config, batch, memory_fraction, log)
+    memory = _memory_plan(config, batch, memory_fraction, log, mesh)
     if log is not None and log.limit is not None:  # this run ran out of memory before
         chunk_size = min(chunk_size or memory["auto_chunk"], log.limit)
     plans = plan_programs(
@@ -362,12 +363,15 @@ def _scores(base: Model, donor: Model, batch: Batch, metric: Metric,
 
 
 def _memory_plan(config: ModelConfig, batch: Batch, memory_fraction: float,
-                 log: TaskLog | None) -> dict[str, int]:
-    """The byte budget of a chunk and the chunk size it allows, from free device memory; a
-    resumed run reuses its first start's (so its chunks, and bits, are the same)."""
+                 log: TaskLog | None, mesh: Mesh | None) -> dict[str, int]:
+    """The byte budget of a chunk on one device and the chunk size it allows (over all of a
+    mesh's candidate devices), from free device memory; a resumed run reuses its first
+    start's (so its chunks, and bits, are the same)."""
     def measure() -> dict[str, int]:
         budget = int(available_memory_bytes() * memory_fraction)
-        return {"budget": budget, "auto_chunk": auto_chunk_size(config, batch, budget)}
+        per_device = auto_chunk_size(config, batch, budget, axis_size(mesh, "model"),
+                                     axis_size(mesh, "data"))
+        return {"budget": budget, "auto_chunk": per_device * candidate_devices(mesh)}
 
     return memo(log, "memory", measure)
 

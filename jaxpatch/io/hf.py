@@ -30,7 +30,7 @@ from jaxpatch.errors import (
 )
 from jaxpatch.io import safetensors
 from jaxpatch.io.atomic import atomic_directory
-from jaxpatch.mesh import param_spec
+from jaxpatch.mesh import axis_size, param_spec, place_params
 from jaxpatch.models.config import ModelConfig, Params, param_shapes
 from jaxpatch.models.families import config_from_hf, config_to_hf, hf_prefix, is_ignored_tensor, tensor_rules
 from jaxpatch.models.model import Model
@@ -157,11 +157,12 @@ def load_hf(path: str | os.PathLike[str], dtype: str | None = None, mesh: Mesh |
             optionally `tokenizer.json`).
         dtype: cast floating params to "float32", "bfloat16" or "float16" (default: keep the
             stored dtype).
-        mesh: place the params on this mesh as `jaxpatch.mesh.param_spec` says (split along
-            `model`): each device's shard is read straight from the file, so no tensor split
-            along `model` is ever held whole in host or device memory.
-        max_whole_bytes: with a mesh, refuse a tensor that would be held whole (on every
-            device) and is larger than this: one whose axis does not divide by `model`.
+        mesh: place the params on this mesh as `jaxpatch.mesh.param_spec` says. With a
+            `model` axis, each device's shard is read straight from the file, so no tensor
+            split along `model` is ever held whole in host or device memory; without one,
+            every device gets the whole model.
+        max_whole_bytes: with a `model` axis, refuse a tensor that would be held whole on
+            every device and is larger than this (one whose axis does not divide).
 
     Returns:
         The `Model`.
@@ -185,11 +186,12 @@ def load_hf(path: str | os.PathLike[str], dtype: str | None = None, mesh: Mesh |
     config = config.replace(dtype=dtype or (stored if stored in ("float32", "bfloat16", "float16")
                                             else config.dtype))
     leaves: dict[str, jax.Array] = {}
+    split = mesh is not None and axis_size(mesh, "model") > 1  # else read whole, then placed
     for rule in rules:
         info = infos[rule.hf_name]
         cast = (config.jnp_dtype if dtype is not None and jnp.issubdtype(info.dtype, jnp.floating)
                 else info.dtype)
-        if mesh is not None:
+        if split and mesh is not None:
             views = rule.to_canonical(safetensors.map_tensor(info))
             for leaf, view in zip(rule.leaves, views):
                 leaves[leaf] = _sharded_leaf(mesh, leaf, view, cast, info, max_whole_bytes)
@@ -199,7 +201,10 @@ def load_hf(path: str | os.PathLike[str], dtype: str | None = None, mesh: Mesh |
             # device_put, unlike jnp.asarray, may adopt the host buffer without a copy (CPU).
             leaves[leaf] = jax.device_put(np.ascontiguousarray(value))
         del array
-    return Model(config, fill_params(config, leaves), load_tokenizer(folder), str(folder))
+    params = fill_params(config, leaves)
+    if mesh is not None and not split:  # every device holds the whole model
+        params = place_params(mesh, params)
+    return Model(config, params, load_tokenizer(folder), str(folder))
 
 
 def _sharded_leaf(mesh: Mesh, leaf: str, view: np.ndarray, dtype: Any,
@@ -207,7 +212,7 @@ def _sharded_leaf(mesh: Mesh, leaf: str, view: np.ndarray, dtype: Any,
     """One params leaf placed on the mesh, each device's shard read from the mapped file."""
     sharding = NamedSharding(mesh, param_spec(mesh, leaf, view.shape))
     nbytes = view.size * np.dtype(dtype).itemsize
-    if sharding.is_fully_replicated and nbytes > max_whole_bytes and mesh.size > 1:
+    if sharding.is_fully_replicated and nbytes > max_whole_bytes:
         raise TensorShapeError(
             f"{info.file.name}: tensor {info.name!r} ({leaf}, shape {tuple(view.shape)}, "
             f"{nbytes} bytes) would be held whole on every device: it is larger than "
