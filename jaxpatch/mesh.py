@@ -13,7 +13,11 @@ A mesh has named axes; jaxpatch maps its logical axes onto them here and nowhere
 A leaf whose axis does not divide by the mesh axis stays whole on every device (e.g. 2 key/value
 heads on `model=4`); so do prompts that do not divide. Without a mesh nothing changes. Results
 on any mesh equal one device's to float32 rounding (the same programs, partitioned by XLA).
-`default_mesh` is what commands use when none is given: every local device on `candidates`.
+`default_mesh` is what commands use when none is given: every device on `candidates`.
+
+Several processes (hosts) join one run with `initialize_distributed` (`jaxpatch --distributed`):
+every process sees every device and runs the same program, loads only its own devices' shards,
+receives the gathered results (`to_host`), and the first one writes (`is_writer`).
 """
 
 from __future__ import annotations
@@ -209,9 +213,9 @@ def param_spec(mesh: Mesh, name: str, shape: tuple[int, ...], stacked: bool = Fa
     Example:
         >>> mesh = make_mesh({"model": 1})
         >>> param_spec(mesh, "layers.0.mlp.down_proj.weight", (64, 32))
-        PartitionSpec('model', None)
+        P('model',)
         >>> param_spec(mesh, "norm.weight", (32,))
-        PartitionSpec()
+        P()
     """
     axis = PARAM_AXES.get(_LAYER.sub("", name))
     size = axis_size(mesh, "model")
@@ -239,7 +243,7 @@ def param_shardings(mesh: Mesh, params: Any, stacked: bool = False, prefix: str 
     Example:
         >>> shardings = param_shardings(make_mesh({"model": 1}), base.params)
         >>> shardings["layers"][0]["self_attn"]["q_proj"]["weight"].spec
-        PartitionSpec(None, 'model', None)
+        P(None, 'model')
     """
     names = list(flatten_params(params))
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -255,7 +259,7 @@ def place_params(mesh: Mesh, params: Any, stacked: bool = False, prefix: str = "
     Example:
         >>> placed = place_params(make_mesh({"model": 1}), base.params)
         >>> placed["lm_head"]["weight"].sharding.spec if "lm_head" in placed else "tied"
-        PartitionSpec(None, 'model')
+        P(None, 'model')
     """
     return jax.device_put(params, param_shardings(mesh, params, stacked, prefix))
 
@@ -267,7 +271,7 @@ def place_leaves(mesh: Mesh, leaves: Mapping[str, Any], prefix: str = "") -> dic
         >>> w = place_leaves(make_mesh({"model": 1}), {"mlp.up_proj.weight": jnp.ones((2, 4))},
         ...                  "layers.0.")
         >>> w["mlp.up_proj.weight"].sharding.spec
-        PartitionSpec(None, 'model')
+        P(None, 'model')
     """
     return {n: jax.device_put(x, NamedSharding(mesh, param_spec(mesh, prefix + n, x.shape)))
             for n, x in leaves.items()}
@@ -279,9 +283,9 @@ def prompt_spec(mesh: Mesh, prompts: int, axes: tuple[str, ...] = ("data",)) -> 
 
     Example:
         >>> prompt_spec(make_mesh({"data": 1}), 8)
-        PartitionSpec('data',)
+        P('data',)
         >>> prompt_spec(make_mesh({"candidates": 1}), 8)
-        PartitionSpec()
+        P()
     """
     used = [a for a in axes if a in mesh.shape]
     size = int(np.prod([mesh.shape[a] for a in used])) if used else 1
@@ -298,7 +302,7 @@ def place_prompts(mesh: Mesh, tree: Any, prompts: int, axes: tuple[str, ...] = (
     Example:
         >>> batch = place_prompts(make_mesh({"data": 1}), {"tokens": jnp.zeros((4, 3))}, 4)
         >>> batch["tokens"].sharding.spec
-        PartitionSpec('data',)
+        P('data',)
     """
     split = NamedSharding(mesh, prompt_spec(mesh, prompts, axes))
     whole = NamedSharding(mesh, PartitionSpec())

@@ -171,7 +171,7 @@ def placed_on(mesh: Mesh | None, base: Model, donor: Model, batch: Batch,
         >>> from jaxpatch.mesh import make_mesh
         >>> b, d, p = placed_on(make_mesh({"model": 1}), base, donor, batch)
         >>> b.params["layers"][0]["mlp"]["up_proj"]["weight"].sharding.spec
-        PartitionSpec(None, 'model')
+        P(None, 'model')
     """
     if mesh is None:
         return base, donor, batch
