@@ -365,7 +365,7 @@ def run_log(args: argparse.Namespace, inputs: Mapping[str, Any]) -> Iterator[Run
     if not args.out:
         yield None
         return
-    if jax.process_count() > 1:  # the first process records; the others run the same chunks
+    if jax.process_count() > 1:  # the first process records; the others replay with it
         with _first_process_log(args, inputs) as log:
             yield log
         return
@@ -379,19 +379,21 @@ def run_log(args: argparse.Namespace, inputs: Mapping[str, Any]) -> Iterator[Run
 @contextlib.contextmanager
 def _first_process_log(args: argparse.Namespace,
                        inputs: Mapping[str, Any]) -> Iterator[RunLog | None]:
-    """A multi-process run's log: kept by the first process, None elsewhere. Every process
-    must run the same chunks, so a run with recorded progress is refused on all of them."""
-    from jax.experimental import multihost_utils
+    """A multi-process run's log: the first process opens (and writes) it; the others replay
+    its records from a copy sent to them and write nothing, so every process runs and skips
+    the same chunks."""
+    from jaxpatch.mesh import broadcast_json
 
     with contextlib.ExitStack() as stack:
         log = (stack.enter_context(RunLog.open(args.out, run_settings(args, inputs),
                                                overwrite=args.overwrite))
                if is_writer() else None)
-        resumed = int(multihost_utils.broadcast_one_to_all(
-            np.int32(0 if log is None else log.resumed)))
-        if resumed:
-            raise InvalidInputError(f"{args.out}: a multi-process run cannot resume recorded "
-                                    "progress yet: resume it as one process, or pass --overwrite")
+        records = broadcast_json(None if log is None else log.records)
+        if log is None:
+            log = RunLog.mirror(args.out, records)
+        elif log.resumed:
+            print(f"resuming the run in {args.out}: {log.resumed} finished pieces recorded",
+                  file=sys.stderr)
         yield log
 
 

@@ -17,11 +17,13 @@ on any mesh equal one device's to float32 rounding (the same programs, partition
 
 Several processes (hosts) join one run with `initialize_distributed` (`jaxpatch --distributed`):
 every process sees every device and runs the same program, loads only its own devices' shards,
-receives the gathered results (`to_host`), and the first one writes (`is_writer`).
+receives the gathered results (`to_host`), and the first one writes (`is_writer`); what every
+process must decide alike (chunk sizes, recorded progress) the first decides (`broadcast_json`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Mapping, Union
 
@@ -35,7 +37,7 @@ from jaxpatch.errors import InvalidInputError
 __all__ = ["MeshLike", "MESH_AXES", "PARAM_AXES", "make_mesh", "parse_mesh", "default_mesh",
            "axis_size", "candidate_devices", "shard_candidates", "replicate", "candidate_specs", "param_spec",
            "param_shardings", "place_params", "place_leaves", "place_prompts", "prompt_spec", "to_host",
-           "initialize_distributed", "is_writer"]
+           "initialize_distributed", "is_writer", "broadcast_json"]
 
 MeshLike = Union[Mesh, Mapping[str, int], str]
 """A `jax.sharding.Mesh`, axis sizes by name (`{"candidates": 4}`), or `"candidates=4"`."""
@@ -363,3 +365,22 @@ def is_writer() -> bool:
         True
     """
     return jax.process_index() == 0
+
+
+def broadcast_json(value: Any) -> Any:
+    """The first process's value (anything JSON can hold) on every process, so that decisions
+    every process must take alike (a chunk size from free memory, recorded progress) are
+    taken once; with one process, the value itself.
+
+    Example:
+        >>> broadcast_json({"auto_chunk": 64})
+        {'auto_chunk': 64}
+    """
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_writer() else None
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(0 if data is None else data.size)))
+    data = np.zeros(size, np.uint8) if data is None else data
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(data), np.uint8)))

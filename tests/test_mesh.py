@@ -196,7 +196,8 @@ def test_two_processes_give_the_single_process_result(command: str, tmp_path: Pa
                                                       donor_dir: Path) -> None:
     """`jaxpatch --distributed` in two CPU processes (one device each, a localhost
     coordinator) on a `candidates=2` mesh: the first process writes the single process's
-    scores; the second writes nothing."""
+    scores, the second nothing; started again, both replay the first's progress log (a
+    process that ran chunks the other replayed would wait on it forever)."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"tokens": [3 + i, 7, 11 + i, 5]}) + "\n"
                                for i in range(4)))
@@ -210,16 +211,25 @@ def test_two_processes_give_the_single_process_result(command: str, tmp_path: Pa
 
     single = subprocess.run(args(tmp_path / "one"), env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
-    port = _free_port()
-    processes = [subprocess.Popen(args(tmp_path / "two", "--distributed") + ["--mesh", "candidates=2"],
-                                  env={**env, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-                                       "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], [err for _, err in outputs]
-    assert "wrote" in outputs[0][0] and "wrote" not in outputs[1][0]
+
+    def two_processes() -> list[tuple[str, str]]:
+        port = _free_port()
+        processes = [subprocess.Popen(
+            args(tmp_path / "two", "--distributed") + ["--mesh", "candidates=2"],
+            env={**env, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+                 "JAX_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outputs = [p.communicate(timeout=600) for p in processes]
+        assert [p.returncode for p in processes] == [0, 0], [err for _, err in outputs]
+        assert "wrote" in outputs[0][0] and "wrote" not in outputs[1][0]
+        return outputs
+
+    two_processes()
     one, two = (json.loads((tmp_path / name / "scores.json").read_text())["components"]
                 for name in ("one", "two"))
     assert [c["name"] for c in one] == [c["name"] for c in two]
     np.testing.assert_allclose([c["score"] for c in two], [c["score"] for c in one], atol=1e-5)
+    again = two_processes()
+    assert "resuming the run" in again[0][1]
+    resumed = json.loads((tmp_path / "two" / "scores.json").read_text())["components"]
+    assert [c["score"] for c in resumed] == [c["score"] for c in two]

@@ -57,6 +57,7 @@ from jaxpatch.io.runlog import TaskLog, memo
 from jaxpatch.mesh import (
     MeshLike,
     axis_size,
+    broadcast_json,
     candidate_devices,
     candidate_specs,
     make_mesh,
@@ -371,7 +372,8 @@ def _memory_plan(config: ModelConfig, batch: Batch, memory_fraction: float,
         budget = int(available_memory_bytes() * memory_fraction)
         per_device = auto_chunk_size(config, batch, budget, axis_size(mesh, "model"),
                                      axis_size(mesh, "data"))
-        return {"budget": budget, "auto_chunk": per_device * candidate_devices(mesh)}
+        plan = {"budget": budget, "auto_chunk": per_device * candidate_devices(mesh)}
+        return broadcast_json(plan)  # every process of a multi-process run chunks alike
 
     return memo(log, "memory", measure)
 

@@ -146,11 +146,13 @@ class RunLog:
         >>> again.close()
     """
 
-    def __init__(self, folder: Path, records: list[dict[str, Any]], fd: int | None) -> None:
+    def __init__(self, folder: Path, records: list[dict[str, Any]], fd: int | None,
+                 mirror: bool = False) -> None:
         self.path = folder / LOG_NAME
         self.records = records
         self.resumed = len(records)
         self._fd = fd
+        self._mirror = mirror
         self._chunks: dict[tuple[str, str], tuple[list[str], np.ndarray]] = {}
         self._memos: dict[tuple[str, str], Any] = {}
         self._limits: dict[str, int] = {}
@@ -234,6 +236,19 @@ class RunLog:
             os.close(fd)
             raise
 
+    @classmethod
+    def mirror(cls, folder: str | os.PathLike[str], records: list[dict[str, Any]]) -> RunLog:
+        """A log that replays `records` (another process's) and keeps what is appended in
+        memory only: the other processes of a multi-process run, whose first process writes.
+
+        Example:
+            >>> log = RunLog.mirror(tmp / "elsewhere", [{"kind": "memo", "task": "t",
+            ...                                          "key": "k", "value": 1}])
+            >>> log.task("t").memo("k", lambda: 2), (tmp / "elsewhere").exists()
+            (1, False)
+        """
+        return cls(Path(folder), list(records), None, mirror=True)
+
     def task(self, name: str) -> TaskLog:
         """The view of one task (a sweep, a sub-run of a trace) in this log.
 
@@ -283,9 +298,10 @@ class RunLog:
             ...     log.task("t").memo("k", lambda: 2)
             1
         """
-        if self._fd is None:
+        if self._fd is None and not self._mirror:
             raise ValueError("the run log is closed")
-        _append(self._fd, self.path, record, len(self._chunks))
+        if self._fd is not None:
+            _append(self._fd, self.path, record, len(self._chunks))
         self.records.append(dict(record))
         self._index(record)
 
