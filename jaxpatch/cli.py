@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("learn", _learn, "learn the smallest patch that recovers (or destroys) the behavior: "
                 "one gate per component, trained under a sparsity penalty")
-    add_run_arguments(p, mesh=False)
+    add_run_arguments(p)
     p.add_argument("--sparsity", type=float, action="append",
                    help="penalty per component in units of effect (repeatable: one patch each, the "
                    "effect-against-size front; default 0.01)")
@@ -215,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_run_arguments(p: argparse.ArgumentParser, direction: bool = True,
-                      mesh: bool = True) -> None:
+def add_run_arguments(p: argparse.ArgumentParser, direction: bool = True) -> None:
     """The flags shared by commands that score components of a base/donor pair."""
     p.add_argument("--base", required=True, help="base checkpoint folder")
     p.add_argument("--donor", required=True, help="donor (behavior-specialized) checkpoint folder")
@@ -240,12 +239,11 @@ def add_run_arguments(p: argparse.ArgumentParser, direction: bool = True,
                    help="start afresh in an existing --out folder (its recorded progress is "
                         "discarded, its results replaced)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    if mesh:
-        p.add_argument("--mesh", metavar="AXIS=N,...",
-                       help="split the work over devices: candidates=N (a chunk's candidates), "
-                       "model=N (heads and neurons; the checkpoints are read shard by shard), "
-                       "data=N (prompts), e.g. candidates=4,model=2 (default: every local device "
-                       "on candidates)")
+    p.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="split the work over devices: candidates=N (a chunk's candidates; "
+                   "gradients: prompts), model=N (heads and neurons; the checkpoints are read "
+                   "shard by shard), data=N (prompts), e.g. candidates=4,model=2 (default: "
+                   "every device on candidates)")
 
 
 def add_attribution_arguments(p: argparse.ArgumentParser) -> None:
@@ -295,10 +293,9 @@ def prepare_run(args: argparse.Namespace,
         RunLog.check_folder(args.out, args.overwrite)
     elif args.out and is_writer():
         check_output(args.out, args.overwrite)
-    mesh = None
-    if "mesh" in args:  # the default recorded as what it is (part of a run's identity)
-        mesh = make_mesh(args.mesh) if args.mesh else default_mesh()
-        args.mesh = None if mesh is None else ",".join(f"{k}={v}" for k, v in mesh.shape.items())
+    mesh = make_mesh(args.mesh) if args.mesh else default_mesh()
+    # the default recorded as what it is (part of a run's identity)
+    args.mesh = None if mesh is None else ",".join(f"{k}={v}" for k, v in mesh.shape.items())
     base = jaxpatch.load(args.base, dtype=args.dtype, mesh=mesh)
     donor = jaxpatch.load(args.donor, dtype=args.dtype, mesh=mesh)
     check_pair(base, donor)
@@ -501,7 +498,7 @@ def _learn(args: argparse.Namespace) -> None:
             raise InvalidInputError(f"--sparsity must be at least 0, got {sparsity}")
         learned = learn_patch(base, donor, batch, metric, granularity=args.granularity,
                               selector=args.select, direction=args.direction, sparsity=sparsity,
-                              steps=args.steps, learning_rate=args.lr)
+                              steps=args.steps, learning_rate=args.lr, mesh=args.mesh)
         runs.append(learned)
         print(f"sparsity {sparsity:g}: {len(learned.selected)} of {len(learned.names)} components, "
               f"effect {learned.effect:.3f}: {', '.join(learned.selected) or '(none)'}")

@@ -44,12 +44,13 @@ from jaxpatch._tree import unflatten_dotted
 from jaxpatch.attribution import value_and_alpha_gradient
 from jaxpatch.components import Component, SelectorLike, select
 from jaxpatch.errors import JaxpatchError
+from jaxpatch.mesh import MeshLike, make_mesh
 from jaxpatch.metrics import Metric
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import Model
 from jaxpatch.modes import PAIR_DIRECTIONS, Granularity, PairDirection, check_mode
-from jaxpatch.pair import check_pair, endpoint_scores, endpoints, score_patch
+from jaxpatch.pair import check_pair, endpoint_scores, endpoints, placed_on, score_patch
 from jaxpatch.patch import Patch, alpha_shapes, component_entries, mix_leaf
 from jaxpatch.prompts import Batch
 from jaxpatch.rounding import jit
@@ -192,7 +193,7 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
                 direction: PairDirection = "denoise", sparsity: float = 0.01, steps: int = 200,
                 learning_rate: float = 0.1, optimizer: Any = None, init: float = 0.0,
                 temperatures: tuple[float, float] = (1.0, 0.02), log_every: int = 10,
-                remat: bool = False) -> LearnedPatch:
+                remat: bool = False, mesh: MeshLike | None = None) -> LearnedPatch:
     """Learns the smallest set of components whose weights, moved together, recover (denoise)
     or destroy (noise) the behavior.
 
@@ -215,6 +216,8 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         log_every: how often the curve records a point.
         remat: recompute each block's activations in the backward pass (memory of one block's
             activations, one more forward of compute per step).
+        mesh: devices to split the work over (`jaxpatch.mesh`): params along `model`, prompts
+            along `candidates` and `data` together, as for `attribute`.
 
     Returns:
         A `LearnedPatch`.
@@ -234,6 +237,7 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     if min(temperatures) <= 0:
         raise JaxpatchError(f"gate temperatures must be positive, got {temperatures}")
     check_pair(base, donor)
+    base, donor, batch = placed_on(make_mesh(mesh), base, donor, batch, ("candidates", "data"))
     config = base.config
     items = select(config, selector, granularity)
     index = gate_index(config, items)

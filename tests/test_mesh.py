@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import jax
 import numpy as np
+import optax
 import pytest
 from golden import FIXTURES
 
@@ -233,3 +234,20 @@ def test_two_processes_give_the_single_process_result(command: str, tmp_path: Pa
     assert "resuming the run" in again[0][1]
     resumed = json.loads((tmp_path / "two" / "scores.json").read_text())["components"]
     assert [c["score"] for c in resumed] == [c["score"] for c in two]
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs two (fake) devices")
+def test_a_learned_patch_on_a_mesh_equals_one_device() -> None:
+    """With plain gradient descent the gates follow the gradients, so equal gradients give
+    equal gates. (Adam is no test of this: it moves a component whose gradient is rounding
+    noise by the learning rate either way, so float32 rounding changes what it selects.)"""
+    pair = example_pair()
+    metric = jaxpatch.VectorAnchor(layer=1)
+    descent = optax.sgd(1.0)
+    learned = [jaxpatch.learn_patch(pair.base, pair.donor, pair.batch, metric, steps=30,
+                                    optimizer=descent, mesh=mesh)
+               for mesh in (None, "model=2", "data=2")]
+    for other in learned[1:]:
+        assert other.selected == learned[0].selected
+        np.testing.assert_allclose(other.probabilities, learned[0].probabilities, atol=1e-6)
+        assert abs(other.effect - learned[0].effect) <= 1e-5
