@@ -18,6 +18,7 @@ import pytest
 from golden import FIXTURES
 
 import jaxpatch
+from jaxpatch.cli import main
 from jaxpatch.engine import programs
 from jaxpatch.errors import InvalidInputError, TensorShapeError
 from jaxpatch.examples import example_pair, random_pair
@@ -251,3 +252,16 @@ def test_a_learned_patch_on_a_mesh_equals_one_device() -> None:
         assert other.selected == learned[0].selected
         np.testing.assert_allclose(other.probabilities, learned[0].probabilities, atol=1e-6)
         assert abs(other.effect - learned[0].effect) <= 1e-5
+
+
+@pytest.mark.skipif(len(jax.devices()) != 2, reason="needs exactly two (fake) devices")
+def test_commands_use_every_device_by_default_and_record_the_mesh(tmp_path: Path,
+                                                                   donor_dir: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"tokens": [3, 7, 11]}\n{"tokens": [5, 9, 2]}\n')
+    out = tmp_path / "run"
+    assert main(["sweep", "--base", str(FIXTURES / "llama-gqa"), "--donor", str(donor_dir),
+                 "--prompts", str(prompts), "--metric", "kl", "--no-progress",
+                 "--out", str(out)]) == 0
+    header = json.loads((out / "progress.jsonl").read_text().splitlines()[0].split(" ", 1)[1])
+    assert header["settings"]["arguments"]["mesh"] == "candidates=2"
