@@ -37,8 +37,8 @@ class MixedWeight(NamedTuple):
     axes, or not at all) never builds the mixed weight: it computes `x @ start` and `x @ target`
     with float32 accumulation and mixes the two. This is how many candidate patches run in one
     batch without a weight copy per candidate. At alpha = 0 and 1 the result is the matmul with
-    `start` or `target` itself (the same bits a plain forward of either model computes). Any
-    params leaf may be a `MixedWeight`.
+    `start` or `target` itself, up to the order of its float32 sums. Any params leaf may be a
+    `MixedWeight`.
 
     Attributes:
         start: the weight patched into.
