@@ -32,7 +32,7 @@ from jaxpatch.components import Component, SelectorLike, select
 from jaxpatch.engine import sweep
 from jaxpatch.errors import JaxpatchError, MetricError
 from jaxpatch.io.runlog import TaskLog
-from jaxpatch.mesh import MeshLike, make_mesh
+from jaxpatch.mesh import MeshLike, make_mesh, to_host
 from jaxpatch.metrics import Metric, read_metric
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import Probe, attention_allowed, block, embed, rope_at, rope_tables, unembed
@@ -466,6 +466,7 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     grads = alpha_gradients(base, donor, batch, metric, direction=direction, method=method,
                             steps=steps, step_batch=step_batch, prompt_batch=prompt_batch,
                             remat=remat, state=state)
+    grads = jax.tree_util.tree_map(to_host, grads)  # split along `model` over several hosts
     items = select(config, selector, granularity)
     values = component_scores(config, grads, items)
     start_score = base_score if direction == "denoise" else donor_score

@@ -193,13 +193,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["sweep", "attribute"])
-def test_two_processes_give_the_single_process_result(command: str, tmp_path: Path,
+@pytest.mark.parametrize("command, mesh", [("sweep", "candidates=2"), ("attribute", "model=2")])
+def test_two_processes_give_the_single_process_result(command: str, mesh: str, tmp_path: Path,
                                                       donor_dir: Path) -> None:
     """`jaxpatch --distributed` in two CPU processes (one device each, a localhost
-    coordinator) on a `candidates=2` mesh: the first process writes the single process's
-    scores, the second nothing; started again, both replay the first's progress log (a
-    process that ran chunks the other replayed would wait on it forever)."""
+    coordinator; with `model=2` each reads half of every split tensor): the first process
+    writes the single process's scores, the second nothing; started again, both replay the
+    first's progress log (a process that ran chunks the other replayed would wait on it
+    forever)."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"tokens": [3 + i, 7, 11 + i, 5]}) + "\n"
                                for i in range(4)))
@@ -217,7 +218,7 @@ def test_two_processes_give_the_single_process_result(command: str, tmp_path: Pa
     def two_processes() -> list[tuple[str, str]]:
         port = _free_port()
         processes = [subprocess.Popen(
-            args(tmp_path / "two", "--distributed") + ["--mesh", "candidates=2"],
+            args(tmp_path / "two", "--distributed") + ["--mesh", mesh],
             env={**env, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
                  "JAX_PROCESS_ID": str(i)},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
