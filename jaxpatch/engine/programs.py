@@ -204,8 +204,7 @@ def compiled(key: Any, fn: Callable[..., Any], *args: Any) -> Callable[..., Any]
         >>> double(jnp.ones(2)).tolist()
         [2.0, 2.0]
     """
-    shapes = jax.tree_util.tree_map(
-        lambda x: (tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)), args)
+    shapes = jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype), _placement(x)), args)
     full_key = (key, jax.tree_util.tree_structure(args), tuple(jax.tree_util.tree_leaves(shapes)))
     if full_key not in _COMPILED:
         _COMPILED[full_key] = jax.jit(fn, compiler_options=COMPILER_OPTIONS).lower(*args).compile()
@@ -213,6 +212,13 @@ def compiled(key: Any, fn: Callable[..., Any], *args: Any) -> Callable[..., Any]
             _COMPILED.popitem(last=False)
     _COMPILED.move_to_end(full_key)
     return _COMPILED[full_key]
+
+
+def _placement(x: Any) -> Any:
+    """What of an argument's placement a compiled program depends on: its mesh sharding, or
+    None on one device (a `ShapeDtypeStruct` without one and an array there compile alike)."""
+    sharding = getattr(x, "sharding", None)
+    return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
 
 
 @jit
