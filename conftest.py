@@ -35,7 +35,8 @@ def _module_evaluation() -> object:
 @pytest.fixture(autouse=True)
 def _doctest_names(request: pytest.FixtureRequest, doctest_namespace: dict, tmp_path: Path) -> None:
     """Docstring examples run with `jaxpatch`, `jax`, `jnp`, `np`, the example pair (`cfg`,
-    `base`, `donor`, `batch`; see `jaxpatch.examples`), `fixtures` (the golden checkpoints'
+    `base`, `donor`, `batch`; see `jaxpatch.examples`) and `pair`, it prepared
+    (`jaxpatch.prepare`), `fixtures` (the golden checkpoints'
     folder) and `tmp` (an empty folder of their own) in scope; the report's and evaluation's
     examples also get `ev`, the shipped planted pair evaluated at module granularity."""
     import jax
@@ -45,9 +46,10 @@ def _doctest_names(request: pytest.FixtureRequest, doctest_namespace: dict, tmp_
     import jaxpatch
     from jaxpatch.examples import example_pair
 
-    pair = example_pair()
-    doctest_namespace.update(jaxpatch=jaxpatch, jax=jax, jnp=jnp, np=np, cfg=pair.config,
-                             base=pair.base, donor=pair.donor, batch=pair.batch,
+    example = example_pair()
+    doctest_namespace.update(jaxpatch=jaxpatch, jax=jax, jnp=jnp, np=np, cfg=example.config,
+                             base=example.base, donor=example.donor, batch=example.batch,
+                             pair=jaxpatch.prepare(example.base, example.donor, example.batch),
                              fixtures=FIXTURES, tmp=tmp_path)
     if request.node.name.startswith(_NEEDS_EVALUATION):
         doctest_namespace["ev"] = _module_evaluation()

@@ -470,7 +470,7 @@ def _prompt_lines(prompts: Sequence[Prompt], language: Language) -> str:
 
 def write(built: dict, out: str | Path, overwrite: bool = False) -> None:
     """Writes the models, prompts and `planted.json` into `out` (atomically)."""
-    from jaxpatch.io.atomic import atomic_directory
+    from jaxpatch.runs.atomic import atomic_directory
 
     language, config = built["language"], built["config"]
     tok = tokenizer(language)

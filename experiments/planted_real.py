@@ -486,7 +486,7 @@ def _stat(values: np.ndarray, how: Callable[[np.ndarray], Any]) -> float | None:
 
 def write(built: dict, out: str | Path, overwrite: bool = False) -> None:
     """Writes `base/`, `donor/`, the prompts and `planted.json` into `out`, atomically."""
-    from jaxpatch.io.atomic import atomic_directory
+    from jaxpatch.runs.atomic import atomic_directory
 
     config, tokenizer = built["config"], built["tokenizer"]
     patching, evaluation = built["prompts"]

@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jaxpatch.io.atomic import atomic_write_bytes
+    from jaxpatch.runs.atomic import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for i, name in enumerate(LAYERS):

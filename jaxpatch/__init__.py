@@ -12,28 +12,40 @@ The public API is what this module exports (every other name may change):
     ComponentAnchor                  the vector anchor read at components' outputs
     Prompt, read_prompts, make_batch                                prompts and readout positions
     check_pair, endpoints, endpoint_scores, score_patch             a base/donor pair
+    prepare, PreparedPair            a pair checked and placed once: what every method runs on
+    Execution                        how a method runs: chunks, memory, progress, resumable log
     sweep, SweepResult               exact, batched patch sweeps
-    attribute, localize              gradient attribution; narrow by attribution, verify exactly
-    learn_patch, LearnedPatch        a patch learned with gates and a sparsity penalty (optax)
+    attribute, localize, Verification  gradient attribution; narrow by attribution, verify exactly
+    learn_patch, LearnedPatch, GateTraining  a patch learned with gates and a sparsity penalty
     activation_patching              the activation patching baseline
     sweep_matrix, activation_matrix  every candidate read at every target (ScoreMatrix)
+    trace_hierarchy, Hierarchy, Thresholds, TraceSearch   sources, aggregation, execution
+    RunLog, make_mesh                resumable runs; device meshes
     plant_patch, planted_labels      planted sets
     roc_auc, roc_curve, spearman     scoring a ranking
     Granularity, Direction, ...      the modes signatures take (`jaxpatch.modes`)
     JaxpatchError and its subclasses every error on bad input
 
-Importing jaxpatch turns JAX's persistent compilation cache on (`jaxpatch.compile_cache`;
-JAXPATCH_COMPILE_CACHE=0 turns it off).
+Importing jaxpatch changes nothing global. `enable_compile_cache()` turns JAX's persistent
+compilation cache on (the `jaxpatch` command does, unless JAXPATCH_COMPILE_CACHE=0; see
+`jaxpatch.compile_cache`).
 
 Docstring examples use a small random pair: `cfg`, `base`, `donor` and `batch` are
 `jaxpatch.examples.example_pair()` (see `jaxpatch.examples`).
 """
 
-from jaxpatch import compile_cache as _compile_cache
 from jaxpatch._tree import flatten_params
-from jaxpatch.attribution import Localization, alpha_gradients, attribute, localize
+from jaxpatch.attribution import Localization, Verification, alpha_gradients, attribute, localize
+from jaxpatch.compile_cache import enable as enable_compile_cache
 from jaxpatch.components import Component, Selector, components, parse, select
-from jaxpatch.engine import sweep, sweep_matrix
+from jaxpatch.engine import (
+                             PreparedPair,
+                             activation_matrix,
+                             activation_patching,
+                             prepare,
+                             sweep,
+                             sweep_matrix,
+)
 from jaxpatch.errors import (
                              CheckpointNotFoundError,
                              CorruptCheckpointError,
@@ -53,9 +65,10 @@ from jaxpatch.errors import (
                              UnsupportedArchitectureError,
                              UnsupportedConfigError,
 )
+from jaxpatch.hierarchy import Behavior, Hierarchy, Thresholds, TraceSearch, trace_hierarchy
 from jaxpatch.io import load, save
-from jaxpatch.io.runlog import RunLog
-from jaxpatch.learned import LearnedPatch, learn_patch
+from jaxpatch.learned import GateTraining, LearnedPatch, learn_patch
+from jaxpatch.mesh import make_mesh
 from jaxpatch.metrics import (
                              ComponentAnchor,
                              CustomMetric,
@@ -91,11 +104,10 @@ from jaxpatch.pair import check_pair, endpoint_scores, endpoints, score_patch
 from jaxpatch.patch import Patch, apply
 from jaxpatch.prompts import Batch, Prompt, make_batch, read_prompts
 from jaxpatch.results import ScoreMatrix, SweepResult
+from jaxpatch.runs.log import RunLog, TaskLog
+from jaxpatch.runs.settings import Execution
 from jaxpatch.scoring import plant_patch, planted_labels
 from jaxpatch.stats import roc_auc, roc_curve, spearman
-from jaxpatch.trace import activation_matrix, activation_patching
-
-_compile_cache.from_environment()  # on by default: see jaxpatch.compile_cache
 
 __version__ = "0.1.0"
 
@@ -110,10 +122,14 @@ __all__ = [
     "CustomMetric",
     "save_anchor", "load_anchor", "Prompt", "Batch", "read_prompts", "make_batch",
     # scoring
-    "check_pair", "endpoints", "endpoint_scores", "score_patch", "sweep", "SweepResult",
-    "attribute", "alpha_gradients", "localize", "Localization", "learn_patch", "LearnedPatch",
-    "activation_patching", "sweep_matrix", "activation_matrix", "ScoreMatrix",
-    "plant_patch", "planted_labels", "roc_auc", "roc_curve", "spearman", "RunLog",
+    "check_pair", "endpoints", "endpoint_scores", "score_patch", "prepare", "PreparedPair",
+    "sweep", "SweepResult", "attribute", "alpha_gradients", "localize", "Verification",
+    "Localization", "learn_patch", "LearnedPatch", "GateTraining", "activation_patching",
+    "sweep_matrix", "activation_matrix", "ScoreMatrix", "trace_hierarchy", "Hierarchy",
+    "Thresholds", "TraceSearch", "Behavior",
+    "plant_patch", "planted_labels", "roc_auc", "roc_curve", "spearman",
+    # how it runs
+    "Execution", "RunLog", "TaskLog", "make_mesh", "enable_compile_cache",
     # modes
     "Granularity", "ScoredGranularity", "Direction", "PairDirection", "AttributionMethod",
     "Positions",

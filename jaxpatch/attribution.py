@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,32 +29,31 @@ import numpy as np
 
 from jaxpatch._tree import flatten_params, without_layers
 from jaxpatch.components import Component, SelectorLike, select
-from jaxpatch.engine import sweep
+from jaxpatch.engine import PreparedPair, sweep
+from jaxpatch.engine.prepared import PROMPT_AXES
 from jaxpatch.errors import JaxpatchError, MetricError
-from jaxpatch.io.runlog import TaskLog
-from jaxpatch.mesh import MeshLike, make_mesh, to_host
+from jaxpatch.mesh import to_host
 from jaxpatch.metrics import Metric, read_metric
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import Probe, attention_allowed, block, embed, rope_at, rope_tables, unembed
-from jaxpatch.models.model import Model
 from jaxpatch.modes import (
     ATTRIBUTION_METHODS,
     PAIR_DIRECTIONS,
     AttributionMethod,
     Granularity,
     PairDirection,
-    Positions,
     check_mode,
 )
-from jaxpatch.pair import check_pair, endpoint_scores, endpoints, placed_on
+from jaxpatch.pair import endpoints
 from jaxpatch.patch import Patch, component_entries, indexed_leaves, mix_leaf
 from jaxpatch.prompts import Batch
 from jaxpatch.results import Misranked, SweepResult, check_finite_scores, misranked_to_dicts
 from jaxpatch.rounding import jit
+from jaxpatch.runs.settings import Execution, execution_of
 from jaxpatch.stats import average_ranks, spearman
 
 __all__ = ["alpha_gradients", "value_and_alpha_gradient", "planned_gradient_bytes",
-           "component_scores", "attribute", "Localization", "localize"]
+           "component_scores", "attribute", "Verification", "Localization", "localize"]
 
 
 def _slice(tree: Any, start: int, stop: int) -> Any:
@@ -134,10 +133,10 @@ def value_and_alpha_gradient(config: ModelConfig, metric: Metric, start_layer: i
 
     Example:
         >>> metric = jaxpatch.VectorAnchor(layer=1)
-        >>> state = metric.prepare(cfg, base.params, donor.params, batch)
+        >>> state = pair.endpoints(metric).state
         >>> run = value_and_alpha_gradient(cfg, metric)
         >>> score, grads = run(base.params, base.params, donor.params, batch, state)
-        >>> reference = alpha_gradients(base, donor, batch, metric, state=state)
+        >>> reference = alpha_gradients(pair, metric)
         >>> leaf = lambda t: t["layers"][1]["mlp"]["up_proj"]["weight"]
         >>> bool(jnp.allclose(leaf(grads), leaf(reference), rtol=1e-4, atol=1e-6))
         True
@@ -246,8 +245,7 @@ def _blockwise_gradients(config: ModelConfig, metric: Metric, base: Params, star
     return {**_add(top, embedding), "layers": layers}
 
 
-def planned_gradient_bytes(base: Model, donor: Model, batch: Batch, metric: Metric, *,
-                           remat: bool = False, state: Any = None) -> int:
+def planned_gradient_bytes(pair: PreparedPair, metric: Metric, *, remat: bool = False) -> int:
     """XLA's planned temporary memory of a first-order gradient, in bytes (params and outputs
     excluded): what `alpha_gradients` needs beyond the pair itself.
 
@@ -255,21 +253,19 @@ def planned_gradient_bytes(base: Model, donor: Model, batch: Batch, metric: Metr
     before every block. Compiles the programs without running them.
 
     Arguments:
-        base, donor, batch, metric: as for `alpha_gradients`.
+        pair, metric: as for `alpha_gradients`.
         remat: plan the block-by-block gradient.
-        state: the metric's prepared state (default: prepared here).
 
     Returns:
         Bytes.
 
     Example:
-        >>> planned_gradient_bytes(base, donor, batch, jaxpatch.VectorAnchor(layer=1)) > 0
+        >>> planned_gradient_bytes(pair, jaxpatch.VectorAnchor(layer=1)) > 0
         True
     """
-    config = base.config
-    start, target = base.params, donor.params
-    if state is None:
-        state = metric.prepare(config, start, target, batch)
+    config, batch = pair.config, pair.batch
+    start, target = pair.base.params, pair.donor.params
+    state = pair.endpoints(metric).state
     if not remat:
         program = _gradient_function(config, metric, True).lower(
             jnp.zeros(1), jnp.float32(1), start, target, batch, state)
@@ -292,36 +288,32 @@ def planned_gradient_bytes(base: Model, donor: Model, batch: Batch, metric: Metr
     return int(largest + (last + 1) * x.nbytes)
 
 
-def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
-                    direction: PairDirection = "denoise",
+def alpha_gradients(pair: PreparedPair, metric: Metric, *, direction: PairDirection = "denoise",
                     method: AttributionMethod = "first-order", steps: int = 16,
-                    step_batch: int = 1, prompt_batch: int | None = None, remat: bool = False,
-                    state: Any = None) -> Params:
+                    execution: Execution | None = None) -> Params:
     """The metric's gradient with respect to every patch coefficient (an alpha tree).
 
     Arguments:
-        base, donor: the pair.
-        batch: prompts and readout positions.
+        pair: the base/donor pair and prompts (`jaxpatch.prepare`).
         metric: the behavioral interface.
         direction: "denoise" (at the base, towards the donor) or "noise" (at the donor, towards
             the base).
         method: "first-order" (the gradient at alpha = 0) or "integrated-gradients" (its mean
             over `steps` midpoints of the path alpha = t, t in [0, 1]).
         steps: quadrature points for integrated gradients.
-        step_batch: how many path points run at once (vmapped); each holds its own mixed copy
-            of the params and its own activations, so 1 keeps memory at one gradient's.
-        prompt_batch: accumulate over chunks of this many prompts (default: all at once).
-        remat: run the gradient block by block, keeping only each block's input from the
-            forward pass and recomputing its activations in its backward pass (one more
-            forward pass of compute; memory of one block's activations). Path points then run
-            one at a time.
-        state: the metric's prepared state (default: prepared here).
+        execution: the memory/compute trade-offs (`jaxpatch.Execution`): `step_batch` path
+            points run at once (vmapped; each holds its own mixed copy of the params and its
+            own activations, so 1 keeps memory at one gradient's); `prompt_batch` prompts at a
+            time (gradients accumulated); `remat` runs the gradient block by block, keeping
+            only each block's input from the forward pass and recomputing its activations in
+            its backward pass (one more forward pass of compute; memory of one block's
+            activations; path points then run one at a time).
 
     Returns:
         A float32 tree shaped like the coefficients (`jaxpatch.patch.alpha_shapes`).
 
     Example:
-        >>> grads = alpha_gradients(base, donor, batch, jaxpatch.VectorAnchor(layer=1))
+        >>> grads = alpha_gradients(pair, jaxpatch.VectorAnchor(layer=1))
         >>> grads["layers"][0]["mlp"]["down_proj"]["weight"].shape  # one coefficient per neuron
         (64, 1)
     """
@@ -329,15 +321,15 @@ def alpha_gradients(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     check_mode("attribution direction", direction, PAIR_DIRECTIONS, JaxpatchError)
     if steps < 1:
         raise JaxpatchError(f"integrated gradients need at least 1 step, got {steps}")
-    if step_batch < 1:
-        raise JaxpatchError(f"step_batch must be at least 1, got {step_batch}")
-    config = base.config
+    execution = execution_of(execution)
+    step_batch, prompt_batch, remat = execution.step_batch, execution.prompt_batch, execution.remat
+    config = pair.config
     if remat and metric.outputs(config):
         raise MetricError(f"the {metric.name} metric reads component outputs inside blocks: "
                           "the block-by-block gradient (remat) does not serve it")
-    start, target = endpoints(base, donor, direction)
-    if state is None:
-        state = metric.prepare(config, base.params, donor.params, batch)
+    start, target = endpoints(pair.base, pair.donor, direction)
+    state = pair.endpoints(metric).state
+    batch = pair.batch_along(PROMPT_AXES)
     first_order = method == "first-order"
     n = 1 if first_order else steps
     ts = (np.arange(n) + 0.5) / n
@@ -414,13 +406,10 @@ def _module_runs(items: Sequence[Component]) -> list[tuple[int, int]]:
     return runs
 
 
-def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
-              granularity: Granularity = "module", selector: SelectorLike | None = None,
-              method: AttributionMethod = "first-order", direction: PairDirection = "denoise",
-              steps: int = 16, step_batch: int = 1, prompt_batch: int | None = None,
-              remat: bool = False, positions: Positions = "last",
-              inputs: Mapping[str, Any] | None = None, log: TaskLog | None = None,
-              mesh: MeshLike | None = None) -> SweepResult:
+def attribute(pair: PreparedPair, metric: Metric, *, granularity: Granularity = "module",
+              selector: SelectorLike | None = None, method: AttributionMethod = "first-order",
+              direction: PairDirection = "denoise", steps: int = 16,
+              execution: Execution | None = None) -> SweepResult:
     """Attribution scores for every component, in the same table as `sweep`.
 
     A component's `score` is the predicted metric of the model with that component patched:
@@ -429,43 +418,37 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     coefficients with `metric(target) - metric(start)`.
 
     Arguments:
-        base, donor, batch, metric: as for `sweep`.
+        pair, metric: as for `sweep`.
         granularity, selector: which components to score.
         method: "first-order" or "integrated-gradients".
         direction: "denoise" or "noise".
         steps: quadrature points for integrated gradients.
-        step_batch: path points run at once (vmapped; memory grows with it).
-        prompt_batch: accumulate gradients over chunks of this many prompts.
-        remat: compute the gradient block by block, recomputing activations (less memory).
-        positions: recorded in the result.
-        inputs: fingerprints to record.
-        log: a resumable run's log: the finished table is recorded there and read back
-            instead of recomputed (exactly: floats round-trip through JSON).
-        mesh: devices to split the work over (`jaxpatch.mesh`): params along `model`, prompts
-            along `candidates` and `data` together (attribution has no candidates).
+        execution: memory/compute trade-offs (`step_batch`, `prompt_batch`, `remat`; see
+            `alpha_gradients`) and the log of a resumable run: the finished table is recorded
+            there and read back instead of recomputed (exactly: floats round-trip through
+            JSON). On a mesh, params split along `model` and prompts along `candidates` and
+            `data` together (attribution has no candidates).
 
     Returns:
         A `SweepResult` with `method` set.
 
     Example:
-        >>> r = attribute(base, donor, batch, jaxpatch.VectorAnchor(layer=1), granularity="head")
+        >>> r = attribute(pair, jaxpatch.VectorAnchor(layer=1), granularity="head")
         >>> len(r.names), r.method
         (12, 'first-order')
     """
-    if log is not None:
-        return SweepResult.from_dict(log.memo("attribution", lambda: attribute(
-            base, donor, batch, metric, granularity=granularity, selector=selector, method=method,
-            direction=direction, steps=steps, step_batch=step_batch, prompt_batch=prompt_batch,
-            remat=remat, positions=positions, inputs=inputs, mesh=mesh).to_dict()))
+    execution = execution_of(execution)
+    if execution.log is not None:
+        unlogged = execution.logging_to(None)
+        return SweepResult.from_dict(execution.log.memo("attribution", lambda: attribute(
+            pair, metric, granularity=granularity, selector=selector, method=method,
+            direction=direction, steps=steps, execution=unlogged).to_dict()))
     wall_start = time.perf_counter()
-    config = base.config
-    check_pair(base, donor)
-    base, donor, batch = placed_on(make_mesh(mesh), base, donor, batch, ("candidates", "data"))
-    metric.check(config)
-    state, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric)
-    grads = alpha_gradients(base, donor, batch, metric, direction=direction, method=method,
-                            steps=steps, step_batch=step_batch, prompt_batch=prompt_batch,
-                            remat=remat, state=state)
+    config = pair.config
+    ends = pair.endpoints(metric)
+    base_score, donor_score = ends.base_score, ends.donor_score
+    grads = alpha_gradients(pair, metric, direction=direction, method=method, steps=steps,
+                            execution=execution)
     grads = jax.tree_util.tree_map(to_host, grads)  # split along `model` over several hosts
     items = select(config, selector, granularity)
     values = component_scores(config, grads, items)
@@ -479,12 +462,37 @@ def attribute(base: Model, donor: Model, batch: Batch, metric: Metric, *,
                                  "relative_gap": abs(total - expected) / abs(expected)}
     check_finite_scores([c.name for c in items], values, "attribution")
     wall = time.perf_counter() - wall_start
-    return SweepResult(metric.name, direction, metric.layer, positions, base_score, donor_score,
-                       [c.name for c in items], start_score + values, {"wall_s": wall},
-                       dict(inputs or {}), [], method=method, extra=extra)
+    return SweepResult(metric.name, direction, metric.layer, pair.positions, base_score,
+                       donor_score, [c.name for c in items], start_score + values,
+                       {"wall_s": wall}, dict(pair.inputs), [], method=method, extra=extra)
 
 
 # --------------------------------------------------------------------------- narrow, verify
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """How `localize` checks an attribution ranking by exact patching.
+
+    Attributes:
+        top_k: how many top-ranked components to verify.
+        controls: how many of the remaining components to verify, drawn at random.
+        exhaustive: also patch every component exactly (small models), to report recall.
+        recall_k: with `exhaustive`, the size of the exact top set whose recall is reported
+            (default `top_k`): with a shortlist larger than it, recall asks whether the
+            shortlist caught the truly strongest components.
+        seed: the control sample's seed (recorded).
+
+    Example:
+        >>> Verification(top_k=50).controls
+        20
+    """
+
+    top_k: int = 20
+    controls: int = 20
+    exhaustive: bool = False
+    recall_k: int | None = None
+    seed: int = 0
+
 
 @dataclasses.dataclass
 class Localization:
@@ -521,57 +529,44 @@ class Localization:
                 "exhaustive": self.exhaustive.to_dict() if self.exhaustive is not None else None}
 
 
-def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
-             granularity: Granularity = "neuron", selector: SelectorLike | None = None,
-             top_k: int = 20, controls: int = 20, method: AttributionMethod = "first-order",
-             direction: PairDirection = "denoise", steps: int = 16, step_batch: int = 1,
-             prompt_batch: int | None = None, remat: bool = False, exhaustive: bool = False,
-             recall_k: int | None = None, seed: int = 0, progress: bool = True,
-             positions: Positions = "last", inputs: Mapping[str, Any] | None = None,
-             log: TaskLog | None = None, mesh: MeshLike | None = None) -> Localization:
+def localize(pair: PreparedPair, metric: Metric, *, granularity: Granularity = "neuron",
+             selector: SelectorLike | None = None, method: AttributionMethod = "first-order",
+             steps: int = 16, direction: PairDirection = "denoise",
+             verify: Verification | None = None, execution: Execution | None = None) -> Localization:
     """Ranks components by attribution, then patches the top k and a random control sample
     exactly and reports how far the ranking can be trusted.
 
     Arguments:
-        base, donor, batch, metric, granularity, selector, method, direction, steps,
-            step_batch, prompt_batch, remat: as for `attribute`.
-        top_k: how many top-ranked components to verify.
-        controls: how many of the remaining components to verify, drawn at random.
-        exhaustive: also patch every component exactly (small models), to report recall.
-        recall_k: with `exhaustive`, the size of the exact top set whose recall is reported
-            (default `top_k`): with a shortlist larger than it, recall asks whether the
-            shortlist caught the truly strongest components.
-        seed: the control sample's seed (recorded).
-        progress: show progress bars.
-        positions, inputs: recorded in the results.
-        log: a resumable run's log (the attribution table and the exact sweeps' chunks).
-        mesh: devices to split the work over, as for `attribute` and `sweep`.
+        pair, metric, granularity, selector, method, steps, direction: as for `attribute`.
+        verify: how many components to verify exactly, and how (`Verification`).
+        execution: as for `attribute` and `sweep` (the log holds the attribution table and
+            the exact sweeps' chunks).
 
     Returns:
         A `Localization`.
 
     Example:
-        >>> report = localize(base, donor, batch, jaxpatch.VectorAnchor(layer=1), top_k=4,
-        ...                   controls=4, exhaustive=True, progress=False)
+        >>> report = localize(pair, jaxpatch.VectorAnchor(layer=1),
+        ...                   verify=Verification(top_k=4, controls=4, exhaustive=True))
         >>> len(report.shortlist), len(report.exact.names), 0.0 <= report.recall <= 1.0
         (4, 8, True)
     """
-    attribution = attribute(base, donor, batch, metric, granularity=granularity, selector=selector,
-                            method=method, direction=direction, steps=steps, step_batch=step_batch,
-                            prompt_batch=prompt_batch, remat=remat, positions=positions,
-                            inputs=inputs, log=log, mesh=mesh)
-    items = select(base.config, selector, granularity)
-    order = np.argsort(-np.abs(attribution.effect), kind="stable")
+    execution = execution_of(execution)
+    verify = Verification() if verify is None else verify
+    scored = attribute(pair, metric, granularity=granularity, selector=selector, method=method,
+                       steps=steps, direction=direction, execution=execution)
+    top_k, controls, seed = verify.top_k, verify.controls, verify.seed
+    items = select(pair.config, selector, granularity)
+    order = np.argsort(-np.abs(scored.effect), kind="stable")
     k = min(top_k, len(items))
     shortlist = [int(i) for i in order[:k]]
     rest = [int(i) for i in order[k:]]
     rng = np.random.default_rng(seed)
     control = sorted(rng.choice(rest, size=min(controls, len(rest)), replace=False).tolist()) if rest else []
     verified = sorted(shortlist + control)
-    exact = sweep(base, donor, batch, metric, candidates=[items[i] for i in verified],
-                  direction=direction, progress=progress, positions=positions, inputs=inputs,
-                  log=None if log is None else log.sub("verify"), mesh=mesh)
-    approx = attribution.effect[verified]
+    exact = sweep(pair, metric, candidates=[items[i] for i in verified], direction=direction,
+                  execution=execution.sub("verify"))
+    approx = scored.effect[verified]
     rho = spearman(approx, exact.effect)
     rank_attr = average_ranks(-np.abs(approx))
     rank_exact = average_ranks(-np.abs(exact.effect))
@@ -580,13 +575,12 @@ def localize(base: Model, donor: Model, batch: Batch, metric: Metric, *,
                  for i in np.argsort(-gaps, kind="stable")[:5] if gaps[i] > 0]
     full = None
     recall = None
-    if exhaustive:
-        full = sweep(base, donor, batch, metric, candidates=items, direction=direction,
-                     progress=progress, positions=positions, inputs=inputs,
-                     log=None if log is None else log.sub("exhaustive"), mesh=mesh)
-        k_truth = min(recall_k or k, len(items))
+    if verify.exhaustive:
+        full = sweep(pair, metric, candidates=items, direction=direction,
+                     execution=execution.sub("exhaustive"))
+        k_truth = min(verify.recall_k or k, len(items))
         truth = set(np.argsort(-np.abs(full.effect), kind="stable")[:k_truth].tolist())
         recall = len(truth & set(shortlist)) / k_truth
-    attribution.extra["seed"] = seed
-    return Localization(attribution, exact, [items[i].name for i in shortlist],
+    scored.extra["seed"] = seed
+    return Localization(scored, exact, [items[i].name for i in shortlist],
                         [items[i].name for i in control], rho, recall, misranked, full)

@@ -18,10 +18,10 @@ import jax
 import numpy as np
 
 from jaxpatch.errors import InvalidInputError, JaxpatchError
-from jaxpatch.io.atomic import atomic_directory, atomic_write_bytes
-from jaxpatch.io.runlog import RunLog, writing
 from jaxpatch.mesh import is_writer
 from jaxpatch.modes import Positions
+from jaxpatch.runs.atomic import atomic_directory, atomic_write_bytes
+from jaxpatch.runs.log import RunLog, writing
 
 __all__ = ["main", "build_parser", "EXIT_BAD_INPUT"]
 
@@ -57,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile_cache.disable()
     elif args.compile_cache:
         compile_cache.enable(args.compile_cache)
+    else:  # on by default for the command (not for the library: see jaxpatch.compile_cache)
+        compile_cache.from_environment()
     try:
         if args.distributed:
             from jaxpatch.mesh import initialize_distributed
@@ -259,9 +261,19 @@ def add_attribution_arguments(p: argparse.ArgumentParser) -> None:
 def attribution_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments `attribute` and `localize` take from the attribution flags."""
     return {"granularity": args.granularity, "selector": args.select, "method": args.method,
-            "direction": args.direction, "steps": args.steps, "step_batch": args.step_batch,
-            "prompt_batch": args.prompt_batch, "remat": args.remat,
-            "positions": positions_of(args)}
+            "direction": args.direction, "steps": args.steps}
+
+
+def execution_of(args: argparse.Namespace, log: Any = None, task: str = "") -> Any:
+    """The `Execution` the run flags describe, recording into `log`'s task `task` (if any)."""
+    from jaxpatch.runs.settings import Execution
+
+    return Execution(chunk_size=getattr(args, "chunk_size", None),
+                     prompt_batch=getattr(args, "prompt_batch", None),
+                     step_batch=getattr(args, "step_batch", 1) or 1,
+                     remat=bool(getattr(args, "remat", False)),
+                     progress=False if args.no_progress else None,
+                     log=log.task(task) if log is not None else None)
 
 
 def positions_of(args: argparse.Namespace) -> Positions:
@@ -271,7 +283,7 @@ def positions_of(args: argparse.Namespace) -> Positions:
 
 
 def prepare_run(args: argparse.Namespace,
-                resumable: bool = True) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+                resumable: bool = True) -> tuple[Any, Any, dict[str, Any]]:
     """Loads the pair, reads the prompts, builds the batch and the metric from the run flags.
 
     Arguments:
@@ -280,13 +292,13 @@ def prepare_run(args: argparse.Namespace,
             progress log is then accepted, to resume).
 
     Returns:
-        `(base, donor, batch, metric, inputs)`.
+        `(pair, metric, inputs)`: the prepared pair (`jaxpatch.prepare`), the metric fitted to
+        it, and the inputs' fingerprints.
     """
     import jaxpatch
     from jaxpatch.io.fingerprint import checkpoint_fingerprint, file_sha256, versions
     from jaxpatch.mesh import default_mesh, make_mesh
     from jaxpatch.metrics import metric_from_name
-    from jaxpatch.pair import check_pair
     from jaxpatch.prompts import greedy_continuations, make_batch, read_prompts
 
     if args.out and resumable and is_writer():  # refuse an unusable folder before any work
@@ -298,7 +310,7 @@ def prepare_run(args: argparse.Namespace,
     args.mesh = None if mesh is None else ",".join(f"{k}={v}" for k, v in mesh.shape.items())
     base = jaxpatch.load(args.base, dtype=args.dtype, mesh=mesh)
     donor = jaxpatch.load(args.donor, dtype=args.dtype, mesh=mesh)
-    check_pair(base, donor)
+    jaxpatch.check_pair(base, donor)  # before the prompts are read and continuations generated
     prompts = read_prompts(args.prompts, base.tokenizer)
     layer = args.anchor_layer if args.anchor_layer is not None else base.config.n_layers - 1
     metric = metric_from_name(args.metric, layer, args.anchor_file)
@@ -308,11 +320,6 @@ def prepare_run(args: argparse.Namespace,
         continuations = greedy_continuations(donor.config, donor.params, prompts,
                                              args.continuation_tokens)
     batch = make_batch(base.config, prompts, positions_of(args), continuations)
-    if args.save_anchor and args.metric == "anchor":
-        from jaxpatch.metrics import save_anchor
-
-        save_anchor(args.save_anchor, metric.prepare(base.config, base.params, donor.params, batch),
-                    layer)
     inputs = {"base": {"path": args.base, "sha256": checkpoint_fingerprint(base)},
               "donor": {"path": args.donor, "sha256": checkpoint_fingerprint(donor)},
               "prompts": {"path": args.prompts, "sha256": file_sha256(args.prompts),
@@ -321,7 +328,13 @@ def prepare_run(args: argparse.Namespace,
                   "path": args.anchor_file, "sha256": file_sha256(args.anchor_file)},
               "granularity": args.granularity, "select": args.select,
               "continuations": continuations, "versions": versions()}
-    return base, donor, batch, metric, inputs
+    pair = jaxpatch.prepare(base, donor, batch, mesh=mesh, positions=positions_of(args),
+                            inputs=inputs)
+    if args.save_anchor and args.metric == "anchor":
+        from jaxpatch.metrics import save_anchor
+
+        save_anchor(args.save_anchor, pair.endpoints(metric).state, layer)  # prepared once
+    return pair, metric, inputs
 
 
 # Flags that change no number of a run: a resumed run may differ in them.
@@ -429,12 +442,10 @@ def _sweep(args: argparse.Namespace) -> None:
     from jaxpatch.engine import sweep
     from jaxpatch.report import summary_table
 
-    base, donor, batch, metric, inputs = prepare_run(args)
+    pair, metric, inputs = prepare_run(args)
     with run_log(args, inputs) as log:
-        result = sweep(base, donor, batch, metric, granularity=args.granularity,
-                       selector=args.select, direction=args.direction, chunk_size=args.chunk_size,
-                       progress=not args.no_progress, positions=positions_of(args), inputs=inputs,
-                       log=log.task("sweep") if log else None, mesh=args.mesh)
+        result = sweep(pair, metric, granularity=args.granularity, selector=args.select,
+                       direction=args.direction, execution=execution_of(args, log, "sweep"))
         print(summary_table(result))
         t = result.timing
         print(f"{len(result.names)} candidates in {t['wall_s']:.1f} s (compile "
@@ -449,10 +460,10 @@ def _attribute(args: argparse.Namespace) -> None:
     from jaxpatch.attribution import attribute
     from jaxpatch.report import summary_table
 
-    base, donor, batch, metric, inputs = prepare_run(args)
+    pair, metric, inputs = prepare_run(args)
     with run_log(args, inputs) as log:
-        result = attribute(base, donor, batch, metric, **attribution_options(args), inputs=inputs,
-                           log=log.task("attribute") if log else None, mesh=args.mesh)
+        result = attribute(pair, metric, **attribution_options(args),
+                           execution=execution_of(args, log, "attribute"))
         print(summary_table(result))
         if "completeness" in result.extra:
             c = result.extra["completeness"]
@@ -464,16 +475,15 @@ def _attribute(args: argparse.Namespace) -> None:
 
 
 def _localize(args: argparse.Namespace) -> None:
-    from jaxpatch.attribution import localize
+    from jaxpatch.attribution import Verification, localize
     from jaxpatch.report import heatmap_png
 
-    base, donor, batch, metric, inputs = prepare_run(args)
+    pair, metric, inputs = prepare_run(args)
+    verify = Verification(top_k=args.top_k, controls=args.controls, exhaustive=args.exhaustive,
+                          recall_k=args.recall_k, seed=args.seed)
     with run_log(args, inputs) as log:
-        report = localize(base, donor, batch, metric, **attribution_options(args),
-                          top_k=args.top_k, controls=args.controls, exhaustive=args.exhaustive,
-                          recall_k=args.recall_k, seed=args.seed, progress=not args.no_progress,
-                          inputs=inputs, log=log.task("localize") if log else None,
-                          mesh=args.mesh)
+        report = localize(pair, metric, **attribution_options(args), verify=verify,
+                          execution=execution_of(args, log, "localize"))
         if args.out:
             write_outputs(args.out, {
                 "attribution.csv": report.attribution.to_csv(), "exact.csv": report.exact.to_csv(),
@@ -488,17 +498,17 @@ def _localize(args: argparse.Namespace) -> None:
 
 
 def _learn(args: argparse.Namespace) -> None:
-    from jaxpatch.learned import learn_patch
+    from jaxpatch.learned import GateTraining, learn_patch
     from jaxpatch.report import pareto_png
 
-    base, donor, batch, metric, inputs = prepare_run(args)
+    pair, metric, inputs = prepare_run(args)
     runs = []
     for sparsity in args.sparsity or [0.01]:
         if sparsity < 0:
             raise InvalidInputError(f"--sparsity must be at least 0, got {sparsity}")
-        learned = learn_patch(base, donor, batch, metric, granularity=args.granularity,
-                              selector=args.select, direction=args.direction, sparsity=sparsity,
-                              steps=args.steps, learning_rate=args.lr, mesh=args.mesh)
+        learned = learn_patch(pair, metric, granularity=args.granularity, selector=args.select,
+                              direction=args.direction, sparsity=sparsity,
+                              training=GateTraining(steps=args.steps, learning_rate=args.lr))
         runs.append(learned)
         print(f"sparsity {sparsity:g}: {len(learned.selected)} of {len(learned.names)} components, "
               f"effect {learned.effect:.3f}: {', '.join(learned.selected) or '(none)'}")
@@ -536,22 +546,21 @@ def thresholds_of(pairs: Sequence[str]) -> Any:
 
 
 def _trace(args: argparse.Namespace) -> None:
-    from jaxpatch.hierarchy import trace_hierarchy
+    from jaxpatch.hierarchy import TraceSearch, trace_hierarchy
     from jaxpatch.report import hierarchy_png
 
     if args.granularity == "layer":
         raise InvalidInputError("trace sorts modules, heads or neurons: choose --granularity "
                                 "module, head or neuron")
     thresholds = thresholds_of(args.threshold)
-    base, donor, batch, metric, inputs = prepare_run(args)
-    anchor = args.anchor_layer if args.metric != "anchor" else None
+    pair, metric, inputs = prepare_run(args)
+    formed = args.anchor_layer if args.metric != "anchor" else None
+    search = TraceSearch(targets=tuple(args.target) if args.target else None, depth=args.depth,
+                         top_targets=args.top_targets, max_groups=args.max_groups)
     with run_log(args, inputs) as log:
-        traced = trace_hierarchy(base, donor, batch, metric, granularity=args.granularity,
-                                 selector=args.select, targets=args.target, anchor_layer=anchor,
-                                 depth=args.depth, top_targets=args.top_targets,
-                                 max_groups=args.max_groups, thresholds=thresholds,
-                                 progress=not args.no_progress,
-                                 log=log.task("trace") if log else None, mesh=args.mesh)
+        traced = trace_hierarchy(pair, metric, granularity=args.granularity, selector=args.select,
+                                 formation_layer=formed, thresholds=thresholds, search=search,
+                                 execution=execution_of(args, log, "trace"))
         if args.out:
             graph = {**traced.graph(), "inputs": inputs}
             write_outputs(args.out, {"hierarchy.csv": traced.to_csv(),
@@ -627,8 +636,8 @@ def _demo(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from jaxpatch.io.atomic import atomic_write_bytes
     from jaxpatch.report import read_run, render_html
+    from jaxpatch.runs.atomic import atomic_write_bytes
 
     summary, results = read_run(args.run_dir)
     target = Path(args.run_dir) / "report.html"

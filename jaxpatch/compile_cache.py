@@ -1,8 +1,10 @@
-"""JAX's persistent compilation cache, on by default: a program compiled once is read back by
-every later process with the same shapes, settings and JAX version.
+"""JAX's persistent compilation cache, on by default for the `jaxpatch` command: a program
+compiled once is read back by every later process with the same shapes, settings and JAX
+version.
 
-`import jaxpatch` turns it on (`from_environment`) unless the caller has configured a cache
-folder already:
+Importing jaxpatch changes no global JAX setting (a library embedded in someone's JAX code must
+not). The command turns the cache on (`from_environment`) unless a cache folder is configured
+already; in Python, `jaxpatch.enable_compile_cache()` (or `from_environment()`) does:
 
     JAXPATCH_COMPILE_CACHE unset     the per-user folder, `$XDG_CACHE_HOME/jaxpatch/xla`
                                      (`~/.cache/jaxpatch/xla` without XDG_CACHE_HOME)
@@ -70,7 +72,7 @@ def disable() -> None:
 
 
 def from_environment() -> Path | None:
-    """What `import jaxpatch` does: the cache as `JAXPATCH_COMPILE_CACHE` says (see the module
+    """What the `jaxpatch` command does: the cache as `JAXPATCH_COMPILE_CACHE` says (see the module
     docstring), unless a cache folder is configured already.
 
     Returns:

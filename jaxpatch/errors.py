@@ -11,7 +11,8 @@ __all__ = ["JaxpatchError", "CheckpointNotFoundError", "UnsupportedArchitectureE
            "UnsupportedConfigError", "CorruptCheckpointError", "MissingTensorError",
            "UnexpectedTensorError", "TensorShapeError", "UnsafePathError", "PickleCheckpointError",
            "InvalidInputError", "OutputExistsError", "SelectorError", "PatchError", "PromptsError",
-           "MetricError", "NonFiniteError"]
+           "MetricError", "NonFiniteError", "RunMismatchError", "CorruptProgressError",
+           "OutputWriteError"]
 
 
 class JaxpatchError(Exception):
@@ -80,3 +81,15 @@ class MetricError(JaxpatchError):
 
 class NonFiniteError(JaxpatchError):
     """A weight or a score is NaN or infinite."""
+
+
+class RunMismatchError(JaxpatchError):
+    """The output folder holds the progress of a run with other settings or inputs."""
+
+
+class CorruptProgressError(JaxpatchError):
+    """A progress log is damaged (not at its last line, where a kill can tear a write)."""
+
+
+class OutputWriteError(JaxpatchError):
+    """An output or progress file could not be written (full disk, no permission)."""

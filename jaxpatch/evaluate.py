@@ -9,7 +9,7 @@ module, head and neuron granularity:
     first-order                    attribution at the base (`jaxpatch.attribution`)
     integrated-gradients           attribution along the whole patch path
     learned-patch                  gates learned jointly under a sparsity penalty (`jaxpatch.learned`)
-    activation-denoise/-noise      activation patching (`jaxpatch.trace`)
+    activation-denoise/-noise      activation patching (`jaxpatch.engine.activation`)
     delta-norm                     |donor - base| over each component's parameters
     random                         a seeded random ranking
 
@@ -41,23 +41,22 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jaxpatch._tree import flatten_params
-from jaxpatch.attribution import attribute, localize
+from jaxpatch.attribution import Verification, attribute, localize
 from jaxpatch.components import Component, select
-from jaxpatch.engine import sweep
+from jaxpatch.engine import PreparedPair, activation_patching, prepare, sweep
 from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
-from jaxpatch.hierarchy import trace_hierarchy
-from jaxpatch.learned import learn_patch
+from jaxpatch.hierarchy import Behavior, trace_hierarchy
+from jaxpatch.learned import GateTraining, learn_patch
 from jaxpatch.metrics import LogProb
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
 from jaxpatch.modes import PAIR_DIRECTIONS, SCORED_GRANULARITIES, PairDirection, ScoredGranularity
-from jaxpatch.pair import endpoint_scores
 from jaxpatch.patch import apply, component_entries
 from jaxpatch.prompts import Prompt, greedy_continuations, make_batch, read_prompts
 from jaxpatch.results import SweepResult, misranked_to_dicts
+from jaxpatch.runs.settings import Execution
 from jaxpatch.scoring import plant_patch, planted_labels
 from jaxpatch.stats import roc_auc
-from jaxpatch.trace import activation_patching
 
 __all__ = ["EVALUATED_METHODS", "EXHAUSTIVE_NEURONS", "STAGES", "PlantedPair", "default_pair_dir",
            "load_planted", "task_accuracy", "behavior", "delta_norms", "importance", "Evaluation",
@@ -216,10 +215,10 @@ class Evaluation:
     results: dict[str, SweepResult]
 
 
-def _activation(base: Model, donor: Model, batch: Any, metric: LogProb, direction: PairDirection,
-                common: dict[str, Any], granularity: ScoredGranularity) -> SweepResult:
-    return activation_patching(base, donor, batch, metric, granularity=granularity,
-                               direction=direction, progress=False, **common)
+def _activation(pair: PreparedPair, metric: LogProb, direction: PairDirection,
+                execution: Execution, granularity: ScoredGranularity) -> SweepResult:
+    return activation_patching(pair, metric, granularity=granularity, direction=direction,
+                               execution=execution)
 
 
 def stage_count(granularities: Sequence[ScoredGranularity]) -> int:
@@ -316,15 +315,17 @@ def evaluate(pair: PlantedPair, *,
         raise InvalidInputError(f"unknown stage {unknown[0]!r} (choose from {', '.join(STAGES)})")
     metric = LogProb()
     batch = make_batch(config, pair.prompts, "targets")
-    _, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric)
+    from jaxpatch.io.fingerprint import checkpoint_fingerprint
+
+    inputs = {"base": checkpoint_fingerprint(base), "donor": checkpoint_fingerprint(donor)}
+    prepared = prepare(base, donor, batch, positions="targets", inputs=inputs)
+    quiet = Execution(progress=False)
+    _, base_score, donor_score, _ = prepared.endpoints(metric)
     plant = plant_patch(config, pair.plant)
     timing: dict[str, float] = {}
     results: dict[str, SweepResult] = {}
     importances: dict[str, dict[str, np.ndarray]] = {g: {} for g in granularities}
     items = {g: select(config, None, g) for g in granularities}
-    from jaxpatch.io.fingerprint import checkpoint_fingerprint
-
-    inputs = {"base": checkpoint_fingerprint(base), "donor": checkpoint_fingerprint(donor)}
 
     def run_stage(name: str, fn: Callable[[ScoredGranularity], SweepResult | np.ndarray | None],
                   which: Sequence[ScoredGranularity] = granularities) -> None:
@@ -345,7 +346,6 @@ def evaluate(pair: PlantedPair, *,
             bar.close()
         timing[name] = round(time.perf_counter() - t0, 2)
 
-    common: dict[str, Any] = {"inputs": inputs, "positions": "targets"}
     t0 = time.perf_counter()
     bar = stage("behavior", 1) if stage else None
     accuracy = behavior(pair)
@@ -363,10 +363,10 @@ def evaluate(pair: PlantedPair, *,
         share = verify_fraction if verify_fraction is not None else (
             0.1 if exhaustive_neurons else 0.02)
         budget = max(1, int(share * len(items[g])))
-        report = localize(base, donor, batch, metric, granularity=g, method="integrated-gradients",
-                          steps=ig_steps, top_k=max(1, budget - controls),
-                          controls=min(controls, budget - 1), exhaustive=exhaustive_neurons,
-                          recall_k=recall_k, seed=seed, progress=False, **common)
+        verify = Verification(top_k=max(1, budget - controls), controls=min(controls, budget - 1),
+                              exhaustive=exhaustive_neurons, recall_k=recall_k, seed=seed)
+        report = localize(prepared, metric, granularity=g, method="integrated-gradients",
+                          steps=ig_steps, verify=verify, execution=quiet)
         results[f"{g}/integrated-gradients"] = report.attribution
         importances[g]["integrated-gradients"] = importance(report.attribution)
         results[f"{g}/verified"] = report.exact
@@ -375,8 +375,8 @@ def evaluate(pair: PlantedPair, *,
             results[f"{g}/exact-denoise"] = report.exhaustive
             importances[g]["exact-denoise"] = importance(report.exhaustive)
         else:  # S's own neurons, patched one at a time: the ground truth for the recall
-            in_s = sweep(base, donor, batch, metric, granularity=g, selector=pair.plant,
-                         direction="denoise", progress=False, **common)
+            in_s = sweep(prepared, metric, granularity=g, selector=pair.plant,
+                         direction="denoise", execution=quiet)
             results[f"{g}/exact-denoise-S"] = in_s
             order = np.argsort(-importance(in_s), kind="stable")[:recall_k]
             top = {in_s.names[i] for i in order}
@@ -393,24 +393,22 @@ def evaluate(pair: PlantedPair, *,
     full: list[ScoredGranularity] = [g for g in granularities if g != "neuron" or exhaustive_neurons]
     if "neuron" in granularities:
         run_stage("narrow-then-verify", narrow_then_verify, ["neuron"])
-    run_stage("exact-denoise", lambda g: sweep(base, donor, batch, metric, granularity=g,
-                                               direction="denoise", progress=False, **common),
-              exhaustive)
-    run_stage("exact-noise", lambda g: sweep(base, donor, batch, metric, granularity=g,
-                                             direction="noise", progress=False, **common), full)
-    run_stage("first-order", lambda g: attribute(base, donor, batch, metric, granularity=g,
-                                                 **common))
+    run_stage("exact-denoise", lambda g: sweep(prepared, metric, granularity=g,
+                                               direction="denoise", execution=quiet), exhaustive)
+    run_stage("exact-noise", lambda g: sweep(prepared, metric, granularity=g, direction="noise",
+                                             execution=quiet), full)
+    run_stage("first-order", lambda g: attribute(prepared, metric, granularity=g, execution=quiet))
     run_stage("integrated-gradients", lambda g: attribute(
-        base, donor, batch, metric, granularity=g, method="integrated-gradients", steps=ig_steps,
-        **common), exhaustive)
+        prepared, metric, granularity=g, method="integrated-gradients", steps=ig_steps,
+        execution=quiet), exhaustive)
     for direction in PAIR_DIRECTIONS:
         run_stage(f"activation-{direction}", functools.partial(
-            _activation, base, donor, batch, metric, direction, common), full)
+            _activation, prepared, metric, direction, quiet), full)
     learned: dict[str, Any] = {}
 
     def learned_patch(g: ScoredGranularity) -> np.ndarray:
-        out = learn_patch(base, donor, batch, metric, granularity=g, steps=learned_steps,
-                          sparsity=learned_budget / len(items[g]))
+        out = learn_patch(prepared, metric, granularity=g, sparsity=learned_budget / len(items[g]),
+                          training=GateTraining(steps=learned_steps))
         learned[g] = {"selected": out.selected, "effect": out.effect, "sparsity": out.sparsity,
                       "steps": learned_steps}
         return out.probabilities
@@ -419,7 +417,10 @@ def evaluate(pair: PlantedPair, *,
     hierarchy: dict[str, Any] = {}
 
     def trace_stage(g: ScoredGranularity) -> None:
-        traced = trace_hierarchy(base, donor, batch, metric, granularity=g)
+        runs = [results.get(f"{g}/{name}") for name in (
+            "exact-denoise", "exact-noise", "activation-denoise", "activation-noise")]
+        given = Behavior(*runs) if all(r is not None for r in runs) else None  # type: ignore[arg-type]
+        traced = trace_hierarchy(prepared, metric, granularity=g, behavior=given, execution=quiet)
         labels = dict(zip([c.name for c in items[g]],
                           planted_labels(config, plant, items[g]).tolist()))
         hierarchy.update(traced.graph())

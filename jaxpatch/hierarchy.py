@@ -9,10 +9,10 @@ sorts every component of a granularity into one role, from explicit evidence:
                  set of attention and MLP groups whose donor weights, patched into the base
                  together, recover the behavior, each member adding at least `min_gain` of
                  recovery to the rest (leave-one-out inside the set)
-    aggregation  (and routing) not a source, at or before the anchor layer, a high
+    aggregation  (and routing) not a source, at or before the formation layer, a high
                  activation-patching score, and its output's donor behavior is recovered when
                  its suppliers' weights are patched (a `ComponentAnchor` on its output)
-    execution    after the anchor layer (the signal has formed), not a source, and needed for
+    execution    after the formation layer (the signal has formed), not a source, and needed for
                  the behavior to reach the output: ablating its weights in the donor drops the
                  output metric
     inert        none of these
@@ -31,7 +31,7 @@ Steps, each a handful of exact sweeps:
    activations; edges keep suppliers whose weights or output recover at least `edge` of a
    target (weights: the signal is computed there; output only: it passes through); the
    strongest weight suppliers become the next level's targets, to `depth` levels;
-4. execution: one zero-ablation sweep of the components after the anchor layer on the output
+4. execution: one zero-ablation sweep of the components after the formation layer on the output
    metric.
 
 Each row says why it got its role, and what else could be argued (`also`).
@@ -47,13 +47,16 @@ import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from jax.sharding import Mesh
 
 from jaxpatch.components import Component, SelectorLike, select
-from jaxpatch.engine import sweep, sweep_matrix
+from jaxpatch.engine import (
+    PreparedPair,
+    activation_matrix,
+    activation_patching,
+    sweep,
+    sweep_matrix,
+)
 from jaxpatch.errors import InvalidInputError, MetricError
-from jaxpatch.io.runlog import TaskLog
-from jaxpatch.mesh import MeshLike, make_mesh
 from jaxpatch.metrics import (
     ComponentAnchor,
     KLDivergence,
@@ -62,16 +65,13 @@ from jaxpatch.metrics import (
     metric_endpoints,
     target_sites,
 )
-from jaxpatch.models.model import Model
 from jaxpatch.modes import SCORED_GRANULARITIES, Role, ScoredGranularity, check_mode
-from jaxpatch.pair import check_pair, placed_on
 from jaxpatch.patch import Patch
-from jaxpatch.prompts import Batch
 from jaxpatch.results import ScoreMatrix, SweepResult
-from jaxpatch.trace import activation_matrix, activation_patching
+from jaxpatch.runs.settings import Execution, execution_of
 
-__all__ = ["Thresholds", "ComponentRole", "Edge", "Hierarchy", "group_of", "trace_hierarchy",
-           "HIERARCHY_COLUMNS"]
+__all__ = ["Thresholds", "TraceSearch", "Behavior", "ComponentRole", "Edge", "Hierarchy",
+           "group_of", "trace_hierarchy", "HIERARCHY_COLUMNS"]
 
 HIERARCHY_COLUMNS = ("component", "layer", "class", "weight_score", "activation_score",
                      "supplied", "execution", "gain", "reason", "also")
@@ -120,7 +120,7 @@ class ComponentRole:
         supplied: how much of its output anchor its suppliers' weights recover (the best of
             all sources together and any single supplier); None when it was not traced.
         execution: the output metric's drop when its weights are ablated in the donor; None
-            when it lies at or before the anchor layer.
+            when it lies at or before the formation layer.
         gain: for members of the chosen groups, the recovery its donor weights add to the rest
             of the set (a source when at least `min_gain`); None outside them.
         reason: which scores crossed which thresholds.
@@ -170,7 +170,7 @@ class Hierarchy:
         edges: the supplier -> target edges.
         matrices: the tracing matrices by level (weights and activations).
         sources_recovery: the recovery of the validated source set patched together.
-        anchor_layer: where the signal counts as formed (aggregation at or before it,
+        formation_layer: where the signal counts as formed (aggregation at or before it,
             execution after it).
         settings: metric names, granularity, thresholds, depth.
         calls: how many sweeps of each kind ran, and how many candidate runs in all.
@@ -178,22 +178,22 @@ class Hierarchy:
 
     Example:
         >>> from jaxpatch.examples import chain_pair
-        >>> pair = chain_pair()
-        >>> h = trace_hierarchy(pair.base, pair.donor, pair.batch, jaxpatch.LogProb(),
-        ...                     anchor_layer=1, depth=1)
+        >>> chain = chain_pair()
+        >>> h = trace_hierarchy(jaxpatch.prepare(chain.base, chain.donor, chain.batch),
+        ...                     jaxpatch.LogProb(), formation_layer=1, search=TraceSearch(depth=1))
         >>> h.role("layers.0.mlp.down_proj"), h.with_role("source")
         ('source', ['layers.0.mlp.down_proj'])
         >>> h.to_csv().splitlines()[0]
         'component,layer,class,weight_score,activation_score,supplied,execution,gain,reason,also'
         >>> sorted(h.graph())[:3], h.graph()["edges"][0]["supplier"]
-        (['anchor_layer', 'calls', 'edges'], 'layers.0.mlp.down_proj')
+        (['calls', 'edges', 'format'], 'layers.0.mlp.down_proj')
     """
 
     rows: list[ComponentRole]
     edges: list[Edge]
     matrices: dict[str, ScoreMatrix]
     sources_recovery: float
-    anchor_layer: int
+    formation_layer: int
     settings: dict[str, Any]
     calls: dict[str, int]
     timing: dict[str, float]
@@ -225,8 +225,9 @@ class Hierarchy:
                   "reason": r.reason, "also": r.also} for r in self.rows]
         edges = [{"supplier": e.supplier, "target": e.target, "score": e.score,
                   "activation_score": e.activation_score, "level": e.level} for e in self.edges]
-        return {"format": "jaxpatch.hierarchy/1", "nodes": nodes, "edges": edges,
-                "sources_recovery": self.sources_recovery, "anchor_layer": self.anchor_layer,
+        return {"format": "jaxpatch.hierarchy/2", "nodes": nodes, "edges": edges,
+                "sources_recovery": self.sources_recovery,
+                "formation_layer": self.formation_layer,
                 "settings": self.settings, "calls": self.calls, "timing": self.timing}
 
 
@@ -256,36 +257,32 @@ def _patches(config: Any, sets: Mapping[str, Sequence[Component]]) -> dict[str, 
 
 
 class _Runner:
-    """Runs the sweeps of one trace, counting them and their candidate runs; with a log, each
-    run records into a part of it named by its place in the trace (the trace's runs follow
-    from its inputs, so a resumed trace asks for the same runs in the same order)."""
+    """Runs the sweeps of one trace on one prepared pair, counting them and their candidate
+    runs; with a log, each run records into a part of it named by its place in the trace (the
+    trace's runs follow from its inputs, so a resumed trace asks for the same runs in the same
+    order)."""
 
-    def __init__(self, base: Model, donor: Model, batch: Batch, progress: bool,
-                 log: TaskLog | None, mesh: Mesh | None) -> None:
-        self.base, self.donor, self.batch, self.progress = base, donor, batch, progress
-        self.log, self.runs, self.mesh = log, 0, mesh
+    def __init__(self, pair: PreparedPair, execution: Execution) -> None:
+        self.pair, self.execution, self.runs = pair, execution, 0
         self.calls = {"sweeps": 0, "validation_sweeps": 0, "tracing_sweeps": 0,
                       "activation_runs": 0, "candidate_runs": 0}
 
-    def _next_log(self) -> TaskLog | None:
+    def _next(self) -> Execution:
         self.runs += 1
-        return None if self.log is None else self.log.sub(f"run{self.runs:04d}")
+        return self.execution.sub(f"run{self.runs:04d}")
 
     def sweep(self, metric: Metric, candidates: Any, direction: str = "denoise",
               kind: str = "sweeps") -> SweepResult:
         self.calls[kind] += 1
         self.calls["candidate_runs"] += len(candidates)
-        return sweep(self.base, self.donor, self.batch, metric, candidates=candidates,
-                     direction=direction, progress=self.progress,  # type: ignore[arg-type]
-                     log=self._next_log(), mesh=self.mesh)
+        return sweep(self.pair, metric, candidates=candidates, direction=direction,  # type: ignore[arg-type]
+                     execution=self._next())
 
     def activation(self, metric: Metric, granularity: ScoredGranularity,
                    selector: SelectorLike | None, direction: str) -> SweepResult:
-        result = activation_patching(self.base, self.donor, self.batch, metric,
-                                     granularity=granularity, selector=selector,
+        result = activation_patching(self.pair, metric, granularity=granularity, selector=selector,
                                      direction=direction,  # type: ignore[arg-type]
-                                     progress=self.progress, log=self._next_log(),
-                                     mesh=self.mesh)
+                                     execution=self._next())
         self.calls["activation_runs"] += 1
         self.calls["candidate_runs"] += len(result.names)
         return result
@@ -295,11 +292,8 @@ class _Runner:
         self.calls["tracing_sweeps"] += 1
         self.calls["activation_runs"] += 1
         self.calls["candidate_runs"] += len(patches) + len(items)
-        weights = sweep_matrix(self.base, self.donor, self.batch, metric, patches,
-                               progress=self.progress, log=self._next_log(), mesh=self.mesh)
-        activations = activation_matrix(self.base, self.donor, self.batch, metric, items,
-                                        progress=self.progress, log=self._next_log(),
-                                        mesh=self.mesh)
+        weights = sweep_matrix(self.pair, metric, patches, execution=self._next())
+        activations = activation_matrix(self.pair, metric, items, execution=self._next())
         return weights, activations
 
 
@@ -308,7 +302,7 @@ def _validated_sources(runner: _Runner, metric: Metric, items: Sequence[Componen
                        max_groups: int) -> tuple[dict[str, float], dict[str, float], float, list[str]]:
     """The validated source set: each member's gain, the gains of the components left out of
     the chosen groups for adding too little, the set's recovery, the chosen groups."""
-    config = runner.base.config
+    config = runner.pair.config
     groups: dict[str, list[int]] = {}
     for i, c in enumerate(items):
         groups.setdefault(group_of(c), []).append(i)
@@ -344,14 +338,13 @@ def _validated_sources(runner: _Runner, metric: Metric, items: Sequence[Componen
             list(chosen))
 
 
-def _changed_outputs(base: Model, donor: Model, batch: Batch,
-                     targets: Sequence[str]) -> list[str]:
+def _changed_outputs(pair: PreparedPair, targets: Sequence[str]) -> list[str]:
     """The targets whose output differs between base and donor (others have no anchor)."""
     if not targets:
         return []
-    config = base.config
+    config, batch = pair.config, pair.batch
     probe = ComponentAnchor(tuple(targets))
-    x_base, x_donor = metric_endpoints(config, probe, base.params, donor.params, batch)
+    x_base, x_donor = metric_endpoints(config, probe, pair.base.params, pair.donor.params, batch)
     weights = np.asarray(batch.weights)[..., None]
     kept = []
     for t in targets:
@@ -363,95 +356,121 @@ def _changed_outputs(base: Model, donor: Model, batch: Batch,
     return kept
 
 
+@dataclasses.dataclass(frozen=True)
+class TraceSearch:
+    """How far the hierarchy's searches go.
+
+    Attributes:
+        targets: the first level's targets (component anchor targets, e.g.
+            `layers.2.self_attn`); default: the components with a high activation score and
+            the sources.
+        depth: expansion levels of supplier -> target tracing.
+        top_targets: at most this many targets per level.
+        max_groups: at most this many candidate groups in the source search (all their
+            subsets are scored).
+
+    Example:
+        >>> TraceSearch(depth=1).top_targets
+        24
+    """
+
+    targets: tuple[str, ...] | None = None
+    depth: int = 2
+    top_targets: int = 24
+    max_groups: int = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class Behavior:
+    """The behavior step's four runs, when the caller has made them already (a study that
+    scored the same components on the same pair and metric): `trace_hierarchy` uses them
+    instead of running them again.
+
+    Attributes:
+        weights_denoise, weights_noise: exact weight sweeps (`sweep`), both directions.
+        activation_denoise, activation_noise: activation patching, both directions.
+    """
+
+    weights_denoise: SweepResult
+    weights_noise: SweepResult
+    activation_denoise: SweepResult
+    activation_noise: SweepResult
+
+
 def trace_hierarchy(
-    base: Model,
-    donor: Model,
-    batch: Batch,
+    pair: PreparedPair,
     metric: Metric,
     *,
     output_metric: Metric | None = None,
     granularity: ScoredGranularity = "module",
     selector: SelectorLike | None = None,
-    targets: Sequence[str] | None = None,
-    anchor_layer: int | None = None,
-    depth: int = 2,
-    top_targets: int = 24,
-    max_groups: int = 12,
+    formation_layer: int | None = None,
     thresholds: Thresholds = Thresholds(),
-    progress: bool = False,
-    log: TaskLog | None = None,
-    mesh: MeshLike | None = None,
+    search: TraceSearch = TraceSearch(),
+    behavior: Behavior | None = None,
+    execution: Execution | None = None,
 ) -> Hierarchy:
     """Sorts every component into source, aggregation, execution or inert, and traces which
     suppliers' weights recover which targets' outputs.
 
     Arguments:
-        base, donor: the pair.
-        batch: prompts and readout positions.
+        pair: the base/donor pair and prompts (`jaxpatch.prepare`): prepared once, every
+            sweep of the trace reuses its prefix passes and metric endpoints.
         metric: the behavior (e.g. `LogProb` of the answers, a `VectorAnchor`).
         output_metric: what execution is measured on (default: `LogProb` when every prompt
             has a target, else `KLDivergence`).
         granularity: module, head or neuron.
         selector: restrict to these components (what is scored, searched and traced).
-        targets: the first level's targets (component anchor targets, e.g.
-            `layers.2.self_attn`); default: the components with a high activation score and
-            the sources.
-        anchor_layer: the block after which the signal counts as formed (default: the
-            metric's anchor block, or the last block for metrics read at the logits).
-        depth: expansion levels of supplier -> target tracing.
-        top_targets: at most this many targets per level.
-        max_groups: at most this many candidate groups in the source search (all their
-            subsets are scored).
+        formation_layer: the block after which the signal counts as formed (aggregation at or
+            before it, execution after it; default: the metric's readout block, or the last
+            block for metrics read at the logits).
         thresholds: the role thresholds (`Thresholds`).
-        progress: show progress bars.
-        log: a resumable run's log (every sweep's and activation run's chunks).
-        mesh: devices to split every run over (`jaxpatch.mesh`), as for `sweep`.
+        search: targets, depth and breadth of the searches (`TraceSearch`).
+        behavior: the behavior step's runs when the caller has them (`Behavior`).
+        execution: progress bars, chunks and the log of a resumable run (every sweep's and
+            activation run's chunks), as for `sweep`.
 
     Returns:
         A `Hierarchy`.
 
     Raises:
-        InvalidInputError: depth or top_targets below 1, or an anchor layer out of range.
+        InvalidInputError: depth or top_targets below 1, or a formation layer out of range.
         SelectorError: the selector or a target names nothing in this model.
         MetricError: a given target's output does not differ between base and donor.
 
     Example:
-        On the hand-built chain (`jaxpatch.examples.chain_pair`), anchored after the router:
+        On the hand-built chain (`jaxpatch.examples.chain_pair`), formed after the router:
 
         >>> from jaxpatch.examples import chain_pair
-        >>> pair = chain_pair()
-        >>> h = trace_hierarchy(pair.base, pair.donor, pair.batch, jaxpatch.LogProb(),
-        ...                     anchor_layer=1)
+        >>> chain = chain_pair()
+        >>> h = trace_hierarchy(jaxpatch.prepare(chain.base, chain.donor, chain.batch),
+        ...                     jaxpatch.LogProb(), formation_layer=1)
         >>> h.with_role("source"), h.role("layers.1.self_attn.o_proj"), h.role("layers.2.mlp.down_proj")
         (['layers.0.mlp.down_proj'], 'aggregation', 'execution')
     """
     started = time.perf_counter()
-    config = base.config
-    check_pair(base, donor)
-    metric.check(config)
+    config, batch = pair.config, pair.batch
     check_mode("granularity", granularity, SCORED_GRANULARITIES, InvalidInputError)
     if metric.width != 1:
         raise MetricError(f"trace the behavior with a one-column metric, not {metric.name} "
                           f"with {metric.width}")
-    if depth < 1 or top_targets < 1 or max_groups < 1:
+    if search.depth < 1 or search.top_targets < 1 or search.max_groups < 1:
         raise InvalidInputError("depth, top_targets and max_groups must be at least 1")
     last = config.n_layers - 1
-    anchor = (metric.layer if metric.layer is not None else last) if anchor_layer is None \
-        else anchor_layer
-    if not 0 <= anchor <= last:
-        raise InvalidInputError(f"anchor layer {anchor} is out of range: the model has blocks "
+    formed = (metric.layer if metric.layer is not None else last) if formation_layer is None \
+        else formation_layer
+    if not 0 <= formed <= last:
+        raise InvalidInputError(f"formation layer {formed} is out of range: the model has blocks "
                                 f"0..{last}")
     if output_metric is None:
         has_targets = bool((np.asarray(batch.targets)[:, 0] >= 0).all())
         output_metric = LogProb() if has_targets else KLDivergence()
-    mesh = make_mesh(mesh)  # a bad mesh is refused before any work
-    base, donor, batch = placed_on(mesh, base, donor, batch)
-    runner = _Runner(base, donor, batch, progress, log, mesh)
+    runner = _Runner(pair, execution_of(execution))
     items = select(config, selector, granularity)
-    if targets is not None:
-        for target in targets:
+    if search.targets is not None:
+        for target in search.targets:
             target_sites(config, target)
-        unchanged = set(targets) - set(_changed_outputs(base, donor, batch, targets))
+        unchanged = set(search.targets) - set(_changed_outputs(pair, search.targets))
         if unchanged:
             raise MetricError(f"the output of {sorted(unchanged)[0]} does not differ between base "
                               "and donor on these prompts: it cannot be a target")
@@ -459,39 +478,56 @@ def trace_hierarchy(
 
     t0 = time.perf_counter()
     names = [c.name for c in items]
-    weight = _better(runner.sweep(metric, items, "denoise"), runner.sweep(metric, items, "noise"))
-    activation = _better(runner.activation(metric, granularity, selector, "denoise"),
-                         runner.activation(metric, granularity, selector, "noise"))
+    if behavior is not None:
+        _check_behavior(behavior, metric, names)
+    runs = behavior or Behavior(
+        runner.sweep(metric, items, "denoise"), runner.sweep(metric, items, "noise"),
+        runner.activation(metric, granularity, selector, "denoise"),
+        runner.activation(metric, granularity, selector, "noise"))
+    weight = _better(runs.weights_denoise, runs.weights_noise)
+    activation = _better(runs.activation_denoise, runs.activation_noise)
+    if behavior is not None:
+        runner.runs += 4  # the sub-runs of a log keep their places
     timing["behavior_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     gains, dropped, sources_recovery, groups = _validated_sources(runner, metric, items, weight,
-                                                                  thresholds, max_groups)
+                                                                  thresholds, search.max_groups)
     timing["validation_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     supplied, edges, matrices = _trace(runner, items, names, activation, gains, thresholds,
-                                       depth, top_targets, targets)
+                                       search.depth, search.top_targets, search.targets)
     timing["tracing_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    after = [c for c in items if c.layer > anchor]
-    execution: dict[str, float] = {}
+    after = [c for c in items if c.layer > formed]
+    execution_drops: dict[str, float] = {}
     if after:
         ablated = runner.sweep(output_metric, after, "zero")
-        execution = {c.name: float(e) for c, e in zip(after, ablated.effect)}
+        execution_drops = {c.name: float(e) for c, e in zip(after, ablated.effect)}
     timing["execution_s"] = time.perf_counter() - t0
 
     rows = [_role(c, float(weight[i]), float(activation[i]), gains, dropped.get(c.name),
-                  supplied.get(c.name), execution.get(c.name), anchor, thresholds, edges)
+                  supplied.get(c.name), execution_drops.get(c.name), formed, thresholds, edges)
             for i, c in enumerate(items)]
     timing["wall_s"] = time.perf_counter() - started
     settings = {"metric": metric.name, "output_metric": output_metric.name,
-                "granularity": granularity, "depth": depth, "top_targets": top_targets,
-                "max_groups": max_groups, "source_groups": groups,
-                "thresholds": dataclasses.asdict(thresholds)}
-    return Hierarchy(rows, edges, matrices, sources_recovery, anchor, settings, runner.calls,
+                "granularity": granularity, "depth": search.depth,
+                "top_targets": search.top_targets, "max_groups": search.max_groups,
+                "source_groups": groups, "thresholds": dataclasses.asdict(thresholds)}
+    return Hierarchy(rows, edges, matrices, sources_recovery, formed, settings, runner.calls,
                      timing)
+
+
+def _check_behavior(behavior: Behavior, metric: Metric, names: list[str]) -> None:
+    """Refuses given behavior runs that are not of these components and this metric."""
+    for field in dataclasses.fields(behavior):
+        result: SweepResult = getattr(behavior, field.name)
+        if result.names != names or result.metric != metric.name:
+            raise InvalidInputError(
+                f"the given {field.name.replace('_', ' ')} run scores {len(result.names)} "
+                f"components on {result.metric}, not the {len(names)} traced on {metric.name}")
 
 
 def _trace(runner: _Runner, items: Sequence[Component], names: list[str], activation: np.ndarray,
@@ -499,7 +535,7 @@ def _trace(runner: _Runner, items: Sequence[Component], names: list[str], activa
            given: Sequence[str] | None) -> tuple[dict[str, float], list[Edge], dict[str, ScoreMatrix]]:
     """Supplier -> target tracing, level by level: each level one weight sweep and one
     activation run over every upstream supplier, reading every target at once."""
-    config = runner.base.config
+    config = runner.pair.config
     by_name = dict(zip(names, items))
     order = np.argsort(-activation, kind="stable")
     first = [names[i] for i in order if activation[i] >= thresholds.activation][:top_targets]
@@ -510,8 +546,7 @@ def _trace(runner: _Runner, items: Sequence[Component], names: list[str], activa
     matrices: dict[str, ScoreMatrix] = {}
     traced: set[str] = set()
     for level in range(1, depth + 1):
-        targets = _changed_outputs(runner.base, runner.donor, runner.batch,
-                                   [t for t in targets if t not in traced])
+        targets = _changed_outputs(runner.pair, [t for t in targets if t not in traced])
         if not targets:
             break
         traced.update(targets)
@@ -595,7 +630,7 @@ def group_of_name(name: str) -> str:
 
 
 def _role(c: Component, weight: float, activation: float, gains: dict[str, float],
-          left_out: float | None, supplied: float | None, execution: float | None, anchor: int,
+          left_out: float | None, supplied: float | None, execution: float | None, formed: int,
           thresholds: Thresholds, edges: Sequence[Edge]) -> ComponentRole:
     """One component's role, with the reason and what else could be argued."""
     t = thresholds
@@ -615,7 +650,7 @@ def _role(c: Component, weight: float, activation: float, gains: dict[str, float
                         f"of its output ({_suppliers_text(edges, c.name, t.edge)})")
         if execution is not None and execution >= t.execution:
             also.append(f"also needed downstream: ablating it drops the output {execution:.2f}")
-    elif (c.layer <= anchor and activation >= t.activation and supplied is not None
+    elif (c.layer <= formed and activation >= t.activation and supplied is not None
           and supplied >= t.supplied):
         role = "aggregation"
         upstream = sorted({group_of_name(n) for n in gains if _layer_of(n) <= c.layer})
@@ -627,7 +662,7 @@ def _role(c: Component, weight: float, activation: float, gains: dict[str, float
                   f"{_suppliers_text(edges, c.name, t.edge)})")
     elif execution is not None and execution >= t.execution:
         role = "execution"
-        reason = (f"after the anchor layer {anchor}; ablating its weights drops the output "
+        reason = (f"after the formation layer {formed}; ablating its weights drops the output "
                   f"{execution:.2f} >= {t.execution}; not a source (weight score {weight:.2f})")
         if activation >= t.activation:
             also.append(f"its output carries the signal too (activation score {activation:.2f})")

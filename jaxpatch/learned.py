@@ -43,19 +43,20 @@ import optax
 from jaxpatch._tree import unflatten_dotted
 from jaxpatch.attribution import value_and_alpha_gradient
 from jaxpatch.components import Component, SelectorLike, select
+from jaxpatch.engine import PreparedPair
+from jaxpatch.engine.prepared import PROMPT_AXES
 from jaxpatch.errors import JaxpatchError
-from jaxpatch.mesh import MeshLike, make_mesh
 from jaxpatch.metrics import Metric
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
-from jaxpatch.models.model import Model
 from jaxpatch.modes import PAIR_DIRECTIONS, Granularity, PairDirection, check_mode
-from jaxpatch.pair import check_pair, endpoint_scores, endpoints, placed_on, score_patch
+from jaxpatch.pair import endpoints, score_patch
 from jaxpatch.patch import Patch, alpha_shapes, component_entries, mix_leaf
 from jaxpatch.prompts import Batch
 from jaxpatch.rounding import jit
+from jaxpatch.runs.settings import Execution, execution_of
 
-__all__ = ["LearnedPatch", "gate_index", "learn_patch"]
+__all__ = ["GateTraining", "LearnedPatch", "gate_index", "learn_patch"]
 
 
 @dataclasses.dataclass
@@ -91,8 +92,8 @@ class LearnedPatch:
         """A JSON-ready record (the patch itself as `jaxpatch.patch/1` text).
 
         Example:
-            >>> learned = learn_patch(base, donor, batch, jaxpatch.VectorAnchor(layer=1),
-            ...                       granularity="layer", steps=5)
+            >>> learned = learn_patch(pair, jaxpatch.VectorAnchor(layer=1), granularity="layer",
+            ...                       training=GateTraining(steps=5))
             >>> sorted(learned.to_dict())[:4]
             ['curve', 'direction', 'effect', 'granularity']
         """
@@ -188,25 +189,11 @@ def _steps_function(config: ModelConfig, metric: Metric, optimizer: Any, start_l
     return run
 
 
-def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
-                granularity: Granularity = "module", selector: SelectorLike | None = None,
-                direction: PairDirection = "denoise", sparsity: float = 0.01, steps: int = 200,
-                learning_rate: float = 0.1, optimizer: Any = None, init: float = 0.0,
-                temperatures: tuple[float, float] = (1.0, 0.02), log_every: int = 10,
-                remat: bool = False, mesh: MeshLike | None = None) -> LearnedPatch:
-    """Learns the smallest set of components whose weights, moved together, recover (denoise)
-    or destroy (noise) the behavior.
+@dataclasses.dataclass(frozen=True)
+class GateTraining:
+    """How the gates of a learned patch are trained.
 
-    Arguments:
-        base, donor: the pair.
-        batch: prompts and readout positions.
-        metric: the behavioral interface.
-        granularity: module, head, neuron or layer.
-        selector: restrict the candidates to a selector (default: every component).
-        direction: "denoise" (gates move base weights to the donor's) or "noise" (donor weights
-            to the base's).
-        sparsity: the penalty per unit of gate probability, in units of effect: a component
-            stays when it adds more than this share of the behavior.
+    Attributes:
         steps: optimizer steps (one forward and one backward each).
         learning_rate: Adam's learning rate (ignored when `optimizer` is given).
         optimizer: any `optax.GradientTransformation` for the gate logits (the compiled steps
@@ -214,10 +201,40 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         init: the gates' starting logit (0: probability 1/2).
         temperatures: the gate temperature at the first and the last step (geometric schedule).
         log_every: how often the curve records a point.
-        remat: recompute each block's activations in the backward pass (memory of one block's
-            activations, one more forward of compute per step).
-        mesh: devices to split the work over (`jaxpatch.mesh`): params along `model`, prompts
-            along `candidates` and `data` together, as for `attribute`.
+
+    Example:
+        >>> GateTraining(steps=50).temperatures
+        (1.0, 0.02)
+    """
+
+    steps: int = 200
+    learning_rate: float = 0.1
+    optimizer: Any = None
+    init: float = 0.0
+    temperatures: tuple[float, float] = (1.0, 0.02)
+    log_every: int = 10
+
+
+def learn_patch(pair: PreparedPair, metric: Metric, *, granularity: Granularity = "module",
+                selector: SelectorLike | None = None, direction: PairDirection = "denoise",
+                sparsity: float = 0.01, training: GateTraining | None = None,
+                execution: Execution | None = None) -> LearnedPatch:
+    """Learns the smallest set of components whose weights, moved together, recover (denoise)
+    or destroy (noise) the behavior.
+
+    Arguments:
+        pair: the base/donor pair and prompts (`jaxpatch.prepare`); on a mesh, params split
+            along `model`, prompts along `candidates` and `data` together, as for `attribute`.
+        metric: the behavioral interface.
+        granularity: module, head, neuron or layer.
+        selector: restrict the candidates to a selector (default: every component).
+        direction: "denoise" (gates move base weights to the donor's) or "noise" (donor weights
+            to the base's).
+        sparsity: the penalty per unit of gate probability, in units of effect: a component
+            stays when it adds more than this share of the behavior.
+        training: steps, optimizer and temperature schedule (`GateTraining`).
+        execution: `remat` recomputes each block's activations in the backward pass (memory
+            of one block's activations, one more forward of compute per step).
 
     Returns:
         A `LearnedPatch`.
@@ -226,27 +243,28 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
         JaxpatchError: a bad direction, steps or temperature, or overlapping candidates.
 
     Example:
-        >>> learned = learn_patch(base, donor, batch, jaxpatch.VectorAnchor(layer=1),
-        ...                       sparsity=0.01, steps=100)
+        >>> learned = learn_patch(pair, jaxpatch.VectorAnchor(layer=1), sparsity=0.01,
+        ...                       training=GateTraining(steps=100))
         >>> learned.effect > 0.8, len(learned.selected) < len(learned.names)
         (True, True)
     """
+    training = GateTraining() if training is None else training
+    remat = execution_of(execution).remat
+    steps, log_every, temperatures = training.steps, training.log_every, training.temperatures
     check_mode("learned-patch direction", direction, PAIR_DIRECTIONS, JaxpatchError)
     if steps < 1 or log_every < 1:
         raise JaxpatchError(f"steps and log_every must be at least 1, got {steps} and {log_every}")
     if min(temperatures) <= 0:
         raise JaxpatchError(f"gate temperatures must be positive, got {temperatures}")
-    check_pair(base, donor)
-    base, donor, batch = placed_on(make_mesh(mesh), base, donor, batch, ("candidates", "data"))
-    config = base.config
+    config, batch = pair.config, pair.batch_along(PROMPT_AXES)
     items = select(config, selector, granularity)
     index = gate_index(config, items)
-    start, target = endpoints(base, donor, direction)
-    state, base_score, donor_score = endpoint_scores(config, base, donor, batch, metric)
+    start, target = endpoints(pair.base, pair.donor, direction)
+    state, base_score, donor_score, _ = pair.endpoints(metric)
     # effect = (score - offset) * scale: 0 at the start, 1 at the target
     offset = base_score if direction == "denoise" else donor_score
     scale = 1.0 / (donor_score - base_score) * (1.0 if direction == "denoise" else -1.0)
-    optimizer = optimizer if optimizer is not None else _adam(learning_rate)
+    optimizer = training.optimizer if training.optimizer is not None else _adam(training.learning_rate)
     # Prefix reuse: blocks before the first candidate's never change, so their output is
     # computed once and every step starts after them (a metric reading component outputs
     # may read those blocks: it runs from the embeddings).
@@ -255,7 +273,7 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     if first > 0:
         residual = forward(config, start, batch.tokens, batch.mask, stop_layer=first - 1).residual
     run = _steps_function(config, metric, optimizer, max(first, 0), remat)
-    theta = jnp.full(len(items), init, jnp.float32)
+    theta = jnp.full(len(items), training.init, jnp.float32)
     opt_state = optimizer.init(theta)
     t0, t1 = temperatures
     schedule = t0 * (t1 / t0) ** (np.arange(steps) / max(steps - 1, 1))
@@ -273,7 +291,7 @@ def learn_patch(base: Model, donor: Model, batch: Batch, metric: Metric, *,
     probabilities = np.asarray(jax.nn.sigmoid(theta / temperature), np.float64)
     chosen = [c for c, p in zip(items, probabilities) if p > 0.5]
     patch = Patch.from_components(config, chosen)
-    score = score_patch(base, donor, patch, batch, metric, direction, state)
+    score = score_patch(pair.base, pair.donor, patch, batch, metric, direction, state)
     effect = (score - offset) * scale
     return LearnedPatch(patch, [c.name for c in items], probabilities, float(effect), curve,
                         direction, granularity, sparsity)

@@ -32,16 +32,17 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxpatch.engine import sweep
+from jaxpatch.engine import prepare, sweep
 from jaxpatch.evaluate import PlantedPair, load_planted, task_accuracy
-from jaxpatch.io.runlog import TaskLog, memo
-from jaxpatch.learned import learn_patch
+from jaxpatch.learned import GateTraining, learn_patch
 from jaxpatch.merge.config import MergeConfig, ModelEntry
 from jaxpatch.merge.guided import stitch
 from jaxpatch.merge.run import merge_models_in_memory
 from jaxpatch.metrics import LogProb
 from jaxpatch.models.model import Model
 from jaxpatch.prompts import make_batch, read_prompts
+from jaxpatch.runs.log import TaskLog, memo
+from jaxpatch.runs.settings import Execution
 
 __all__ = ["GRID", "MERGE_EVAL_FORMAT", "experts_of", "localize_experts", "merge_eval", "table"]
 
@@ -91,9 +92,10 @@ def localize_experts(pair: PlantedPair, experts: dict[str, Model], *, learned_st
     def localized(task: str, expert: Model) -> dict[str, Any]:
         prompts = read_prompts(pair.folder / "prompts" / f"{task}.jsonl")
         batch = make_batch(pair.base.config, prompts, "targets")
-        result = sweep(pair.base, expert, batch, LogProb(), direction="noise", progress=False)
-        learned = learn_patch(pair.base, expert, batch, LogProb(), steps=learned_steps,
-                              sparsity=learned_sparsity)
+        prepared = prepare(pair.base, expert, batch, positions="targets")
+        result = sweep(prepared, LogProb(), direction="noise", execution=Execution(progress=False))
+        learned = learn_patch(prepared, LogProb(), sparsity=learned_sparsity,
+                              training=GateTraining(steps=learned_steps))
         return {"effects": dict(zip(result.names, result.effect.tolist())),
                 "learned": learned.selected}
 

@@ -23,11 +23,11 @@ import numpy as np
 
 from jaxpatch.components import as_selector, component_sites, components
 from jaxpatch.errors import InvalidInputError, MetricError, SelectorError
-from jaxpatch.io.atomic import atomic_write_bytes
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import Edit, forward
 from jaxpatch.prompts import Batch
 from jaxpatch.rounding import jit
+from jaxpatch.runs.atomic import atomic_write_bytes
 
 __all__ = ["readout", "endpoint_readouts", "read_metric", "metric_readout", "metric_endpoints",
            "Metric", "VectorAnchor", "anchor_direction", "ComponentAnchor", "target_sites",

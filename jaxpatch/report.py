@@ -497,7 +497,7 @@ def write_run(summary: Mapping[str, Any], results: Mapping[str, SweepResult], ou
         >>> sorted(f.name for f in (tmp / "run").iterdir())
         ['auc.csv', 'report.html', 'results.json', 'scores']
     """
-    from jaxpatch.io.atomic import atomic_directory
+    from jaxpatch.runs.atomic import atomic_directory
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "results.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -30,11 +30,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jaxpatch import LogProb, activation_patching, make_batch, select, sweep  # noqa: E402
+from jaxpatch import Execution, LogProb, activation_patching, make_batch, prepare, select, sweep  # noqa: E402  # noqa: E402
 from jaxpatch.components import activation_sites  # noqa: E402
 from jaxpatch.evaluate import default_pair_dir, load_planted  # noqa: E402
 from jaxpatch.hierarchy import trace_hierarchy  # noqa: E402
-from jaxpatch.trace import _betas, _Operands, _program, _sources  # noqa: E402
+from jaxpatch.engine.activation import _betas, _Operands, _program  # noqa: E402
+from jaxpatch.engine.programs import clean_sites  # noqa: E402
 
 
 def timed(fn, repeats: int = 3) -> float:
@@ -59,7 +60,7 @@ def main() -> int:
           f"{batch.tokens.shape[0]} prompts of {batch.tokens.shape[1]} tokens")
 
     def run_sweep():
-        return sweep(base, donor, batch, metric, candidates=items, progress=False)
+        return sweep(prepare(base, donor, batch), metric, candidates=items, execution=Execution(progress=False))
 
     cold = time.perf_counter()
     reference_sweep = run_sweep()
@@ -68,14 +69,14 @@ def main() -> int:
     print(f"weight sweep: {len(items)} candidates, {sweep_s:.2f} s warm ({cold:.2f} s cold)")
 
     def run_activation():
-        return activation_patching(base, donor, batch, metric, progress=False)
+        return activation_patching(prepare(base, donor, batch), metric, execution=Execution(progress=False))
 
     reused = run_activation()
     activation_s = timed(run_activation)
 
     # The reference: every candidate reruns the model from the embeddings.
     state = metric.prepare(config, base.params, donor.params, batch)
-    sources = _sources(config, donor.params, batch, None)
+    sources = clean_sites(config, donor.params, batch, None)
     sites = activation_sites(config)
     program = jax.jit(_program(config, metric, 0))
     ops = _Operands(base.params, sources, None, batch, state, None)
@@ -87,10 +88,10 @@ def main() -> int:
           f"from the embeddings (ratio {full_s / activation_s:.2f}; scores equal)")
 
     start = time.perf_counter()
-    traced = trace_hierarchy(base, donor, batch, metric)
+    traced = trace_hierarchy(prepare(base, donor, batch), metric)
     cold_trace = time.perf_counter() - start
     start = time.perf_counter()
-    traced = trace_hierarchy(base, donor, batch, metric)
+    traced = trace_hierarchy(prepare(base, donor, batch), metric)
     trace_s = time.perf_counter() - start
     calls = traced.calls
     print(f"trace_hierarchy: {trace_s:.1f} s warm ({cold_trace:.1f} s cold) = "

@@ -28,7 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from experiments.planted import Settings, build, write  # noqa: E402
-from jaxpatch import LogProb, make_batch, select  # noqa: E402
+from jaxpatch import (  # noqa: E402
+    LogProb,
+    make_batch,
+    prepare,
+    select,
+)
 from jaxpatch.evaluate import default_pair_dir, hierarchy_against_plant, load_planted  # noqa: E402
 from jaxpatch.hierarchy import Thresholds, trace_hierarchy  # noqa: E402
 from jaxpatch.scoring import plant_patch, planted_labels  # noqa: E402
@@ -52,7 +57,7 @@ def run_seed(seed: int, folder: Path) -> dict[str, Any]:
     config = pair.base.config
     batch = make_batch(config, pair.prompts, "targets")
     start = time.perf_counter()
-    traced = trace_hierarchy(pair.base, pair.donor, batch, LogProb())
+    traced = trace_hierarchy(prepare(pair.base, pair.donor, batch), LogProb())
     seconds = time.perf_counter() - start
     items = select(config, None, "module")
     labels = dict(zip([c.name for c in items],

@@ -12,16 +12,19 @@ import pytest
 
 import jaxpatch
 from jaxpatch import (
+    Execution,
     KLDivergence,
     Patch,
     Prompt,
     VectorAnchor,
+    Verification,
     alpha_gradients,
     apply,
     attribute,
     endpoint_scores,
     localize,
     make_batch,
+    prepare,
     score_patch,
     select,
     spearman,
@@ -40,7 +43,7 @@ METRIC = VectorAnchor(layer=1)
 
 def test_first_order_is_the_derivative_of_exact_patching() -> None:
     """(score(patch at strength e) - score(start)) / e -> the attribution, per component."""
-    result = attribute(BASE, DONOR, BATCH, METRIC, granularity="head")
+    result = attribute(prepare(BASE, DONOR, BATCH), METRIC, granularity="head")
     state = METRIC.prepare(CONFIG, BASE.params, DONOR.params, BATCH)
     items = select(CONFIG, None, "head")
     eps = 1e-2
@@ -60,7 +63,7 @@ def test_first_order_equals_weight_gradient_dotted_with_the_difference() -> None
 
     grad_w = jaxpatch.flatten_params(jax.grad(score)(BASE.params))
     delta = {k: np.asarray(DONOR_FLAT[k]) - np.asarray(BASE_FLAT[k]) for k in BASE_FLAT}
-    result = attribute(BASE, DONOR, BATCH, METRIC, granularity="neuron", selector="layers.0")
+    result = attribute(prepare(BASE, DONOR, BATCH), METRIC, granularity="neuron", selector="layers.0")
     for n, value in zip(range(16), result.scores - result.base_score):
         expected = sum(float(np.take(np.asarray(grad_w[f"layers.0.mlp.{m}.weight"]) * delta[f"layers.0.mlp.{m}.weight"], n, axis).sum())
                        for m, axis in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 0)))
@@ -75,8 +78,7 @@ DONOR_FLAT = jaxpatch.flatten_params(DONOR.params)
 def test_integrated_gradients_are_complete(direction: str) -> None:
     gaps = []
     for steps in (2, 16):
-        result = attribute(BASE, DONOR, BATCH, METRIC, granularity="module",
-                           method="integrated-gradients", steps=steps, direction=direction)
+        result = attribute(prepare(BASE, DONOR, BATCH), METRIC, granularity="module", method="integrated-gradients", steps=steps, direction=direction)
         completeness = result.extra["completeness"]
         gaps.append(completeness["relative_gap"])
         # Modules partition every coefficient, so their effects sum to the whole recovery.
@@ -103,7 +105,7 @@ def test_first_order_equals_the_gradient_of_patching_for_every_leaf(family: str)
 
     want = jax.jit(jax.grad(patched_score))(Patch.zeros(config).alpha)
     for remat in (False, True):
-        got = alpha_gradients(base, donor, batch, metric, state=state, remat=remat)
+        got = alpha_gradients(prepare(base, donor, batch), metric, execution=Execution(remat=remat))
         assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
         for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got),
                                 jax.tree_util.tree_leaves(want)):
@@ -117,22 +119,21 @@ def test_bfloat16_attribution_follows_float32() -> None:
         return jaxpatch.Model(CONFIG, jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16),
                                                              model.params))
 
-    full = attribute(BASE, DONOR, BATCH, METRIC, granularity="module")
-    half = attribute(cast(BASE), cast(DONOR), BATCH, METRIC, granularity="module")
+    full = attribute(prepare(BASE, DONOR, BATCH), METRIC, granularity="module")
+    half = attribute(prepare(cast(BASE), cast(DONOR), BATCH), METRIC, granularity="module")
     assert np.all(np.isfinite(half.effect))
     assert spearman(full.effect, half.effect) > 0.95
     np.testing.assert_allclose(half.effect, full.effect, atol=0.05 * np.abs(full.effect).max())
 
 
 def test_integrated_gradient_steps_run_in_batches_alike() -> None:
-    one = alpha_gradients(BASE, DONOR, BATCH, METRIC, method="integrated-gradients", steps=4)
+    one = alpha_gradients(prepare(BASE, DONOR, BATCH), METRIC, method="integrated-gradients", steps=4)
     for step_batch in (3, 4):  # uneven and whole
-        batched = alpha_gradients(BASE, DONOR, BATCH, METRIC, method="integrated-gradients",
-                                  steps=4, step_batch=step_batch)
+        batched = alpha_gradients(prepare(BASE, DONOR, BATCH), METRIC, method="integrated-gradients", steps=4, execution=Execution(step_batch=step_batch))
         for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(batched)):
             np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
     with pytest.raises(jaxpatch.JaxpatchError, match="step_batch"):
-        alpha_gradients(BASE, DONOR, BATCH, METRIC, method="integrated-gradients", step_batch=0)
+        alpha_gradients(prepare(BASE, DONOR, BATCH), METRIC, method="integrated-gradients", execution=Execution(step_batch=0))
 
 
 @pytest.mark.parametrize("metric, method", [(KLDivergence(), "first-order"),
@@ -141,9 +142,8 @@ def test_integrated_gradient_steps_run_in_batches_alike() -> None:
 def test_prompt_chunks_and_remat_do_not_change_gradients(metric, method: str) -> None:
     """KL's state is per prompt, so chunking must slice it; the anchor stops before the last
     block, whose coefficients then have no effect."""
-    full = alpha_gradients(BASE, DONOR, BATCH, metric, method=method, steps=3)
-    chunked = alpha_gradients(BASE, DONOR, BATCH, metric, method=method, steps=3,
-                              prompt_batch=2, remat=True)
+    full = alpha_gradients(prepare(BASE, DONOR, BATCH), metric, method=method, steps=3)
+    chunked = alpha_gradients(prepare(BASE, DONOR, BATCH), metric, method=method, steps=3, execution=Execution(prompt_batch=2, remat=True))
     for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(chunked)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
     if metric.layer == 0:
@@ -157,7 +157,7 @@ def _planned_bytes(n_layers: int, remat: bool) -> int:
     base = jaxpatch.Model(config, jaxpatch.init_params(config, jax.random.key(0), scale=0.2))
     donor = jaxpatch.Model(config, jaxpatch.init_params(config, jax.random.key(1), scale=0.2))
     batch = make_batch(config, [Prompt(tuple(range(1, 49)))] * 8)
-    return planned_gradient_bytes(base, donor, batch, KLDivergence(), remat=remat)
+    return planned_gradient_bytes(prepare(base, donor, batch), KLDivergence(), remat=remat)
 
 
 def test_remat_keeps_gradient_memory_flat_in_depth() -> None:
@@ -169,8 +169,7 @@ def test_remat_keeps_gradient_memory_flat_in_depth() -> None:
 
 
 def test_localize_verifies_the_shortlist_and_reports_recall() -> None:
-    report = localize(BASE, DONOR, BATCH, METRIC, granularity="neuron", top_k=5, controls=4,
-                      exhaustive=True, seed=3, progress=False)
+    report = localize(prepare(BASE, DONOR, BATCH), METRIC, granularity="neuron", verify=Verification(top_k=5, controls=4, exhaustive=True, seed=3), execution=Execution(progress=False))
     attribution = dict(zip(report.attribution.names, np.abs(report.attribution.effect)))
     top = sorted(attribution, key=lambda n: -attribution[n])[:5]
     assert report.shortlist == top
@@ -192,8 +191,7 @@ def test_localize_verifies_the_shortlist_and_reports_recall() -> None:
     exact_effect = np.array([(exact[n] - base_score) / (donor_score - base_score) for n in verified])
     ranks = [np.argsort(np.argsort(x)) for x in (approx_effect, exact_effect)]
     assert report.spearman == pytest.approx(np.corrcoef(*ranks)[0, 1], abs=1e-9)
-    again = localize(BASE, DONOR, BATCH, METRIC, granularity="neuron", top_k=5, controls=4, seed=3,
-                     progress=False)
+    again = localize(prepare(BASE, DONOR, BATCH), METRIC, granularity="neuron", verify=Verification(top_k=5, controls=4, seed=3), execution=Execution(progress=False))
     assert again.controls == report.controls
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
 

@@ -12,6 +12,7 @@ import pytest
 
 import jaxpatch
 from jaxpatch import (
+    Execution,
     JaxpatchError,
     KLDivergence,
     LogitDiff,
@@ -25,6 +26,7 @@ from jaxpatch import (
     VectorAnchor,
     apply,
     make_batch,
+    prepare,
     score_patch,
     select,
     sweep,
@@ -57,8 +59,7 @@ def reference_scores(base, donor, batch, metric, components, direction="denoise"
 def test_sweep_equals_patching_each_candidate_alone(family, granularity, metric, direction, pair) -> None:
     base, donor = pair(family, d_ff=16)
     batch = make_batch(base.config, PROMPTS)
-    result = sweep(base, donor, batch, metric, granularity=granularity, direction=direction,
-                   progress=False)
+    result = sweep(prepare(base, donor, batch), metric, granularity=granularity, direction=direction, execution=Execution(progress=False))
     components = select(base.config, None, granularity)
     assert result.names == [c.name for c in components]
     expected = reference_scores(base, donor, batch, metric, components, direction)
@@ -80,8 +81,7 @@ def test_bfloat16_sweep_agrees_with_patching_alone(family, granularity, metric, 
     lightly fine-tuned pair: the hardest case, the span is near bfloat16's resolution)."""
     base, donor = pair(family, d_ff=16, dtype="bfloat16", perturbation=0.05)
     batch = make_batch(base.config, PROMPTS)
-    result = sweep(base, donor, batch, metric, granularity=granularity, materialize=materialize,
-                   progress=False)
+    result = sweep(prepare(base, donor, batch), metric, granularity=granularity, execution=Execution(materialize=materialize, progress=False))
     components = select(base.config, None, granularity)
     expected = reference_scores(base, donor, batch, metric, components)
     state = metric.prepare(base.config, base.params, donor.params, batch)
@@ -109,8 +109,7 @@ def test_chunk_size_and_weight_layout_do_not_change_scores(pair) -> None:
     base, donor = pair("llama", d_ff=16)
     batch = make_batch(base.config, PROMPTS, "prompt")
     metric = VectorAnchor(layer=1)
-    results = [sweep(base, donor, batch, metric, granularity="neuron", chunk_size=chunk,
-                     materialize=dense, progress=False).scores
+    results = [sweep(prepare(base, donor, batch), metric, granularity="neuron", execution=Execution(chunk_size=chunk, materialize=dense, progress=False)).scores
                for chunk, dense in ((None, None), (1, True), (5, False), (7, True))]
     for other in results[1:]:
         np.testing.assert_allclose(other, results[0], atol=1e-5)
@@ -119,7 +118,7 @@ def test_chunk_size_and_weight_layout_do_not_change_scores(pair) -> None:
 def test_components_after_the_anchor_are_exactly_unchanged(pair) -> None:
     base, donor = pair("llama")
     batch = make_batch(base.config, PROMPTS)
-    result = sweep(base, donor, batch, VectorAnchor(layer=0), progress=False)
+    result = sweep(prepare(base, donor, batch), VectorAnchor(layer=0), execution=Execution(progress=False))
     after = [n for n in result.names if n.startswith("layers.1") or n in ("norm", "lm_head")]
     assert set(result.skipped) == set(after)
     effect = dict(zip(result.names, result.effect))
@@ -133,7 +132,7 @@ def test_logit_metrics_cover_the_final_modules_and_the_embedding(pair) -> None:
     batch = make_batch(base.config, PROMPTS, "targets")
     metric = LogProb()
     chosen = select(base.config, "embed_tokens | norm | lm_head | layers.1.mlp.down_proj", "module")
-    result = sweep(base, donor, batch, metric, candidates=chosen, progress=False)
+    result = sweep(prepare(base, donor, batch), metric, candidates=chosen, execution=Execution(progress=False))
     np.testing.assert_allclose(result.scores, reference_scores(base, donor, batch, metric, chosen),
                                atol=1e-5)
 
@@ -149,7 +148,7 @@ def test_custom_multi_layer_patches(pair) -> None:
         | Patch.from_selector(config, "layers.1.mlp[neuron=0-9]", "neuron"),
     }
     metric = VectorAnchor(layer=1)
-    result = sweep(base, donor, batch, metric, candidates=patches, progress=False)
+    result = sweep(prepare(base, donor, batch), metric, candidates=patches, execution=Execution(progress=False))
     state = metric.prepare(config, base.params, donor.params, batch)
     expected = [score_patch(base, donor, p, batch, metric, state=state) for p in patches.values()]
     np.testing.assert_allclose(result.scores, expected, atol=1e-5)
@@ -161,14 +160,13 @@ def test_ablation_directions(pair) -> None:
     metric = VectorAnchor(layer=1)
     chosen = select(base.config, "layers.*.mlp.*", "module")
     state = metric.prepare(base.config, base.params, donor.params, batch)
-    result = sweep(base, donor, batch, metric, candidates=chosen, direction="zero", progress=False)
+    result = sweep(prepare(base, donor, batch), metric, candidates=chosen, direction="zero", execution=Execution(progress=False))
     zero = ablation_target(donor.params)
     expected = [float(metric.score(readout(
         base.config, apply(Patch.from_components(base.config, [c]), donor.params, zero), batch, 1),
         batch, state).mean()) for c in chosen]
     np.testing.assert_allclose(result.scores, expected, atol=1e-5)
-    mean = sweep(base, donor, batch, metric, candidates=chosen, direction="mean",
-                 references=[base.params, donor.params], progress=False)
+    mean = sweep(prepare(base, donor, batch), metric, candidates=chosen, direction="mean", references=[base.params, donor.params], execution=Execution(progress=False))
     assert not np.allclose(mean.scores, result.scores)
 
 
@@ -187,7 +185,7 @@ def test_continuation_positions_teacher_force_the_donors_text(pair) -> None:
     assert batch.positions.shape == (3, 3) and batch.positions[1].tolist() == [3, 4, 5]
     metric = VectorAnchor(layer=1)
     chosen = select(base.config, "layers.0.self_attn", "head")
-    result = sweep(base, donor, batch, metric, candidates=chosen, progress=False)
+    result = sweep(prepare(base, donor, batch), metric, candidates=chosen, execution=Execution(progress=False))
     np.testing.assert_allclose(result.scores, reference_scores(base, donor, batch, metric, chosen),
                                atol=1e-5)
 
@@ -198,24 +196,23 @@ def test_bad_pairs_and_values_are_refused(pair) -> None:
     other = jaxpatch.Model(base.config.replace(d_ff=48),
                            jaxpatch.init_params(base.config.replace(d_ff=48), jax.random.key(2)))
     with pytest.raises(PatchError, match="has shape \\(64, 32\\) in the base and \\(48, 32\\) in the donor"):
-        sweep(base, other, batch, VectorAnchor(layer=1), progress=False)
+        sweep(prepare(base, other, batch), VectorAnchor(layer=1), execution=Execution(progress=False))
     theta = jaxpatch.Model(base.config.replace(rope_theta=500.0), donor.params)
     with pytest.raises(JaxpatchError, match="differ in rope_theta"):
-        sweep(base, theta, batch, VectorAnchor(layer=1), progress=False)
+        sweep(prepare(base, theta, batch), VectorAnchor(layer=1), execution=Execution(progress=False))
     poisoned = jax.tree_util.tree_map(lambda x: x, donor.params)
     poisoned["layers"][1]["mlp"]["up_proj"]["weight"] = poisoned["layers"][1]["mlp"]["up_proj"]["weight"].at[0, 0].set(jnp.nan)
     with pytest.raises(NonFiniteError, match="donor tensor 'layers.1.mlp.up_proj.weight' holds NaN or Inf"):
-        sweep(base, jaxpatch.Model(base.config, poisoned), batch, VectorAnchor(layer=1), progress=False)
+        sweep(prepare(base, jaxpatch.Model(base.config, poisoned), batch), VectorAnchor(layer=1), execution=Execution(progress=False))
     with pytest.raises(MetricError, match="zero length: donor and base do not differ"):
-        sweep(base, base, batch, VectorAnchor(layer=1), progress=False)
+        sweep(prepare(base, base, batch), VectorAnchor(layer=1), execution=Execution(progress=False))
     with pytest.raises(MetricError, match="anchor layer 2 is out of range"):
-        sweep(base, donor, batch, VectorAnchor(layer=2), progress=False)
+        sweep(prepare(base, donor, batch), VectorAnchor(layer=2), execution=Execution(progress=False))
 
 
 def test_result_serialization_round_trip(tmp_path: Path, pair) -> None:
     base, donor = pair("llama")
-    result = sweep(base, donor, make_batch(base.config, PROMPTS), VectorAnchor(layer=1),
-                   granularity="layer", progress=False)
+    result = sweep(prepare(base, donor, make_batch(base.config, PROMPTS)), VectorAnchor(layer=1), granularity="layer", execution=Execution(progress=False))
     data = json.loads(json.dumps(result.to_dict()))
     back = SweepResult.from_dict(data)
     np.testing.assert_array_equal(back.scores, result.scores)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import jaxpatch
+from jaxpatch import TraceSearch, prepare
 from jaxpatch import hierarchy as hierarchy_module
 from jaxpatch.cli import main
 from jaxpatch.components import select
@@ -82,8 +83,7 @@ def test_sweep_matrix_equals_each_target_scored_alone_by_the_plain_forward() -> 
     targets = ("layers.1.self_attn", "layers.0.mlp[neuron=0-3]", "layers.0.self_attn[kv_head=1]",
                "norm")
     items = select(cfg, None, "module")
-    matrix = jaxpatch.sweep_matrix(base, donor, batch, ComponentAnchor(targets), items,
-                                   progress=False)
+    matrix = jaxpatch.sweep_matrix(jaxpatch.prepare(base, donor, batch), ComponentAnchor(targets), items, execution=jaxpatch.Execution(progress=False))
     assert matrix.scores.shape == (len(items), len(targets)) and matrix.columns == list(targets)
     for j, target in enumerate(targets):
         metric = ComponentAnchor(target)
@@ -96,7 +96,7 @@ def test_sweep_matrix_equals_each_target_scored_alone_by_the_plain_forward() -> 
     late = items.index(next(c for c in items if c.name == "layers.1.mlp.up_proj"))
     assert matrix.recovery[late, 1] == 0.0
     with pytest.raises(MetricError, match="use sweep_matrix"):
-        jaxpatch.sweep(base, donor, batch, ComponentAnchor(targets), progress=False)
+        jaxpatch.sweep(jaxpatch.prepare(base, donor, batch), ComponentAnchor(targets), execution=jaxpatch.Execution(progress=False))
 
 
 def test_activation_matrix_equals_a_hand_built_activation_patch() -> None:
@@ -113,9 +113,7 @@ def test_activation_matrix_equals_a_hand_built_activation_patch() -> None:
     u, _ = _projection_scores(outputs)
     expected = float((patched.reshape(len(patched), -1) @ u).mean())
     items = select(cfg, "layers.0", "module")
-    matrix = jaxpatch.activation_matrix(base, donor, batch,
-                                        ComponentAnchor(("layers.1.self_attn", "layers.0.mlp")),
-                                        items, progress=False)
+    matrix = jaxpatch.activation_matrix(jaxpatch.prepare(base, donor, batch), ComponentAnchor(("layers.1.self_attn", "layers.0.mlp")), items, execution=jaxpatch.Execution(progress=False))
     row = [c.name for c in items].index(supplier)
     np.testing.assert_allclose(matrix.scores[row, 0], expected, rtol=1e-5)
     assert matrix.recovery[row, 1] == pytest.approx(1.0)  # its own output: the donor's
@@ -125,7 +123,7 @@ def test_the_chain_is_sorted_into_source_router_executor() -> None:
     pair = chain_pair()
     assert not np.array_equal(pair.base.params["layers"][0]["mlp"]["down_proj"]["weight"],
                               pair.donor.params["layers"][0]["mlp"]["down_proj"]["weight"])
-    traced = trace_hierarchy(pair.base, pair.donor, pair.batch, LogProb(), anchor_layer=1)
+    traced = trace_hierarchy(prepare(pair.base, pair.donor, pair.batch), LogProb(), formation_layer=1)
     assert traced.with_role("source") == ["layers.0.mlp.down_proj"]
     router = next(r for r in traced.rows if r.component == "layers.1.self_attn.o_proj")
     assert router.role == "aggregation" and router.weight_score == pytest.approx(0.0, abs=1e-6)
@@ -140,11 +138,10 @@ def test_the_chain_is_sorted_into_source_router_executor() -> None:
     assert edge.score == pytest.approx(1.0, abs=1e-4) and edge.activation_score == pytest.approx(1.0, abs=1e-4)
     # The anchor layer splits aggregation from execution: anchored after block 2, the executor
     # passes the signal on like the router.
-    late = trace_hierarchy(pair.base, pair.donor, pair.batch, LogProb(), anchor_layer=2)
+    late = trace_hierarchy(prepare(pair.base, pair.donor, pair.batch), LogProb(), formation_layer=2)
     assert late.role("layers.2.mlp.down_proj") == "aggregation"
     # Thresholds are arguments: demand more of the suppliers than they can give.
-    strict = trace_hierarchy(pair.base, pair.donor, pair.batch, LogProb(), anchor_layer=1,
-                             thresholds=Thresholds(supplied=1.5))
+    strict = trace_hierarchy(prepare(pair.base, pair.donor, pair.batch), LogProb(), thresholds=Thresholds(supplied=1.5), formation_layer=1)
     assert strict.role("layers.1.self_attn.o_proj") == "inert"
     assert "recovered only" in next(r.reason for r in strict.rows
                                     if r.component == "layers.1.self_attn.o_proj")
@@ -155,12 +152,12 @@ def test_each_level_reads_every_target_from_one_sweep(monkeypatch: pytest.Monkey
     widths: list[int] = []
     real = hierarchy_module.sweep_matrix
 
-    def counting(base, donor, batch, metric, candidates, **kwargs):
+    def counting(prepared, metric, candidates, **kwargs):
         widths.append(metric.width)
-        return real(base, donor, batch, metric, candidates, **kwargs)
+        return real(prepared, metric, candidates, **kwargs)
 
     monkeypatch.setattr(hierarchy_module, "sweep_matrix", counting)
-    traced = trace_hierarchy(pair.base, pair.donor, pair.batch, LogProb(), anchor_layer=1, depth=2)
+    traced = trace_hierarchy(prepare(pair.base, pair.donor, pair.batch), LogProb(), formation_layer=1, search=TraceSearch(depth=2))
     targets = {key: m.columns for key, m in traced.matrices.items() if key.endswith("/weights")}
     assert len(widths) == len(targets) == traced.calls["tracing_sweeps"] <= 2
     assert widths[0] == len(targets["level1/weights"]) > 5  # many targets, one sweep
@@ -168,14 +165,14 @@ def test_each_level_reads_every_target_from_one_sweep(monkeypatch: pytest.Monkey
 
 def test_given_targets_and_selector_are_checked() -> None:
     pair = chain_pair()
-    run = (pair.base, pair.donor, pair.batch, LogProb())
+    run = (prepare(pair.base, pair.donor, pair.batch), LogProb())
     with pytest.raises(SelectorError, match="layers.9.mlp"):
-        trace_hierarchy(*run, targets=["layers.9.mlp"])
+        trace_hierarchy(*run, search=TraceSearch(targets=("layers.9.mlp",)))
     with pytest.raises(MetricError, match="layers.0.self_attn.q_proj does not differ"):
-        trace_hierarchy(*run, targets=["layers.0.self_attn.q_proj"])
+        trace_hierarchy(*run, search=TraceSearch(targets=("layers.0.self_attn.q_proj",)))
     with pytest.raises(SelectorError, match="matches no component"):
         trace_hierarchy(*run, selector="layers.7")
-    traced = trace_hierarchy(*run, targets=["layers.1.self_attn"], anchor_layer=1, depth=1)
+    traced = trace_hierarchy(*run, formation_layer=1, search=TraceSearch(targets=("layers.1.self_attn",), depth=1))
     assert traced.matrices["level1/weights"].columns == ["layers.1.self_attn"]
 
 
@@ -184,7 +181,7 @@ def test_the_planted_pair_sources_are_the_planted_set() -> None:
     pair = load_planted(default_pair_dir())
     config = pair.base.config
     batch = make_batch(config, pair.prompts, "targets")
-    traced = trace_hierarchy(pair.base, pair.donor, batch, LogProb())
+    traced = trace_hierarchy(prepare(pair.base, pair.donor, batch), LogProb())
     items = select(config, None, "module")
     labels = dict(zip([c.name for c in items],
                       planted_labels(config, plant_patch(config, pair.plant), items).tolist()))
@@ -236,12 +233,12 @@ def test_joint_source_rows_leave_the_target_out() -> None:
 def test_a_component_anchor_drives_attribution_and_learned_patches() -> None:
     pair = chain_pair()
     router = ComponentAnchor("layers.1.self_attn")
-    learned = jaxpatch.learn_patch(pair.base, pair.donor, pair.batch, router, steps=50)
+    learned = jaxpatch.learn_patch(jaxpatch.prepare(pair.base, pair.donor, pair.batch), router, training=jaxpatch.GateTraining(steps=50))
     assert learned.selected == ["layers.0.mlp.down_proj"] and learned.effect == pytest.approx(1.0)
-    ranked = jaxpatch.attribute(pair.base, pair.donor, pair.batch, router)
+    ranked = jaxpatch.attribute(jaxpatch.prepare(pair.base, pair.donor, pair.batch), router)
     assert ranked.top(1)[0][0] == "layers.0.mlp.down_proj"
     with pytest.raises(MetricError, match="block-by-block gradient"):
-        jaxpatch.attribute(pair.base, pair.donor, pair.batch, router, remat=True)
+        jaxpatch.attribute(jaxpatch.prepare(pair.base, pair.donor, pair.batch), router, execution=jaxpatch.Execution(remat=True))
 
 
 def test_of_two_redundant_sources_the_smallest_set_keeps_one() -> None:
@@ -259,7 +256,7 @@ def test_of_two_redundant_sources_the_smallest_set_keeps_one() -> None:
     flat["layers.0.self_attn.v_proj.weight"] = jnp.asarray(v)
     flat["layers.0.self_attn.o_proj.weight"] = jnp.asarray(o)
     twice = jaxpatch.Model(pair.config, unflatten_dotted(flat))
-    traced = trace_hierarchy(pair.base, twice, pair.batch, LogProb(), anchor_layer=1, depth=1)
+    traced = trace_hierarchy(prepare(pair.base, twice, pair.batch), LogProb(), formation_layer=1, search=TraceSearch(depth=1))
     sources = traced.with_role("source")
     attention = ["layers.0.self_attn.v_proj", "layers.0.self_attn.o_proj"]
     assert sources in (["layers.0.mlp.down_proj"], attention)

@@ -21,10 +21,10 @@ import jaxpatch
 from jaxpatch.cli import main
 from jaxpatch.errors import JaxpatchError
 from jaxpatch.io import safetensors
-from jaxpatch.io.runlog import RunLog
 from jaxpatch.merge.config import read_config
 from jaxpatch.models.families import config_from_hf
 from jaxpatch.prompts import make_batch, read_prompts
+from jaxpatch.runs.log import RunLog
 
 FUZZ = settings(max_examples=60, deadline=5000, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

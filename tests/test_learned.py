@@ -7,7 +7,19 @@ import functools
 import numpy as np
 import pytest
 
-from jaxpatch import JaxpatchError, Model, Patch, VectorAnchor, apply, components, make_batch, sweep
+from jaxpatch import (
+    Execution,
+    GateTraining,
+    JaxpatchError,
+    Model,
+    Patch,
+    VectorAnchor,
+    apply,
+    components,
+    make_batch,
+    prepare,
+    sweep,
+)
 from jaxpatch.examples import EXAMPLE_PROMPTS, random_pair
 from jaxpatch.learned import gate_index, learn_patch
 
@@ -36,7 +48,7 @@ def constructed(cancelling: bool = True):
                                                        ("noise", False)])
 def test_the_learned_patch_is_the_source(direction, cancelling) -> None:
     base, donor, batch, metric = constructed(cancelling)
-    learned = learn_patch(base, donor, batch, metric, direction=direction, sparsity=0.01, steps=150)
+    learned = learn_patch(prepare(base, donor, batch), metric, direction=direction, sparsity=0.01, training=GateTraining(steps=150))
     assert set(learned.selected) == SOURCE, learned.selected
     assert learned.effect == pytest.approx(1.0, abs=1e-3)
     # Components the donor did not change get only the penalty: their gates close.
@@ -49,24 +61,24 @@ def test_reverting_one_of_a_cancelling_pair_destroys_the_behavior_and_is_smalles
     # In the noise direction the cancelling pair is real: the donor with its attention output
     # from the base (values still times 16) is broken, so that one module is the smallest set.
     base, donor, batch, metric = constructed()
-    learned = learn_patch(base, donor, batch, metric, direction="noise", sparsity=0.01, steps=150)
+    learned = learn_patch(prepare(base, donor, batch), metric, direction="noise", sparsity=0.01, training=GateTraining(steps=150))
     assert len(learned.selected) == 1 and set(learned.selected) <= CANCELLING
     assert learned.effect >= 1.0
 
 
 def test_single_patches_are_fooled_by_what_cancels_and_the_learned_patch_is_not() -> None:
     base, donor, batch, metric = constructed()
-    single = sweep(base, donor, batch, metric, granularity="module", progress=False)
+    single = sweep(prepare(base, donor, batch), metric, granularity="module", execution=Execution(progress=False))
     effect = dict(zip(single.names, single.effect))
     weakest_source = min(abs(effect[n]) for n in SOURCE)
     assert min(abs(effect[n]) for n in CANCELLING) > weakest_source  # one of v/o alone is a big change
-    learned = learn_patch(base, donor, batch, metric, sparsity=0.01, steps=150)
+    learned = learn_patch(prepare(base, donor, batch), metric, sparsity=0.01, training=GateTraining(steps=150))
     assert not CANCELLING & set(learned.selected)
 
 
 def test_a_large_penalty_keeps_nothing() -> None:
     base, donor, batch, metric = constructed()
-    learned = learn_patch(base, donor, batch, metric, sparsity=5.0, steps=100)
+    learned = learn_patch(prepare(base, donor, batch), metric, sparsity=5.0, training=GateTraining(steps=100))
     assert learned.selected == [] and learned.patch.num_nonzero() == 0
     assert learned.effect == pytest.approx(0.0, abs=1e-6)
 
@@ -85,13 +97,13 @@ def test_gate_index_maps_coefficients_to_their_component_and_refuses_overlaps() 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"direction": "zero"}, "learned-patch direction"),
-    ({"steps": 0}, "at least 1"),
-    ({"temperatures": (1.0, 0.0)}, "positive"),
+    ({"training": GateTraining(steps=0)}, "at least 1"),
+    ({"training": GateTraining(temperatures=(1.0, 0.0))}, "positive"),
 ])
 def test_bad_arguments_are_refused(kwargs, message) -> None:
     base, donor, batch, metric = constructed()
     with pytest.raises(JaxpatchError, match=message):
-        learn_patch(base, donor, batch, metric, **kwargs)
+        learn_patch(prepare(base, donor, batch), metric, **kwargs)
 
 
 def test_cli_learn_writes_the_front_and_refuses_bad_input(tmp_path, capsys) -> None:
@@ -133,8 +145,8 @@ def test_prefix_reuse_and_remat_leave_the_gates_as_they_were() -> None:
 
     base, donor, batch, metric = constructed()
     # Candidates only in block 1: block 0 runs once; the first step sees every gate at 1/2.
-    plain = learn_patch(base, donor, batch, metric, selector="layers.1", steps=30)
-    rematted = learn_patch(base, donor, batch, metric, selector="layers.1", steps=30, remat=True)
+    plain = learn_patch(prepare(base, donor, batch), metric, selector="layers.1", training=GateTraining(steps=30))
+    rematted = learn_patch(prepare(base, donor, batch), metric, selector="layers.1", training=GateTraining(steps=30), execution=Execution(remat=True))
     assert plain.names == [c.name for c in components(base.config, "module") if c.layer == 1]
     for a, b in zip(plain.curve, rematted.curve):
         assert a["effect"] == pytest.approx(b["effect"], rel=1e-5, abs=1e-6)

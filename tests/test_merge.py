@@ -187,10 +187,8 @@ def _scores(folders: dict[str, Path], expert: str, out: Path) -> Path:
 
     base, donor = jaxpatch.load(folders["base"]), jaxpatch.load(folders[expert])
     batch = jaxpatch.make_batch(base.config, EXAMPLE_PROMPTS)
-    result = jaxpatch.sweep(base, donor, batch, jaxpatch.KLDivergence(), direction="noise",
-                            progress=False,
-                            inputs={"base": {"sha256": checkpoint_fingerprint(base)},
-                                    "donor": {"sha256": checkpoint_fingerprint(donor)}})
+    result = jaxpatch.sweep(jaxpatch.prepare(base, donor, batch, inputs={"base": {"sha256": checkpoint_fingerprint(base)},
+                                    "donor": {"sha256": checkpoint_fingerprint(donor)}}), jaxpatch.KLDivergence(), direction="noise", execution=jaxpatch.Execution(progress=False))
     out.write_text(json.dumps(result.to_dict()))
     return out
 

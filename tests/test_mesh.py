@@ -33,10 +33,8 @@ from jaxpatch.pair import placed_on
 def test_a_sweep_split_across_two_devices_equals_one_device(granularity: str) -> None:
     pair = example_pair()
     metric = jaxpatch.VectorAnchor(layer=1)
-    one = jaxpatch.sweep(pair.base, pair.donor, pair.batch, metric, granularity=granularity,
-                         progress=False)
-    two = jaxpatch.sweep(pair.base, pair.donor, pair.batch, metric, granularity=granularity,
-                         chunk_size=5, progress=False, mesh={"candidates": 2})
+    one = jaxpatch.sweep(jaxpatch.prepare(pair.base, pair.donor, pair.batch), metric, granularity=granularity, execution=jaxpatch.Execution(progress=False))
+    two = jaxpatch.sweep(jaxpatch.prepare(pair.base, pair.donor, pair.batch, mesh={"candidates": 2}), metric, granularity=granularity, execution=jaxpatch.Execution(chunk_size=5, progress=False))
     assert two.names == one.names
     np.testing.assert_allclose(two.scores, one.scores, rtol=0, atol=1e-5)
     meshed = [exe for key, exe in programs._COMPILED.items()
@@ -100,13 +98,10 @@ def test_model_and_data_axes_split_the_work_and_equal_one_device(mesh: str) -> N
     prompts = jaxpatch.make_batch(pair.base.config, [jaxpatch.Prompt(tuple(map(int, row)))
                                                      for row in tokens])
     metric = jaxpatch.VectorAnchor(layer=1)
-    one = jaxpatch.sweep(pair.base, pair.donor, prompts, metric, granularity="neuron",
-                         progress=False)
-    two = jaxpatch.sweep(pair.base, pair.donor, prompts, metric, granularity="neuron",
-                         progress=False, mesh=mesh)
+    one = jaxpatch.sweep(jaxpatch.prepare(pair.base, pair.donor, prompts), metric, granularity="neuron", execution=jaxpatch.Execution(progress=False))
+    two = jaxpatch.sweep(jaxpatch.prepare(pair.base, pair.donor, prompts, mesh=mesh), metric, granularity="neuron", execution=jaxpatch.Execution(progress=False))
     np.testing.assert_allclose(two.scores, one.scores, rtol=0, atol=1e-5)
-    attributed = [jaxpatch.attribute(pair.base, pair.donor, prompts, metric,
-                                     granularity="neuron", mesh=m).scores for m in (None, mesh)]
+    attributed = [jaxpatch.attribute(jaxpatch.prepare(pair.base, pair.donor, prompts, mesh=m), metric, granularity="neuron").scores for m in (None, mesh)]
     np.testing.assert_allclose(attributed[1], attributed[0], rtol=0, atol=1e-5)
     placed, _, batch = placed_on(make_mesh(mesh), pair.base, pair.donor, prompts)
     up = placed.params["layers"][0]["mlp"]["up_proj"]["weight"]
@@ -174,11 +169,8 @@ def test_meshes_are_parsed_and_refused_by_name() -> None:
 def test_activation_patching_split_across_two_devices_equals_one_device() -> None:
     pair = example_pair()
     metric = jaxpatch.KLDivergence()
-    one = jaxpatch.activation_patching(pair.base, pair.donor, pair.batch, metric,
-                                       granularity="neuron", progress=False)
-    two = jaxpatch.activation_patching(pair.base, pair.donor, pair.batch, metric,
-                                       granularity="neuron", chunk_size=7, progress=False,
-                                       mesh="candidates=2")
+    one = jaxpatch.activation_patching(jaxpatch.prepare(pair.base, pair.donor, pair.batch), metric, granularity="neuron", execution=jaxpatch.Execution(progress=False))
+    two = jaxpatch.activation_patching(jaxpatch.prepare(pair.base, pair.donor, pair.batch, mesh="candidates=2"), metric, granularity="neuron", execution=jaxpatch.Execution(chunk_size=7, progress=False))
     assert two.names == one.names
     np.testing.assert_allclose(two.scores, one.scores, rtol=0, atol=1e-5)
     meshed = [exe for key, exe in programs._COMPILED.items()
@@ -246,8 +238,7 @@ def test_a_learned_patch_on_a_mesh_equals_one_device() -> None:
     pair = example_pair()
     metric = jaxpatch.VectorAnchor(layer=1)
     descent = optax.sgd(1.0)
-    learned = [jaxpatch.learn_patch(pair.base, pair.donor, pair.batch, metric, steps=30,
-                                    optimizer=descent, mesh=mesh)
+    learned = [jaxpatch.learn_patch(jaxpatch.prepare(pair.base, pair.donor, pair.batch, mesh=mesh), metric, training=jaxpatch.GateTraining(steps=30, optimizer=descent))
                for mesh in (None, "model=2", "data=2")]
     for other in learned[1:]:
         assert other.selected == learned[0].selected

@@ -11,7 +11,7 @@ import pytest
 from experiments.language import Language, task_batches
 from experiments.planted import Settings, build, check_donor, main, write
 from experiments.training import model_config, train
-from jaxpatch import JaxpatchError, flatten_params, forward, init_params, plant_patch
+from jaxpatch import Execution, JaxpatchError, flatten_params, forward, init_params, plant_patch, prepare
 from jaxpatch.evaluate import behavior, default_pair_dir, load_planted, task_accuracy
 from jaxpatch.scoring import plant_mask
 
@@ -229,8 +229,7 @@ def test_on_the_decoy_pair_weight_patching_beats_the_weight_difference() -> None
     for g in ("module", "neuron"):
         items = select(config, None, g)
         labels = planted_labels(config, plant, items)
-        exact = max(roc_auc(np.abs(sweep(pair.base, pair.donor, batch, LogProb(), granularity=g,
-                                         direction=d, positions="targets", progress=False).effect),
+        exact = max(roc_auc(np.abs(sweep(prepare(pair.base, pair.donor, batch, positions="targets"), LogProb(), granularity=g, direction=d, execution=Execution(progress=False)).effect),
                             labels) for d in ("denoise", "noise"))
         weight_difference = roc_auc(delta_norms(config, pair.base.params, pair.donor.params, items), labels)
         assert weight_difference < 0.9 < exact, (g, exact, weight_difference)

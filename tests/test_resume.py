@@ -19,15 +19,22 @@ import pytest
 from golden import FIXTURES
 
 import jaxpatch
+from jaxpatch import Execution, Verification, prepare
 from jaxpatch.attribution import attribute, localize
 from jaxpatch.cli import main
 from jaxpatch.engine import sweep
-from jaxpatch.errors import JaxpatchError, OutputExistsError
+from jaxpatch.errors import (
+    CorruptProgressError,
+    JaxpatchError,
+    OutputExistsError,
+    OutputWriteError,
+    RunMismatchError,
+)
 from jaxpatch.examples import example_pair
 from jaxpatch.hierarchy import trace_hierarchy
-from jaxpatch.io import runlog
-from jaxpatch.io.runlog import LOG_NAME, CorruptProgressError, OutputWriteError, RunLog, RunMismatchError
-from jaxpatch.trace import activation_patching
+from jaxpatch.runs import log as runlog
+from jaxpatch.runs.log import LOG_NAME, RunLog
+from jaxpatch.engine.activation import activation_patching
 
 PROMPTS = ('{"text": "the quick brown fox", "target": " jumps", "foil": " dog"}\n'
            '{"tokens": [5, 6, 7, 8, 9, 10], "target_tokens": [11], "foil_tokens": [12]}\n')
@@ -86,7 +93,7 @@ def test_another_runs_folder_is_refused_naming_each_difference(tmp_path: Path) -
 
 def test_a_second_process_cannot_write_the_same_folder(tmp_path: Path) -> None:
     with RunLog.open(tmp_path, {}):
-        script = ("import sys; from jaxpatch.io.runlog import RunLog\n"
+        script = ("import sys; from jaxpatch.runs.log import RunLog\n"
                   f"RunLog.open({str(tmp_path)!r}, {{}})")
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
         assert "another jaxpatch run is writing to this folder" in done.stderr
@@ -98,8 +105,7 @@ def test_a_second_process_cannot_write_the_same_folder(tmp_path: Path) -> None:
 def neuron_reference() -> tuple:
     pair = example_pair()
     metric = jaxpatch.KLDivergence()
-    result = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron", chunk_size=4,
-                   progress=False)
+    result = sweep(prepare(pair.base, pair.donor, pair.batch), metric, granularity="neuron", execution=Execution(chunk_size=4, progress=False))
     return pair, metric, result
 
 
@@ -107,14 +113,12 @@ def test_a_resumed_sweep_equals_an_uninterrupted_one_bit_for_bit(tmp_path: Path,
                                                                  neuron_reference: tuple) -> None:
     pair, metric, reference = neuron_reference
     with RunLog.open(tmp_path, {}) as log:
-        sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron", chunk_size=4,
-              progress=False, log=log.task("sweep"))
+        sweep(prepare(pair.base, pair.donor, pair.batch), metric, granularity="neuron", execution=Execution(chunk_size=4, progress=False, log=log.task("sweep")))
         chunks = len(log.records) - 1  # the memory plan is a record too
     for keep in (1, chunks // 2, chunks):
         cut_log(tmp_path, keep, torn=keep < chunks)
         with RunLog.open(tmp_path, {}) as log:
-            resumed = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
-                            chunk_size=4, progress=False, log=log.task("sweep"))
+            resumed = sweep(prepare(pair.base, pair.donor, pair.batch), metric, granularity="neuron", execution=Execution(chunk_size=4, progress=False, log=log.task("sweep")))
         assert resumed.names == reference.names
         assert resumed.scores.tobytes() == reference.scores.tobytes()
         assert resumed.timing.get("resumed_candidates", 0) == 4 * (keep - 1)
@@ -126,12 +130,9 @@ def test_resumed_activation_patching_attribution_and_localize_are_identical(tmp_
 
     def run(log: RunLog | None) -> tuple:
         task = (lambda name: log.task(name)) if log else (lambda name: None)
-        return (activation_patching(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
-                                    chunk_size=8, progress=False, log=task("act")),
-                attribute(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
-                          method="integrated-gradients", steps=4, log=task("ig")),
-                localize(pair.base, pair.donor, pair.batch, metric, top_k=6, controls=6,
-                         exhaustive=True, progress=False, log=task("localize")))
+        return (activation_patching(prepare(pair.base, pair.donor, pair.batch), metric, granularity="neuron", execution=Execution(chunk_size=8, progress=False, log=task("act"))),
+                attribute(prepare(pair.base, pair.donor, pair.batch), metric, granularity="neuron", method="integrated-gradients", steps=4, execution=Execution(log=task("ig"))),
+                localize(prepare(pair.base, pair.donor, pair.batch), metric, verify=Verification(top_k=6, controls=6, exhaustive=True), execution=Execution(progress=False, log=task("localize"))))
 
     plain, resumed = plain_and_resumed(tmp_path, run, 0.5)
     assert resumed[0].scores.tobytes() == plain[0].scores.tobytes()
@@ -146,8 +147,7 @@ def test_a_resumed_trace_finds_the_same_hierarchy(tmp_path: Path) -> None:
     pair = chain_pair()
 
     def run(log: RunLog | None) -> dict:
-        traced = trace_hierarchy(pair.base, pair.donor, pair.batch, jaxpatch.LogProb(),
-                                 anchor_layer=1, log=log.task("trace") if log else None)
+        traced = trace_hierarchy(prepare(pair.base, pair.donor, pair.batch), jaxpatch.LogProb(), formation_layer=1, execution=Execution(log=log.task("trace") if log else None))
         graph = traced.graph()
         graph.pop("timing", None)
         return graph
@@ -229,37 +229,45 @@ def test_the_cli_resumes_refuses_other_settings_and_starts_afresh_with_overwrite
 
 # --------------------------------------------------------------------- memory and disk
 
+@pytest.mark.parametrize("method", ["sweep", "activation"])
 def test_running_out_of_memory_halves_the_chunk_with_the_same_scores(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        method: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
         neuron_reference: tuple, tmp_path: Path) -> None:
-    """A fake allocator limit: any chunk of more than 3 candidates fails as XLA does."""
-    engine = sys.modules["jaxpatch.engine.sweep"]  # the module, not the function it exports
+    """A fake allocator limit: any chunk of more than 3 candidates fails as XLA does (weight
+    sweeps and activation patching share the chunk runner, so both halve)."""
+    chunks = sys.modules["jaxpatch.engine.chunks"]
     pair, metric, reference = neuron_reference
-    real = engine._run_chunk
+    prepared = prepare(pair.base, pair.donor, pair.batch)
+    real = chunks._run_chunk
 
-    def limited(config, plan, key, fn, ops, chunk, mesh):
-        if plan.chunk > 3:
+    def run(chunk_size: int, log=None):
+        execution = Execution(chunk_size=chunk_size, progress=False, log=log)
+        if method == "sweep":
+            return sweep(prepared, metric, granularity="neuron", execution=execution)
+        return activation_patching(prepared, metric, granularity="neuron", execution=execution)
+
+    def limited(program, size, chunk, ops, mesh):
+        if size > 3:
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
-        return real(config, plan, key, fn, ops, chunk, mesh)
+        return real(program, size, chunk, ops, mesh)
 
-    monkeypatch.setattr(engine, "_run_chunk", limited)
+    unlimited = run(16)
+    monkeypatch.setattr(chunks, "_run_chunk", limited)
     with RunLog.open(tmp_path, {}) as log:
-        halved = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
-                       chunk_size=16, progress=False, log=log.task("s"))
+        halved = run(16, log.task("s"))
         assert log.task("s").limit == 2
     assert [r.getMessage() for r in caplog.records] == [
         "jaxpatch: out of device memory at 16 candidates per chunk; continuing with 8",
         "jaxpatch: out of device memory at 8 candidates per chunk; continuing with 4",
         "jaxpatch: out of device memory at 4 candidates per chunk; continuing with 2"]
-    np.testing.assert_allclose(halved.scores, reference.scores, rtol=1e-6, atol=1e-7)
-    at_two = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron", chunk_size=2,
-                   progress=False)
-    assert halved.scores.tobytes() == at_two.scores.tobytes()
-    monkeypatch.setattr(engine, "_run_chunk", lambda *a: (_ for _ in ()).throw(
+    np.testing.assert_allclose(halved.scores, unlimited.scores, rtol=1e-6, atol=1e-7)
+    if method == "sweep":
+        np.testing.assert_allclose(halved.scores, reference.scores, rtol=1e-6, atol=1e-7)
+    assert halved.scores.tobytes() == run(2).scores.tobytes()
+    monkeypatch.setattr(chunks, "_run_chunk", lambda *a: (_ for _ in ()).throw(
         RuntimeError("RESOURCE_EXHAUSTED: out of memory")))
     with pytest.raises(JaxpatchError, match="out of device memory with one candidate per chunk"):
-        sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron", chunk_size=1,
-              progress=False)
+        run(1)
 
 
 def test_a_full_disk_fails_cleanly_and_the_run_resumes(monkeypatch: pytest.MonkeyPatch,
@@ -278,14 +286,12 @@ def test_a_full_disk_fails_cleanly_and_the_run_resumes(monkeypatch: pytest.Monke
     monkeypatch.setattr(runlog.os, "write", filling)
     with pytest.raises(OutputWriteError, match="No space left on device.*4 chunks recorded"):
         with RunLog.open(tmp_path, {}) as log:
-            sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron", chunk_size=4,
-                  progress=False, log=log.task("s"))
+            sweep(prepare(pair.base, pair.donor, pair.batch), metric, granularity="neuron", execution=Execution(chunk_size=4, progress=False, log=log.task("s")))
     monkeypatch.setattr(runlog.os, "write", real_write)
     assert (tmp_path / LOG_NAME).read_bytes().endswith(b"\n")  # no torn line left behind
     with RunLog.open(tmp_path, {}) as log:
         assert log.resumed == 5
-        resumed = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
-                        chunk_size=4, progress=False, log=log.task("s"))
+        resumed = sweep(prepare(pair.base, pair.donor, pair.batch), metric, granularity="neuron", execution=Execution(chunk_size=4, progress=False, log=log.task("s")))
     assert resumed.scores.tobytes() == reference.scores.tobytes()
 
 
@@ -316,19 +322,17 @@ def test_scores_repeat_bit_for_bit_and_chunk_sizes_agree_to_float32_rounding(
     """What determinism means here (docs/decisions/0016): the same chunk size repeats to the
     bit; other chunk sizes reduce in another order and agree to rounding."""
     pair, metric, reference = neuron_reference
-    again = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron", chunk_size=4,
-                  progress=False)
+    again = sweep(prepare(pair.base, pair.donor, pair.batch), metric, granularity="neuron", execution=Execution(chunk_size=4, progress=False))
     assert again.scores.tobytes() == reference.scores.tobytes()
     scale = np.abs(reference.scores).max()
     for chunk in (1, 3, 64):
-        other = sweep(pair.base, pair.donor, pair.batch, metric, granularity="neuron",
-                      chunk_size=chunk, progress=False)
+        other = sweep(prepare(pair.base, pair.donor, pair.batch), metric, granularity="neuron", execution=Execution(chunk_size=chunk, progress=False))
         assert np.abs(other.scores - reference.scores).max() <= 8 * np.finfo(np.float32).eps * scale
 
 
 def test_a_well_formed_line_with_a_malformed_record_is_refused(tmp_path: Path) -> None:
     """A record whose checksum holds but whose content is not a record (written by hand)."""
-    from jaxpatch.io.runlog import _line
+    from jaxpatch.runs.log import _line
 
     with RunLog.open(tmp_path, {}) as log:
         log.task("t").record_chunk(["a"], np.array([1.0]))

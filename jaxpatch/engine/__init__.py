@@ -1,7 +1,11 @@
-"""Exhaustive, exact patch sweeps: planning (`plan`), compiled programs (`programs`), and
-`sweep` / `sweep_matrix` themselves (`sweep`). See docs/decisions/0009-engine-rooms.md for
-the cut."""
+"""The scoring core: a prepared pair (`prepared`), planning (`plan`), compiled programs
+(`programs`), the one chunk runner (`chunks`), and the batched methods built on them: exact
+weight sweeps (`sweep`) and activation patching (`activation`). See
+docs/decisions/0009-rooms-with-one-job.md and 0019-one-scoring-core.md for the cut."""
 
+from jaxpatch.engine.activation import activation_matrix, activation_patching
+from jaxpatch.engine.prepared import PreparedPair, prepare
 from jaxpatch.engine.sweep import sweep, sweep_matrix
 
-__all__ = ["sweep", "sweep_matrix"]
+__all__ = ["PreparedPair", "prepare", "sweep", "sweep_matrix", "activation_patching",
+           "activation_matrix"]

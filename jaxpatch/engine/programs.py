@@ -35,6 +35,7 @@ from jaxpatch.models.decoder import (
     attention_allowed,
     block,
     embed,
+    forward,
     layer_at,
     rope_at,
     rope_tables,
@@ -47,7 +48,8 @@ from jaxpatch.prompts import Batch
 from jaxpatch.rounding import COMPILER_OPTIONS, jit
 
 __all__ = ["Alphas", "LocalOperands", "GeneralOperands", "local_program", "general_program",
-           "compiled", "prefix_pass", "stacked_checked", "check_finite", "leaves_named"]
+           "compiled", "prefix_pass", "stacked_checked", "check_finite", "leaves_named",
+           "clean_sites"]
 
 Alphas = dict[str, jax.Array]
 """A chunk's coefficients: signature leaf -> `[chunk, *alpha shape]`."""
@@ -327,3 +329,24 @@ def prefix_pass(config: ModelConfig, stacked: Params, rest: Params, batch: Batch
     else:
         readout_x = block(config, layer_at(stacked, last), h, allowed, last_rope, batch.positions)[0]
     return (readout_x if layer is not None else unembed(config, rest, readout_x)), before[:count]
+
+
+@functools.partial(jit, static_argnums=(0, 3))
+def clean_sites(config: ModelConfig, params: Params, batch: Batch,
+                layer: int | None) -> dict[str, jax.Array]:
+    """Every activation site's value (`components.activation_sites`) in a clean run of
+    `params` up to block `layer` (None: through the logits): what activation patching moves.
+
+    Example:
+        >>> sites = clean_sites(cfg, base.params, batch, 0)
+        >>> sites["layers.0.mlp.neurons"].shape
+        (3, 5, 64)
+    """
+    store: dict[str, jax.Array] = {}
+
+    def record(site: str, value: jax.Array) -> jax.Array:
+        store[site] = value
+        return value
+
+    forward(config, params, batch.tokens, batch.mask, stop_layer=layer, edit=record)
+    return store

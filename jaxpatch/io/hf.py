@@ -29,11 +29,11 @@ from jaxpatch.errors import (
     UnsafePathError,
 )
 from jaxpatch.io import safetensors
-from jaxpatch.io.atomic import atomic_directory
 from jaxpatch.mesh import axis_size, param_spec, place_params
 from jaxpatch.models.config import ModelConfig, Params, param_shapes
 from jaxpatch.models.families import config_from_hf, config_to_hf, hf_prefix, is_ignored_tensor, tensor_rules
 from jaxpatch.models.model import Model
+from jaxpatch.runs.atomic import atomic_directory
 
 __all__ = ["SINGLE_FILE", "INDEX_FILE", "PICKLE_FILES", "MAX_WHOLE_BYTES", "read_json",
            "read_config", "weight_files", "tensor_index", "load_hf", "load_tokenizer", "save_hf"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import jax
 
 from jaxpatch.errors import CheckpointNotFoundError, CorruptCheckpointError
-from jaxpatch.io.atomic import atomic_directory
 from jaxpatch.models.config import ModelConfig, RopeScaling, param_shapes
 from jaxpatch.models.model import Model
+from jaxpatch.runs.atomic import atomic_directory
 
 __all__ = ["MARKER", "FORMAT_VERSION", "is_orbax_checkpoint", "config_to_json", "config_from_json",
            "save_orbax", "load_orbax"]

@@ -191,7 +191,7 @@ def forward(
             a few positions.
         remat: recompute each block's activations in the backward pass instead of storing
             them (`jax.checkpoint`). XLA's CPU compiler keeps most activations anyway;
-            `jaxpatch.attribute(..., remat=True)` runs block by block instead.
+            `jaxpatch.attribute` with `Execution(remat=True)` runs block by block instead.
         edit: an activation edit (see `Edit`), e.g. to patch activations or record them.
 
     Returns:

@@ -33,26 +33,18 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from jaxpatch.errors import JaxpatchError, OutputExistsError
+from jaxpatch.errors import (
+    CorruptProgressError,
+    OutputExistsError,
+    OutputWriteError,
+    RunMismatchError,
+)
 
-__all__ = ["LOG_NAME", "LOG_FORMAT", "RunLog", "TaskLog", "RunMismatchError",
-           "CorruptProgressError", "OutputWriteError", "settings_differences", "encode_array",
+__all__ = ["LOG_NAME", "LOG_FORMAT", "RunLog", "TaskLog", "settings_differences", "encode_array",
            "decode_array", "writing", "memo"]
 
 LOG_NAME = "progress.jsonl"
 LOG_FORMAT = "jaxpatch.progress/1"
-
-
-class RunMismatchError(JaxpatchError):
-    """The output folder holds the progress of a run with other settings or inputs."""
-
-
-class CorruptProgressError(JaxpatchError):
-    """A progress log is damaged (not at its last line, where a kill can tear a write)."""
-
-
-class OutputWriteError(JaxpatchError):
-    """An output or progress file could not be written (full disk, no permission)."""
 
 
 def encode_array(values: np.ndarray) -> dict[str, Any]:
@@ -203,7 +195,7 @@ class RunLog:
             >>> RunLog.open(tmp / "other", {"command": "sweep", "seed": 1})
             Traceback (most recent call last):
             ...
-            jaxpatch.io.runlog.RunMismatchError: ...seed is 1 (the recorded run had 0)...
+            jaxpatch.errors.RunMismatchError: ...seed is 1 (the recorded run had 0)...
         """
         path = Path(folder)
         cls.check_folder(path, overwrite)

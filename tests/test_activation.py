@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxpatch import (
+    Execution,
     JaxpatchError,
     KLDivergence,
     LogProb,
@@ -16,6 +17,7 @@ from jaxpatch import (
     activation_patching,
     forward,
     make_batch,
+    prepare,
 )
 from jaxpatch.metrics import mean_score
 from jaxpatch.models.decoder import embed
@@ -41,7 +43,7 @@ def test_module_output_patch_equals_hand_built_run(direction, pair) -> None:
     batch = make_batch(config, PROMPTS, "targets")
     metric = LogProb()
     state = metric.prepare(config, base.params, donor.params, batch)
-    result = activation_patching(base, donor, batch, metric, direction=direction, progress=False)
+    result = activation_patching(prepare(base, donor, batch), metric, direction=direction, execution=Execution(progress=False))
     start, source = (base, donor) if direction == "denoise" else (donor, base)
     run = forward(config, start.params, batch.tokens, batch.mask, collect=True)
     source_run = forward(config, source.params, batch.tokens, batch.mask, collect=True)
@@ -67,8 +69,7 @@ def test_head_patch_equals_hand_built_run(pair) -> None:
     batch = make_batch(config, PROMPTS)
     metric = VectorAnchor(layer=1)
     state = metric.prepare(config, base.params, donor.params, batch)
-    result = activation_patching(base, donor, batch, metric, granularity="head",
-                                 selector="layers.0.self_attn[head=1]", progress=False)
+    result = activation_patching(prepare(base, donor, batch), metric, granularity="head", selector="layers.0.self_attn[head=1]", execution=Execution(progress=False))
     heads = forward(config, base.params, batch.tokens, batch.mask, collect=True).modules[
         "layers.0.self_attn.heads"]
     donor_heads = forward(config, donor.params, batch.tokens, batch.mask, collect=True).modules[
@@ -87,10 +88,8 @@ def test_granularities_chunks_and_anchor(pair) -> None:
     base, donor = pair(d_ff=16)
     batch = make_batch(base.config, PROMPTS)
     metric = VectorAnchor(layer=0)
-    a = activation_patching(base, donor, batch, metric, granularity="neuron", chunk_size=5,
-                            progress=False)
-    b = activation_patching(base, donor, batch, metric, granularity="neuron", chunk_size=64,
-                            progress=False)
+    a = activation_patching(prepare(base, donor, batch), metric, granularity="neuron", execution=Execution(chunk_size=5, progress=False))
+    b = activation_patching(prepare(base, donor, batch), metric, granularity="neuron", execution=Execution(chunk_size=64, progress=False))
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
     assert len(a.names) == 2 * base.config.d_ff and a.method == "activation"
     # Neurons after the anchor block cannot change the readout.
@@ -98,26 +97,25 @@ def test_granularities_chunks_and_anchor(pair) -> None:
     np.testing.assert_allclose(late, a.base_score, rtol=1e-6)
     early = np.abs(a.recovery[: base.config.d_ff])
     assert early.max() > 1e-3
-    heads = activation_patching(base, donor, batch, KLDivergence(), granularity="head", progress=False)
+    heads = activation_patching(prepare(base, donor, batch), KLDivergence(), granularity="head", execution=Execution(progress=False))
     assert heads.names[0] == "layers.0.self_attn[head=0]" and np.all(np.isfinite(heads.scores))
 
 
 def test_bad_direction_is_refused(pair) -> None:
     base, donor = pair(d_ff=16)
     with pytest.raises(JaxpatchError, match="direction must be one of denoise, noise, got 'zero'"):
-        activation_patching(base, donor, make_batch(base.config, PROMPTS), KLDivergence(),
-                            direction="zero", progress=False)
+        activation_patching(prepare(base, donor, make_batch(base.config, PROMPTS)), KLDivergence(), direction="zero", execution=Execution(progress=False))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma", "gemma3_text"])
 def test_every_site_is_recorded_and_an_edit_acts_where_it_is_made(family, pair) -> None:
     from jaxpatch.components import activation_sites
-    from jaxpatch.trace import _sources
+    from jaxpatch.engine.programs import clean_sites
 
     base, _ = pair(family, d_ff=16)
     config = base.config
     batch = make_batch(config, PROMPTS)
-    recorded = _sources(config, base.params, batch, None)
+    recorded = clean_sites(config, base.params, batch, None)
     assert set(recorded) == set(activation_sites(config))
     assert recorded["layers.1.mlp.neurons"].shape[-1] == config.d_ff
     # Silencing block 1's neurons equals a model whose down_proj weight there is zero.
@@ -146,6 +144,5 @@ def test_a_whole_block_patched_with_sandwich_norms_carries_the_donors_post_norms
         layer[name] = {"weight": layer[name]["weight"] + 0.5}
     layer["mlp"] = {k: {"weight": v["weight"] * 1.5} for k, v in layer["mlp"].items()}
     batch = make_batch(config, [Prompt((1, 2, 3, 4)), Prompt((5, 6, 7))])
-    result = activation_patching(Model(config, base), Model(config, donor), batch, KLDivergence(),
-                                 granularity="layer", progress=False)
+    result = activation_patching(prepare(Model(config, base), Model(config, donor), batch), KLDivergence(), granularity="layer", execution=Execution(progress=False))
     assert abs(float(result.recovery[0]) - 1.0) < 1e-5
