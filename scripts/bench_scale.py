@@ -45,8 +45,9 @@ out = []
 for kind, (granularity, select) in selections.items():
     reference = None
     for mesh in meshes:
-        runs = [jaxpatch.sweep(base, donor, batch, metric, granularity=granularity,
-                               selector=select, progress=False, mesh=mesh) for _ in range(2)]
+        runs = [jaxpatch.sweep(jaxpatch.prepare(base, donor, batch, mesh=mesh), metric,
+                               granularity=granularity, selector=select,
+                               execution=jaxpatch.Execution(progress=False)) for _ in range(2)]
         steady = runs[1]
         reference = steady.scores if reference is None else reference
         out.append({"kind": kind, "mesh": mesh or "none", "devices": len(jax.devices()),

@@ -29,10 +29,10 @@ def test_the_top_level_exports_every_error_and_resolves_its_names() -> None:
 
 def test_imports_run_one_way() -> None:
     """Low rooms never import high ones (docs/decisions/0009): checked on the source text."""
-    order = ["_tree", "errors", "modes", "compile_cache", "rounding", "mesh", "models", "io", "components",
-             "prompts", "metrics", "patch", "stats", "scoring", "results", "pair", "engine",
-             "attribution",
-             "learned", "trace", "hierarchy", "merge", "evaluate", "merge_eval", "report", "cli"]
+    order = ["_tree", "errors", "modes", "compile_cache", "rounding", "runs", "mesh", "models", "io",
+             "components", "prompts", "metrics", "patch", "stats", "scoring", "results", "pair",
+             "engine", "attribution", "learned", "hierarchy", "merge", "evaluate", "merge_eval",
+             "report", "cli"]
     rank = {room: i for i, room in enumerate(order)}
     for name in MODULES:
         room = name.split(".")[1]

@@ -23,6 +23,7 @@ from jaxpatch import Execution, Verification, prepare
 from jaxpatch.attribution import attribute, localize
 from jaxpatch.cli import main
 from jaxpatch.engine import sweep
+from jaxpatch.engine.activation import activation_patching
 from jaxpatch.errors import (
     CorruptProgressError,
     JaxpatchError,
@@ -34,7 +35,6 @@ from jaxpatch.examples import example_pair
 from jaxpatch.hierarchy import trace_hierarchy
 from jaxpatch.runs import log as runlog
 from jaxpatch.runs.log import LOG_NAME, RunLog
-from jaxpatch.engine.activation import activation_patching
 
 PROMPTS = ('{"text": "the quick brown fox", "target": " jumps", "foil": " dog"}\n'
            '{"tokens": [5, 6, 7, 8, 9, 10], "target_tokens": [11], "foil_tokens": [12]}\n')
