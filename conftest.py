@@ -21,13 +21,13 @@ os.environ.setdefault("JAXPATCH_COMPILE_CACHE", "0")  # hermetic: tests that use
 import pytest
 
 FIXTURES = Path(__file__).parent / "tests" / "fixtures"
-_NEEDS_EVALUATION = ("jaxpatch.report.", "jaxpatch.evaluate.evaluate")
+_NEEDS_EVALUATION = ("jaxpatch.studies.report.", "jaxpatch.studies.evaluate.evaluate")
 
 
 @functools.lru_cache(maxsize=1)
 def _module_evaluation() -> object:
     """The shipped planted pair evaluated at module granularity (once per session, ~15 s)."""
-    from jaxpatch.evaluate import default_pair_dir, evaluate, load_planted
+    from jaxpatch.studies.evaluate import default_pair_dir, evaluate, load_planted
 
     return evaluate(load_planted(default_pair_dir()), granularities=("module",))
 

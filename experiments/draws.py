@@ -19,12 +19,18 @@
   of layers a and a+1 and the last layer's MLP (it overlaps S), the second on D's attention
   module and layer d's whole MLP (disjoint from S).
 
+With an explicit planted set (`collides`, the test of sharing a parameter with it), the
+defaults are drawn around it: the decoy's layers and neuron range are drawn again from the same
+stream until the decoy shares no parameter with the plant, and a rescaled set that would share
+one is left out. Without one the draws are as above, unchanged.
+
 Each set is written as a selector, so a drawn pair is rebuilt from its recorded settings alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
@@ -50,19 +56,23 @@ class Sets:
     experts: tuple[str, ...]
 
 
-def draw_sets(seed: int, task: str, layers: int, heads: int, d_ff: int) -> Sets:
+def draw_sets(seed: int, task: str, layers: int, heads: int, d_ff: int,
+              collides: Callable[[str], bool] | None = None) -> Sets:
     """The planted set, decoys, rescaled components and experts a seed gives.
 
     Arguments:
         seed: the pair's seed.
         task: the measured instruction task (`experiments.language.TASKS`).
         layers, heads, d_ff: the architecture (key/value heads = query heads).
+        collides: with an explicit planted set, whether a selector shares a parameter with it:
+            the decoy and rescaled sets are then drawn around it (see the module docstring).
 
     Returns:
         The `Sets`.
 
     Raises:
-        ValueError: an unknown task, fewer than 3 layers, or `d_ff` not a multiple of 8.
+        ValueError: an unknown task, fewer than 3 layers, `d_ff` not a multiple of 8, or no
+            decoy that fits around the explicit plant.
 
     Example:
         >>> sets = draw_sets(0, "map", 4, 4, 128)
@@ -84,9 +94,22 @@ def draw_sets(seed: int, task: str, layers: int, heads: int, d_ff: int) -> Sets:
     b = int(rng.integers(a + 1, layers))
     start = int(rng.integers(5)) * step
     neurons = rng.random() < 0.75
-    c = int(rng.choice([i for i in range(layers) if i not in (a, a + 1)]))
-    d = int(rng.choice([i for i in range(layers) if i != b]))
-    d_start = int(rng.integers(5)) * step
+    decoy_layers = [i for i in range(layers) if i not in (a, a + 1)]
+    mlp_layers = [i for i in range(layers) if i != b]
+
+    def decoy_of(c: int, d: int, d_start: int) -> str:
+        return f"layers.{c}.self_attn | layers.{d}.mlp[neuron={d_start}-{d_start + half - 1}]"
+
+    c, d, d_start = (int(rng.choice(decoy_layers)), int(rng.choice(mlp_layers)),
+                     int(rng.integers(5)) * step)
+    for _ in range(200):  # around an explicit plant: draw again from the same stream
+        if collides is None or not collides(decoy_of(c, d, d_start)):
+            break
+        c, d, d_start = (int(rng.choice(decoy_layers)), int(rng.choice(mlp_layers)),
+                         int(rng.integers(5)) * step)
+    else:
+        raise ValueError("every decoy of the drawn shape (an attention module and half of an MLP) "
+                         "shares a parameter with the planted set: give --decoy or --no-decoys")
 
     attention = " | ".join(f"layers.{a + i}.self_attn[{key}={h}]"
                            for i, h in enumerate(chosen) for key in ("head", "kv_head"))
@@ -96,7 +119,9 @@ def draw_sets(seed: int, task: str, layers: int, heads: int, d_ff: int) -> Sets:
     if neurons:
         outside = [n for n in range(d_ff) if not start <= n < start + half]
         rescale.append(f"layers.{b}.mlp[neuron={_ranges(outside)}]")
-    decoy = f"layers.{c}.self_attn | layers.{d}.mlp[neuron={d_start}-{d_start + half - 1}]"
+    decoy = decoy_of(c, d, d_start)
+    if collides is not None:
+        rescale = [r for r in rescale if not collides(r)]
     first, second = (TASKS[(TASKS.index(task) + i) % len(TASKS)] for i in (1, 2))
     experts = (f"{first}=layers.{a}.self_attn | layers.{a + 1}.self_attn | layers.{layers - 1}.mlp",
                f"{second}=layers.{c}.self_attn | layers.{d}.mlp")

@@ -30,7 +30,7 @@ checkpoints with a `tokenizer.json` (`base/`, `donor/`, `experts/<task>/`), the 
 `planted.json` (the resolved settings, the sets, step counts, losses, accuracies, and how far
 every component's weights moved). The shipped default pair is rebuilt with
 
-    python -m experiments.planted --out experiments/pairs/default --overwrite
+    python -m experiments.planted --out jaxpatch/studies/pairs/default --overwrite
 """
 
 from __future__ import annotations
@@ -57,18 +57,20 @@ from experiments.language import (
     text_batches,
     tokenizer,
 )
-from experiments.training import model_config, retaining, train
+from experiments.training import model_config, next_token_loss, retaining, train, trainable_mask
+from jaxpatch._tree import flatten_params
 from jaxpatch.components import select
 from jaxpatch.errors import JaxpatchError
-from jaxpatch.evaluate import delta_norms, task_accuracy
 from jaxpatch.io import save
 from jaxpatch.models.config import ModelConfig, Params, init_params
 from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import Model
 from jaxpatch.modes import SCORED_GRANULARITIES
+from jaxpatch.pair import delta_norms
 from jaxpatch.patch import apply
 from jaxpatch.prompts import Prompt
-from jaxpatch.scoring import plant_mask, plant_patch, planted_labels
+from jaxpatch.studies.evaluate import task_accuracy
+from jaxpatch.studies.scoring import plant_patch, planted_labels
 
 __all__ = ["DECOY_TASKS", "Settings", "parse_job", "resolve", "check_sets", "build", "check_donor",
            "movement", "without_decoys", "write", "main"]
@@ -148,7 +150,16 @@ def resolve(settings: Settings) -> Settings:
     s = settings
     if s.plant and None not in (s.decoys, s.rescale, s.experts):
         return s  # nothing to draw (also for architectures draw_sets does not cover)
-    drawn = draw_sets(s.seed, s.task, s.layers, s.heads, s.d_ff)
+    collides = None
+    if s.plant:  # defaults are drawn around an explicit plant; only explicit collisions are refused
+        config = model_config(Language.generate(s.seed, s.n_words, length=s.length), s.layers,
+                              s.d_model, s.heads, s.d_ff)
+        inside = trainable_mask(config, s.plant)
+        collides = lambda selector: _shared(config, inside, selector) is not None
+    try:
+        drawn = draw_sets(s.seed, s.task, s.layers, s.heads, s.d_ff, collides)
+    except ValueError as e:
+        raise JaxpatchError(str(e)) from None
     return dataclasses.replace(
         s, plant=s.plant or drawn.plant,
         decoys=drawn.decoys if s.decoys is None else tuple(s.decoys),
@@ -176,7 +187,7 @@ def check_sets(config: ModelConfig, settings: Settings) -> None:
     s = settings
     if s.task not in TASKS:
         raise JaxpatchError(f"task {s.task!r} is not one of {', '.join(TASKS)}")
-    inside = plant_mask(config, plant_patch(config, s.plant))
+    inside = trainable_mask(config, s.plant)
     for spec in s.decoys or ():
         task, selector = parse_job(spec, DECOY_TASKS, "decoy")
         if task == s.task:
@@ -189,13 +200,19 @@ def check_sets(config: ModelConfig, settings: Settings) -> None:
         plant_patch(config, parse_job(spec)[1])
 
 
-def _refuse_overlap(config: ModelConfig, inside: Params, selector: str, what: str) -> None:
-    from jaxpatch._tree import flatten_params
-
-    other = flatten_params(plant_mask(config, plant_patch(config, selector)))
+def _shared(config: ModelConfig, inside: Params, selector: str) -> str | None:
+    """The first parameter a selector's components share with a mask (None: none)."""
+    other = flatten_params(trainable_mask(config, selector))
     for name, mask in flatten_params(inside).items():
         if np.any((np.asarray(mask) > 0) & (np.asarray(other[name]) > 0)):
-            raise JaxpatchError(f"{what} shares {name} with the planted set")
+            return name
+    return None
+
+
+def _refuse_overlap(config: ModelConfig, inside: Params, selector: str, what: str) -> None:
+    shared = _shared(config, inside, selector)
+    if shared is not None:
+        raise JaxpatchError(f"{what} shares {shared} with the planted set")
 
 
 def check_donor(accuracy: dict[str, float], settings: Settings, steps: int) -> None:
@@ -255,10 +272,11 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
     check_sets(config, s)
     rng = lambda *stream: np.random.default_rng([s.seed, *stream])
     t0 = time.perf_counter()
-    base, base_losses, _ = train(config, init_params(config, jax.random.key(s.seed)),
+    text = lambda p, batch: next_token_loss(config, p, *batch)
+    base, base_losses, _ = train(init_params(config, jax.random.key(s.seed)), text,
                                  text_batches(language, rng(2), s.batch, s.seq), s.base_steps,
                                  s.base_lr, label="base")
-    drift, drift_losses, _ = train(config, base, text_batches(language, rng(3), s.batch, s.seq),
+    drift, drift_losses, _ = train(base, text, text_batches(language, rng(3), s.batch, s.seq),
                                    s.drift_steps, s.drift_lr, label="drift")
     prompts: dict[str, tuple[list[Prompt], list[Prompt]]] = {}
 
@@ -271,9 +289,9 @@ def build(settings: Settings, log: Callable[[str], None] = print) -> dict:
     def learn(task: str, selector: str, index: int) -> tuple[Params, dict]:
         """Trains `task` from the drifted copy with only `selector` free, until the target."""
         evals = prompts_of(task)[1]
-        mask = plant_mask(config, plant_patch(config, selector))
-        trained = train(config, drift, task_batches(language, rng(4, index), task, s.batch),
-                        s.task_steps, s.task_lr, mask, label=task, check_every=s.check_every,
+        mask = trainable_mask(config, selector)
+        trained = train(drift, text, task_batches(language, rng(4, index), task, s.batch),
+                        s.task_steps, s.task_lr, mask=mask, label=task, check_every=s.check_every,
                         stop=lambda p: task_accuracy(config, p, evals) >= s.target_accuracy)
         accuracy = {"base": task_accuracy(config, base, evals),
                     "drift": task_accuracy(config, drift, evals),
@@ -350,9 +368,9 @@ def _learn_decoy(config: ModelConfig, language: Language, base: Params, donor: P
             return task_accuracy(config, p, evals)
         measure = f"{objective} accuracy"
     batches = ((ids, w, task_ids, task_w) for (ids, w), (task_ids, task_w) in zip(source, task))
-    mask = plant_mask(config, plant_patch(config, selector))
-    trained = train(config, donor, batches, s.decoy_steps, s.decoy_lr, mask, label=f"decoy {objective}",
-                    objective=retaining(config, donor, s.retain, base, mask, s.retain_base))
+    mask = trainable_mask(config, selector)
+    trained = train(donor, retaining(config, donor, s.retain, base, mask, s.retain_base), batches,
+                    s.decoy_steps, s.decoy_lr, mask=mask, label=f"decoy {objective}")
     return trained.params, {"task": objective, "plant": selector, "steps": trained.steps,
                             "losses": trained.losses, "measure": measure,
                             "before": learned(donor), "after": learned(trained.params)}
@@ -493,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = Settings()
     p = argparse.ArgumentParser(prog="python -m experiments.planted",
                                 description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--out", default="experiments/pairs/default", help="output folder")
+    p.add_argument("--out", default="jaxpatch/studies/pairs/default", help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     for name, (flag, metavar, text) in _SETS.items():
         p.add_argument(flag, dest=name, action="append", metavar=metavar,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -45,21 +46,21 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from experiments.decoys import rescale
 from experiments.real_model import cache_dir, gemma3_270m_path
+from experiments.training import train, trainable_mask
 from jaxpatch import Model, load, save
-from jaxpatch._tree import flatten_params, replace_leaves
+from jaxpatch._tree import flatten_params
 from jaxpatch.components import select
 from jaxpatch.errors import JaxpatchError
-from jaxpatch.evaluate import delta_norms
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import embed, forward
 from jaxpatch.models.model import pad_right
 from jaxpatch.modes import SCORED_GRANULARITIES
+from jaxpatch.pair import delta_norms
 from jaxpatch.prompts import Prompt
-from jaxpatch.scoring import plant_mask, plant_patch, planted_labels
+from jaxpatch.studies.scoring import plant_mask, plant_patch, planted_labels
 
 __all__ = ["LANDMARKS", "TEMPLATES", "HELD_OUT", "Settings", "Fact", "facts", "build", "write", "main"]
 
@@ -249,43 +250,13 @@ def _accuracy(config: ModelConfig, params: Params, batch: _Batch) -> float:
 def _train(config: ModelConfig, params: Params, selector: str, steps: int, lr: float,
            loss_of: Callable[[Params, Any], jax.Array], data: Any,
            stop: Callable[[Params], bool] | None, label: str) -> tuple[Params, list[float], int]:
-    """Adam on the selected components only (the rest stays bit-identical); the trained leaves
-    are the only ones differentiated and given optimizer state. `loss_of(params, data)`: the
-    arrays in `data` are arguments of the compiled step, not constants folded into it."""
-    mask = {k: v for k, v in flatten_params(plant_mask(config, plant_patch(config, selector))).items()
-            if np.any(np.asarray(v))}
-    flat = flatten_params(params)
-    trainable = {k: flat[k] for k in mask}
-
-    def merged(leaves: dict[str, jax.Array]) -> Params:
-        return replace_leaves(params, leaves)
-
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr * 0.05)
-    optimizer = optax.adam(schedule)
-    state = optimizer.init(trainable)
-
-    @jax.jit
-    def step(leaves: dict[str, jax.Array], state: Any, data: Any) -> tuple[Any, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(lambda x: loss_of(merged(x), data))(leaves)
-        grads = {k: grads[k] * mask[k] for k in leaves}
-        changes, state = optimizer.update(grads, state, leaves)
-        updates = {k: jnp.where(mask[k] > 0, changes[k], 0)  # pyright: ignore[reportIndexIssue, reportArgumentType]
-                   for k in leaves}
-        return optax.apply_updates(leaves, updates), state, loss
-
-    from tqdm.auto import tqdm
-
-    losses: list[float] = []
-    done = 0
-    for i in tqdm(range(steps), desc=label, dynamic_ncols=True, mininterval=2.0):
-        trainable, state, loss = step(trainable, state, data)
-        done = i + 1
-        if i % 10 == 0 or done == steps:
-            losses.append(round(float(loss), 5))
-        if stop is not None and done % 10 == 0 and stop(merged(trainable)):
-            losses.append(round(float(loss), 5))
-            break
-    return merged(trainable), losses, done
+    """Adam on the selected components only, with the shared loop (`experiments.training`): the
+    trained leaves are the only ones differentiated and given optimizer state, and the arrays in
+    `data` are arguments of the compiled step, not constants folded into it."""
+    trained = train(params, loss_of, itertools.repeat(data), steps, lr,
+                    mask=trainable_mask(config, selector), clip=None, label=label, stop=stop,
+                    check_every=10, log_every=10)
+    return trained.params, trained.losses, trained.steps
 
 
 def _text_batch(tokenizer: Any, texts: Sequence[str]) -> _Batch:

@@ -1,8 +1,11 @@
-"""Training the models of a planted pair: masked Adam, and the objective a trained decoy learns.
+"""Training the models of a pair: the one masked-Adam loop every builder uses, and the objective a
+trained decoy learns.
 
 `train` updates only the parameters its mask allows (the others stay bit-identical), optionally
-until a check says stop. `retaining` is the decoy objective: learn something else while keeping
-the measured task's next-token distributions where a frozen teacher has them.
+until a check says stop; the synthetic planted pairs (`experiments.planted`) and the real one on
+gemma-3-270m (`experiments.planted_real`) both train with it. `retaining` is the decoy objective:
+learn something else while keeping the measured task's next-token distributions where a frozen
+teacher has them.
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from experiments.language import Language
+from jaxpatch._tree import flatten_params, replace_leaves
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
+from jaxpatch.studies.scoring import plant_mask, plant_patch
 
-__all__ = ["model_config", "next_token_loss", "Trained", "Objective", "train", "answer_kl", "retaining"]
+__all__ = ["model_config", "next_token_loss", "Trained", "Objective", "trainable_mask", "train",
+           "answer_kl", "retaining"]
 
 
 def model_config(language: Language, layers: int, d_model: int, heads: int, d_ff: int) -> ModelConfig:
@@ -61,66 +68,108 @@ class Trained(NamedTuple):
     """What `train` returns."""
 
     params: Params
-    losses: list[float]  # every 50 steps and at the last step
+    losses: list[float]  # every `log_every` steps and at the last step
     steps: int  # steps run (fewer than asked when `stop` said so)
 
 
 Objective = Callable[[Params, Any], jax.Array]
 
 
-def train(config: ModelConfig, params: Params, batches: Iterator[Any], steps: int,
-          learning_rate: float, mask: Params | None = None, label: str = "train",
-          objective: Objective | None = None, stop: Callable[[Params], bool] | None = None,
-          check_every: int = 250) -> Trained:
-    """Adam with warmup and cosine decay over `steps`; gradients outside `mask` are zeroed, so
-    those parameters stay bit-identical.
+def trainable_mask(config: ModelConfig, selector: str) -> Params:
+    """The 0/1 mask of the parameters a selector's components own (`plant_mask`): what a
+    masked `train` may change.
+
+    Example:
+        >>> cfg = jaxpatch.ModelConfig.tiny("llama")
+        >>> m = trainable_mask(cfg, "layers.1.mlp[neuron=0-3]")
+        >>> float(m["layers"][1]["mlp"]["down_proj"]["weight"].sum()), float(m["norm"]["weight"].sum())
+        (4.0, 0.0)
+    """
+    return plant_mask(config, plant_patch(config, selector))
+
+
+def train(params: Params, loss_of: Objective, batches: Iterator[Any], steps: int,
+          learning_rate: float, *, mask: Params | None = None, clip: float | None = 1.0,
+          label: str = "train", stop: Callable[[Params], bool] | None = None,
+          check_every: int = 250, log_every: int = 50) -> Trained:
+    """Adam with warmup and cosine decay over `steps`, on the parameters `mask` allows only: the
+    one training loop of every pair builder (planted, real planted, instruction-tuned, experts).
+
+    Only the leaves the mask touches are differentiated and given optimizer state (on a real
+    model most of the cost is elsewhere, and a frozen leaf needs no Adam moments); inside a
+    leaf, entries the mask zeroes get no update, so everything outside the mask stays
+    bit-identical.
 
     Arguments:
-        config: the architecture.
         params: where training starts.
-        batches: endless batches; each is what `objective` takes (by default `(ids, weights)`).
+        loss_of: `loss_of(params, batch) -> loss`. The arrays of each batch are arguments of the
+            compiled step, never constants folded into it.
+        batches: batches to train on, one per step (`itertools.repeat(data)` for a fixed set).
         steps: the most steps to run (the schedule's length).
         learning_rate: the peak learning rate.
-        mask: 0/1 per parameter (`plant_mask`); None trains everything.
+        mask: 0/1 per parameter (`trainable_mask`); None trains everything.
+        clip: clip gradients to this global norm first (None: no clipping).
         label: the progress bar's name.
-        objective: `objective(params, batch) -> loss`; by default the weighted next-token
-            cross-entropy of `(ids, weights)`.
         stop: asked every `check_every` steps (and after the last); training ends when it says
             True.
+        check_every, log_every: how often `stop` is asked and the loss recorded.
 
     Returns:
         A `Trained`.
+
+    Example:
+        >>> import itertools
+        >>> cfg = jaxpatch.ModelConfig.tiny("llama")
+        >>> p = jaxpatch.init_params(cfg, jax.random.key(0))
+        >>> ids, w = jnp.array([[1, 2, 3, 4]]), jnp.ones((1, 3))
+        >>> loss = lambda params, batch: next_token_loss(cfg, params, *batch)
+        >>> out = train(p, loss, itertools.repeat((ids, w)), 5, 1e-2,
+        ...             mask=trainable_mask(cfg, "layers.1.mlp"), label="x")
+        >>> out.steps, bool(jnp.all(out.params["layers"][0]["mlp"]["up_proj"]["weight"]
+        ...                         == p["layers"][0]["mlp"]["up_proj"]["weight"]))
+        (5, True)
     """
-    loss_of = objective or (lambda p, batch: next_token_loss(config, p, *batch))
+    flat = flatten_params(params)
+    if mask is None:
+        masks = {name: None for name in flat}
+    else:
+        flat_mask = flatten_params(mask)
+        masks = {name: jnp.asarray(m) for name, m in flat_mask.items() if np.any(np.asarray(m))}
+    trainable = {name: flat[name] for name in masks}
+
+    def merged(leaves: dict[str, jax.Array]) -> Params:
+        return replace_leaves(params, leaves)
+
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps,
                                                   learning_rate * 0.05)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-    state = optimizer.init(params)
+    optimizer = optax.chain(*([optax.clip_by_global_norm(clip)] if clip is not None else []),
+                            optax.adam(schedule))
+    state = optimizer.init(trainable)
 
     @jax.jit
-    def step(params: Params, state: Any, batch: Any):
-        loss, grads = jax.value_and_grad(loss_of)(params, batch)
-        if mask is not None:
-            grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, mask)
-        updates, state = optimizer.update(grads, state, params)
-        if mask is not None:  # clip and adam keep zeros at zero; this makes it explicit
-            updates = jax.tree_util.tree_map(lambda u, m: jnp.where(m > 0, u, 0), updates, mask)
-        return optax.apply_updates(params, updates), state, loss
+    def step(leaves: dict[str, jax.Array], state: Any, batch: Any) -> tuple[Any, Any, jax.Array]:
+        loss, grads = jax.value_and_grad(lambda x: loss_of(merged(x), batch))(leaves)
+        grads = {k: g if masks[k] is None else g * masks[k] for k, g in grads.items()}
+        updates, state = optimizer.update(grads, state, leaves)
+        updates = {k: u if masks[k] is None else jnp.where(masks[k] > 0, u, 0)  # pyright: ignore
+                   for k, u in updates.items()}  # clip and Adam keep zeros at zero; explicit here
+        return optax.apply_updates(leaves, updates), state, loss
 
-    losses: list[float] = []
     from tqdm.auto import tqdm
 
+    losses: list[float] = []
     done = 0
     for i in tqdm(range(steps), desc=label, dynamic_ncols=True, mininterval=2.0):
-        params, state, loss = step(params, state, jax.tree_util.tree_map(jnp.asarray, next(batches)))
+        trainable, state, loss = step(trainable, state, jax.tree_util.tree_map(jnp.asarray,
+                                                                               next(batches)))
         done = i + 1
-        if i % 50 == 0 or done == steps:
+        if i % log_every == 0 or done == steps:
             losses.append(round(float(loss), 5))
-        if stop is not None and (done % check_every == 0 or done == steps) and stop(params):
-            if i % 50:
+        if stop is not None and (done % check_every == 0 or done == steps) and stop(merged(trainable)):
+            if i % log_every and done != steps:
                 losses.append(round(float(loss), 5))
             break
-    return Trained(params, losses, done)
+    return Trained(merged(trainable), losses, done)
 
 
 def answer_kl(config: ModelConfig, fixed: Params, params: Params, ids: jax.Array,

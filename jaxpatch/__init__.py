@@ -11,7 +11,7 @@ The public API is what this module exports (every other name may change):
     VectorAnchor, LogitDiff, KLDivergence, LogProb, CustomMetric   behavioral interfaces
     ComponentAnchor                  the vector anchor read at components' outputs
     Prompt, read_prompts, make_batch                                prompts and readout positions
-    check_pair, endpoints, endpoint_scores, score_patch             a base/donor pair
+    check_pair, endpoints, endpoint_scores, score_patch, delta_norms  a base/donor pair
     prepare, PreparedPair            a pair checked and placed once: what every method runs on
     Execution                        how a method runs: chunks, memory, progress, resumable log
     sweep, SweepResult               exact, batched patch sweeps
@@ -103,14 +103,14 @@ from jaxpatch.modes import (
                              Positions,
                              ScoredGranularity,
 )
-from jaxpatch.pair import check_pair, endpoint_scores, endpoints, score_patch
+from jaxpatch.pair import check_pair, delta_norms, endpoint_scores, endpoints, score_patch
 from jaxpatch.patch import Patch, apply
 from jaxpatch.prompts import Batch, Prompt, make_batch, read_prompts
 from jaxpatch.results import ScoreMatrix, SweepResult
 from jaxpatch.runs.log import RunLog, TaskLog
 from jaxpatch.runs.settings import Execution
-from jaxpatch.scoring import plant_patch, planted_labels
 from jaxpatch.stats import roc_auc, roc_curve, spearman
+from jaxpatch.studies.scoring import plant_patch, planted_labels
 
 __version__ = "0.1.0"
 
@@ -125,7 +125,8 @@ __all__ = [
     "CustomMetric",
     "save_anchor", "load_anchor", "Prompt", "Batch", "read_prompts", "make_batch",
     # scoring
-    "check_pair", "endpoints", "endpoint_scores", "score_patch", "prepare", "PreparedPair",
+    "check_pair", "endpoints", "endpoint_scores", "score_patch", "delta_norms", "prepare",
+    "PreparedPair",
     "sweep", "SweepResult", "attribute", "alpha_gradients", "localize", "Verification",
     "Localization", "learn_patch", "LearnedPatch", "GateTraining", "activation_patching",
     "sweep_matrix", "activation_matrix", "ScoreMatrix", "trace_hierarchy", "Hierarchy",

@@ -462,9 +462,11 @@ def attribute(pair: PreparedPair, metric: Metric, *, granularity: Granularity = 
                                  "relative_gap": abs(total - expected) / abs(expected)}
     check_finite_scores([c.name for c in items], values, "attribution")
     wall = time.perf_counter() - wall_start
-    return SweepResult(metric.name, direction, metric.layer, pair.positions, base_score,
-                       donor_score, [c.name for c in items], start_score + values,
-                       {"wall_s": wall}, dict(pair.inputs), [], method=method, extra=extra)
+    return SweepResult(metric=metric.name, direction=direction, readout_layer=metric.layer,
+                       positions=pair.positions, base_score=base_score, donor_score=donor_score,
+                       names=[c.name for c in items], scores=start_score + values,
+                       timing={"wall_s": wall}, inputs=dict(pair.inputs), method=method,
+                       extra=extra)
 
 
 # --------------------------------------------------------------------------- narrow, verify
@@ -494,7 +496,7 @@ class Verification:
     seed: int = 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Localization:
     """The report of `localize`.
 
@@ -582,5 +584,7 @@ def localize(pair: PreparedPair, metric: Metric, *, granularity: Granularity = "
         truth = set(np.argsort(-np.abs(full.effect), kind="stable")[:k_truth].tolist())
         recall = len(truth & set(shortlist)) / k_truth
     scored.extra["seed"] = seed
-    return Localization(scored, exact, [items[i].name for i in shortlist],
-                        [items[i].name for i in control], rho, recall, misranked, full)
+    return Localization(attribution=scored, exact=exact,
+                        shortlist=[items[i].name for i in shortlist],
+                        controls=[items[i].name for i in control], spearman=rho, recall=recall,
+                        misranked=misranked, exhaustive=full)

@@ -161,7 +161,7 @@ class Edge:
     level: int
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Hierarchy:
     """What `trace_hierarchy` found: one role per component, and the supplier graph.
 
@@ -516,8 +516,8 @@ def trace_hierarchy(
                 "granularity": granularity, "depth": search.depth,
                 "top_targets": search.top_targets, "max_groups": search.max_groups,
                 "source_groups": groups, "thresholds": dataclasses.asdict(thresholds)}
-    return Hierarchy(rows, edges, matrices, sources_recovery, formed, settings, runner.calls,
-                     timing)
+    return Hierarchy(rows=rows, edges=edges, matrices=matrices, sources_recovery=sources_recovery,
+                     formation_layer=formed, settings=settings, calls=runner.calls, timing=timing)
 
 
 def _check_behavior(behavior: Behavior, metric: Metric, names: list[str]) -> None:

@@ -59,7 +59,7 @@ from jaxpatch.runs.settings import Execution, execution_of
 __all__ = ["GateTraining", "LearnedPatch", "gate_index", "learn_patch"]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class LearnedPatch:
     """What `learn_patch` found.
 
@@ -102,6 +102,24 @@ class LearnedPatch:
                 "selected": self.selected,
                 "probabilities": dict(zip(self.names, (float(p) for p in self.probabilities))),
                 "curve": self.curve, "patch": json.loads(self.patch.to_json())}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LearnedPatch:
+        """Rebuilds a learned patch from `to_dict` output (exactly: floats round-trip).
+
+        Example:
+            >>> learned = learn_patch(pair, jaxpatch.VectorAnchor(layer=1), granularity="layer",
+            ...                       training=GateTraining(steps=5))
+            >>> again = LearnedPatch.from_dict(learned.to_dict())
+            >>> again.to_dict() == learned.to_dict()
+            True
+        """
+        names = list(data["probabilities"])
+        return cls(patch=Patch.from_json(json.dumps(data["patch"]), "learned patch"), names=names,
+                   probabilities=np.array([data["probabilities"][n] for n in names], np.float64),
+                   effect=float(data["effect"]), curve=list(data["curve"]),
+                   direction=data["direction"], granularity=data["granularity"],
+                   sparsity=float(data["sparsity"]))
 
 
 def gate_index(config: ModelConfig, items: Sequence[Component]) -> Params:
@@ -234,7 +252,8 @@ def learn_patch(pair: PreparedPair, metric: Metric, *, granularity: Granularity 
             stays when it adds more than this share of the behavior.
         training: steps, optimizer and temperature schedule (`GateTraining`).
         execution: `remat` recomputes each block's activations in the backward pass (memory
-            of one block's activations, one more forward of compute per step).
+            of one block's activations, one more forward of compute per step); with a log, the
+            finished patch is recorded there and read back instead of learned again.
 
     Returns:
         A `LearnedPatch`.
@@ -249,7 +268,13 @@ def learn_patch(pair: PreparedPair, metric: Metric, *, granularity: Granularity 
         (True, True)
     """
     training = GateTraining() if training is None else training
-    remat = execution_of(execution).remat
+    execution = execution_of(execution)
+    if execution.log is not None:
+        unlogged = execution.logging_to(None)
+        return LearnedPatch.from_dict(execution.log.memo("learned", lambda: learn_patch(
+            pair, metric, granularity=granularity, selector=selector, direction=direction,
+            sparsity=sparsity, training=training, execution=unlogged).to_dict()))
+    remat = execution.remat
     steps, log_every, temperatures = training.steps, training.log_every, training.temperatures
     check_mode("learned-patch direction", direction, PAIR_DIRECTIONS, JaxpatchError)
     if steps < 1 or log_every < 1:
@@ -293,6 +318,7 @@ def learn_patch(pair: PreparedPair, metric: Metric, *, granularity: Granularity 
     patch = Patch.from_components(config, chosen)
     score = score_patch(pair.base, pair.donor, patch, batch, metric, direction, state)
     effect = (score - offset) * scale
-    return LearnedPatch(patch, [c.name for c in items], probabilities, float(effect), curve,
-                        direction, granularity, sparsity)
+    return LearnedPatch(patch=patch, names=[c.name for c in items], probabilities=probabilities,
+                        effect=float(effect), curve=curve, direction=direction,
+                        granularity=granularity, sparsity=sparsity)
 

@@ -1,5 +1,5 @@
 """A base/donor pair: checked to be one architecture, its endpoints per direction, the metric
-fitted to it, and one patch scored the plain way.
+fitted to it, one patch scored the plain way, and how far each component moved (|dW|).
 
 Every scoring method (sweeps, attribution, activation patching) starts here: `check_pair`
 refuses a pair that cannot be patched, `endpoints` says which params a patch moves from and
@@ -16,16 +16,18 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxpatch._tree import flatten_params
+from jaxpatch.components import Component
 from jaxpatch.errors import JaxpatchError, MetricError, NonFiniteError
 from jaxpatch.mesh import place_params, place_prompts
 from jaxpatch.metrics import Metric, Readout, mean_score, metric_endpoints, metric_readout
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
 from jaxpatch.modes import DIRECTIONS, Direction, check_mode
-from jaxpatch.patch import Patch, ablation_target, apply, check_compatible
+from jaxpatch.patch import Patch, ablation_target, apply, check_compatible, component_entries
 from jaxpatch.prompts import Batch
 
-__all__ = ["check_pair", "endpoints", "endpoint_scores", "score_patch", "placed_on"]
+__all__ = ["check_pair", "endpoints", "endpoint_scores", "score_patch", "placed_on", "delta_norms"]
 
 
 def check_pair(base: Model, donor: Model) -> None:
@@ -178,3 +180,35 @@ def placed_on(mesh: Mesh | None, base: Model, donor: Model, batch: Batch,
     base, donor = (dataclasses.replace(m, params=place_params(mesh, m.params))
                    for m in (base, donor))
     return base, donor, place_prompts(mesh, batch, batch.tokens.shape[0], prompt_axes)
+
+
+def delta_norms(config: ModelConfig, base: Params, donor: Params,
+                items: Sequence[Component]) -> np.ndarray:
+    """How far each component moved between base and donor: the Frobenius norm of
+    `donor - base` over its parameters (|dW|, the baseline every localization is compared with).
+
+    Arguments:
+        config: the architecture.
+        base, donor: the two params trees.
+        items: the components (`jaxpatch.select`).
+
+    Returns:
+        float64 `[len(items)]`.
+
+    Example:
+        >>> from jaxpatch.components import components
+        >>> float(delta_norms(cfg, base.params, base.params, components(cfg, "head")).max())
+        0.0
+        >>> delta_norms(cfg, base.params, donor.params, components(cfg, "module")[:1]) > 0
+        array([ True])
+    """
+    flat_base, flat_donor = flatten_params(base), flatten_params(donor)
+    squares = {n: (np.asarray(flat_donor[n], np.float64) - np.asarray(flat_base[n], np.float64)) ** 2
+               for n in flat_base}
+    out = []
+    for c in items:
+        total = 0.0
+        for name, index in component_entries(config, c).items():
+            total += float(squares[name][index].sum())
+        out.append(np.sqrt(total))
+    return np.array(out)

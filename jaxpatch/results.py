@@ -22,12 +22,13 @@ __all__ = ["SweepResult", "ScoreMatrix", "Misranked", "misranked_to_dicts", "run
            "check_finite_scores"]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class SweepResult:
     """The scores of a sweep, in candidate order.
 
     Attributes:
-        metric, direction, anchor_layer, positions: what was measured and how.
+        metric, direction, positions: what was measured and how.
+        readout_layer: the block whose output the metric reads (None: the logits).
         base_score, donor_score: the unpatched models' scores (recovery 0 and 1).
         names: candidate names.
         scores: raw metric scores of the patched models.
@@ -40,14 +41,16 @@ class SweepResult:
         extra: method-specific details (e.g. integrated gradients' completeness gap).
 
     Example:
-        >>> r = SweepResult("anchor", "denoise", 1, "last", 0.0, 2.0, ["a"], np.array([1.0]))
+        >>> r = SweepResult(metric="anchor", direction="denoise", readout_layer=1,
+        ...                 positions="last", base_score=0.0, donor_score=2.0, names=["a"],
+        ...                 scores=np.array([1.0]))
         >>> r.recovery.tolist()
         [0.5]
     """
 
     metric: str
     direction: str
-    anchor_layer: int | None
+    readout_layer: int | None
     positions: str
     base_score: float
     donor_score: float
@@ -70,7 +73,8 @@ class SweepResult:
         units: `recovery` when denoising, `1 - recovery` otherwise (0 = no effect).
 
         Example:
-            >>> r = SweepResult("m", "noise", None, "last", 0.0, 1.0, ["a"], np.array([0.25]))
+            >>> r = SweepResult(metric="m", direction="noise", readout_layer=None, positions="last",
+            ...                 base_score=0.0, donor_score=1.0, names=["a"], scores=np.array([0.25]))
             >>> r.effect.tolist()
             [0.75]
         """
@@ -80,11 +84,12 @@ class SweepResult:
         """The result as the `scores.json` document.
 
         Example:
-            >>> SweepResult("kl", "noise", None, "last", 1.0, 0.0, [], np.zeros(0)).to_dict()["metric"]
+            >>> SweepResult(metric="kl", direction="noise", readout_layer=None, positions="last",
+            ...             base_score=1.0, donor_score=0.0, names=[], scores=np.zeros(0)).to_dict()["metric"]
             'kl'
         """
         return {
-            "metric": self.metric, "direction": self.direction, "anchor_layer": self.anchor_layer,
+            "metric": self.metric, "direction": self.direction, "readout_layer": self.readout_layer,
             "positions": self.positions, "base_score": self.base_score,
             "donor_score": self.donor_score,
             "components": [{"name": n, "score": float(s), "recovery": float(r), "effect": float(e)}
@@ -98,16 +103,20 @@ class SweepResult:
         """Rebuilds a result from `to_dict` output.
 
         Example:
-            >>> r = SweepResult("m", "denoise", 2, "last", 0.0, 1.0, ["a"], np.array([0.5]))
+            >>> r = SweepResult(metric="m", direction="denoise", readout_layer=2, positions="last",
+            ...                 base_score=0.0, donor_score=1.0, names=["a"], scores=np.array([0.5]))
             >>> SweepResult.from_dict(r.to_dict()) == r
             True
         """
         comps = data["components"]
-        return cls(data["metric"], data["direction"], data["anchor_layer"], data["positions"],
-                   data["base_score"], data["donor_score"], [c["name"] for c in comps],
-                   np.array([c["score"] for c in comps], np.float64), dict(data.get("timing", {})),
-                   dict(data.get("inputs", {})), list(data.get("skipped", [])),
-                   data.get("method", "exact"), dict(data.get("extra", {})))
+        layer = data["readout_layer"] if "readout_layer" in data else data["anchor_layer"]  # older files
+        return cls(metric=data["metric"], direction=data["direction"], readout_layer=layer,
+                   positions=data["positions"], base_score=data["base_score"],
+                   donor_score=data["donor_score"], names=[c["name"] for c in comps],
+                   scores=np.array([c["score"] for c in comps], np.float64),
+                   timing=dict(data.get("timing", {})), inputs=dict(data.get("inputs", {})),
+                   skipped=list(data.get("skipped", [])), method=data.get("method", "exact"),
+                   extra=dict(data.get("extra", {})))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SweepResult):
@@ -120,7 +129,8 @@ class SweepResult:
         """The scores as CSV (`name,score,recovery,effect`).
 
         Example:
-            >>> r = SweepResult("m", "denoise", None, "last", 0.0, 2.0, ["a"], np.array([1.0]))
+            >>> r = SweepResult(metric="m", direction="denoise", readout_layer=None, positions="last",
+            ...                 base_score=0.0, donor_score=2.0, names=["a"], scores=np.array([1.0]))
             >>> print(r.to_csv(), end="")
             name,score,recovery,effect
             a,1,0.5,0.5
@@ -136,7 +146,9 @@ class SweepResult:
         """The k candidates with the largest effect, as (name, effect).
 
         Example:
-            >>> r = SweepResult("m", "denoise", None, "last", 0.0, 1.0, ["a", "b"], np.array([0.2, 0.9]))
+            >>> r = SweepResult(metric="m", direction="denoise", readout_layer=None, positions="last",
+            ...                 base_score=0.0, donor_score=1.0, names=["a", "b"],
+            ...                 scores=np.array([0.2, 0.9]))
             >>> r.top(1)
             [('b', 0.9)]
         """
@@ -144,7 +156,7 @@ class SweepResult:
         return [(self.names[i], float(self.effect[i])) for i in order]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class ScoreMatrix:
     """Candidates (rows) scored on every column of one metric (`sweep_matrix`): e.g. each
     supplier's patch read at every tracing target.
@@ -158,8 +170,9 @@ class ScoreMatrix:
         timing: as `SweepResult.timing`.
 
     Example:
-        >>> m = ScoreMatrix("anchor", "denoise", "exact", ["a"], ["t", "u"], np.zeros(2),
-        ...                 np.array([2.0, 4.0]), np.array([[1.0, 1.0]]))
+        >>> m = ScoreMatrix(metric="anchor", direction="denoise", method="exact", names=["a"],
+        ...                 columns=["t", "u"], base_scores=np.zeros(2),
+        ...                 donor_scores=np.array([2.0, 4.0]), scores=np.array([[1.0, 1.0]]))
         >>> m.recovery.tolist(), m.column("u").tolist()
         ([[0.5, 0.25]], [0.25])
     """

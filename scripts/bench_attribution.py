@@ -12,7 +12,7 @@ rate (three times the forward's FLOPs: the forward, the input gradients and the 
 derivatives) against this machine's measured float32 matmul rate, and checks the first-order
 scores against central differences of exact patching on a few modules.
 
-Then, on the shipped planted pair (`jaxpatch.evaluate.default_pair_dir`), it patches every
+Then, on the shipped planted pair (`jaxpatch.studies.evaluate.default_pair_dir`), it patches every
 neuron exactly (denoise, log-probability of the answers) and reports, for first-order and
 integrated-gradient rankings, the share of the exhaustive exact top 20 that a shortlist of the
 top-ranked neurons catches, at shortlist sizes up to 10% of the neurons (target: at least 0.9
@@ -171,8 +171,8 @@ def memory_and_variants(pair, metric) -> None:
 def planted_recall(recall_k: int = 20, budget: float = 0.1, controls: int = 6) -> None:
     """Narrow-then-verify recall on the shipped planted pair."""
     from jaxpatch.attribution import attribute, localize
-    from jaxpatch.evaluate import default_pair_dir, load_planted
     from jaxpatch.metrics import LogProb
+    from jaxpatch.studies.evaluate import default_pair_dir, load_planted
 
     pair = load_planted(default_pair_dir())
     config, metric = pair.base.config, LogProb()

@@ -1,7 +1,7 @@
 """Benchmark: the cost of one learned patch, in forward passes and seconds, next to an
 exhaustive exact sweep at the same granularity.
 
-On the shipped planted pair (`jaxpatch.evaluate.default_pair_dir`; log-probability of the
+On the shipped planted pair (`jaxpatch.studies.evaluate.default_pair_dir`; log-probability of the
 answers, denoise), measures in one process, each after a warm-up call that compiles it:
   - one forward pass of the model on the patching prompts (the unit),
   - one learned patch (`jaxpatch.learn_patch`, the default 200 steps), and
@@ -21,8 +21,8 @@ from typing import Callable
 import jax
 
 import jaxpatch
-from jaxpatch.evaluate import default_pair_dir, load_planted
 from jaxpatch.metrics import readout
+from jaxpatch.studies.evaluate import default_pair_dir, load_planted
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:

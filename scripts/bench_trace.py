@@ -39,7 +39,7 @@ t0 = time.perf_counter()
 import jaxpatch
 from jaxpatch import compile_cache
 compile_cache.enable(sys.argv[1])  # the command's default, explicit for both trees
-from jaxpatch.evaluate import default_pair_dir, load_planted
+from jaxpatch.studies.evaluate import default_pair_dir, load_planted
 from jaxpatch.hierarchy import trace_hierarchy
 import_s = time.perf_counter() - t0
 
@@ -115,7 +115,7 @@ def unit_costs() -> None:
     from jaxpatch.components import activation_sites
     from jaxpatch.engine.activation import _betas, _Operands, _program
     from jaxpatch.engine.programs import clean_sites
-    from jaxpatch.evaluate import default_pair_dir, load_planted
+    from jaxpatch.studies.evaluate import default_pair_dir, load_planted
 
     planted = load_planted(default_pair_dir())
     config = planted.base.config

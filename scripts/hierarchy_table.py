@@ -11,7 +11,7 @@ per-seed numbers to docs/hierarchy.json and the table into README.md between its
                                                                    # ~3 minutes a seed on 2 cores
     python scripts/hierarchy_table.py --render                     # the table again from the JSON
 
-Seed 0 is the shipped pair (`experiments/pairs/default`); the others are trained exactly as
+Seed 0 is the shipped pair (`jaxpatch/studies/pairs/default`); the others are trained exactly as
 `python -m experiments.planted --seed N` trains them.
 """
 
@@ -34,9 +34,9 @@ from jaxpatch import (  # noqa: E402
     prepare,
     select,
 )
-from jaxpatch.evaluate import default_pair_dir, hierarchy_against_plant, load_planted  # noqa: E402
 from jaxpatch.hierarchy import Thresholds, trace_hierarchy  # noqa: E402
-from jaxpatch.scoring import plant_patch, planted_labels  # noqa: E402
+from jaxpatch.studies.evaluate import default_pair_dir, hierarchy_against_plant, load_planted  # noqa: E402
+from jaxpatch.studies.scoring import plant_patch, planted_labels  # noqa: E402
 
 START, END = "<!-- hierarchy-table:start -->", "<!-- hierarchy-table:end -->"
 

@@ -1,4 +1,4 @@
-"""docs/merging.md's table: `jaxpatch.merge_eval` on the shipped planted pair's three experts.
+"""docs/merging.md's table: `jaxpatch.studies.merge_eval` on the shipped planted pair's three experts.
 
     python scripts/merging_table.py          # about a minute on 2 cores
 
@@ -15,15 +15,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jaxpatch.evaluate import default_pair_dir  # noqa: E402
-from jaxpatch.merge_eval import merge_eval, table  # noqa: E402
+from jaxpatch.studies.evaluate import default_pair_dir  # noqa: E402
+from jaxpatch.studies.merge_eval import merge_eval, table  # noqa: E402
 
 START, END = "<!-- merge-eval-table:start -->", "<!-- merge-eval-table:end -->"
 
 
 def main() -> int:
     document = merge_eval(default_pair_dir(), progress=lambda c: print(f"merged {c}", flush=True))
-    document["pair"] = "experiments/pairs/default"
+    document["pair"] = "jaxpatch/studies/pairs/default"
     (ROOT / "docs" / "merge_eval.json").write_text(json.dumps(document, indent=1) + "\n")
     markdown = table(document)
     print(markdown)

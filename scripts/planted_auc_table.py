@@ -3,7 +3,7 @@ with and without decoys.
 
 For each seed, trains a planted pair from scratch (`experiments.planted`: the seed draws S, the
 trained decoy D and the rescaled neighbours of S; no experts), and scores every method with
-`jaxpatch.evaluate` twice: on the pair with its decoys, and on the same base with the donor as it
+`jaxpatch.studies.evaluate` twice: on the pair with its decoys, and on the same base with the donor as it
 was before the decoys (the control). Writes both tables (mean and min-max over seeds), whether
 the issue's targets hold, and each seed's sets into README.md between its markers, and the
 per-seed numbers into docs/planted_auc.json.
@@ -36,16 +36,16 @@ sys.path.insert(0, str(ROOT))
 from experiments.planted import Settings, build, without_decoys, write  # noqa: E402
 from jaxpatch import LogProb, Patch, components, endpoint_scores, make_batch, score_patch  # noqa: E402
 from jaxpatch.errors import JaxpatchError  # noqa: E402
-from jaxpatch.evaluate import (  # noqa: E402
+from jaxpatch.io.fingerprint import checkpoint_fingerprint  # noqa: E402
+from jaxpatch.modes import SCORED_GRANULARITIES as GRANULARITIES  # noqa: E402
+from jaxpatch.studies.evaluate import (  # noqa: E402
     EVALUATED_METHODS,
     PlantedPair,
     default_pair_dir,
     evaluate,
     load_planted,
 )
-from jaxpatch.io.fingerprint import checkpoint_fingerprint  # noqa: E402
-from jaxpatch.modes import SCORED_GRANULARITIES as GRANULARITIES  # noqa: E402
-from jaxpatch.report import METHOD_LABELS  # noqa: E402
+from jaxpatch.studies.report import METHOD_LABELS  # noqa: E402
 
 START, END = "<!-- planted-auc-table:start -->", "<!-- planted-auc-table:end -->"
 EXACT = "exact (better of noise, denoise)"

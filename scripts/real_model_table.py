@@ -6,7 +6,7 @@ transformers, taught counterfactual facts in a planted set S, and localized by e
    relative to the logits' scale on 8 real prompts, top-5 agreement, and tokenizer agreement on
    17 texts. Load time of the file.
 2. **The pair.** Builds it (`experiments.planted_real`) into `--pair` unless it is there.
-3. **The demo's evaluation on it** (`jaxpatch.evaluate.evaluate`, what `jaxpatch demo --pair`
+3. **The demo's evaluation on it** (`jaxpatch.studies.evaluate.evaluate`, what `jaxpatch demo --pair`
    runs): module and head granularity exhaustively, neurons narrowed with integrated gradients
    and the shortlist verified exactly (36,864 neurons: one exact run each is too slow on a CPU).
 
@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jaxpatch  # noqa: E402
 from experiments import planted_real  # noqa: E402
 from experiments.real_model import gemma3_270m_path  # noqa: E402
-from jaxpatch.evaluate import evaluate, load_planted  # noqa: E402
+from jaxpatch.studies.evaluate import evaluate, load_planted  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 # What the table measures: the issue's targets and the baselines beside them. S is MLP neurons,
@@ -152,7 +152,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "## Localization (the demo's evaluation)",
         "",
-        f"`jaxpatch.evaluate` (what `jaxpatch demo --pair DIR` runs) with stages "
+        f"`jaxpatch.studies.evaluate` (what `jaxpatch demo --pair DIR` runs) with stages "
         f"{', '.join(STAGES)}: {r['evaluate_seconds']:.0f} s. ROC AUC against S "
         f"(modules {r['planted']['module'][0]}/{r['planted']['module'][1]} in S, neurons "
         f"{r['planted']['neuron'][0]}/{r['planted']['neuron'][1]}); a dash: not run at that "

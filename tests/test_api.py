@@ -30,9 +30,8 @@ def test_the_top_level_exports_every_error_and_resolves_its_names() -> None:
 def test_imports_run_one_way() -> None:
     """Low rooms never import high ones (docs/decisions/0009): checked on the source text."""
     order = ["_tree", "errors", "modes", "compile_cache", "rounding", "runs", "mesh", "models", "io",
-             "components", "prompts", "metrics", "patch", "stats", "scoring", "results", "pair",
-             "engine", "attribution", "learned", "hierarchy", "merge", "evaluate", "merge_eval",
-             "report", "cli"]
+             "components", "prompts", "metrics", "patch", "stats", "results", "figures", "pair",
+             "engine", "attribution", "learned", "hierarchy", "merge", "studies", "cli"]
     rank = {room: i for i, room in enumerate(order)}
     for name in MODULES:
         room = name.split(".")[1]
@@ -44,3 +43,14 @@ def test_imports_run_one_way() -> None:
         for other in order[rank[room] + 1:]:
             assert f"from jaxpatch.{other} " not in text and f"from jaxpatch.{other}." not in text, (
                 f"{name} imports jaxpatch.{other}, which sits above it")
+
+
+def test_the_library_never_imports_experiments() -> None:
+    """Pair builders (`experiments/`) use the library and its studies, never the other way."""
+    for name in MODULES:
+        source = importlib.import_module(name).__file__
+        assert source is not None
+        text = open(source).read()
+        assert "from experiments" not in text and "import experiments" not in text, name
+        assert 'files("experiments")' not in text, name
+

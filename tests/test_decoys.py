@@ -8,8 +8,8 @@ import pytest
 
 import jaxpatch
 from experiments.decoys import rescale
-from jaxpatch.evaluate import delta_norms
 from jaxpatch.examples import EXAMPLE_PROMPTS, random_pair
+from jaxpatch.pair import delta_norms
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gemma3_text"])

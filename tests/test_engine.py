@@ -216,7 +216,7 @@ def test_result_serialization_round_trip(tmp_path: Path, pair) -> None:
     data = json.loads(json.dumps(result.to_dict()))
     back = SweepResult.from_dict(data)
     np.testing.assert_array_equal(back.scores, result.scores)
-    assert set(data) >= {"metric", "direction", "anchor_layer", "positions", "base_score",
+    assert set(data) >= {"metric", "direction", "readout_layer", "positions", "base_score",
                          "donor_score", "components", "timing", "inputs"}
     assert set(data["timing"]) >= {"wall_s", "compile_s", "candidates_per_s"}
     assert result.to_csv().splitlines()[0] == "name,score,recovery,effect"

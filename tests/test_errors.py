@@ -233,7 +233,7 @@ def test_cli_sweep_writes_scores_and_heatmap(tmp_path: Path, donor_dir: Path,
                  "--prompts", prompts, "--granularity", "head", "--no-progress",
                  "--save-anchor", str(tmp_path / "anchor.npz"), "--out", str(out)]) == 0
     data = json.loads((out / "scores.json").read_text())
-    assert data["metric"] == "anchor" and data["anchor_layer"] == 1 and data["positions"] == "last"
+    assert data["metric"] == "anchor" and data["readout_layer"] == 1 and data["positions"] == "last"
     assert len(data["components"]) == 2 * (4 + 2)
     assert set(data["components"][0]) >= {"name", "score", "recovery"}
     assert set(data["timing"]) >= {"wall_s", "compile_s", "candidates_per_s"}

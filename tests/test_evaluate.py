@@ -10,8 +10,9 @@ import pytest
 
 from jaxpatch import ModelConfig, components, init_params
 from jaxpatch.cli import main
-from jaxpatch.evaluate import EVALUATED_METHODS, default_pair_dir, delta_norms
-from jaxpatch.report import read_run, summary_lines
+from jaxpatch.pair import delta_norms
+from jaxpatch.studies.evaluate import EVALUATED_METHODS, default_pair_dir
+from jaxpatch.studies.report import read_run, summary_lines
 
 
 def test_delta_norms_match_direct_computation() -> None:
@@ -87,7 +88,7 @@ def test_demo_and_report_refuse_bad_input(tmp_path, capsys) -> None:
 
 
 def test_evaluate_reports_as_many_stages_as_it_says() -> None:
-    from jaxpatch.evaluate import evaluate, load_planted, stage_count
+    from jaxpatch.studies.evaluate import evaluate, load_planted, stage_count
 
     names: list[str] = []
 
@@ -107,8 +108,8 @@ def test_evaluate_reports_as_many_stages_as_it_says() -> None:
 def test_narrowed_neuron_evaluation_verifies_a_shortlist_and_measures_recall_on_S() -> None:
     """Neurons not swept exhaustively (as on a real model): only the ranking methods run, the
     IG shortlist is verified exactly, and recall is measured against S's own exact top."""
-    from jaxpatch.evaluate import evaluate, load_planted
-    from jaxpatch.report import render_html, summary_lines
+    from jaxpatch.studies.evaluate import evaluate, load_planted
+    from jaxpatch.studies.report import render_html, summary_lines
 
     pair = load_planted(default_pair_dir())
     ev = evaluate(pair, granularities=("neuron",), exhaustive_neurons=False, verify_fraction=0.1,
@@ -132,7 +133,7 @@ def test_narrowed_neuron_evaluation_verifies_a_shortlist_and_measures_recall_on_
 
 def test_evaluate_runs_only_the_stages_asked_for() -> None:
     from jaxpatch.errors import InvalidInputError
-    from jaxpatch.evaluate import evaluate, load_planted
+    from jaxpatch.studies.evaluate import evaluate, load_planted
 
     pair = load_planted(default_pair_dir())
     ev = evaluate(pair, granularities=("module",), stages=("delta-norm", "random"))

@@ -17,7 +17,6 @@ from jaxpatch import hierarchy as hierarchy_module
 from jaxpatch.cli import main
 from jaxpatch.components import select
 from jaxpatch.errors import MetricError, SelectorError
-from jaxpatch.evaluate import default_pair_dir, hierarchy_against_plant, load_planted
 from jaxpatch.examples import CHAIN_ANSWER, chain_pair, example_pair
 from jaxpatch.hierarchy import SOURCES_ROW, Thresholds, trace_hierarchy
 from jaxpatch.metrics import ComponentAnchor, LogProb, target_sites
@@ -25,7 +24,8 @@ from jaxpatch.models.decoder import forward
 from jaxpatch.pair import endpoint_scores, score_patch
 from jaxpatch.patch import Patch
 from jaxpatch.prompts import make_batch
-from jaxpatch.scoring import plant_patch, planted_labels
+from jaxpatch.studies.evaluate import default_pair_dir, hierarchy_against_plant, load_planted
+from jaxpatch.studies.scoring import plant_patch, planted_labels
 
 EXAMPLE = example_pair()
 

@@ -249,8 +249,8 @@ def test_a_scores_file_of_another_pair_is_refused(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_merge_eval_covers_every_combination_and_method(tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
-    from jaxpatch.evaluate import default_pair_dir
-    from jaxpatch.merge_eval import GRID
+    from jaxpatch.studies.evaluate import default_pair_dir
+    from jaxpatch.studies.merge_eval import GRID
 
     out = tmp_path / "eval"
     assert main(["merge-eval", str(default_pair_dir()), "--out", str(out),

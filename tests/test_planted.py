@@ -10,10 +10,10 @@ import pytest
 
 from experiments.language import Language, task_batches
 from experiments.planted import Settings, build, check_donor, main, write
-from experiments.training import model_config, train
+from experiments.training import model_config, next_token_loss, train
 from jaxpatch import Execution, JaxpatchError, flatten_params, forward, init_params, plant_patch, prepare
-from jaxpatch.evaluate import behavior, default_pair_dir, load_planted, task_accuracy
-from jaxpatch.scoring import plant_mask
+from jaxpatch.studies.evaluate import behavior, default_pair_dir, load_planted, task_accuracy
+from jaxpatch.studies.scoring import plant_mask
 
 
 def test_language_is_deterministic_and_follows_its_chain() -> None:
@@ -46,8 +46,9 @@ def test_masked_training_moves_only_the_planted_set() -> None:
     params = init_params(config, jax.random.key(0))
     plant = plant_patch(config, "layers.1.self_attn[head=0] | layers.0.mlp[neuron=0-3]")
     mask = plant_mask(config, plant)
-    trained, losses, steps = train(config, params,
-                                   task_batches(lang, np.random.default_rng(0), "map", 8), 3, 1e-2, mask)
+    loss = lambda p, batch: next_token_loss(config, p, *batch)
+    trained, losses, steps = train(params, loss, task_batches(lang, np.random.default_rng(0), "map", 8),
+                                   3, 1e-2, mask=mask)
     ids, weights = next(task_batches(lang, np.random.default_rng(0), "map", 8))  # the first batch
     before, after, m = (flatten_params(t) for t in (params, trained, mask))
     for name in before:
@@ -76,9 +77,10 @@ def test_training_stops_when_asked_and_only_then() -> None:
     def stop(p) -> bool:
         asked.append(len(asked))
         return len(asked) == 2
-    out = train(config, params, batches, 20, 1e-2, check_every=3, stop=stop)
+    loss = lambda p, batch: next_token_loss(config, p, *batch)
+    out = train(params, loss, batches, 20, 1e-2, check_every=3, stop=stop)
     assert out.steps == 6 and asked == [0, 1]  # checked after steps 3 and 6, stopped at 6
-    assert train(config, params, batches, 5, 1e-2, check_every=3, stop=lambda p: False).steps == 5
+    assert train(params, loss, batches, 5, 1e-2, check_every=3, stop=lambda p: False).steps == 5
 
 
 TINY = dict(layers=2, d_model=16, heads=2, d_ff=32, base_steps=4, drift_steps=2, task_steps=3,
@@ -160,6 +162,30 @@ def test_decoys_that_would_blur_the_labels_are_refused_before_training(tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("plant", [
+    "layers.0.self_attn | layers.2.self_attn[head=1] | layers.3.mlp[neuron=0-63]",
+    "layers.0-3.mlp[neuron=0-31] | layers.1.self_attn",
+])
+def test_defaults_are_drawn_around_an_explicit_plant(plant: str) -> None:
+    """The decoy and rescaled sets a seed would draw are drawn around an explicit plant, so a
+    user who names S is never refused for a decoy they did not ask for."""
+    from experiments.planted import _shared, check_sets, resolve
+    from experiments.training import trainable_mask
+
+    for seed in range(8):
+        settings = resolve(Settings(plant=plant, seed=seed, task="reverse", experts=()))
+        config = model_config(Language.generate(seed), settings.layers, settings.d_model,
+                              settings.heads, settings.d_ff)
+        check_sets(config, settings)  # refuses any overlap
+        inside = trainable_mask(config, plant)
+        drawn = [spec.partition("=")[2] for spec in settings.decoys or ()] + list(settings.rescale or ())
+        assert settings.decoys and all(_shared(config, inside, s) is None for s in drawn)
+    without = resolve(Settings(seed=5, task="reverse"))  # nothing explicit: the draws as before
+    assert without.decoys == ("sort=layers.3.self_attn | layers.3.mlp[neuron=48-111]",)
+    with pytest.raises(JaxpatchError, match="every decoy of the drawn shape"):  # no room left
+        resolve(Settings(plant="layers.0-3.mlp[neuron=48-111]", task="reverse"))
+
+
 def test_shipped_pair_has_the_planted_behavior() -> None:
     pair = load_planted(default_pair_dir())
     for prompt in pair.prompts[:4]:
@@ -218,9 +244,9 @@ def test_shipped_pair_records_how_far_every_component_moved() -> None:
 def test_on_the_decoy_pair_weight_patching_beats_the_weight_difference() -> None:
     from jaxpatch import LogProb, make_batch, sweep
     from jaxpatch.components import select
-    from jaxpatch.evaluate import delta_norms
-    from jaxpatch.scoring import planted_labels
+    from jaxpatch.pair import delta_norms
     from jaxpatch.stats import roc_auc
+    from jaxpatch.studies.scoring import planted_labels
 
     pair = load_planted(default_pair_dir())
     config = pair.base.config

@@ -17,8 +17,8 @@ from experiments import planted_real
 from experiments.planted_real import Settings, facts
 from jaxpatch._tree import flatten_params
 from jaxpatch.errors import JaxpatchError
-from jaxpatch.evaluate import load_planted
 from jaxpatch.prompts import Prompt
+from jaxpatch.studies.evaluate import load_planted
 
 
 def test_facts_are_deterministic_disjoint_and_counterfactual() -> None:

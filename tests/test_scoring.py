@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxpatch import ModelConfig, SelectorError, components, plant_patch, planted_labels, roc_auc, roc_curve
-from jaxpatch.scoring import plant_mask
+from jaxpatch.studies.scoring import plant_mask
 
 CFG = ModelConfig.tiny("llama")
 

@@ -220,9 +220,10 @@ def activation_patching(
     items = select(pair.config, selector, granularity)
     base_score, donor_score, values, timing = _activation_scores(
         pair, metric, items, direction, execution_of(execution), wall_start)
-    return SweepResult(metric.name, direction, metric.layer, pair.positions, base_score,
-                       donor_score, [c.name for c in items], values, timing, dict(pair.inputs),
-                       method="activation")
+    return SweepResult(metric=metric.name, direction=direction, readout_layer=metric.layer,
+                       positions=pair.positions, base_score=base_score, donor_score=donor_score,
+                       names=[c.name for c in items], scores=values, timing=timing,
+                       inputs=dict(pair.inputs), method="activation")
 
 
 def activation_matrix(pair: PreparedPair, metric: Metric, candidates: Sequence[Component], *,
@@ -249,7 +250,8 @@ def activation_matrix(pair: PreparedPair, metric: Metric, candidates: Sequence[C
     base_score, donor_score, values, timing = _activation_scores(
         pair, metric, candidates, direction, execution_of(execution), wall_start)
     columns = list(metric.columns())
-    return ScoreMatrix(metric.name, direction, "activation", [c.name for c in candidates], columns,
-                       np.asarray(base_score, np.float64).reshape(-1),
-                       np.asarray(donor_score, np.float64).reshape(-1),
-                       values.reshape(len(candidates), metric.width), timing)
+    return ScoreMatrix(metric=metric.name, direction=direction, method="activation",
+                       names=[c.name for c in candidates], columns=columns,
+                       base_scores=np.asarray(base_score, np.float64).reshape(-1),
+                       donor_scores=np.asarray(donor_score, np.float64).reshape(-1),
+                       scores=values.reshape(len(candidates), metric.width), timing=timing)

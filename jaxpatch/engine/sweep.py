@@ -221,9 +221,10 @@ def sweep(
     prepared, names, values, timing, skipped = _scores(
         pair, metric, candidates, direction, references, execution_of(execution), wall_start)
     check_finite_scores(names, values, "score")
-    return SweepResult(metric.name, direction, metric.layer, pair.positions,
-                       float(prepared.base_score), float(prepared.donor_score), names, values,
-                       timing, dict(pair.inputs), skipped)
+    return SweepResult(metric=metric.name, direction=direction, readout_layer=metric.layer,
+                       positions=pair.positions, base_score=float(prepared.base_score),
+                       donor_score=float(prepared.donor_score), names=names, scores=values,
+                       timing=timing, inputs=dict(pair.inputs), skipped=skipped)
 
 
 def sweep_matrix(
@@ -258,9 +259,11 @@ def sweep_matrix(
     values = values.reshape(len(names), metric.width)
     check_finite_scores(names, values, "score")
     columns = list(metric.columns())
-    return ScoreMatrix(metric.name, direction, "exact", names, columns,
-                       np.asarray(prepared.base_score, np.float64).reshape(-1),
-                       np.asarray(prepared.donor_score, np.float64).reshape(-1), values, timing)
+    return ScoreMatrix(metric=metric.name, direction=direction, method="exact", names=names,
+                       columns=columns,
+                       base_scores=np.asarray(prepared.base_score, np.float64).reshape(-1),
+                       donor_scores=np.asarray(prepared.donor_score, np.float64).reshape(-1),
+                       scores=values, timing=timing)
 
 
 def _scores(pair: PreparedPair, metric: Metric,

@@ -40,9 +40,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jaxpatch._tree import flatten_params
 from jaxpatch.attribution import Verification, attribute, localize
-from jaxpatch.components import Component, select
+from jaxpatch.components import select
 from jaxpatch.engine import PreparedPair, activation_patching, prepare, sweep
 from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
 from jaxpatch.hierarchy import Behavior, trace_hierarchy
@@ -51,15 +50,16 @@ from jaxpatch.metrics import LogProb
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
 from jaxpatch.modes import PAIR_DIRECTIONS, SCORED_GRANULARITIES, PairDirection, ScoredGranularity
-from jaxpatch.patch import apply, component_entries
+from jaxpatch.pair import delta_norms
+from jaxpatch.patch import apply
 from jaxpatch.prompts import Prompt, greedy_continuations, make_batch, read_prompts
 from jaxpatch.results import SweepResult, misranked_to_dicts
 from jaxpatch.runs.settings import Execution
-from jaxpatch.scoring import plant_patch, planted_labels
 from jaxpatch.stats import roc_auc
+from jaxpatch.studies.scoring import plant_patch, planted_labels
 
 __all__ = ["EVALUATED_METHODS", "EXHAUSTIVE_NEURONS", "STAGES", "PlantedPair", "default_pair_dir",
-           "load_planted", "task_accuracy", "behavior", "delta_norms", "importance", "Evaluation",
+           "load_planted", "task_accuracy", "behavior", "importance", "Evaluation",
            "stage_count", "hierarchy_against_plant", "evaluate"]
 
 EVALUATED_METHODS: tuple[str, ...] = (
@@ -95,15 +95,13 @@ class PlantedPair:
 
 
 def default_pair_dir() -> Path:
-    """The folder of the planted pair shipped with jaxpatch (`experiments/pairs/default`).
+    """The folder of the planted pair shipped with jaxpatch (`jaxpatch/studies/pairs/default`).
 
     Example:
         >>> (default_pair_dir() / "planted.json").is_file()
         True
     """
-    from importlib.resources import files
-
-    return Path(str(files("experiments") / "pairs" / "default"))
+    return Path(__file__).parent / "pairs" / "default"
 
 
 def load_planted(folder: str | Path) -> PlantedPair:
@@ -165,33 +163,6 @@ def behavior(pair: PlantedPair) -> dict[str, float]:
               "base_with_S_from_donor": apply(plant, pair.base.params, pair.donor.params),
               "donor_with_S_from_base": apply(plant, pair.donor.params, pair.base.params)}
     return {name: task_accuracy(config, params, pair.eval_prompts) for name, params in models.items()}
-
-
-# ------------------------------------------------------------------------------- baselines
-
-def delta_norms(config: ModelConfig, base: Params, donor: Params,
-                items: Sequence[Component]) -> np.ndarray:
-    """The Frobenius norm of `donor - base` over each component's parameters.
-
-    Example:
-        >>> import jax
-        >>> from jaxpatch.components import components
-        >>> from jaxpatch.models.config import init_params
-        >>> cfg = ModelConfig.tiny("llama")
-        >>> p = init_params(cfg, jax.random.key(0))
-        >>> float(delta_norms(cfg, p, p, components(cfg, "head")).max())
-        0.0
-    """
-    flat_base, flat_donor = flatten_params(base), flatten_params(donor)
-    squares = {n: (np.asarray(flat_donor[n], np.float64) - np.asarray(flat_base[n], np.float64)) ** 2
-               for n in flat_base}
-    out = []
-    for c in items:
-        total = 0.0
-        for name, index in component_entries(config, c).items():
-            total += float(squares[name][index].sum())
-        out.append(np.sqrt(total))
-    return np.array(out)
 
 
 def importance(result: SweepResult) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Merging evaluated on a planted pair's experts: does knowing where each capability lives beat
 merges that look at no data?
 
-A planted pair folder with experts (`experiments/pairs/default`: the `map` donor and the
+A planted pair folder with experts (`jaxpatch/studies/pairs/default`: the `map` donor and the
 `reverse` and `sort` experts, all trained from one drifted model, with overlapping and disjoint
 planted sets) is merged, every pair of experts and all three, by:
 
@@ -33,7 +33,6 @@ from typing import Any, Callable
 import numpy as np
 
 from jaxpatch.engine import prepare, sweep
-from jaxpatch.evaluate import PlantedPair, load_planted, task_accuracy
 from jaxpatch.learned import GateTraining, learn_patch
 from jaxpatch.merge.config import MergeConfig, ModelEntry
 from jaxpatch.merge.guided import stitch
@@ -43,6 +42,7 @@ from jaxpatch.models.model import Model
 from jaxpatch.prompts import make_batch, read_prompts
 from jaxpatch.runs.log import TaskLog, memo
 from jaxpatch.runs.settings import Execution
+from jaxpatch.studies.evaluate import PlantedPair, load_planted, task_accuracy
 
 __all__ = ["GRID", "MERGE_EVAL_FORMAT", "experts_of", "localize_experts", "merge_eval", "table"]
 
@@ -61,7 +61,7 @@ def experts_of(pair: PlantedPair) -> dict[str, Model]:
     """The pair's experts by task: the donor, and every model under `experts/`.
 
     Example:
-        >>> from jaxpatch.evaluate import default_pair_dir
+        >>> from jaxpatch.studies.evaluate import default_pair_dir
         >>> sorted(experts_of(load_planted(default_pair_dir())))
         ['map', 'reverse', 'sort']
     """

@@ -1,216 +1,19 @@
-"""Figures and tables of results."""
+"""The planted-pair study's report: its summary lines and the self-contained HTML page that
+`jaxpatch demo` writes, with the JSON and CSV behind it (`write_run`, `read_run`)."""
 
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
+from jaxpatch.figures import heatmap_png, hierarchy_png, roc_png
 from jaxpatch.results import SweepResult
-from jaxpatch.stats import roc_auc, roc_curve
 
-__all__ = ["heatmap_grid", "heatmap_png", "summary_table", "METHOD_LABELS", "CAVEATS", "roc_png",
-           "hierarchy_png", "summary_lines", "render_html", "write_run", "auc_csv", "read_run"]
-
-_INDEXED = re.compile(r"layers\.(\d+)\.(.+?)\[(\w+)=(\d+)\]$")
-_MODULE = re.compile(r"layers\.(\d+)\.(.+)$")
-
-
-def _png(fig: Any) -> bytes:
-    """A matplotlib figure as PNG bytes (laid out tight; the figure is closed)."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def heatmap_grid(result: SweepResult) -> tuple[np.ndarray, list[str], list[str]]:
-    """Arranges a result's effects as layers x columns (modules, heads or neurons).
-
-    Components outside blocks (embeddings, final norm, lm_head) are left out; cells without a
-    component are NaN.
-
-    Returns:
-        `(grid [layers, columns], row labels, column labels)`.
-
-    Example:
-        >>> r = SweepResult("m", "denoise", None, "last", 0.0, 1.0,
-        ...                 ["layers.0.mlp.up_proj", "layers.1.mlp.up_proj"], np.array([0.1, 0.2]))
-        >>> heatmap_grid(r)[0].tolist()
-        [[0.1], [0.2]]
-    """
-    cells: dict[tuple[int, str], float] = {}
-    columns: list[str] = []
-    for name, value in zip(result.names, result.effect):
-        m = _INDEXED.match(name)
-        if m:
-            layer, column = int(m.group(1)), f"{'kv' if m.group(3) == 'kv_head' else ''}{m.group(4)}"
-        elif name.startswith("layers.") and (mm := _MODULE.match(name)):
-            layer, column = int(mm.group(1)), mm.group(2)
-        elif re.fullmatch(r"layers\.\d+", name):
-            layer, column = int(name.split(".")[1]), "block"
-        else:
-            continue
-        if column not in columns:
-            columns.append(column)
-        cells[(layer, column)] = float(value)
-    layers = sorted({layer for layer, _ in cells})
-    grid = np.full((len(layers), len(columns)), np.nan)
-    for (layer, column), value in cells.items():
-        grid[layers.index(layer), columns.index(column)] = value
-    return grid, [f"layer {i}" for i in layers], columns
-
-
-def pareto_png(points: Sequence[tuple[int, float]], title: str) -> bytes:
-    """Effect against patch size (one point per sparsity of a learned patch) as PNG bytes.
-
-    Example:
-        >>> pareto_png([(1, 0.4), (3, 0.9), (8, 1.0)], "learned patches")[:4]
-        b'\\x89PNG'
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ordered = sorted(points)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([p[0] for p in ordered], [p[1] for p in ordered], "o-")
-    ax.set_xlabel("components in the patch")
-    ax.set_ylabel("effect (share of the behavior)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    return _png(fig)
-
-
-_ROLE_LANES = {"source": 3, "aggregation": 2, "execution": 1, "inert": 0}
-_ROLE_COLORS = {"source": "#c0392b", "aggregation": "#2874a6", "execution": "#239b56",
-                "inert": "#b3b6b7"}
-
-
-def hierarchy_png(graph: Mapping[str, Any], title: str = "source-level hierarchy",
-                  planted: Mapping[str, bool] | None = None) -> bytes:
-    """The hierarchy as PNG bytes: blocks along x, one lane per role, supplier -> target edges
-    drawn with width and opacity by their weight score (dashed blue: only the supplier's output
-    activation recovers the target, a signal passed through) (`Hierarchy.graph()` as input).
-
-    Arguments:
-        graph: the graph document (nodes with name, class and layer; edges with supplier,
-            target and score).
-        title: the figure's title.
-        planted: optional component -> in the planted set, drawn as a black ring.
-
-    Example:
-        >>> g = {"nodes": [{"name": "layers.0.mlp.down_proj", "class": "source", "layer": 0},
-        ...                {"name": "layers.1.self_attn.o_proj", "class": "aggregation", "layer": 1}],
-        ...      "edges": [{"supplier": "layers.0.mlp.down_proj",
-        ...                 "target": "layers.1.self_attn.o_proj", "score": 0.9}]}
-        >>> hierarchy_png(g)[:4]
-        b'\\x89PNG'
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nodes = list(graph["nodes"])
-    slots: dict[tuple[int, str], int] = {}
-    where: dict[str, tuple[float, float]] = {}
-    for node in nodes:
-        key = (int(node["layer"]), node["class"])
-        k = slots.get(key, 0)
-        slots[key] = k + 1
-        per_column, step = (8, 0.1) if node["class"] == "inert" else (5, 0.17)
-        column, row = divmod(k, per_column)
-        where[node["name"]] = (node["layer"] - 0.35 + 0.45 * column,
-                               _ROLE_LANES[node["class"]] - 0.35 + step * row)
-    layers = sorted({int(n["layer"]) for n in nodes}) or [0]
-    fig, ax = plt.subplots(figsize=(2.4 + 1.3 * len(layers), 4.6))
-    for edge in graph["edges"]:
-        if edge["supplier"] in where and edge["target"] in where:
-            (x0, y0), (x1, y1) = where[edge["supplier"]], where[edge["target"]]
-            score = float(min(max(edge["score"], 0.0), 1.0))
-            if score >= 0.1:  # computed in the supplier's weights
-                style = dict(lw=0.4 + 2.6 * score, alpha=0.15 + 0.6 * score, color="#555")
-            else:  # only the supplier's output carries it
-                style = dict(lw=0.6, alpha=0.35, color="#2874a6", linestyle="--")
-            ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="-|>", **style))
-    for node in nodes:
-        x, y = where[node["name"]]
-        role = node["class"]
-        ring = planted is not None and planted.get(node["name"], False)
-        ax.scatter([x], [y], s=18 if role == "inert" else 46, color=_ROLE_COLORS[role], zorder=3,
-                   edgecolors="black" if ring else "none", linewidths=1.2)
-        if role != "inert":
-            label = node["name"].split(".", 2)[-1] if node["name"].startswith("layers.") \
-                else node["name"]
-            ax.annotate(label.replace("self_attn", "attn"), (x, y), (4, -2),
-                        textcoords="offset points", fontsize=6, zorder=4)
-    ax.set_yticks(list(_ROLE_LANES.values()), list(_ROLE_LANES))
-    final = {int(n["layer"]) for n in nodes if n["name"] in ("norm", "lm_head")}
-    ax.set_xticks(layers, ["embed" if i < 0 else "final" if i in final else f"block {i}"
-                           for i in layers])
-    ax.set_ylim(-0.6, 3.8)
-    ax.set_title(title + (" (ringed: planted set)" if planted else ""))
-    ax.grid(alpha=0.2)
-    return _png(fig)
-
-
-def heatmap_png(result: SweepResult, title: str | None = None) -> bytes:
-    """A heatmap of effects (layers x modules, heads or neurons) as PNG bytes.
-
-    Example:
-        >>> r = SweepResult("m", "denoise", None, "last", 0.0, 1.0, ["layers.0.mlp.up_proj"], np.array([0.5]))
-        >>> heatmap_png(r)[:4]
-        b'\\x89PNG'
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid, rows, columns = heatmap_grid(result)
-    many = len(columns) > 40
-    fig, ax = plt.subplots(figsize=(min(14, 2 + 0.6 * len(columns)) if not many else 12,
-                                    1.5 + 0.4 * len(rows)))
-    limit = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
-    image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto",
-                      interpolation="nearest")
-    ax.set_yticks(range(len(rows)), rows)
-    if not many:
-        ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-    else:
-        ax.set_xlabel(f"{len(columns)} components per layer")
-    fig.colorbar(image, ax=ax, label="effect (recovery units)")
-    ax.set_title(title or f"{result.direction} sweep, {result.metric}"
-                 + (f" at layer {result.anchor_layer}" if result.anchor_layer is not None else ""))
-    return _png(fig)
-
-
-def summary_table(result: SweepResult, k: int = 10) -> str:
-    """The top-k components by effect as a plain-text table.
-
-    Example:
-        >>> r = SweepResult("m", "denoise", None, "last", 0.0, 1.0, ["a"], np.array([0.5]))
-        >>> "a" in summary_table(r)
-        True
-    """
-    lines = [f"{result.metric} ({result.direction}): base {result.base_score:.6g}, "
-             f"donor {result.donor_score:.6g}", f"{'component':<40} {'effect':>10}"]
-    lines += [f"{name:<40} {effect:>10.4f}" for name, effect in result.top(k)]
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ the planted-pair report
+__all__ = ["METHOD_LABELS", "CAVEATS", "summary_lines", "render_html", "write_run", "auc_csv",
+           "read_run"]
 
 METHOD_LABELS: dict[str, str] = {
     "exact-denoise": "exact weight patching, denoise", "exact-noise": "exact weight patching, noise",
@@ -243,31 +46,6 @@ CAVEATS: tuple[str, ...] = (
     "One task, one small architecture, and few positives per granularity (AUC moves in steps of "
     "1/(positives x negatives)); the spread over seeds is in the README's table.",
 )
-
-
-def roc_png(labels: Sequence[bool], importances: Mapping[str, Sequence[float]], title: str) -> bytes:
-    """ROC curves of several methods' rankings against planted labels, as PNG bytes.
-
-    Example:
-        >>> roc_png([True, False], {"a": [1.0, 0.0]}, "t")[:4]
-        b'\\x89PNG'
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
-    for method, scores in importances.items():
-        fpr, tpr = roc_curve(scores, labels)
-        ax.plot(fpr, tpr, label=f"{method} ({roc_auc(scores, labels):.3f})",
-                linestyle=":" if method == "random" else "-", linewidth=1.4)
-    ax.plot([0, 1], [0, 1], color="0.7", linewidth=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower right")
-    return _png(fig)
 
 
 def summary_lines(summary: Mapping[str, Any]) -> list[str]:
@@ -344,7 +122,7 @@ def render_html(summary: Mapping[str, Any], results: Mapping[str, SweepResult]) 
     """The self-contained HTML report of a planted-pair evaluation (images inlined).
 
     Arguments:
-        summary: `results.json` (`jaxpatch.evaluate.Evaluation.summary`).
+        summary: `results.json` (`jaxpatch.studies.evaluate.Evaluation.summary`).
         results: the sweep-like tables by `"{granularity}/{method}"`.
 
     Returns:

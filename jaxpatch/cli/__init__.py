@@ -1,0 +1,115 @@
+"""The `jaxpatch` command: one file per command group.
+
+    demo.py       demo, report           the shipped planted pair, scored by every method
+    models.py     info, forward, convert one checkpoint
+    scoring.py    sweep, attribute, localize, learn, trace   components of a base/donor pair
+    merging.py    merge, merge-eval
+    common.py     the scoring commands' flags, the prepared run, the progress log, outputs
+
+Every subcommand turns a `JaxpatchError` into one line on stderr and exit status 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from typing import Callable, Sequence
+
+from jaxpatch.cli import demo, merging, models, scoring
+from jaxpatch.errors import JaxpatchError
+
+__all__ = ["main", "build_parser", "EXIT_BAD_INPUT"]
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the `jaxpatch` command line.
+
+    Arguments:
+        argv: the arguments (default: `sys.argv[1:]`).
+
+    Returns:
+        The exit status (0 on success, 2 on bad input).
+
+    Example:
+        >>> main(["info", str(fixtures / "gpt2")])  # doctest: +ELLIPSIS
+        /.../gpt2: gpt2, 29,568 params (float32)
+          layers 2, d_model 32, heads 4 x 8, kv heads 4 [MHA], d_ff 128, vocab 96, context 32
+          tokenizer: yes
+        0
+        >>> main(["info", str(tmp / "missing")])  # one line on stderr, status 2
+        2
+    """
+    from jaxpatch import compile_cache
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.no_compile_cache:
+        compile_cache.disable()
+    elif args.compile_cache:
+        compile_cache.enable(args.compile_cache)
+    else:  # on by default for the command (not for the library: see jaxpatch.compile_cache)
+        compile_cache.from_environment()
+    try:
+        if args.distributed:
+            from jaxpatch.mesh import initialize_distributed
+
+            initialize_distributed()
+        args.run(args)
+    except JaxpatchError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"jaxpatch: error: {one_line(str(e))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def one_line(message: str) -> str:
+    """Collapses a message onto one line.
+
+    Example:
+        >>> one_line("a\\n  b")
+        'a b'
+    """
+    return " ".join(message.split())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `jaxpatch` command.
+
+    Example:
+        >>> build_parser().parse_args(["info", "x"]).checkpoint
+        'x'
+    """
+    parser = argparse.ArgumentParser(
+        prog="jaxpatch",
+        description="Weight patching in JAX: find which parameters are the source of a capability.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", metavar="DIR",
+                       help="JAX's persistent compilation cache folder (default: "
+                       "$JAXPATCH_COMPILE_CACHE, else ~/.cache/jaxpatch/xla)")
+    cache.add_argument("--no-compile-cache", action="store_true",
+                       help="do not read or write compiled programs")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-process run first (jax.distributed: "
+                        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or SLURM, "
+                        "Open MPI, Cloud TPU); every process runs the same command, the first "
+                        "writes the results")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, run: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+        p.set_defaults(run=run)
+        return p
+
+    for group in (demo, models, scoring, merging):
+        group.register(command)
+    return parser

@@ -1,0 +1,261 @@
+"""What the scoring commands share: their flags, the prepared run (pair, metric, fingerprints),
+the execution settings and the progress log their flags describe, and atomic output files."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+
+from jaxpatch.errors import OutputExistsError
+from jaxpatch.mesh import is_writer
+from jaxpatch.modes import Positions
+from jaxpatch.runs.atomic import atomic_write_bytes
+from jaxpatch.runs.log import RunLog, writing
+from jaxpatch.runs.settings import Execution
+
+__all__ = ["Command", "add_run_arguments", "add_attribution_arguments", "attribution_options",
+           "execution_of", "positions_of", "prepare_run", "run_settings", "run_log",
+           "write_outputs", "result_files", "check_output"]
+
+Command = Callable[..., argparse.ArgumentParser]
+"""`command(name, run, help)`: a new subcommand's parser, running `run(args)`."""
+
+
+def add_run_arguments(p: argparse.ArgumentParser, direction: bool = True) -> None:
+    """The flags shared by commands that score components of a base/donor pair."""
+    p.add_argument("--base", required=True, help="base checkpoint folder")
+    p.add_argument("--donor", required=True, help="donor (behavior-specialized) checkpoint folder")
+    p.add_argument("--prompts", required=True, help='JSON Lines: {"text": ...} or {"tokens": [...]}')
+    p.add_argument("--granularity", choices=["module", "head", "neuron", "layer"], default="module")
+    p.add_argument("--select", help="selector restricting the components, e.g. 'layers.2-3.mlp'")
+    p.add_argument("--metric", choices=["anchor", "logit-diff", "kl", "logprob"], default="anchor")
+    p.add_argument("--anchor-layer", type=int, help="block whose output the anchor reads "
+                   "(default: the last block)")
+    p.add_argument("--anchor-file", help="load the anchor direction from this file")
+    p.add_argument("--save-anchor", help="write the fitted anchor direction to this file")
+    p.add_argument("--positions", choices=["last", "prompt", "continuation"], default="last")
+    p.add_argument("--continuation-tokens", type=int, default=8,
+                   help="tokens the donor generates for --positions continuation (default 8)")
+    if direction:
+        p.add_argument("--direction", choices=["denoise", "noise"], default="denoise")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params")
+    p.add_argument("--out", help="folder for the results; progress is recorded there as the run "
+                   "goes, and the same command started again resumes it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an existing --out folder (its recorded progress is "
+                        "discarded, its results replaced)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="split the work over devices: candidates=N (a chunk's candidates; "
+                   "gradients: prompts), model=N (heads and neurons; the checkpoints are read "
+                   "shard by shard), data=N (prompts), e.g. candidates=4,model=2 (default: "
+                   "every device on candidates)")
+
+
+def add_attribution_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the attribution commands."""
+    p.add_argument("--method", choices=["first-order", "integrated-gradients"], default="first-order")
+    p.add_argument("--steps", type=int, default=16, help="integrated-gradients steps (default 16)")
+    p.add_argument("--step-batch", type=int, default=1,
+                   help="integrated-gradients steps run at once (default 1; memory grows with it)")
+    p.add_argument("--prompt-batch", type=int, help="accumulate gradients over this many prompts at a time")
+    p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass")
+
+
+def attribution_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments `attribute` and `localize` take from the attribution flags."""
+    return {"granularity": args.granularity, "selector": args.select, "method": args.method,
+            "direction": args.direction, "steps": args.steps}
+
+
+def execution_of(args: argparse.Namespace, log: RunLog | None = None, task: str = "") -> Execution:
+    """The `Execution` the run flags describe, recording into `log`'s task `task` (if any).
+
+    Example:
+        >>> args = argparse.Namespace(chunk_size=8, no_progress=True)
+        >>> execution_of(args).chunk_size, execution_of(args).progress
+        (8, False)
+    """
+    return Execution(chunk_size=getattr(args, "chunk_size", None),
+                     prompt_batch=getattr(args, "prompt_batch", None),
+                     step_batch=getattr(args, "step_batch", 1) or 1,
+                     remat=bool(getattr(args, "remat", False)),
+                     progress=False if args.no_progress else None,
+                     log=log.task(task) if log is not None else None)
+
+
+def positions_of(args: argparse.Namespace) -> Positions:
+    """Where the metric reads: `--positions`, except that log-probability reads the positions
+    predicting each prompt's target tokens ("targets")."""
+    return "targets" if args.metric == "logprob" else args.positions
+
+
+def prepare_run(args: argparse.Namespace,
+                resumable: bool = True) -> tuple[Any, Any, dict[str, Any]]:
+    """Loads the pair, reads the prompts, builds the batch and the metric from the run flags.
+
+    Arguments:
+        args: the parsed flags (`add_run_arguments`).
+        resumable: the command records its progress in `--out` (an existing folder with a
+            progress log is then accepted, to resume).
+
+    Returns:
+        `(pair, metric, inputs)`: the prepared pair (`jaxpatch.prepare`), the metric fitted to
+        it, and the inputs' fingerprints.
+    """
+    import jaxpatch
+    from jaxpatch.io.fingerprint import checkpoint_fingerprint, file_sha256, versions
+    from jaxpatch.mesh import default_mesh, make_mesh
+    from jaxpatch.metrics import metric_from_name
+    from jaxpatch.prompts import greedy_continuations, make_batch, read_prompts
+
+    if args.out and resumable and is_writer():  # refuse an unusable folder before any work
+        RunLog.check_folder(args.out, args.overwrite)
+    elif args.out and is_writer():
+        check_output(args.out, args.overwrite)
+    mesh = make_mesh(args.mesh) if args.mesh else default_mesh()
+    # the default recorded as what it is (part of a run's identity)
+    args.mesh = None if mesh is None else ",".join(f"{k}={v}" for k, v in mesh.shape.items())
+    base = jaxpatch.load(args.base, dtype=args.dtype, mesh=mesh)
+    donor = jaxpatch.load(args.donor, dtype=args.dtype, mesh=mesh)
+    jaxpatch.check_pair(base, donor)  # before the prompts are read and continuations generated
+    jaxpatch.select(base.config, args.select, args.granularity)  # before anything is written
+    prompts = read_prompts(args.prompts, base.tokenizer)
+    layer = args.anchor_layer if args.anchor_layer is not None else base.config.n_layers - 1
+    metric = metric_from_name(args.metric, layer, args.anchor_file)
+    metric.check(base.config)
+    continuations = None
+    if positions_of(args) == "continuation":
+        continuations = greedy_continuations(donor.config, donor.params, prompts,
+                                             args.continuation_tokens)
+    batch = make_batch(base.config, prompts, positions_of(args), continuations)
+    inputs = {"base": {"path": args.base, "sha256": checkpoint_fingerprint(base)},
+              "donor": {"path": args.donor, "sha256": checkpoint_fingerprint(donor)},
+              "prompts": {"path": args.prompts, "sha256": file_sha256(args.prompts),
+                          "count": len(prompts)},
+              "anchor_file": None if not args.anchor_file else {
+                  "path": args.anchor_file, "sha256": file_sha256(args.anchor_file)},
+              "granularity": args.granularity, "select": args.select,
+              "continuations": continuations, "versions": versions()}
+    pair = jaxpatch.prepare(base, donor, batch, mesh=mesh, positions=positions_of(args),
+                            inputs=inputs)
+    if args.save_anchor and args.metric == "anchor":
+        from jaxpatch.metrics import save_anchor
+
+        save_anchor(args.save_anchor, pair.endpoints(metric).state, layer)  # prepared once
+    return pair, metric, inputs
+
+
+# Flags that change no number of a run: a resumed run may differ in them.
+_NOT_SETTINGS = frozenset({"run", "debug", "out", "overwrite", "no_progress", "compile_cache",
+                           "no_compile_cache", "base", "donor", "prompts", "anchor_file",
+                           "save_anchor", "pair"})
+
+
+def run_settings(args: argparse.Namespace, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a run for resuming: the command, every flag that changes a number,
+    the inputs' fingerprints (not their paths) and the versions and device kind.
+
+    Example:
+        >>> args = build_parser().parse_args(["merge-eval", "pair", "--out", "o"])
+        >>> run_settings(args, {"pair": {"sha256": "ab"}})["arguments"]["threshold"]
+        0.1
+    """
+    from jaxpatch.io.fingerprint import versions
+
+    arguments = {k: v for k, v in sorted(vars(args).items())
+                 if k not in _NOT_SETTINGS and not callable(v)}
+    fingerprints = {name: value["sha256"] for name, value in inputs.items()
+                    if isinstance(value, Mapping) and "sha256" in value}
+    return {"command": args.command, "arguments": arguments, "inputs": fingerprints,
+            "versions": versions()}
+
+
+@contextlib.contextmanager
+def run_log(args: argparse.Namespace, inputs: Mapping[str, Any]) -> Iterator[RunLog | None]:
+    """The progress log of a run with `--out` (None without), held for the block.
+
+    Example:
+        >>> args = build_parser().parse_args(["merge-eval", "pair", "--out", str(tmp / "r")])
+        >>> with run_log(args, {}) as log:
+        ...     log.path.name
+        'progress.jsonl'
+    """
+    if not args.out:
+        yield None
+        return
+    if jax.process_count() > 1:  # the first process records; the others replay with it
+        with _first_process_log(args, inputs) as log:
+            yield log
+        return
+    with RunLog.open(args.out, run_settings(args, inputs), overwrite=args.overwrite) as log:
+        if log.resumed:
+            print(f"resuming the run in {args.out}: {log.resumed} finished pieces recorded",
+                  file=sys.stderr)
+        yield log
+
+
+@contextlib.contextmanager
+def _first_process_log(args: argparse.Namespace,
+                       inputs: Mapping[str, Any]) -> Iterator[RunLog | None]:
+    """A multi-process run's log: the first process opens (and writes) it; the others replay
+    its records from a copy sent to them and write nothing, so every process runs and skips
+    the same chunks."""
+    from jaxpatch.mesh import broadcast_json
+
+    with contextlib.ExitStack() as stack:
+        log = (stack.enter_context(RunLog.open(args.out, run_settings(args, inputs),
+                                               overwrite=args.overwrite))
+               if is_writer() else None)
+        records = broadcast_json(None if log is None else log.records)
+        if log is None:
+            log = RunLog.mirror(args.out, records)
+        elif log.resumed:
+            print(f"resuming the run in {args.out}: {log.resumed} finished pieces recorded",
+                  file=sys.stderr)
+        yield log
+
+
+def write_outputs(out: str, files: Mapping[str, bytes | str]) -> None:
+    """Writes each output file atomically into `out`, in order (the main JSON goes last, so
+    that its presence means the run finished), and says so.
+
+    Example:
+        >>> write_outputs(str(tmp), {"a.csv": "x,y", "a.json": "{}"})
+        wrote .../a.csv, a.json
+    """
+    if not is_writer():  # the first process of a multi-process run writes
+        return
+    for name, data in files.items():
+        with writing(Path(out) / name):
+            atomic_write_bytes(Path(out) / name, data.encode() if isinstance(data, str) else data)
+    print(f"wrote {out}/{', '.join(files)}")
+
+
+def result_files(result: Any) -> dict[str, bytes | str]:
+    """A score table's output files: scores.csv, heatmap.png, then scores.json.
+
+    Example:
+        >>> from jaxpatch.results import SweepResult
+        >>> list(result_files(SweepResult(
+        ...     metric="kl", direction="denoise", readout_layer=None, positions="last",
+        ...     base_score=1.0, donor_score=0.0, names=["layers.0.mlp"], scores=np.array([0.5]))))
+        ['scores.csv', 'heatmap.png', 'scores.json']
+    """
+    from jaxpatch.figures import heatmap_png
+
+    return {"scores.csv": result.to_csv(), "heatmap.png": heatmap_png(result),
+            "scores.json": json.dumps(result.to_dict(), indent=1) + "\n"}
+
+
+def check_output(out: str, overwrite: bool) -> None:
+    """Refuses an existing, non-empty output folder unless overwriting."""
+    path = Path(out)
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise OutputExistsError(f"{path}: already exists; choose another --out or pass --overwrite")
