@@ -35,7 +35,7 @@ Docstring examples use a small random pair: `cfg`, `base`, `donor` and `batch` a
 """
 
 from jaxpatch._tree import flatten_params
-from jaxpatch.attribution import Localization, Verification, alpha_gradients, attribute, localize
+from jaxpatch.attribution import alpha_gradients, attribute
 from jaxpatch.compile_cache import enable as enable_compile_cache
 from jaxpatch.components import Component, Selector, components, parse, select
 from jaxpatch.engine import (
@@ -71,6 +71,7 @@ from jaxpatch.errors import (
 from jaxpatch.hierarchy import Behavior, Hierarchy, Thresholds, TraceSearch, trace_hierarchy
 from jaxpatch.io import load, save
 from jaxpatch.learned import GateTraining, LearnedPatch, learn_patch
+from jaxpatch.localization import Localization, Verification, localize
 from jaxpatch.mesh import make_mesh
 from jaxpatch.metrics import (
                              ComponentAnchor,

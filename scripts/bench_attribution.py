@@ -170,7 +170,8 @@ def memory_and_variants(pair, metric) -> None:
 
 def planted_recall(recall_k: int = 20, budget: float = 0.1, controls: int = 6) -> None:
     """Narrow-then-verify recall on the shipped planted pair."""
-    from jaxpatch.attribution import attribute, localize
+    from jaxpatch.attribution import attribute
+    from jaxpatch.localization import localize
     from jaxpatch.metrics import LogProb
     from jaxpatch.studies.evaluate import default_pair_dir, load_planted
 

@@ -13,7 +13,7 @@ import pytest
 
 import jaxpatch
 from jaxpatch import TraceSearch, prepare
-from jaxpatch import hierarchy as hierarchy_module
+from jaxpatch.hierarchy import tracing as hierarchy_module
 from jaxpatch.cli import main
 from jaxpatch.components import select
 from jaxpatch.errors import MetricError, SelectorError

@@ -20,7 +20,7 @@ from golden import FIXTURES
 
 import jaxpatch
 from jaxpatch import Execution, Verification, prepare
-from jaxpatch.attribution import attribute, localize
+from jaxpatch.attribution import attribute
 from jaxpatch.cli import main
 from jaxpatch.engine import sweep
 from jaxpatch.engine.activation import activation_patching
@@ -33,6 +33,7 @@ from jaxpatch.errors import (
 )
 from jaxpatch.examples import example_pair
 from jaxpatch.hierarchy import trace_hierarchy
+from jaxpatch.localization import localize
 from jaxpatch.runs import log as runlog
 from jaxpatch.runs.log import LOG_NAME, RunLog
 

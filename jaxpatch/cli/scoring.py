@@ -109,8 +109,8 @@ def _attribute(args: argparse.Namespace) -> None:
 
 
 def _localize(args: argparse.Namespace) -> None:
-    from jaxpatch.attribution import Verification, localize
     from jaxpatch.figures import heatmap_png
+    from jaxpatch.localization import Verification, localize
 
     pair, metric, inputs = prepare_run(args)
     verify = Verification(top_k=args.top_k, controls=args.controls, exhaustive=args.exhaustive,

@@ -16,7 +16,7 @@ module, head and neuron granularity:
 and ranks components by the size of their effect (`|effect|`; the norm itself for
 delta-norm), scoring each ranking by ROC AUC against S. It also measures the behavior (task
 accuracy of base, donor, S-patched base and S-reverted donor), at neuron granularity,
-narrow-then-verify (`jaxpatch.attribution.localize` with an exhaustive check), and at module
+narrow-then-verify (`jaxpatch.localization` with an exhaustive check), and at module
 granularity the source-level hierarchy (`jaxpatch.hierarchy`) scored against S: precision and
 recall of `source`, and how the components outside S that activation patching flags are
 classified.
@@ -40,12 +40,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jaxpatch.attribution import Verification, attribute, localize
+from jaxpatch.attribution import attribute
 from jaxpatch.components import select
 from jaxpatch.engine import PreparedPair, activation_patching, prepare, sweep
 from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
 from jaxpatch.hierarchy import Behavior, trace_hierarchy
 from jaxpatch.learned import GateTraining, learn_patch
+from jaxpatch.localization import Verification, localize
 from jaxpatch.metrics import LogProb
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
