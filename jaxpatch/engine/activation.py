@@ -121,7 +121,7 @@ def _group_start(component: Component) -> int:
     return max(component.layer, 0)
 
 
-def _activation_scores(pair: PreparedPair, metric: Metric, items: Sequence[Component],
+def _activation_scores(pair: PreparedPair, metric: Metric, candidates: Sequence[Component],
                        direction: PairDirection, execution: Execution,
                        wall_start: float) -> tuple[Any, Any, np.ndarray, dict[str, float]]:
     """Every item's raw score (`[n]` or `[n, width]`), with the endpoint scores and timing;
@@ -139,34 +139,34 @@ def _activation_scores(pair: PreparedPair, metric: Metric, items: Sequence[Compo
     params = pair.model(start).params
 
     groups: dict[int, list[Component]] = {}
-    for component in items:
+    for component in candidates:
         first = _group_start(component)
         if first <= last_block or (metric.layer is None and first == config.n_layers):
             groups.setdefault(first, []).append(component)
     size = max(1, min(execution.chunk_size or _DEFAULT_CHUNK,
                       max((len(g) for g in groups.values()), default=1)))
     size = round_to_devices(size, mesh)
-    programs = [_group_program(config, metric, first, members, size, all_sites, params, sources,
+    programs = [_group_program(config, metric, first, group, size, all_sites, params, sources,
                                residuals, pair.batch, ends.state, earlier, mesh)
-                for first, members in sorted(groups.items())]
+                for first, group in sorted(groups.items())]
     runs = sum(len(g) for g in groups.values())
     prepare_s = time.perf_counter() - wall_start
     compile_s = compile_programs(programs, mesh)
     resumed = 0 if log is None else log.recorded_candidates()
     scores = run_chunks(programs, label=f"activation {direction}", execution=execution, mesh=mesh)
-    values = np.array([scores.get(c.name, start_score) for c in items], np.float64)
-    check_finite_scores([c.name for c in items], values, "activation patching score")
+    values = np.array([scores.get(c.name, start_score) for c in candidates], np.float64)
+    check_finite_scores([c.name for c in candidates], values, "activation patching score")
     return ends.base_score, ends.donor_score, values, run_timing(wall_start, prepare_s, compile_s,
                                                                  runs - resumed)
 
 
 def _group_program(config: ModelConfig, metric: Metric, first: int,
-                   members: Sequence[Component], size: int, all_sites: dict[str, int],
+                   group: Sequence[Component], size: int, all_sites: dict[str, int],
                    params: Params, sources: dict[str, jax.Array], residuals: jax.Array,
                    batch: Batch, state: Any, earlier: Any, mesh: Mesh | None) -> ChunkProgram:
     """The program of one block group for the chunk runner (operands placed on the mesh)."""
     sites = {s: all_sites[s] for s in dict.fromkeys(
-        s for c in members for s in component_sites(config, c))}
+        s for c in group for s in component_sites(config, c))}
 
     def operands(_: int) -> _Operands:
         ops = _Operands(params, {s: sources[s] for s in sites},
@@ -178,7 +178,7 @@ def _group_program(config: ModelConfig, metric: Metric, first: int,
 
     return ChunkProgram(
         ("activation", config, metric, first, tuple(sites), mesh), _program(config, metric, first),
-        size, [members], functools.lru_cache(maxsize=1)(operands),
+        size, [group], functools.lru_cache(maxsize=1)(operands),
         lambda chunk, at: _betas(config, chunk, at, sites),
         lambda at: {s: jax.ShapeDtypeStruct((at, n), jnp.float32) for s, n in sites.items()})
 
@@ -217,12 +217,12 @@ def activation_patching(
     if metric.width != 1:
         raise MetricError(f"the {metric.name} metric scores {metric.width} columns: use "
                           "activation_matrix for it")
-    items = select(pair.config, selector, granularity)
+    candidates = select(pair.config, selector, granularity)
     base_score, donor_score, values, timing = _activation_scores(
-        pair, metric, items, direction, execution_of(execution), wall_start)
+        pair, metric, candidates, direction, execution_of(execution), wall_start)
     return SweepResult(metric=metric.name, direction=direction, readout_layer=metric.layer,
                        positions=pair.positions, base_score=base_score, donor_score=donor_score,
-                       names=[c.name for c in items], scores=values, timing=timing,
+                       names=[c.name for c in candidates], scores=values, timing=timing,
                        inputs=dict(pair.inputs), method="activation")
 
 
