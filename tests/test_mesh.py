@@ -48,23 +48,27 @@ def test_a_sweep_split_across_two_devices_equals_one_device(granularity: str) ->
 SCRIPT = r"""
 import json, sys, numpy as np, jaxpatch
 from jaxpatch.examples import example_pair
-from jaxpatch.hierarchy import trace_hierarchy
-pair = example_pair()
-args = (pair.base, pair.donor, pair.batch)
+from jaxpatch.hierarchy import TraceSearch, trace_hierarchy
+example = example_pair()
+prepared = {}
+def pair(mesh):  # one prepared pair per mesh, reused by every method (as a user would)
+    if mesh not in prepared:
+        prepared[mesh] = jaxpatch.prepare(example.base, example.donor, example.batch, mesh=mesh)
+    return prepared[mesh]
 kl, anchor = jaxpatch.KLDivergence(), jaxpatch.VectorAnchor(layer=1)
+quiet = jaxpatch.Execution(progress=False)
 runs = {
-    "sweep kl": lambda mesh: jaxpatch.sweep(*args, kl, granularity="neuron", progress=False,
-                                            mesh=mesh).scores,
-    "sweep anchor": lambda mesh: jaxpatch.sweep(*args, anchor, granularity="head",
-                                                progress=False, mesh=mesh).scores,
-    "attribution": lambda mesh: jaxpatch.attribute(*args, kl, granularity="neuron",
-                                                   mesh=mesh).scores,
+    "sweep kl": lambda mesh: jaxpatch.sweep(pair(mesh), kl, granularity="neuron",
+                                            execution=quiet).scores,
+    "sweep anchor": lambda mesh: jaxpatch.sweep(pair(mesh), anchor, granularity="head",
+                                                execution=quiet).scores,
+    "attribution": lambda mesh: jaxpatch.attribute(pair(mesh), kl, granularity="neuron").scores,
     "activation": lambda mesh: jaxpatch.activation_patching(
-        *args, anchor, granularity="module", progress=False, mesh=mesh).scores,
+        pair(mesh), anchor, granularity="module", execution=quiet).scores,
     "trace": lambda mesh: np.array([
         [r.weight_score, r.activation_score, -1.0 if r.supplied is None else r.supplied]
-        for r in trace_hierarchy(*args, anchor, depth=1, top_targets=3, max_groups=3,
-                                 mesh=mesh).rows]),
+        for r in trace_hierarchy(pair(mesh), anchor, execution=quiet,
+                                 search=TraceSearch(depth=1, top_targets=3, max_groups=3)).rows]),
 }
 out = {}
 for name, run in runs.items():
