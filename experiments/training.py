@@ -10,7 +10,7 @@ teacher has them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -150,9 +150,9 @@ def train(params: Params, loss_of: Objective, batches: Iterator[Any], steps: int
     def step(leaves: dict[str, jax.Array], state: Any, batch: Any) -> tuple[Any, Any, jax.Array]:
         loss, grads = jax.value_and_grad(lambda x: loss_of(merged(x), batch))(leaves)
         grads = {k: g if masks[k] is None else g * masks[k] for k, g in grads.items()}
-        updates, state = optimizer.update(grads, state, leaves)
-        updates = {k: u if masks[k] is None else jnp.where(masks[k] > 0, u, 0)  # pyright: ignore
-                   for k, u in updates.items()}  # clip and Adam keep zeros at zero; explicit here
+        changes, state = optimizer.update(grads, state, leaves)
+        # clip and Adam keep zeros at zero; this makes it explicit
+        updates = {k: _inside(u, masks[k]) for k, u in cast(dict[str, jax.Array], changes).items()}
         return optax.apply_updates(leaves, updates), state, loss
 
     from tqdm.auto import tqdm
@@ -170,6 +170,11 @@ def train(params: Params, loss_of: Objective, batches: Iterator[Any], steps: int
                 losses.append(round(float(loss), 5))
             break
     return Trained(merged(trainable), losses, done)
+
+
+def _inside(update: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """`update` where `mask` is positive, 0 elsewhere (all of it without a mask)."""
+    return update if mask is None else jnp.where(mask > 0, update, 0)
 
 
 def answer_kl(config: ModelConfig, fixed: Params, params: Params, ids: jax.Array,

@@ -13,12 +13,12 @@ import pytest
 
 import jaxpatch
 from jaxpatch import TraceSearch, prepare
-from jaxpatch.hierarchy import tracing as hierarchy_module
 from jaxpatch.cli import main
 from jaxpatch.components import select
 from jaxpatch.errors import MetricError, SelectorError
 from jaxpatch.examples import CHAIN_ANSWER, chain_pair, example_pair
 from jaxpatch.hierarchy import SOURCES_ROW, Thresholds, trace_hierarchy
+from jaxpatch.hierarchy import tracing as hierarchy_module
 from jaxpatch.metrics import ComponentAnchor, LogProb, target_sites
 from jaxpatch.models.decoder import forward
 from jaxpatch.pair import endpoint_scores, score_patch
