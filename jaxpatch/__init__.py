@@ -35,6 +35,7 @@ Docstring examples use a small random pair: `cfg`, `base`, `donor` and `batch` a
 """
 
 from jaxpatch._tree import flatten_params
+from jaxpatch._version import __version__
 from jaxpatch.attribution import alpha_gradients, attribute
 from jaxpatch.compile_cache import enable as enable_compile_cache
 from jaxpatch.components import Component, Selector, components, parse, select
@@ -112,8 +113,6 @@ from jaxpatch.runs.log import RunLog, TaskLog
 from jaxpatch.runs.settings import Execution
 from jaxpatch.stats import roc_auc, roc_curve, spearman
 from jaxpatch.studies.scoring import plant_patch, planted_labels
-
-__version__ = "0.1.0"
 
 __all__ = [
     # checkpoints and models

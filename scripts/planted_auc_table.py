@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from experiments.planted import Settings, build, without_decoys, write  # noqa: E402
 from jaxpatch import LogProb, Patch, components, endpoint_scores, make_batch, score_patch  # noqa: E402
 from jaxpatch.errors import JaxpatchError  # noqa: E402
-from jaxpatch.io.fingerprint import checkpoint_fingerprint  # noqa: E402
 from jaxpatch.modes import SCORED_GRANULARITIES as GRANULARITIES  # noqa: E402
+from jaxpatch.runs.fingerprint import checkpoint_fingerprint  # noqa: E402
 from jaxpatch.studies.evaluate import (  # noqa: E402
     EVALUATED_METHODS,
     PlantedPair,

@@ -183,7 +183,7 @@ def _expert_folders(tmp_path: Path) -> dict[str, Path]:
 def _scores(folders: dict[str, Path], expert: str, out: Path) -> Path:
     """A scores.json of the expert's modules, with the pair's fingerprints (as the CLI writes)."""
     from jaxpatch.examples import EXAMPLE_PROMPTS
-    from jaxpatch.io.fingerprint import checkpoint_fingerprint
+    from jaxpatch.runs.fingerprint import checkpoint_fingerprint
 
     base, donor = jaxpatch.load(folders["base"]), jaxpatch.load(folders[expert])
     batch = jaxpatch.make_batch(base.config, EXAMPLE_PROMPTS)

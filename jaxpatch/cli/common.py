@@ -110,10 +110,10 @@ def prepare_run(args: argparse.Namespace,
         it, and the inputs' fingerprints.
     """
     import jaxpatch
-    from jaxpatch.io.fingerprint import checkpoint_fingerprint, file_sha256, versions
     from jaxpatch.mesh import default_mesh, make_mesh
     from jaxpatch.metrics import metric_from_name
     from jaxpatch.prompts import greedy_continuations, make_batch, read_prompts
+    from jaxpatch.runs.fingerprint import checkpoint_fingerprint, file_sha256, versions
 
     if args.out and resumable and is_writer():  # refuse an unusable folder before any work
         RunLog.check_folder(args.out, args.overwrite)
@@ -167,7 +167,7 @@ def run_settings(args: argparse.Namespace, inputs: Mapping[str, Any]) -> dict[st
         >>> run_settings(args, {"pair": {"sha256": "ab"}})["arguments"]["threshold"]
         0.1
     """
-    from jaxpatch.io.fingerprint import versions
+    from jaxpatch.runs.fingerprint import versions
 
     arguments = {k: v for k, v in sorted(vars(args).items())
                  if k not in _NOT_SETTINGS and not callable(v)}

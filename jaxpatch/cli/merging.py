@@ -49,7 +49,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _merge_eval(args: argparse.Namespace) -> None:
-    from jaxpatch.io.fingerprint import folder_sha256
+    from jaxpatch.runs.fingerprint import folder_sha256
     from jaxpatch.studies.merge_eval import merge_eval, table
 
     RunLog.check_folder(args.out, args.overwrite)

@@ -56,7 +56,7 @@ def read_scores(path: str | Path, config: ModelConfig, base: Model,
         InvalidInputError: the file is missing or malformed, names components this model does
             not have, records no fingerprints, or was computed on another base or expert.
     """
-    from jaxpatch.io.fingerprint import checkpoint_fingerprint
+    from jaxpatch.runs.fingerprint import checkpoint_fingerprint
 
     path = Path(path)
     try:

@@ -287,7 +287,7 @@ def evaluate(pair: PlantedPair, *,
         raise InvalidInputError(f"unknown stage {unknown[0]!r} (choose from {', '.join(STAGES)})")
     metric = LogProb()
     batch = make_batch(config, pair.prompts, "targets")
-    from jaxpatch.io.fingerprint import checkpoint_fingerprint
+    from jaxpatch.runs.fingerprint import checkpoint_fingerprint
 
     inputs = {"base": checkpoint_fingerprint(base), "donor": checkpoint_fingerprint(donor)}
     prepared = prepare(base, donor, batch, positions="targets", inputs=inputs)

@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxpatch._version import __version__
+
 __all__ = ["file_sha256", "folder_sha256", "checkpoint_fingerprint", "versions"]
 
 
@@ -75,9 +77,7 @@ def versions() -> dict[str, str]:
         >>> "jax" in versions()
         True
     """
-    import jaxpatch
-
-    return {"jaxpatch": jaxpatch.__version__, "jax": jax.__version__,
+    return {"jaxpatch": __version__, "jax": jax.__version__,
             "jaxlib": importlib.metadata.version("jaxlib"),
             "numpy": np.__version__, "python": platform.python_version(),
             "backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
