@@ -436,11 +436,10 @@ def attribute(pair: PreparedPair, metric: Metric, *, granularity: Granularity = 
         (12, 'first-order')
     """
     execution = execution_of(execution)
-    if execution.log is not None:
-        unlogged = execution.logging_to(None)
-        return SweepResult.from_dict(execution.log.memo("attribution", lambda: attribute(
+    if execution.log is not None:  # the finished table, recorded whole
+        return execution.recorded("attribution", SweepResult, lambda settings: attribute(
             pair, metric, granularity=granularity, selector=selector, method=method,
-            direction=direction, steps=steps, execution=unlogged).to_dict()))
+            direction=direction, steps=steps, execution=settings))
     wall_start = time.perf_counter()
     config = pair.config
     ends = pair.endpoints(metric)

@@ -269,11 +269,10 @@ def learn_patch(pair: PreparedPair, metric: Metric, *, granularity: Granularity 
     """
     training = GateTraining() if training is None else training
     execution = execution_of(execution)
-    if execution.log is not None:
-        unlogged = execution.logging_to(None)
-        return LearnedPatch.from_dict(execution.log.memo("learned", lambda: learn_patch(
+    if execution.log is not None:  # the finished patch, recorded whole
+        return execution.recorded("learned", LearnedPatch, lambda settings: learn_patch(
             pair, metric, granularity=granularity, selector=selector, direction=direction,
-            sparsity=sparsity, training=training, execution=unlogged).to_dict()))
+            sparsity=sparsity, training=training, execution=settings))
     remat = execution.remat
     steps, log_every, temperatures = training.steps, training.log_every, training.temperatures
     check_mode("learned-patch direction", direction, PAIR_DIRECTIONS, JaxpatchError)

@@ -87,9 +87,37 @@ def test_demo_and_report_refuse_bad_input(tmp_path, capsys) -> None:
     assert default_pair_dir().is_dir()
 
 
-def test_evaluate_reports_as_many_stages_as_it_says() -> None:
+def test_evaluate_reports_as_many_stages_as_it_says_and_runs_no_sweep_twice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stage is reported; the hierarchy reuses the module sweeps and activation runs the
+    evaluation made (decision 19), and one prepared pair serves every method."""
+    import sys
+
     from jaxpatch.studies.evaluate import evaluate, load_planted, stage_count
 
+    runs: list[tuple[str, str, str, tuple[str, ...]]] = []
+    passes: list[int | None] = []
+    engine = {name: sys.modules[f"jaxpatch.engine.{name}"] for name in ("sweep", "activation",
+                                                                        "prepared")}
+
+    def counting(kind: str, real):
+        def run(pair, metric, candidates, direction, *args):
+            names = tuple(f"{k} {v.to_json()}" for k, v in candidates.items()) if isinstance(
+                candidates, dict) else tuple(c.name for c in candidates)
+            runs.append((kind, repr(metric), direction, names))
+            return real(pair, metric, candidates, direction, *args)
+        return run
+
+    monkeypatch.setattr(engine["sweep"], "_scores", counting("weights", engine["sweep"]._scores))
+    monkeypatch.setattr(engine["activation"], "_activation_scores",
+                        counting("activation", engine["activation"]._activation_scores))
+    real_pass = engine["prepared"].prefix_pass
+
+    def counted_pass(config, stacked, rest, batch, layer, count):
+        passes.append(layer)
+        return real_pass(config, stacked, rest, batch, layer, count)
+
+    monkeypatch.setattr(engine["prepared"], "prefix_pass", counted_pass)
     names: list[str] = []
 
     class Bar:
@@ -103,6 +131,8 @@ def test_evaluate_reports_as_many_stages_as_it_says() -> None:
 
     evaluate(load_planted(default_pair_dir()), granularities=("module",), stage=stage)
     assert len(names) == stage_count(("module",)) and "learned-patch" in names
+    assert len(runs) == len(set(runs)) > 8, [r[:3] for r in runs]  # no sweep ran twice
+    assert len(passes) == 2  # each model's prefix pass ran once, for every method
 
 
 def test_narrowed_neuron_evaluation_verifies_a_shortlist_and_measures_recall_on_S() -> None:

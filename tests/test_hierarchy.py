@@ -181,7 +181,14 @@ def test_the_planted_pair_sources_are_the_planted_set() -> None:
     pair = load_planted(default_pair_dir())
     config = pair.base.config
     batch = make_batch(config, pair.prompts, "targets")
-    traced = trace_hierarchy(prepare(pair.base, pair.donor, batch), LogProb())
+    prepared = prepare(pair.base, pair.donor, batch)
+    traced = trace_hierarchy(prepared, LogProb())
+    # Prepared once: each model's prefix pass ran once for the trace's dozen runs, and each
+    # metric (the behavior's, one component anchor per tracing level) was fitted once.
+    levels = sum(key.endswith("/weights") for key in traced.matrices)
+    assert traced.calls["sweeps"] + traced.calls["validation_sweeps"] >= 6
+    assert prepared.counts["prefix_passes"] == 2
+    assert prepared.counts["metric_preparations"] == 1 + levels
     items = select(config, None, "module")
     labels = dict(zip([c.name for c in items],
                       planted_labels(config, plant_patch(config, pair.plant), items).tolist()))

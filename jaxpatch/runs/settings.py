@@ -13,7 +13,7 @@ the pair's arrays are placed then, and every call on the pair runs there.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 from jaxpatch.errors import InvalidInputError
 from jaxpatch.runs.log import TaskLog
@@ -85,6 +85,22 @@ class Execution:
             True
         """
         return self.logging_to(None if self.log is None else self.log.sub(name))
+
+    def recorded(self, key: str, kind: Any, compute: Callable[[Execution], Any]) -> Any:
+        """A whole result recorded in the log under `key` and read back on a resumed run:
+        `compute(settings without the log)`, kept as `kind.to_dict()` and rebuilt with
+        `kind.from_dict` (exactly: floats round-trip through JSON). Without a log, computed.
+
+        Example:
+            >>> class Box(int):
+            ...     to_dict = lambda self: int(self)
+            ...     from_dict = classmethod(lambda cls, data: cls(data))
+            >>> Execution().recorded("k", Box, lambda settings: Box(3))
+            3
+        """
+        if self.log is None:
+            return compute(self)
+        return kind.from_dict(self.log.memo(key, lambda: compute(self.logging_to(None)).to_dict()))
 
     def provenance(self) -> dict[str, Any]:
         """The settings as JSON values (what a result records; the log is not a setting).
