@@ -99,7 +99,7 @@ class LearnedPatch:
         """
         return {"direction": self.direction, "granularity": self.granularity,
                 "sparsity": self.sparsity, "effect": self.effect, "size": len(self.selected),
-                "selected": self.selected,
+                "selected": self.selected, "names": list(self.names),
                 "probabilities": dict(zip(self.names, (float(p) for p in self.probabilities))),
                 "curve": self.curve, "patch": json.loads(self.patch.to_json())}
 
@@ -114,7 +114,7 @@ class LearnedPatch:
             >>> again.to_dict() == learned.to_dict()
             True
         """
-        names = list(data["probabilities"])
+        names = list(data["names"])  # in candidate order (a JSON object's keys may be sorted)
         return cls(patch=Patch.from_json(json.dumps(data["patch"]), "learned patch"), names=names,
                    probabilities=np.array([data["probabilities"][n] for n in names], np.float64),
                    effect=float(data["effect"]), curve=list(data["curve"]),
@@ -309,8 +309,9 @@ def learn_patch(pair: PreparedPair, metric: Metric, *, granularity: Granularity 
                                      jnp.float32(offset), jnp.float32(sparsity))
         logs = {k: np.asarray(v) for k, v in logs.items()}
         for j in sorted({0, len(chunk) - 1} if lo + len(chunk) == steps else {0}):
-            curve.append({"step": lo + j, "temperature": float(chunk[j]),
-                          **{k: float(v[j]) for k, v in logs.items()}})
+            point = {"step": lo + j, "temperature": float(chunk[j]),
+                     **{k: float(v[j]) for k, v in logs.items()}}
+            curve.append(dict(sorted(point.items())))  # one key order, also when read back
     temperature = float(schedule[-1])
     probabilities = np.asarray(jax.nn.sigmoid(theta / temperature), np.float64)
     chosen = [c for c, p in zip(items, probabilities) if p > 0.5]

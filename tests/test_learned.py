@@ -132,6 +132,21 @@ def test_cli_learn_writes_the_front_and_refuses_bad_input(tmp_path, capsys) -> N
     assert (out / "pareto.csv").read_text().splitlines() == [
         "sparsity,size,effect", f"0.01,3,{first['effect']}", f"5.0,0,{record['patches'][1]['effect']}"]
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # The same command again resumes: both patches are read from the progress log, not learned
+    # again (a third sparsity would be), and the outputs are identical.
+    import jaxpatch.learned as learned_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("learned again")
+
+    written = (out / "learned.json").read_text()
+    original, learned_module._steps_function = learned_module._steps_function, never
+    try:
+        assert main([*run, "--sparsity", "0.01", "--sparsity", "5", "--out", str(out)]) == 0
+    finally:
+        learned_module._steps_function = original
+    assert "resuming the run" in capsys.readouterr().err
+    assert (out / "learned.json").read_text() == written
     # Bad input: one line, status 2, nothing written.
     assert main([*run, "--sparsity", "-1", "--out", str(tmp_path / "bad")]) == 2
     assert capsys.readouterr().err.strip() == "jaxpatch: error: --sparsity must be at least 0, got -1.0"
