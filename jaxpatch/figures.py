@@ -13,7 +13,7 @@ from jaxpatch.results import SweepResult
 from jaxpatch.stats import roc_auc, roc_curve
 
 __all__ = ["heatmap_grid", "heatmap_png", "summary_table", "roc_png", "pareto_png",
-           "hierarchy_png"]
+           "faithfulness_png", "hierarchy_png"]
 
 _INDEXED = re.compile(r"layers\.(\d+)\.(.+?)\[(\w+)=(\d+)\]$")
 _MODULE = re.compile(r"layers\.(\d+)\.(.+)$")
@@ -88,6 +88,42 @@ def pareto_png(points: Sequence[tuple[int, float]], title: str) -> bytes:
     ax.set_ylabel("effect (share of the behavior)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def faithfulness_png(curves: Sequence[Mapping[str, Any]], title: str,
+                     band: Sequence[Mapping[str, Any]] = ()) -> bytes:
+    """Faithfulness curves (f against the share of components patched, `FaithfulnessCurve
+    .to_dict()` records), each labelled with its CPR and CMD, over the range of a band of
+    curves (random rankings, shaded), as PNG bytes.
+
+    Example:
+        >>> c = {"label": "x", "sizes": [0, 1, 4], "components": 4, "faithfulness": [0, .6, 1],
+        ...      "cpr": 0.7, "cmd": 0.3}
+        >>> faithfulness_png([c], "faithfulness", band=[c])[:4]
+        b'\\x89PNG'
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if band:
+        x = np.asarray(band[0]["sizes"], np.float64) / band[0]["components"]
+        values = np.array([b["faithfulness"] for b in band], np.float64)
+        ax.fill_between(x, values.min(0), values.max(0), color="0.8",
+                        label=f"random rankings ({len(band)}), range")
+    for c in curves:
+        x = np.asarray(c["sizes"], np.float64) / c["components"]
+        ax.plot(x, c["faithfulness"], "o-", ms=3,
+                label=f"{c['label']} (CPR {c['cpr']:.2f}, CMD {c['cmd']:.2f})")
+    ax.axhline(1.0, color="0.4", lw=0.8, ls="--")
+    ax.set_xlabel("share of components patched (top k / n)")
+    ax.set_ylabel("faithfulness f(k)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
 
 

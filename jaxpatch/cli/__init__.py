@@ -3,6 +3,7 @@
     demo.py       demo, report           the shipped planted pair, scored by every method
     models.py     info, forward, convert one checkpoint
     scoring.py    sweep, attribute, localize, learn, trace   components of a base/donor pair
+    faithfulness.py  faithfulness         curves of rankings, against |dW| and random
     merging.py    merge, merge-eval
     common.py     the scoring commands' flags, the prepared run, the progress log, outputs
 
@@ -17,7 +18,7 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
-from jaxpatch.cli import demo, merging, models, scoring
+from jaxpatch.cli import demo, faithfulness, merging, models, scoring
 from jaxpatch.errors import JaxpatchError
 
 __all__ = ["main", "build_parser", "EXIT_BAD_INPUT"]
@@ -110,6 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
         return p
 
-    for group in (demo, models, scoring, merging):
+    for group in (demo, models, scoring, faithfulness, merging):
         group.register(command)
     return parser

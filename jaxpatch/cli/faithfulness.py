@@ -1,0 +1,128 @@
+"""The `faithfulness` command: faithfulness curves of rankings against |dW| and random rankings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxpatch.cli.common import (
+    Command,
+    add_run_arguments,
+    execution_of,
+    prepare_run,
+    run_log,
+    write_outputs,
+)
+from jaxpatch.errors import InvalidInputError
+from jaxpatch.modes import PairDirection
+
+__all__ = ["register"]
+
+
+def register(command: Command) -> None:
+    """Adds this group's commands to the parser."""
+    p = command("faithfulness", _faithfulness, "faithfulness curves (f(k), CPR, CMD) of rankings: "
+                "the top k components patched together, against |dW| and random rankings")
+    add_run_arguments(p, direction=False)
+    p.add_argument("--ranking", action="append", metavar="SCORES_JSON",
+                   help="a scores.json of sweep, attribute or localize to rank by (repeatable; "
+                   "default: an exact denoise sweep run here)")
+    p.add_argument("--by", choices=["effect", "size"], default="size",
+                   help="rank by the signed effect or by its size |effect| (default size)")
+    p.add_argument("--direction", choices=["denoise", "noise", "both"], default="both",
+                   help="top k from the donor into the base, from the base into the donor, or "
+                   "both (default both)")
+    p.add_argument("--sizes", help="comma-separated k to measure (default 1, 2, 4, ... and n)")
+    p.add_argument("--random", type=int, default=5,
+                   help="random rankings drawn for the band (default 5; 0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random rankings (default 0)")
+
+
+def _sizes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise InvalidInputError(f"--sizes {text!r}: expected comma-separated integers") from None
+
+
+def _read_ranking(path: str, names: set[str], by: str) -> tuple[str, list[str]]:
+    """A scores.json's label and ranking, refused in one line when it is not one of this
+    model's components at this granularity."""
+    from jaxpatch.faithfulness import ranking
+    from jaxpatch.results import SweepResult
+
+    try:
+        result = SweepResult.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidInputError(f"{path}: not a jaxpatch scores.json ({type(e).__name__}: {e})") from None
+    unknown = [n for n in result.names if n not in names]
+    if unknown:
+        raise InvalidInputError(f"{path}: {unknown[0]!r} is not a component of this model at the "
+                                "chosen --granularity")
+    return f"{result.method} {result.direction} ({result.metric})", ranking(result, by)  # type: ignore[arg-type]
+
+
+def _faithfulness(args: argparse.Namespace) -> None:
+    from jaxpatch.components import select
+    from jaxpatch.engine import sweep
+    from jaxpatch.faithfulness import faithfulness, ranking
+    from jaxpatch.figures import faithfulness_png
+    from jaxpatch.pair import delta_norms
+
+    if args.random < 0:
+        raise InvalidInputError(f"--random must be at least 0, got {args.random}")
+    sizes = _sizes(args.sizes)
+    pair, metric, inputs = prepare_run(args)
+    items = select(pair.config, args.select, args.granularity)
+    names = [c.name for c in items]
+    rankings = dict(_read_ranking(path, set(names), args.by) for path in args.ranking or [])
+    directions: list[PairDirection] = (["denoise", "noise"] if args.direction == "both"
+                                       else [args.direction])
+    with run_log(args, inputs) as log:
+        if not rankings:
+            exact = sweep(pair, metric, candidates=items,
+                          execution=execution_of(args, log, "exact denoise"))
+            rankings["exact denoise"] = ranking(exact, args.by)
+        norms = delta_norms(pair.config, pair.base.params, pair.donor.params, items)
+        rankings["|dW|"] = ranking(dict(zip(names, norms.tolist())), "size")
+        rng = np.random.default_rng(args.seed)
+        shuffles = [list(rng.permutation(names)) for _ in range(args.random)]
+        curves: dict[str, list[dict[str, Any]]] = {}
+        bands: dict[str, list[dict[str, Any]]] = {}
+        def curve(direction: PairDirection, label: str, order: list[str]) -> dict[str, Any]:
+            return faithfulness(pair, metric, order, granularity=args.granularity,
+                                direction=direction, sizes=sizes, label=label,
+                                execution=execution_of(args, log, f"{direction} {label}")).to_dict()
+
+        for direction in directions:
+            curves[direction] = [curve(direction, label, order) for label, order in rankings.items()]
+            bands[direction] = [curve(direction, f"random {i}", order)
+                                for i, order in enumerate(shuffles)]
+    print(f"{'ranking':40} {'direction':9} {'CPR':>6} {'CMD':>6}")
+    for direction in directions:
+        for c in curves[direction]:
+            print(f"{c['label']:40} {direction:9} {c['cpr']:6.3f} {c['cmd']:6.3f}")
+        if bands[direction]:
+            cprs = [b["cpr"] for b in bands[direction]]
+            print(f"{f'random ({len(cprs)})':40} {direction:9} {min(cprs):.3f}-{max(cprs):.3f}")
+    if args.out:
+        rows = ["ranking,direction,k,fraction,faithfulness"] + [
+            f"{json.dumps(c['label'])},{d},{k},{k / c['components']},{f}"
+            for d in directions for c in curves[d] + bands[d]
+            for k, f in zip(c["sizes"], c["faithfulness"])]
+        files: dict[str, bytes | str] = {"faithfulness.csv": "\n".join(rows) + "\n"}
+        for direction in directions:
+            files[f"faithfulness-{direction}.png"] = faithfulness_png(
+                curves[direction], f"{direction}: {metric.name}, {args.granularity} granularity",
+                bands[direction])
+        files["faithfulness.json"] = json.dumps(
+            {"format": "jaxpatch.faithfulness/1", "metric": metric.name,
+             "granularity": args.granularity, "by": args.by, "inputs": inputs,
+             "curves": curves, "random": bands}, indent=1) + "\n"
+        write_outputs(args.out, files)
