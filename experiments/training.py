@@ -82,8 +82,9 @@ def trainable_mask(config: ModelConfig, selector: str) -> Params:
     Example:
         >>> cfg = jaxpatch.ModelConfig.tiny("llama")
         >>> m = trainable_mask(cfg, "layers.1.mlp[neuron=0-3]")
-        >>> float(m["layers"][1]["mlp"]["down_proj"]["weight"].sum()), float(m["norm"]["weight"].sum())
-        (4.0, 0.0)
+        >>> down = m["layers"][1]["mlp"]["down_proj"]["weight"]  # [d_ff, d_model]: 4 rows of 32
+        >>> int((down.sum(1) > 0).sum()), float(down.sum()), float(m["norm"]["weight"].sum())
+        (4, 128.0, 0.0)
     """
     return plant_mask(config, plant_patch(config, selector))
 

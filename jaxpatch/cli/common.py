@@ -163,6 +163,7 @@ def run_settings(args: argparse.Namespace, inputs: Mapping[str, Any]) -> dict[st
     the inputs' fingerprints (not their paths) and the versions and device kind.
 
     Example:
+        >>> from jaxpatch.cli import build_parser
         >>> args = build_parser().parse_args(["merge-eval", "pair", "--out", "o"])
         >>> run_settings(args, {"pair": {"sha256": "ab"}})["arguments"]["threshold"]
         0.1
@@ -182,6 +183,7 @@ def run_log(args: argparse.Namespace, inputs: Mapping[str, Any]) -> Iterator[Run
     """The progress log of a run with `--out` (None without), held for the block.
 
     Example:
+        >>> from jaxpatch.cli import build_parser
         >>> args = build_parser().parse_args(["merge-eval", "pair", "--out", str(tmp / "r")])
         >>> with run_log(args, {}) as log:
         ...     log.path.name
