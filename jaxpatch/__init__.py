@@ -20,6 +20,8 @@ The public API is what this module exports (every other name may change):
     activation_patching              the activation patching baseline
     sweep_matrix, activation_matrix  every candidate read at every target (ScoreMatrix)
     trace_hierarchy, Hierarchy, Thresholds, TraceSearch   sources, aggregation, execution
+    faithfulness_curve, ranking, set_points   f(k), CPR and CMD of any ranking or set
+    greedy_forward, backward_elimination      set-level selection by exact patching
     RunLog, make_mesh                resumable runs; device meshes
     plant_patch, planted_labels      planted sets
     roc_auc, roc_curve, spearman     scoring a ranking
@@ -69,6 +71,7 @@ from jaxpatch.errors import (
                              UnsupportedArchitectureError,
                              UnsupportedConfigError,
 )
+from jaxpatch.faithfulness import FaithfulnessCurve, faithfulness_curve, ranking, set_points
 from jaxpatch.hierarchy import Behavior, Hierarchy, Thresholds, TraceSearch, trace_hierarchy
 from jaxpatch.io import load, save
 from jaxpatch.learned import GateTraining, LearnedPatch, learn_patch
@@ -111,6 +114,7 @@ from jaxpatch.prompts import Batch, Prompt, make_batch, read_prompts
 from jaxpatch.results import ScoreMatrix, SweepResult
 from jaxpatch.runs.log import RunLog, TaskLog
 from jaxpatch.runs.settings import Execution
+from jaxpatch.selection import Selection, backward_elimination, greedy_forward
 from jaxpatch.stats import roc_auc, roc_curve, spearman
 from jaxpatch.studies.scoring import plant_patch, planted_labels
 
@@ -130,7 +134,8 @@ __all__ = [
     "sweep", "SweepResult", "attribute", "alpha_gradients", "localize", "Verification",
     "Localization", "learn_patch", "LearnedPatch", "GateTraining", "activation_patching",
     "sweep_matrix", "activation_matrix", "ScoreMatrix", "trace_hierarchy", "Hierarchy",
-    "Thresholds", "TraceSearch", "Behavior",
+    "Thresholds", "TraceSearch", "Behavior", "faithfulness_curve", "FaithfulnessCurve", "ranking",
+    "set_points", "greedy_forward", "backward_elimination", "Selection",
     "plant_patch", "planted_labels", "roc_auc", "roc_curve", "spearman",
     # how it runs
     "Execution", "RunLog", "TaskLog", "make_mesh", "enable_compile_cache",

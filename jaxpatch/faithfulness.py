@@ -36,7 +36,7 @@ from jaxpatch.patch import Patch
 from jaxpatch.results import SweepResult
 from jaxpatch.runs.settings import Execution
 
-__all__ = ["FaithfulnessCurve", "faithfulness", "ranking", "size_ladder", "set_points", "area"]
+__all__ = ["FaithfulnessCurve", "faithfulness_curve", "ranking", "size_ladder", "set_points", "area"]
 
 RankBy = Literal["effect", "size"]
 
@@ -156,7 +156,7 @@ def ranking(result: SweepResult | Mapping[str, float], by: RankBy = "effect") ->
     return [names[i] for i in np.argsort(-key, kind="stable")]
 
 
-def faithfulness(pair: PreparedPair, metric: Metric, order: Sequence[str], *,
+def faithfulness_curve(pair: PreparedPair, metric: Metric, order: Sequence[str], *,
                  granularity: Granularity = "module", direction: PairDirection = "denoise",
                  sizes: Sequence[int] | None = None, label: str = "ranking",
                  execution: Execution | None = None) -> FaithfulnessCurve:
@@ -183,7 +183,7 @@ def faithfulness(pair: PreparedPair, metric: Metric, order: Sequence[str], *,
 
     Example:
         >>> exact = jaxpatch.sweep(pair, jaxpatch.VectorAnchor(layer=1))
-        >>> curve = faithfulness(pair, jaxpatch.VectorAnchor(layer=1), ranking(exact))
+        >>> curve = faithfulness_curve(pair, jaxpatch.VectorAnchor(layer=1), ranking(exact))
         >>> curve.sizes[:3], curve.at(0), round(curve.at(len(curve.order)), 4)
         ([0, 1, 2], 0.0, 1.0)
     """

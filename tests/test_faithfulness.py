@@ -12,7 +12,14 @@ import jaxpatch
 from jaxpatch import Execution, KLDivergence, LogProb, VectorAnchor, prepare
 from jaxpatch.errors import InvalidInputError
 from jaxpatch.examples import example_pair
-from jaxpatch.faithfulness import FaithfulnessCurve, area, faithfulness, ranking, set_points, size_ladder
+from jaxpatch.faithfulness import (
+    FaithfulnessCurve,
+    area,
+    faithfulness_curve,
+    ranking,
+    set_points,
+    size_ladder,
+)
 from jaxpatch.pair import endpoint_scores, score_patch
 from jaxpatch.patch import Patch
 from jaxpatch.prompts import make_batch
@@ -29,7 +36,7 @@ def test_each_point_is_the_top_k_patched_alone(direction, metric) -> None:
     base, donor, batch = EXAMPLE.base, EXAMPLE.donor, EXAMPLE.batch
     pair = prepare(base, donor, batch)
     order = ranking(jaxpatch.sweep(pair, metric, execution=QUIET), "size")
-    curve = faithfulness(pair, metric, order, direction=direction, sizes=[1, 3, 7, 21],
+    curve = faithfulness_curve(pair, metric, order, direction=direction, sizes=[1, 3, 7, 21],
                          execution=QUIET)
     assert curve.sizes == [0, 1, 3, 7, 21] and curve.at(0) == 0.0
     state, base_score, donor_score = endpoint_scores(base.config, base, donor, batch, metric)
@@ -70,19 +77,19 @@ def test_rankings_sizes_and_sets() -> None:
     pair = prepare(EXAMPLE.base, EXAMPLE.donor, EXAMPLE.batch)
     metric = VectorAnchor(layer=1)
     order = [c.name for c in jaxpatch.select(pair.config, None, "module")]
-    curve = faithfulness(pair, metric, order, sizes=[5], execution=QUIET)
+    curve = faithfulness_curve(pair, metric, order, sizes=[5], execution=QUIET)
     points = set_points(pair, metric, {"first five": order[:5], "none": []}, execution=QUIET)
     assert points["first five"][0] == 5 and points["first five"][1] == pytest.approx(curve.at(5), abs=1e-5)
     assert points["none"] == (0, pytest.approx(0.0, abs=1e-6))
     with pytest.raises(InvalidInputError, match="'layers.9.mlp' is not a module component"):
-        faithfulness(pair, metric, ["layers.9.mlp"])
+        faithfulness_curve(pair, metric, ["layers.9.mlp"])
     with pytest.raises(InvalidInputError, match="names a component twice"):
-        faithfulness(pair, metric, [order[0], order[0]])
+        faithfulness_curve(pair, metric, [order[0], order[0]])
     with pytest.raises(InvalidInputError, match="sizes must lie in 0..2"):
-        faithfulness(pair, metric, order[:2], sizes=[3])
-    assert faithfulness(pair, metric, order[:3], sizes=[1], execution=QUIET).sizes == [0, 1, 3]
+        faithfulness_curve(pair, metric, order[:2], sizes=[3])
+    assert faithfulness_curve(pair, metric, order[:3], sizes=[1], execution=QUIET).sizes == [0, 1, 3]
     with pytest.raises(InvalidInputError, match="faithfulness direction"):
-        faithfulness(pair, metric, order, direction="zero")  # type: ignore[arg-type]
+        faithfulness_curve(pair, metric, order, direction="zero")  # type: ignore[arg-type]
 
 
 def test_on_the_shipped_pair_the_planted_set_carries_the_behavior_first() -> None:
@@ -100,8 +107,8 @@ def test_on_the_shipped_pair_the_planted_set_carries_the_behavior_first() -> Non
     k = sum(inside.values())
     rng = np.random.default_rng(0)
     shuffled = list(rng.permutation(s_first))
-    reference = faithfulness(pair, LogProb(), s_first, sizes=[k], execution=QUIET)
-    random = faithfulness(pair, LogProb(), shuffled, sizes=[k], execution=QUIET)
+    reference = faithfulness_curve(pair, LogProb(), s_first, sizes=[k], execution=QUIET)
+    random = faithfulness_curve(pair, LogProb(), shuffled, sizes=[k], execution=QUIET)
     assert reference.at(k) > 0.9 and random.at(k) < reference.at(k) - 0.3
     assert reference.cpr > random.cpr
 

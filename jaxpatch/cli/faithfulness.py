@@ -71,7 +71,7 @@ def _read_ranking(path: str, names: set[str], by: str) -> tuple[str, list[str]]:
 def _faithfulness(args: argparse.Namespace) -> None:
     from jaxpatch.components import select
     from jaxpatch.engine import sweep
-    from jaxpatch.faithfulness import faithfulness, ranking
+    from jaxpatch.faithfulness import faithfulness_curve, ranking
     from jaxpatch.figures import faithfulness_png
     from jaxpatch.pair import delta_norms
 
@@ -96,7 +96,7 @@ def _faithfulness(args: argparse.Namespace) -> None:
         curves: dict[str, list[dict[str, Any]]] = {}
         bands: dict[str, list[dict[str, Any]]] = {}
         def curve(direction: PairDirection, label: str, order: list[str]) -> dict[str, Any]:
-            return faithfulness(pair, metric, order, granularity=args.granularity,
+            return faithfulness_curve(pair, metric, order, granularity=args.granularity,
                                 direction=direction, sizes=sizes, label=label,
                                 execution=execution_of(args, log, f"{direction} {label}")).to_dict()
 
