@@ -12,7 +12,9 @@ top of the set so far, as custom patches):
 Each gives an order of all components (a ranking for `jaxpatch.faithfulness`) and the exact
 effect of every prefix set it measured, with its cost in candidate runs (each at most one
 forward pass). Forward selection costs about n * k runs for k steps (n components); with
-`max_size` it stops after k and ranks the rest by their last step's effect.
+`max_size` it stops after k and ranks the rest by their last step's effect. Each step has one
+candidate fewer, so each compiles its own program (about 0.8 s of a 1.1 s step on the shipped
+planted pair, where a forward pass costs milliseconds; on a real model the runs dominate).
 """
 
 from __future__ import annotations
