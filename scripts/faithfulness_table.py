@@ -9,7 +9,7 @@ S's modules in their order, then the rest). Each is scored by its faithfulness c
 probability of the answers as the behavior; each method's cost is its candidate runs (at most
 one forward pass each) or optimizer steps.
 
-    python scripts/faithfulness_table.py [--out docs]   # writes faithfulness.md and .json
+    python scripts/faithfulness_table.py [--out docs]   # prints the table; writes faithfulness.json
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from jaxpatch.studies.scoring import plant_patch, planted_labels  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--out", help="folder for faithfulness.md and faithfulness.json")
+    parser.add_argument("--out", help="folder for faithfulness.json (every curve)")
     parser.add_argument("--random", type=int, default=10, help="random rankings in the band")
     args = parser.parse_args()
     planted = load_planted(default_pair_dir())
@@ -125,7 +125,6 @@ def main() -> int:
             {"pair": str(planted.folder.name), "metric": metric.name, "curves": table,
              "costs": costs, "greedy_forward": selections["forward"].to_dict(),
              "backward_elimination": selections["backward"].to_dict()}, indent=1) + "\n")
-        (out / "faithfulness_table.md").write_text("\n".join(lines) + "\n")
     return 0
 
 
