@@ -35,8 +35,9 @@ def test_demo_writes_a_report_that_re_renders(tmp_path, capsys) -> None:
     assert main(["demo", "--out", str(out), "--granularity", "module", "--granularity", "head",
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("report: ") and len(printed) == 7
-    assert printed[-1].startswith("hierarchy (modules): source precision 1.00, recall 1.00")
+    assert printed[0].startswith("report: ") and len(printed) == 9
+    assert printed[-3].startswith("hierarchy (modules): source precision 1.00, recall 1.00")
+    assert printed[-2].startswith("faithfulness (denoise, modules): CPR of S's own curve 0.75")
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["granularities"]) == {"module", "head"}
     module = summary["granularities"]["module"]
@@ -49,8 +50,12 @@ def test_demo_writes_a_report_that_re_renders(tmp_path, capsys) -> None:
     assert max(auc["exact-noise"], auc["exact-denoise"]) > auc["delta-norm"] + 0.05
     assert summary["completeness"]["relative_gap"] < 0.05
     html = (out / "report.html").read_text()
-    # ROC per granularity, 2 heatmaps each, the hierarchy
-    assert html.count("data:image/png;base64,") == 2 + 4 + 1
+    # ROC per granularity, 2 heatmaps each, the hierarchy, a faithfulness figure per direction
+    assert html.count("data:image/png;base64,") == 2 + 4 + 1 + 2
+    curves = summary["faithfulness"]
+    assert set(curves) == {"denoise", "noise"} and set(curves["noise"]) == {"S first", *EVALUATED_METHODS}
+    assert all(c["faithfulness"][0] == 0.0 and c["sizes"][-1] == 39 for c in curves["denoise"].values())
+    assert "Faithfulness: the top k modules" in html
     assert "Source-level hierarchy" in html and summary["hierarchy"]["planted"]["recall"] == 1.0
     assert "What could make this comparison unfair" in html and "<script" not in html
     assert "How far the weights moved" in html and summary["pair"]["movement"]["module"]["D_mean"] > 0

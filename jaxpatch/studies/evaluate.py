@@ -18,8 +18,9 @@ delta-norm), scoring each ranking by ROC AUC against S. It also measures the beh
 accuracy of base, donor, S-patched base and S-reverted donor), at neuron granularity,
 narrow-then-verify (`jaxpatch.localization` with an exhaustive check), and at module
 granularity the source-level hierarchy (`jaxpatch.hierarchy`) scored against S: precision and
-recall of `source`, and how the components outside S that activation patching flags are
-classified.
+recall of `source`, how the components outside S that activation patching flags are
+classified, and every ranking's faithfulness curve in both directions (`jaxpatch.faithfulness`:
+its top k modules patched together), beside S's own curve.
 
 A model with more than `EXHAUSTIVE_NEURONS` neurons (a real model: google/gemma-3-270m has
 36,864) is not swept neuron by neuron: at neuron granularity `evaluate` narrows with integrated
@@ -44,6 +45,7 @@ from jaxpatch.attribution import attribute
 from jaxpatch.components import select
 from jaxpatch.engine import PreparedPair, activation_patching, prepare, sweep
 from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
+from jaxpatch.faithfulness import faithfulness_curve, ranking
 from jaxpatch.hierarchy import Behavior, trace_hierarchy
 from jaxpatch.learned import GateTraining, learn_patch
 from jaxpatch.localization import Verification, localize
@@ -68,7 +70,7 @@ EVALUATED_METHODS: tuple[str, ...] = (
     "activation-denoise", "activation-noise", "delta-norm", "random")
 RESULTS_FORMAT = "jaxpatch.planted-evaluation/1"
 EXHAUSTIVE_NEURONS = 8192  # above this many neurons, neuron granularity is narrowed, not swept
-STAGES: tuple[str, ...] = ("narrow-then-verify", *EVALUATED_METHODS, "hierarchy")
+STAGES: tuple[str, ...] = ("narrow-then-verify", *EVALUATED_METHODS, "hierarchy", "faithfulness")
 
 
 @dataclasses.dataclass
@@ -195,14 +197,14 @@ def _activation(pair: PreparedPair, metric: LogProb, direction: PairDirection,
 
 def stage_count(granularities: Sequence[ScoredGranularity]) -> int:
     """How many stages `evaluate` reports to its `stage` callback: the behavior, one per
-    evaluated method, narrow-then-verify when neurons are scored, and the hierarchy when
-    modules are.
+    evaluated method, narrow-then-verify when neurons are scored, and the hierarchy and the
+    faithfulness curves when modules are.
 
     Example:
         >>> stage_count(("module", "head", "neuron")), stage_count(("module",)), stage_count(("head",))
-        (12, 11, 10)
+        (13, 12, 10)
     """
-    return 1 + len(EVALUATED_METHODS) + ("neuron" in granularities) + ("module" in granularities)
+    return 1 + len(EVALUATED_METHODS) + ("neuron" in granularities) + 2 * ("module" in granularities)
 
 
 def hierarchy_against_plant(graph: dict[str, Any], labels: dict[str, bool],
@@ -405,6 +407,23 @@ def evaluate(pair: PlantedPair, *,
     rng = np.random.default_rng(seed)
     run_stage("random", lambda g: rng.random(len(items[g])))
 
+    curves: dict[str, dict[str, Any]] = {}
+
+    def faithfulness_stage(g: ScoredGranularity) -> None:  # every ranking, and S's own curve
+        names = [c.name for c in items[g]]
+        inside = planted_labels(config, plant, items[g])
+        orders = {"S first": [n for n, y in zip(names, inside) if y]
+                  + [n for n, y in zip(names, inside) if not y]}
+        orders.update({m: ranking(dict(zip(names, importances[g][m].tolist())), "size")
+                       for m in EVALUATED_METHODS if m in importances[g]})
+        for direction in PAIR_DIRECTIONS:
+            curves[direction] = {m: faithfulness_curve(prepared, metric, order, granularity=g,
+                                                       direction=direction, label=m,
+                                                       execution=quiet).to_dict()
+                                 for m, order in orders.items()}
+
+    if "module" in granularities:
+        run_stage("faithfulness", faithfulness_stage, ["module"])
     per_granularity = {}
     for g in granularities:
         labels = planted_labels(config, plant, items[g])
@@ -426,7 +445,7 @@ def evaluate(pair: PlantedPair, *,
         "metric": {"name": metric.name, "prompts": len(pair.prompts),
                    "base_score": base_score, "donor_score": donor_score},
         "behavior": accuracy, "granularities": per_granularity, "narrow_then_verify": verification,
-        "learned_patch": learned, "hierarchy": hierarchy,
+        "learned_patch": learned, "hierarchy": hierarchy, "faithfulness": curves,
         "completeness": ig.extra.get("completeness") if ig else None,
         "timing": timing, "seed": seed,
     }

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from jaxpatch.figures import heatmap_png, hierarchy_png, roc_png
+from jaxpatch.figures import faithfulness_png, heatmap_png, hierarchy_png, roc_png
 from jaxpatch.results import SweepResult
 
 __all__ = ["METHOD_LABELS", "CAVEATS", "summary_lines", "render_html", "write_run", "auc_csv",
@@ -91,7 +91,32 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
                      f"{p['outside_S_high_activation']} high-activation components outside S not "
                      f"called sources ({p['outside_S_aggregation_or_execution']} aggregation or "
                      "execution)")
+    for direction, curves in (summary.get("faithfulness") or {}).items():
+        methods = {m: c["cpr"] for m, c in curves.items() if m != "S first"}
+        best = max(methods, key=lambda m: methods[m])
+        lines.append(f"faithfulness ({direction}, modules): CPR of S's own curve "
+                     f"{curves['S first']['cpr']:.2f}; best ranking {best} {methods[best]:.2f}, "
+                     f"delta-norm {methods.get('delta-norm', float('nan')):.2f}")
     return lines
+
+
+def _faithfulness_section(curves: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every ranking's CPR and CMD in both directions, with the curves drawn."""
+    labels = list(curves.get("denoise", {}))
+    rows = [[METHOD_LABELS.get(m, m) if m != "S first" else "the planted set S first (reference)",
+             *(float(curves[d][m][key]) for d in ("denoise", "noise") for key in ("cpr", "cmd"))]
+            for m in labels]
+    figures = "".join(_img(faithfulness_png(list(curves[d].values()), f"{d}: top k modules "
+                                            "patched together"), f"faithfulness {d}")
+                      for d in ("denoise", "noise") if d in curves)
+    return ["<h2>Faithfulness: the top k modules of each ranking patched together</h2>",
+            "<p>f(k) is the share of the behavior the top k modules of a ranking carry together "
+            "(denoise: their donor weights in the base; noise: their base weights in the "
+            "donor). CPR is the area under f over k / n (higher is better), CMD the area "
+            "between f and 1 (lower is better). Single effects can rank well and still miss "
+            "components that only work together; S's own curve is the reference.</p>",
+            _table(["ranking", "CPR denoise", "CMD denoise", "CPR noise", "CMD noise"], rows),
+            f"<div class=row>{figures}</div>"]
 
 
 def _recall_reference(v: Mapping[str, Any]) -> str:
@@ -191,6 +216,8 @@ def render_html(summary: Mapping[str, Any], results: Mapping[str, SweepResult]) 
     if summary.get("hierarchy"):
         parts += _hierarchy_section(summary["hierarchy"], dict(zip(
             grans["module"]["names"], grans["module"]["planted"])) if "module" in grans else {})
+    if summary.get("faithfulness"):
+        parts += _faithfulness_section(summary["faithfulness"])
     m = summary["metric"]
     moved = summary["pair"].get("movement") or {}
     if moved:
