@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any, Literal, Mapping, NamedTuple
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
 from jaxpatch._tree import without_layers
@@ -92,18 +91,33 @@ class PreparedPair:
         self._batches: dict[tuple[str, ...], Batch] = {}
 
     def model(self, which: Which) -> Model:
-        """The base or the donor."""
+        """The base or the donor.
+
+        Example:
+            >>> pair.model("donor") is pair.donor
+            True
+        """
         return self.base if which == "base" else self.donor
 
     def which(self, params: Params) -> Which | None:
-        """Whether `params` is the base's or the donor's own tree (None: another tree)."""
+        """Whether `params` is the base's or the donor's own tree (None: another tree).
+
+        Example:
+            >>> pair.which(pair.base.params), pair.which({})
+            ('base', None)
+        """
         if params is self.base.params:
             return "base"
         return "donor" if params is self.donor.params else None
 
     def batch_along(self, axes: tuple[str, ...]) -> Batch:
         """The prompts split along these mesh axes (methods without candidates split their
-        prompts along `candidates` too); without a mesh, the batch itself."""
+        prompts along `candidates` too); without a mesh, the batch itself.
+
+        Example:
+            >>> pair.batch_along(PROMPT_AXES) is pair.batch  # one device
+            True
+        """
         if self.mesh is None or axes == ("data",):
             return self.batch
         if axes not in self._batches:
@@ -112,7 +126,12 @@ class PreparedPair:
         return self._batches[axes]
 
     def stacked(self, which: Which) -> Params:
-        """The model's blocks stacked, NaN and Inf refused (only the latest model's kept)."""
+        """The model's blocks stacked, NaN and Inf refused (only the latest model's kept).
+
+        Example:
+            >>> pair.stacked("base")["mlp"]["up_proj"]["weight"].shape  # [blocks, d_model, d_ff]
+            (2, 32, 64)
+        """
         if self._stacked is None or self._stacked[0] != which:
             self._stacked = None  # one stacked copy alive at a time
             self.counts["stackings"] += 1
@@ -125,6 +144,11 @@ class PreparedPair:
         Returns:
             `(readout, residuals)`: what a metric reading block `layer` (or the logits) sees,
             and the residual streams before blocks 0 .. layer (and after the last, for None).
+
+        Example:
+            >>> readout, residuals = pair.prefix("donor", 1)
+            >>> residuals.shape, pair.prefix("donor", 1)[1] is residuals  # computed once
+            ((2, 3, 5, 32), True)
         """
         key = (which, layer)
         if key not in self._prefix:
@@ -138,7 +162,12 @@ class PreparedPair:
 
     def readout(self, which: Which, metric: Metric) -> Any:
         """What `metric` reads from a model: the prefix pass's readout, or for a metric that
-        reads component outputs, a plain run's."""
+        reads component outputs, a plain run's.
+
+        Example:
+            >>> pair.readout("base", jaxpatch.VectorAnchor(layer=1)).shape  # [prompts, positions, d]
+            (3, 1, 32)
+        """
         return self.endpoints(metric).readouts[which]
 
     def endpoints(self, metric: Metric) -> MetricEndpoints:
@@ -148,6 +177,11 @@ class PreparedPair:
         Raises:
             MetricError: the metric does not fit, or base and donor score the same.
             NonFiniteError: a score is NaN or infinite.
+
+        Example:
+            >>> ends = pair.endpoints(jaxpatch.KLDivergence())
+            >>> ends.donor_score < ends.base_score  # KL(donor || model): 0 at the donor
+            True
         """
         if metric not in self._endpoints:
             metric.check(self.config)
@@ -164,7 +198,12 @@ class PreparedPair:
         return self._endpoints[metric]
 
     def sources(self, which: Which, layer: int | None) -> dict[str, jax.Array]:
-        """Every activation site's value in a clean run of a model up to block `layer`."""
+        """Every activation site's value in a clean run of a model up to block `layer`.
+
+        Example:
+            >>> pair.sources("donor", None)["layers.1.mlp.neurons"].shape
+            (3, 5, 64)
+        """
         key = (which, layer)
         if key not in self._sources:
             self._sources[key] = clean_sites(self.config, self.model(which).params, self.batch,
@@ -210,8 +249,4 @@ def prepare(base: Model, donor: Model, batch: Batch, *, mesh: MeshLike | None = 
     return PreparedPair(base, donor, batch, make_mesh(mesh), positions, dict(inputs or {}))
 
 
-def start_score(pair: PreparedPair, metric: Metric, which: Which) -> np.ndarray:
-    """The mean score of the base or the donor (float64)."""
-    ends = pair.endpoints(metric)
-    return np.asarray(ends.base_score if which == "base" else ends.donor_score, np.float64)
 
