@@ -22,6 +22,7 @@ The public API is what this module exports (every other name may change):
     trace_hierarchy, Hierarchy, Thresholds, TraceSearch   sources, aggregation, execution
     faithfulness_curve, ranking, set_points   f(k), CPR and CMD of any ranking or set
     greedy_forward, backward_elimination      set-level selection by exact patching
+    greedy_generate, generate_under_patches   generation with a key/value cache, under patches
     RunLog, make_mesh                resumable runs; device meshes
     plant_patch, planted_labels      planted sets
     roc_auc, roc_curve, spearman     scoring a ranking
@@ -45,6 +46,8 @@ from jaxpatch.engine import (
                              PreparedPair,
                              activation_matrix,
                              activation_patching,
+                             generate_under_patches,
+                             greedy_generate,
                              prepare,
                              sweep,
                              sweep_matrix,
@@ -135,7 +138,8 @@ __all__ = [
     "Localization", "learn_patch", "LearnedPatch", "GateTraining", "activation_patching",
     "sweep_matrix", "activation_matrix", "ScoreMatrix", "trace_hierarchy", "Hierarchy",
     "Thresholds", "TraceSearch", "Behavior", "faithfulness_curve", "FaithfulnessCurve", "ranking",
-    "set_points", "greedy_forward", "backward_elimination", "Selection",
+    "set_points", "greedy_forward", "backward_elimination", "Selection", "greedy_generate",
+    "generate_under_patches",
     "plant_patch", "planted_labels", "roc_auc", "roc_curve", "spearman",
     # how it runs
     "Execution", "RunLog", "TaskLog", "make_mesh", "enable_compile_cache",

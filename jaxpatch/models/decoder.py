@@ -25,7 +25,7 @@ __all__ = ["MixedWeight", "Probe", "dense", "Edit", "ForwardOutput", "forward", 
            "lookup", "unembed", "block", "linear", "mixed_einsum", "probe_einsum",
            "attention_heads", "mlp", "activation", "norm", "attention_allowed", "stack_layers",
            "layer_at", "window_at", "run_blocks", "rope_frequencies", "Rope", "rope_tables",
-           "rope_at", "apply_rope"]
+           "rope_at", "apply_rope", "KVCache", "block_cached"]
 
 Array = jax.Array
 
@@ -249,9 +249,11 @@ def _edit_in_block(edit: Edit, index: int, site: str, value: Array) -> Array:
     return edit(f"layers.{index}.{site}", value)
 
 
-def embed(config: ModelConfig, params: Params, tokens: Array, edit: Edit = _no_edit) -> Array:
+def embed(config: ModelConfig, params: Params, tokens: Array, edit: Edit = _no_edit,
+          positions: Array | None = None) -> Array:
     """Token (and, for learned positions, position) embeddings: the residual stream before
-    block 0, `[batch, seq, d_model]`.
+    block 0, `[batch, seq, d_model]`. `positions` (int `[batch, seq]`, default 0, 1, ...) are
+    the tokens' places in the sequence (a decoding step embeds one token at its place).
 
     Example:
         >>> import jax
@@ -264,7 +266,7 @@ def embed(config: ModelConfig, params: Params, tokens: Array, edit: Edit = _no_e
     if config.scale_embeddings:
         x = x * jnp.asarray(math.sqrt(config.d_model), dtype=x.dtype)
     if config.positional == "learned":
-        positions = jnp.arange(tokens.shape[1])[None]
+        positions = jnp.arange(tokens.shape[1])[None] if positions is None else positions
         x = x + edit("embed_positions", lookup(params["embed_positions"]["weight"], positions))
     return x
 
@@ -345,12 +347,19 @@ def block(
     normed = edit("input_layernorm", norm(config, layer["input_layernorm"], x))
     heads = edit("self_attn.heads",
                  attention_heads(config, layer["self_attn"], normed, allowed, rope, queries, edit))
+    if queries is not None:
+        x = jnp.take_along_axis(x, queries[..., None], axis=1)
+    return _after_attention(config, layer, x, heads, edit)
+
+
+def _after_attention(config: ModelConfig, layer: Params, x: Array, heads: Array,
+                     edit: Edit) -> tuple[Array, dict[str, Array]]:
+    """The rest of a block once its heads are computed: o_proj (and its post-norm), the
+    residual, the MLP (and its norms), the residual."""
     attn_out = edit("self_attn.o_proj", linear(layer["self_attn"]["o_proj"], heads, "bshk,hkd->bsd"))
     if config.sandwich_norms:
         attn_out = edit("post_attention_layernorm",
                         norm(config, layer["post_attention_layernorm"], attn_out))
-    if queries is not None:
-        x = jnp.take_along_axis(x, queries[..., None], axis=1)
     x = x + attn_out
     normed = edit(config.pre_mlp_norm, norm(config, layer[config.pre_mlp_norm], x))
     mlp_out = mlp(config, layer["mlp"], normed, edit)
@@ -501,12 +510,7 @@ def attention_heads(
         (1, 3, 4, 16)
     """
     h_q = h if queries is None else jnp.take_along_axis(h, queries[..., None], axis=1)
-    q = edit("self_attn.q_proj", linear(attn["q_proj"], h_q, "bsd,dhk->bshk"))
-    k = edit("self_attn.k_proj", linear(attn["k_proj"], h, "bsd,dhk->bshk"))
-    v = edit("self_attn.v_proj", linear(attn["v_proj"], h, "bsd,dhk->bshk"))
-    if config.qk_norm:
-        q = edit("self_attn.q_norm", norm(config, attn["q_norm"], q))
-        k = edit("self_attn.k_norm", norm(config, attn["k_norm"], k))
+    q, k, v = _projections(config, attn, h_q, h, edit)
     if rope is not None:
         cos, sin = rope
         if queries is None:
@@ -516,6 +520,24 @@ def attention_heads(
         k = apply_rope(k, cos, sin)
     if queries is not None:
         allowed = jnp.take_along_axis(allowed, queries[:, None, :, None], axis=2)
+    return _attend(config, q, k, v, allowed)
+
+
+def _projections(config: ModelConfig, attn: Params, h_q: Array, h: Array,
+                 edit: Edit) -> tuple[Array, Array, Array]:
+    """Queries from `h_q`, keys and values from `h` (with their norms, before rope)."""
+    q = edit("self_attn.q_proj", linear(attn["q_proj"], h_q, "bsd,dhk->bshk"))
+    k = edit("self_attn.k_proj", linear(attn["k_proj"], h, "bsd,dhk->bshk"))
+    v = edit("self_attn.v_proj", linear(attn["v_proj"], h, "bsd,dhk->bshk"))
+    if config.qk_norm:
+        q = edit("self_attn.q_norm", norm(config, attn["q_norm"], q))
+        k = edit("self_attn.k_norm", norm(config, attn["k_norm"], k))
+    return q, k, v
+
+
+def _attend(config: ModelConfig, q: Array, k: Array, v: Array, allowed: Array) -> Array:
+    """Scaled dot-product attention of queries `[b, q, heads, d]` over keys and values
+    `[b, s, kv_heads, d]`, where `allowed` `[b, 1, q, s]`; per-head outputs `[b, q, heads, d]`."""
     batch, n_queries = q.shape[:2]
     group = config.queries_per_kv_head
     q = q.reshape(batch, n_queries, config.n_kv_heads, group, config.head_dim)
@@ -779,3 +801,57 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[..., None, :] + rotated * sin[..., None, :]
+
+
+class KVCache(NamedTuple):
+    """One block's keys (after their norm and rope) and values at every position of a
+    sequence buffer, `[batch, length, kv_heads, head_dim]` each (a pytree)."""
+
+    k: Array
+    v: Array
+
+
+def block_cached(config: ModelConfig, layer: Params, x: Array, cache: KVCache, positions: Array,
+                 allowed: Array, rope: tuple[Array, Array] | None,
+                 edit: Edit = _no_edit) -> tuple[Array, KVCache]:
+    """One block at some positions of a sequence whose other keys and values are cached: the
+    positions' keys and values are written into the cache, then their queries attend over it
+    (a decoding step: one position; a prefill: every position). The same operations as `block`.
+
+    Arguments:
+        config: the architecture.
+        layer: this block's params.
+        x: the residual stream at `positions`, `[batch, q, d_model]`.
+        cache: the block's keys and values over the whole buffer.
+        positions: int `[batch, q]`: where in the buffer `x` stands.
+        allowed: boolean `[batch, 1, q, length]`: may each position attend to each key.
+        rope: `(cos, sin)` tables over the whole buffer, or None.
+        edit: an activation edit (site names without the `layers.{i}.` prefix).
+
+    Returns:
+        The residual stream after the block at `positions`, and the updated cache.
+
+    Example:
+        >>> import jax
+        >>> from jaxpatch.models.config import ModelConfig, init_params
+        >>> cfg = ModelConfig.tiny("llama")
+        >>> p = init_params(cfg, jax.random.key(0))["layers"][0]
+        >>> x = jax.random.normal(jax.random.key(1), (1, 4, 32))
+        >>> allowed = attention_allowed(jnp.ones((1, 4), bool), None)
+        >>> rope = rope_tables(cfg, 4, jnp.float32)
+        >>> empty = KVCache(*(jnp.zeros((1, 4, cfg.n_kv_heads, cfg.head_dim)),) * 2)
+        >>> y, cache = block_cached(cfg, p, x, empty, jnp.arange(4)[None], allowed, rope)
+        >>> bool(jnp.allclose(y, block(cfg, p, x, allowed, rope)[0], atol=1e-6))
+        True
+    """
+    normed = edit("input_layernorm", norm(config, layer["input_layernorm"], x))
+    q, k, v = _projections(config, layer["self_attn"], normed, normed, edit)
+    if rope is not None:
+        cos, sin = (jnp.take(t, positions, axis=0) for t in rope)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rows = jnp.arange(x.shape[0])[:, None]
+    cache = KVCache(cache.k.at[rows, positions].set(k.astype(cache.k.dtype)),
+                    cache.v.at[rows, positions].set(v.astype(cache.v.dtype)))
+    heads = edit("self_attn.heads", _attend(config, q, cache.k, cache.v, allowed))
+    return _after_attention(config, layer, x, heads, edit)[0], cache
+
