@@ -4,8 +4,6 @@ sandwich norms), and patched models generating at once equal patching each alone
 
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 import pytest
@@ -62,20 +60,3 @@ def test_bad_generation_requests_are_refused() -> None:
         prompt_buffer(config, PROMPTS, 0)
     with pytest.raises(InvalidInputError, match="longer than the model's context"):
         prompt_buffer(config, PROMPTS, config.max_position_embeddings)
-
-
-@pytest.mark.slow
-def test_many_patched_models_at_once_are_faster_per_candidate_than_one_at_a_time() -> None:
-    """Not a benchmark (scripts/ has those): a guard that batching is not slower."""
-    example = example_pair()
-    pair = prepare(example.base, example.donor, example.batch)
-    patches = {f"p{i}": Patch.from_selector(example.config, f"layers.{i % 2}.mlp") for i in range(16)}
-    generate_under_patches(pair, patches, PROMPTS, 8, execution=Execution(chunk_size=16))
-    generate_under_patches(pair, {"p0": patches["p0"]}, PROMPTS, 8, execution=Execution(chunk_size=1))
-    t = time.perf_counter()
-    generate_under_patches(pair, patches, PROMPTS, 8, execution=Execution(chunk_size=16))
-    batched = (time.perf_counter() - t) / 16
-    t = time.perf_counter()
-    generate_under_patches(pair, {"p0": patches["p0"]}, PROMPTS, 8, execution=Execution(chunk_size=1))
-    single = time.perf_counter() - t
-    assert batched < single
