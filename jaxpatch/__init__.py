@@ -23,6 +23,7 @@ The public API is what this module exports (every other name may change):
     faithfulness_curve, ranking, set_points   f(k), CPR and CMD of any ranking or set
     greedy_forward, backward_elimination      set-level selection by exact patching
     greedy_generate, generate_under_patches   generation with a key/value cache, under patches
+    TextJudge (jaxpatch.verifiers)   behavior judged on generated text (IFEval-style verifiers)
     RunLog, make_mesh                resumable runs; device meshes
     plant_patch, planted_labels      planted sets
     roc_auc, roc_curve, spearman     scoring a ranking
@@ -120,6 +121,7 @@ from jaxpatch.runs.settings import Execution
 from jaxpatch.selection import Selection, backward_elimination, greedy_forward
 from jaxpatch.stats import roc_auc, roc_curve, spearman
 from jaxpatch.studies.scoring import plant_patch, planted_labels
+from jaxpatch.verifiers import TextJudge
 
 __all__ = [
     # checkpoints and models
@@ -139,7 +141,7 @@ __all__ = [
     "sweep_matrix", "activation_matrix", "ScoreMatrix", "trace_hierarchy", "Hierarchy",
     "Thresholds", "TraceSearch", "Behavior", "faithfulness_curve", "FaithfulnessCurve", "ranking",
     "set_points", "greedy_forward", "backward_elimination", "Selection", "greedy_generate",
-    "generate_under_patches",
+    "generate_under_patches", "TextJudge",
     "plant_patch", "planted_labels", "roc_auc", "roc_curve", "spearman",
     # how it runs
     "Execution", "RunLog", "TaskLog", "make_mesh", "enable_compile_cache",

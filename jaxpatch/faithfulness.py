@@ -35,6 +35,7 @@ from jaxpatch.modes import PAIR_DIRECTIONS, Granularity, PairDirection, check_mo
 from jaxpatch.patch import Patch
 from jaxpatch.results import SweepResult
 from jaxpatch.runs.settings import Execution
+from jaxpatch.verifiers import TextJudge
 
 __all__ = ["FaithfulnessCurve", "faithfulness_curve", "ranking", "size_ladder", "set_points", "area"]
 
@@ -156,7 +157,7 @@ def ranking(result: SweepResult | Mapping[str, float], by: RankBy = "effect") ->
     return [names[i] for i in np.argsort(-key, kind="stable")]
 
 
-def faithfulness_curve(pair: PreparedPair, metric: Metric, order: Sequence[str], *,
+def faithfulness_curve(pair: PreparedPair, metric: Metric | TextJudge, order: Sequence[str], *,
                  granularity: Granularity = "module", direction: PairDirection = "denoise",
                  sizes: Sequence[int] | None = None, label: str = "ranking",
                  execution: Execution | None = None) -> FaithfulnessCurve:
@@ -164,7 +165,9 @@ def faithfulness_curve(pair: PreparedPair, metric: Metric, order: Sequence[str],
 
     Arguments:
         pair: the base/donor pair and prompts (`jaxpatch.prepare`).
-        metric: the behavior.
+        metric: the behavior: a metric of one forward pass, or a `TextJudge` (what the patched
+            models write, judged by a verifier; normalized between the base's and the donor's
+            own generations).
         order: component names of one granularity, best first (`ranking`); the rest of the
             granularity's components may be left out (n is the length of `order`).
         granularity: the components' granularity.
@@ -202,13 +205,24 @@ def faithfulness_curve(pair: PreparedPair, metric: Metric, order: Sequence[str],
                                                  label=f"top {k}") for k in ks if k > 0}
     values = [0.0]  # the empty set is the start model itself
     if patches:
-        scored = sweep(pair, metric, candidates=patches, direction=direction, execution=execution)
-        values += [float(e) for e in scored.effect]
+        values += _effects(pair, metric, patches, direction, execution)
     return FaithfulnessCurve(label=label, direction=direction, order=list(order), sizes=ks,
                              faithfulness=np.asarray(values, np.float64))
 
 
-def set_points(pair: PreparedPair, metric: Metric, sets: Mapping[str, Sequence[str]], *,
+def _effects(pair: PreparedPair, metric: Metric | TextJudge, patches: dict[str, Patch],
+             direction: PairDirection, execution: Execution | None) -> list[float]:
+    """Each patch's effect on the behavior (0: the start model, 1: the other model)."""
+    if isinstance(metric, TextJudge):
+        base_score, donor_score = metric.endpoints(pair, execution=execution)
+        start, end = (base_score, donor_score) if direction == "denoise" else (donor_score, base_score)
+        raw = metric.scores(pair, patches, direction=direction, execution=execution)
+        return [(raw[name] - start) / (end - start) for name in patches]
+    scored = sweep(pair, metric, candidates=patches, direction=direction, execution=execution)
+    return [float(e) for e in scored.effect]
+
+
+def set_points(pair: PreparedPair, metric: Metric | TextJudge, sets: Mapping[str, Sequence[str]], *,
                granularity: Granularity = "module", direction: PairDirection = "denoise",
                execution: Execution | None = None) -> dict[str, tuple[int, float]]:
     """Sets of components (a learned patch at several sparsities, the hierarchy's sources)
@@ -237,7 +251,6 @@ def set_points(pair: PreparedPair, metric: Metric, sets: Mapping[str, Sequence[s
                for label, names in sets.items() if names}
     points = {label: (0, 0.0) for label, names in sets.items() if not names}  # the start model
     if patches:
-        scored = sweep(pair, metric, candidates=patches, direction=direction, execution=execution)
-        points.update({label: (len(set(sets[label])), float(e))
-                       for label, e in zip(scored.names, scored.effect)})
+        effects = _effects(pair, metric, patches, direction, execution)
+        points.update({label: (len(set(sets[label])), e) for label, e in zip(patches, effects)})
     return {label: points[label] for label in sets}

@@ -31,7 +31,7 @@ def test_imports_run_one_way() -> None:
     """Low rooms never import high ones (docs/decisions/0009): checked on the source text."""
     order = ["_tree", "errors", "modes", "compile_cache", "rounding", "runs", "mesh", "models", "io",
              "components", "prompts", "metrics", "patch", "stats", "results", "figures", "pair",
-             "engine", "attribution", "localization", "learned", "faithfulness", "selection", "hierarchy", "merge", "studies", "cli"]
+             "engine", "attribution", "localization", "learned", "verifiers", "faithfulness", "selection", "hierarchy", "merge", "studies", "cli"]
     rank = {room: i for i, room in enumerate(order)}
     for name in MODULES:
         room = name.split(".")[1]

@@ -1,0 +1,232 @@
+"""Behavior judged by what a model writes: verifiers of generated text, in the style of IFEval's
+checks, and a judge that scores patched models by them.
+
+A verifier is any function `str -> float` (1.0 satisfied, 0.0 not; or a continuous share, such
+as the fraction of capital letters). `TextJudge` generates greedy continuations of its prompts
+with each patched model (`jaxpatch.engine.generation`), decodes them, and scores each model as
+the mean verifier value over the prompts; normalized, the base scores 0 and the donor 1, as
+every metric in jaxpatch. `faithfulness_curve` takes a judge where it takes a metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from jaxpatch.engine.generation import generate_under_patches
+from jaxpatch.engine.prepared import PreparedPair
+from jaxpatch.errors import InvalidInputError
+from jaxpatch.modes import Direction
+from jaxpatch.patch import Patch
+from jaxpatch.prompts import Prompt
+from jaxpatch.runs.settings import Execution
+
+__all__ = ["Verifier", "capital_share", "all_capitals", "all_lowercase", "no_commas", "quoted",
+           "has_title", "ends_with", "word_count", "sections", "highlighted", "TextJudge"]
+
+Verifier = Callable[[str], float]
+
+
+def _letters(text: str) -> list[str]:
+    return [c for c in text if c.isalpha()]
+
+
+def capital_share(text: str) -> float:
+    """The share of letters that are capitals (0 for a text without letters).
+
+    Example:
+        >>> capital_share("ABc d")
+        0.5
+    """
+    letters = _letters(text)
+    return sum(c.isupper() for c in letters) / len(letters) if letters else 0.0
+
+
+def all_capitals(text: str) -> float:
+    """1 when the text has letters and every one is a capital.
+
+    Example:
+        >>> all_capitals("HELLO, WORLD"), all_capitals("Hello")
+        (1.0, 0.0)
+    """
+    letters = _letters(text)
+    return float(bool(letters) and all(c.isupper() for c in letters))
+
+
+def all_lowercase(text: str) -> float:
+    """1 when the text has letters and none is a capital.
+
+    Example:
+        >>> all_lowercase("hello, world"), all_lowercase("Hello")
+        (1.0, 0.0)
+    """
+    letters = _letters(text)
+    return float(bool(letters) and not any(c.isupper() for c in letters))
+
+
+def no_commas(text: str) -> float:
+    """1 when the text holds no comma.
+
+    Example:
+        >>> no_commas("a b"), no_commas("a, b")
+        (1.0, 0.0)
+    """
+    return float("," not in text)
+
+
+def quoted(text: str) -> float:
+    """1 when the whole text (stripped) is wrapped in double quotation marks.
+
+    Example:
+        >>> quoted(' "yes" '), quoted('"yes')
+        (1.0, 0.0)
+    """
+    stripped = text.strip()
+    return float(len(stripped) >= 2 and stripped[0] == '"' and stripped[-1] == '"')
+
+
+def has_title(text: str) -> float:
+    """1 when the text holds a title in double angular brackets, `<<like this>>`.
+
+    Example:
+        >>> has_title("<<A poem>> roses"), has_title("<<>>")
+        (1.0, 0.0)
+    """
+    return float(re.search(r"<<[^\n<>]+>>", text) is not None)
+
+
+def ends_with(phrase: str) -> Verifier:
+    """A verifier: 1 when the text (stripped) ends with `phrase`.
+
+    Example:
+        >>> ends_with("Is there anything else?")("Done. Is there anything else?")
+        1.0
+    """
+    def verify(text: str) -> float:
+        return float(text.strip().endswith(phrase))
+
+    return verify
+
+
+def word_count(at_least: int = 0, at_most: int | None = None) -> Verifier:
+    """A verifier: 1 when the text's word count lies in `[at_least, at_most]`.
+
+    Example:
+        >>> word_count(at_most=3)("one two three"), word_count(at_least=4)("one two")
+        (1.0, 0.0)
+    """
+    def verify(text: str) -> float:
+        n = len(text.split())
+        return float(n >= at_least and (at_most is None or n <= at_most))
+
+    return verify
+
+
+def sections(count: int, marker: str = "SECTION") -> Verifier:
+    """A verifier: 1 when the text has at least `count` sections, each starting with
+    `marker` and a number (`SECTION 1`).
+
+    Example:
+        >>> sections(2)("SECTION 1 a\\nSECTION 2 b"), sections(2)("SECTION 1 a")
+        (1.0, 0.0)
+    """
+    pattern = re.compile(rf"\b{re.escape(marker)}\s+\d+")
+
+    def verify(text: str) -> float:
+        return float(len(pattern.findall(text)) >= count)
+
+    return verify
+
+
+def highlighted(count: int) -> Verifier:
+    """A verifier: 1 when at least `count` parts are highlighted in markdown, `*like this*`.
+
+    Example:
+        >>> highlighted(2)("*a* and *b*"), highlighted(2)("*a*")
+        (1.0, 0.0)
+    """
+    def verify(text: str) -> float:
+        return float(len(re.findall(r"\*[^\n*]+\*", text)) >= count)
+
+    return verify
+
+
+@dataclasses.dataclass(frozen=True)
+class TextJudge:
+    """Scores models by what they write: greedy continuations of `prompts`, decoded with
+    `decode`, each scored by `verifier`, averaged over the prompts.
+
+    Attributes:
+        name: what is judged (recorded with results).
+        verifier: `str -> float` (`all_capitals`, `no_commas`, ... or any function).
+        prompts: the prompts to continue (the instruction, in the model's chat format).
+        n_tokens: tokens generated per prompt.
+        decode: token ids -> text (a tokenizer's `decode`).
+
+    Example:
+        >>> judge = TextJudge("letters", lambda text: float(len(text) > 0), [Prompt((1, 2))], 3,
+        ...                   lambda ids: "x" * len(ids))
+        >>> judge.scores(pair, {"mlp": jaxpatch.Patch.from_selector(cfg, "layers.1.mlp")})
+        {'mlp': 1.0}
+    """
+
+    name: str
+    verifier: Verifier
+    prompts: Sequence[Prompt]
+    n_tokens: int
+    decode: Callable[[list[int]], str]
+
+    def scores(self, pair: PreparedPair, patches: Mapping[str, Patch], *,
+               direction: Direction = "denoise",
+               execution: Execution | None = None) -> dict[str, float]:
+        """Each patched model's raw score (the mean verifier value over the prompts).
+
+        Arguments:
+            pair: the base/donor pair.
+            patches: the candidates (an all-zero patch is the start model itself).
+            direction: which way patches move weights.
+            execution: `chunk_size` patched models generating at once.
+
+        Returns:
+            name -> mean verifier value.
+        """
+        if not self.prompts:
+            raise InvalidInputError(f"the {self.name} judge has no prompts")
+        generated = generate_under_patches(pair, patches, self.prompts, self.n_tokens,
+                                           direction=direction, execution=execution)
+        return {name: float(np.mean([self.verifier(self.decode(list(map(int, row))))
+                                     for row in tokens]))
+                for name, tokens in generated.items()}
+
+    def endpoints(self, pair: PreparedPair, *, execution: Execution | None = None) -> tuple[float, float]:
+        """The base's and the donor's raw scores (recovery's 0 and 1).
+
+        Raises:
+            InvalidInputError: base and donor score the same, so recovery is undefined.
+
+        Example:
+            >>> first_token = TextJudge("first token", float, [Prompt((1, 2)), Prompt((3,))], 2,
+            ...                         lambda ids: str(ids[0]))
+            >>> base_score, donor_score = first_token.endpoints(pair)
+            >>> base_score != donor_score
+            True
+        """
+        empty = Patch.from_components(pair.config, [], label="none")
+        raw = self.scores(pair, {"base": empty}, execution=execution)
+        raw.update(self.scores(pair, {"donor": empty}, direction="noise", execution=execution))
+        if raw["base"] == raw["donor"]:
+            raise InvalidInputError(f"base and donor score the same on the {self.name} judge "
+                                    f"({raw['base']}): recovery is undefined on these prompts")
+        return raw["base"], raw["donor"]
+
+    def describe(self) -> dict[str, Any]:
+        """What the judge is, as JSON data.
+
+        Example:
+            >>> TextJudge("caps", all_capitals, [Prompt((1,))], 4, str).describe()["n_tokens"]
+            4
+        """
+        return {"name": self.name, "prompts": len(self.prompts), "n_tokens": self.n_tokens}
