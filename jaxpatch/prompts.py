@@ -29,7 +29,7 @@ from jaxpatch.models.model import check_tokens
 from jaxpatch.modes import POSITIONS, Positions, check_mode
 from jaxpatch.rounding import jit
 
-__all__ = ["Prompt", "Batch", "read_prompts", "make_batch", "greedy_continuations",
+__all__ = ["Prompt", "Batch", "read_prompts", "make_batch", "prompt_buffer", "greedy_continuations",
            "MAX_PROMPTS_BYTES", "MAX_LINE_BYTES"]
 
 MAX_PROMPTS_BYTES = 1024**3  # a prompts file is read whole: refuse what cannot be meant
@@ -236,6 +236,32 @@ def _next_tokens(config: ModelConfig, params: Params, tokens: jax.Array, mask: j
     return jnp.argmax(out.read(None)[:, 0], axis=-1).astype(jnp.int32)
 
 
+def prompt_buffer(config: ModelConfig, prompts: Sequence[Prompt],
+                  n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded prompts in a buffer with room for `n_tokens` more, and their lengths.
+
+    Raises:
+        InvalidInputError: no prompts, a length below 1, or a buffer longer than the context.
+
+    Example:
+        >>> tokens, lengths = prompt_buffer(cfg, [Prompt((1, 2, 3)), Prompt((4,))], 2)
+        >>> tokens.tolist(), lengths.tolist()
+        ([[1, 2, 3, 0, 0], [4, 0, 0, 0, 0]], [3, 1])
+    """
+    if n_tokens < 1 or not prompts:
+        raise InvalidInputError(f"generation needs prompts and at least 1 token, got "
+                                f"{len(prompts)} prompts and {n_tokens} tokens")
+    lengths = np.array([len(p.tokens) for p in prompts], np.int32)
+    width = int(lengths.max()) + n_tokens
+    if width > config.max_position_embeddings:
+        raise InvalidInputError(f"prompt plus {n_tokens} generated tokens ({width}) is longer "
+                                f"than the model's context of {config.max_position_embeddings}")
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p.tokens)] = p.tokens
+    return tokens, lengths
+
+
 def greedy_continuations(config: ModelConfig, params: Params, prompts: Sequence[Prompt],
                          n_tokens: int) -> list[list[int]]:
     """Greedy continuations of each prompt by a model (used with positions="continuation").
@@ -257,16 +283,8 @@ def greedy_continuations(config: ModelConfig, params: Params, prompts: Sequence[
         >>> len(out[0])
         3
     """
-    if n_tokens < 1:
-        raise InvalidInputError(f"continuation length must be at least 1, got {n_tokens}")
-    lengths = np.array([len(p.tokens) for p in prompts])
-    width = int(lengths.max()) + n_tokens
-    if width > config.max_position_embeddings:
-        raise InvalidInputError(f"prompt plus {n_tokens} continuation tokens ({width}) is longer "
-                                f"than the model's context of {config.max_position_embeddings}")
-    tokens = np.zeros((len(prompts), width), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p.tokens)] = p.tokens
+    tokens, lengths = prompt_buffer(config, prompts, n_tokens)
+    width = tokens.shape[1]
     for step in range(n_tokens):
         current = lengths + step
         mask = np.arange(width)[None, :] < current[:, None]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from jaxpatch import Execution, Patch, apply, prepare
-from jaxpatch.engine.generation import generate_under_patches, greedy_generate, prompt_buffer
+from jaxpatch.engine.generation import generate_under_patches, greedy_generate
 from jaxpatch.errors import InvalidInputError
 from jaxpatch.examples import example_pair, random_pair
 from jaxpatch.models.decoder import forward
-from jaxpatch.prompts import Prompt, greedy_continuations
+from jaxpatch.prompts import Prompt, greedy_continuations, prompt_buffer
 
 PROMPTS = [Prompt((5, 9, 2, 7, 1, 3)), Prompt((4, 8)), Prompt((11, 12, 13, 14))]
 

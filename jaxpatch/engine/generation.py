@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpatch.engine.prepared import PreparedPair
-from jaxpatch.errors import InvalidInputError
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import (
     KVCache,
@@ -37,37 +36,11 @@ from jaxpatch.models.decoder import (
 from jaxpatch.modes import Direction
 from jaxpatch.pair import endpoints
 from jaxpatch.patch import Patch, apply
-from jaxpatch.prompts import Prompt
+from jaxpatch.prompts import Prompt, prompt_buffer
 from jaxpatch.rounding import jit
 from jaxpatch.runs.settings import Execution, execution_of
 
-__all__ = ["greedy_generate", "generate_under_patches", "prompt_buffer"]
-
-
-def prompt_buffer(config: ModelConfig, prompts: Sequence[Prompt],
-                  n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded prompts in a buffer with room for `n_tokens` more, and their lengths.
-
-    Raises:
-        InvalidInputError: no prompts, a length below 1, or a buffer longer than the context.
-
-    Example:
-        >>> tokens, lengths = prompt_buffer(cfg, [Prompt((1, 2, 3)), Prompt((4,))], 2)
-        >>> tokens.tolist(), lengths.tolist()
-        ([[1, 2, 3, 0, 0], [4, 0, 0, 0, 0]], [3, 1])
-    """
-    if n_tokens < 1 or not prompts:
-        raise InvalidInputError(f"generation needs prompts and at least 1 token, got "
-                                f"{len(prompts)} prompts and {n_tokens} tokens")
-    lengths = np.array([len(p.tokens) for p in prompts], np.int32)
-    width = int(lengths.max()) + n_tokens
-    if width > config.max_position_embeddings:
-        raise InvalidInputError(f"prompt plus {n_tokens} generated tokens ({width}) is longer "
-                                f"than the model's context of {config.max_position_embeddings}")
-    tokens = np.zeros((len(prompts), width), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p.tokens)] = p.tokens
-    return tokens, lengths
+__all__ = ["greedy_generate", "generate_under_patches"]
 
 
 @functools.partial(jit, static_argnums=(0, 4))
