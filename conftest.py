@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Iterator
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
                                    "--xla_backend_optimization_level=0")
@@ -30,6 +31,20 @@ def _module_evaluation() -> object:
     from jaxpatch.studies.evaluate import default_pair_dir, evaluate, load_planted
 
     return evaluate(load_planted(default_pair_dir()), granularities=("module",))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs() -> Iterator[None]:
+    """Drops every compiled program after each test module. Each one holds memory mappings of
+    its machine code, and a whole suite's worth (thousands of small programs) would exceed the
+    kernel's per-process limit on mappings (`vm.max_map_count`, 65530), where XLA aborts."""
+    yield
+    import jax
+
+    from jaxpatch.engine import programs
+
+    programs._COMPILED.clear()
+    jax.clear_caches()
 
 
 @pytest.fixture(autouse=True)
