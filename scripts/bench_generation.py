@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -34,15 +33,8 @@ from jaxpatch.engine.generation import generate_under_patches  # noqa: E402
 from jaxpatch.examples import random_pair  # noqa: E402
 from jaxpatch.prompts import Prompt, greedy_continuations, make_batch  # noqa: E402
 
-
-def best_of(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attribution import best_of  # noqa: E402  (a sibling script)
 
 
 def main() -> int:
@@ -63,7 +55,7 @@ def main() -> int:
     for chunk in (32, 16, 1):
         run = lambda c=chunk: generate_under_patches(pair, patches, prompts, n_tokens,
                                                      execution=Execution(chunk_size=c))
-        seconds = best_of(run)
+        seconds = best_of(run, repeats=3)
         results[chunk] = run()
         per_candidate[chunk] = seconds / len(patches)
         print(f"chunks of {chunk:2d}: {seconds:.2f} s, {per_candidate[chunk] * 1e3:.1f} ms per "

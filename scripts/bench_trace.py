@@ -124,14 +124,7 @@ def unit_costs() -> None:
     metric, quiet = jaxpatch.LogProb(), jaxpatch.Execution(progress=False)
     items = jaxpatch.select(config, None, "module")
 
-    def best(fn, repeats: int = 3) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+    from bench_attribution import best_of as best  # a sibling script
 
     sweep_s = best(lambda: jaxpatch.sweep(pair, metric, candidates=items, execution=quiet))
     reused = jaxpatch.activation_patching(pair, metric, execution=quiet)

@@ -111,8 +111,9 @@ def run_chunks(programs: Sequence[ChunkProgram], *, label: str, execution: Execu
             that no longer splits across the mesh's devices.
 
     Example:
+        >>> from types import SimpleNamespace as Named
         >>> double = ChunkProgram(("double",), lambda a, ops: 2 * a["x"] + ops, 2,
-        ...     [[Named("a"), Named("b"), Named("c")]], lambda i: jnp.float32(1),
+        ...     [[Named(name="a"), Named(name="b"), Named(name="c")]], lambda i: jnp.float32(1),
         ...     lambda chunk, size: {"x": np.arange(size, dtype=np.float32)},
         ...     lambda size: {"x": jax.ShapeDtypeStruct((size,), jnp.float32)})
         >>> {k: float(v) for k, v in run_chunks([double], label="x", execution=Execution(
@@ -189,9 +190,3 @@ def _halved(chunk: int, log: TaskLog | None) -> int:
         log.record_limit(smaller)
     return smaller
 
-
-@dataclasses.dataclass(frozen=True)
-class Named:
-    """A candidate that is only a name (for examples and tests of the runner)."""
-
-    name: str

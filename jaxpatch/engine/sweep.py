@@ -12,16 +12,18 @@ the plain forward, but never computes what a candidate does not change:
 - a metric reading block L stops there, computing block L only at the readout positions;
   candidates after L are reported as exactly unchanged without running;
 - chunks are padded to one size per program so each program compiles once;
-- with a `TaskLog` (`jaxpatch.runs.log`), every finished chunk is recorded and a resumed run
-  replays the recorded chunks with their boundaries, computing only the rest (bitwise equal to
-  an uninterrupted run); running out of device memory halves the chunk and carries on.
+- chunks run in the one chunk runner (`jaxpatch.engine.chunks`): with a log, every finished
+  chunk is recorded and a resumed run replays the recorded chunks with their boundaries
+  (bitwise equal to an uninterrupted run); running out of device memory halves the chunk;
+- both models' prefix passes and the metric's endpoints come from the prepared pair
+  (`jaxpatch.engine.prepared`), computed once per pair whatever the number of sweeps.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -112,10 +114,6 @@ def _prepare(pair: PreparedPair, metric: Metric, direction: Direction,
     start_score = np.asarray(ends.base_score if which == "base" else ends.donor_score, np.float64)
     return _Prepared(start, target, pair.stacked(which), residuals, ends.readouts[which],
                      ends.state, ends.base_score, ends.donor_score, start_score)
-
-
-Operands = Callable[[int], Any]
-"""A program's operands for its i-th group, made when the group runs."""
 
 
 def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _Prepared,
