@@ -34,7 +34,7 @@ from jaxpatch.metrics import Metric
 from jaxpatch.modes import PAIR_DIRECTIONS, Granularity, PairDirection, check_mode
 from jaxpatch.patch import Patch
 from jaxpatch.results import SweepResult
-from jaxpatch.runs.settings import Execution
+from jaxpatch.runs.settings import Execution, execution_of
 from jaxpatch.verifiers import TextJudge
 
 __all__ = ["FaithfulnessCurve", "faithfulness_curve", "ranking", "size_ladder", "set_points", "area"]
@@ -214,9 +214,10 @@ def _effects(pair: PreparedPair, metric: Metric | TextJudge, patches: dict[str, 
              direction: PairDirection, execution: Execution | None) -> list[float]:
     """Each patch's effect on the behavior (0: the start model, 1: the other model)."""
     if isinstance(metric, TextJudge):
-        base_score, donor_score = metric.endpoints(pair, execution=execution)
+        settings = execution_of(execution)
+        base_score, donor_score = metric.endpoints(pair, execution=settings.sub("endpoints"))
         start, end = (base_score, donor_score) if direction == "denoise" else (donor_score, base_score)
-        raw = metric.scores(pair, patches, direction=direction, execution=execution)
+        raw = metric.scores(pair, patches, direction=direction, execution=settings.sub("sets"))
         return [(raw[name] - start) / (end - start) for name in patches]
     scored = sweep(pair, metric, candidates=patches, direction=direction, execution=execution)
     return [float(e) for e in scored.effect]

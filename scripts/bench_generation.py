@@ -5,7 +5,10 @@ A random Llama-shaped pair (4 layers, d_model 256, 8 heads, 4 kv heads, MLP 688,
 the blocks, one each). Measured in one run, warm (every program compiled first), best of 3:
 
 - batched: `generate_under_patches` with chunks of 16 and 32 candidates (vmapped);
-- one at a time: the same function with chunks of 1 (one compiled program, 32 calls);
+- one at a time: each candidate patched alone (`jaxpatch.apply`), then `greedy_generate` with
+  the cache (one compiled program, 28 calls);
+- the same for the 32 attention heads (one candidate per head, chunks of 32, against each head
+  patched alone and then generating);
 - the reference without a cache: patching each candidate and rerunning the whole sequence
   every step (`prompts.greedy_continuations`), for 4 candidates.
 
@@ -29,9 +32,14 @@ sys.path.insert(0, str(ROOT))
 
 import jaxpatch  # noqa: E402
 from jaxpatch import Execution, Patch, prepare  # noqa: E402
-from jaxpatch.engine.generation import generate_under_patches  # noqa: E402
+from jaxpatch.engine.generation import generate_under_patches, greedy_generate  # noqa: E402
 from jaxpatch.examples import random_pair  # noqa: E402
-from jaxpatch.prompts import Prompt, greedy_continuations, make_batch  # noqa: E402
+from jaxpatch.prompts import (  # noqa: E402
+    Prompt,
+    greedy_continuations,
+    make_batch,
+    prompt_buffer,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attribution import best_of  # noqa: E402  (a sibling script)
@@ -52,7 +60,7 @@ def main() -> int:
           f"jax {jax.__version__} on {jax.devices()[0].platform}; {len(patches)} candidates, "
           f"{len(prompts)} prompts of 24 tokens, {n_tokens} new tokens")
     results, per_candidate = {}, {}
-    for chunk in (32, 16, 1):
+    for chunk in (32, 16, 8):
         run = lambda c=chunk: generate_under_patches(pair, patches, prompts, n_tokens,
                                                      execution=Execution(chunk_size=c))
         seconds = best_of(run, repeats=3)
@@ -60,7 +68,31 @@ def main() -> int:
         per_candidate[chunk] = seconds / len(patches)
         print(f"chunks of {chunk:2d}: {seconds:.2f} s, {per_candidate[chunk] * 1e3:.1f} ms per "
               "candidate")
-    single, batched = per_candidate[1], min(per_candidate[32], per_candidate[16])
+    tokens, lengths = prompt_buffer(config, prompts, n_tokens)
+
+    def one_at_a_time():
+        return {n: np.asarray(greedy_generate(config, jaxpatch.apply(p, base.params, donor.params),
+                                              tokens, lengths, n_tokens))
+                for n, p in patches.items()}
+
+    single = best_of(one_at_a_time, repeats=3) / len(patches)
+    alone = one_at_a_time()
+    print(f"one at a time (patch, then generate with the cache): {single * 1e3:.1f} ms per candidate")
+    batched = min(per_candidate.values())
+    heads = {c.name: Patch.from_components(config, [c])
+             for c in jaxpatch.select(config, "layers.*.self_attn", "head")}
+    head_batched = best_of(lambda: generate_under_patches(pair, heads, prompts, n_tokens,
+                                                          execution=Execution(chunk_size=32)),
+                           repeats=3) / len(heads)
+
+    def heads_alone():
+        return {n: np.asarray(greedy_generate(config, jaxpatch.apply(p, base.params, donor.params),
+                                              tokens, lengths, n_tokens))
+                for n, p in heads.items()}
+
+    head_single = best_of(heads_alone, repeats=1) / len(heads)
+    print(f"{len(heads)} head candidates: batched {head_batched * 1e3:.1f} ms, one at a time "
+          f"{head_single * 1e3:.1f} ms per candidate ({head_single / head_batched:.1f}x)")
     few = dict(list(patches.items())[:4])
 
     def uncached():
@@ -70,8 +102,17 @@ def main() -> int:
     reference_s = best_of(uncached, repeats=1) / len(few)
     reference = uncached()
     assert all(results[32][n].tolist() == reference[n] for n in few)
-    assert all(np.array_equal(results[c][n], results[32][n]) for c in (16, 1) for n in patches)
+    assert all(np.array_equal(results[c][n], alone[n]) for c in results for n in patches)
     print(f"no cache, one at a time: {reference_s * 1e3:.1f} ms per candidate")
+    matmul = jax.jit(lambda a, b: a @ b)
+    square = jax.numpy.ones((2048, 2048), jax.numpy.float32)
+    matmul_s = best_of(lambda: matmul(square, square).block_until_ready(), repeats=5)
+    weights = sum(x.size for x in jax.tree_util.tree_leaves(base.params["layers"]))
+    weights += config.vocab_size * config.d_model  # the unembedding
+    flops = 2 * weights * len(prompts) * (24 + n_tokens)  # matmuls only, per candidate
+    print(f"FLOP rate: one at a time {flops / single / 1e9:.0f} GFLOP/s, batched "
+          f"{flops / batched / 1e9:.0f} GFLOP/s; the machine's float32 matmul "
+          f"{2 * 2048**3 / matmul_s / 1e9:.0f} GFLOP/s")
     print(f"per candidate: batched (best chunk) {single / batched:.1f}x faster than one at a time with "
           f"the cache, {reference_s / batched:.1f}x faster than one at a time without it; tokens "
           "equal")

@@ -142,6 +142,26 @@ def test_resumed_activation_patching_attribution_and_localize_are_identical(tmp_
     assert resumed[2].exhaustive.scores.tobytes() == plain[2].exhaustive.scores.tobytes()
 
 
+def test_resumed_generation_under_patches_gives_the_same_tokens(tmp_path: Path) -> None:
+    from jaxpatch.engine.generation import generate_under_patches
+    from jaxpatch.prompts import Prompt
+
+    pair = example_pair()
+    patches = {c.name: jaxpatch.Patch.from_components(pair.config, [c]) for c in
+               jaxpatch.select(pair.config, "layers.0-1.mlp.*_proj", "module")}
+    prompts = [Prompt((5, 9, 2, 7)), Prompt((4, 8))]
+
+    def run(log: RunLog | None) -> dict:
+        return generate_under_patches(
+            prepare(pair.base, pair.donor, pair.batch), patches, prompts, 5,
+            execution=Execution(chunk_size=2, progress=False, log=log and log.task("gen")))
+
+    plain, resumed = plain_and_resumed(tmp_path, run, 0.5)
+    assert list(resumed) == list(plain)
+    assert all(resumed[n].tolist() == plain[n].tolist() for n in plain)
+    assert all(v.dtype == np.int32 for v in resumed.values())
+
+
 def test_a_resumed_trace_finds_the_same_hierarchy(tmp_path: Path) -> None:
     from jaxpatch.examples import chain_pair
 

@@ -8,24 +8,32 @@ step, and picks the same tokens (tested against `prompts.greedy_continuations`, 
 the whole sequence every step).
 
 `generate_under_patches` generates with many patched models: each candidate's coefficients mix
-the start and target params (`jaxpatch.apply`), vmapped over a chunk of candidates, so one
-compiled program serves every chunk; the result is what patching each candidate alone and
-then generating gives.
+the start and target weights it patches (kept factored, `MixedWeight`), vmapped over a chunk of
+candidates, so one compiled program serves every chunk and the weights no candidate patches are
+shared; the result is what patching each candidate alone and then generating gives. Chunks run
+through the chunk runner (`run_chunks`): sized from memory, halved when out of it, recorded in
+a run's log and replayed when it resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpatch._tree import flatten_params, replace_leaves
+from jaxpatch.engine.chunks import ChunkProgram, run_chunks
+from jaxpatch.engine.plan import available_memory_bytes
 from jaxpatch.engine.prepared import PreparedPair
+from jaxpatch.engine.programs import leaves_named
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import (
     KVCache,
+    MixedWeight,
     attention_allowed,
     block_cached,
     embed,
@@ -35,7 +43,7 @@ from jaxpatch.models.decoder import (
 )
 from jaxpatch.modes import Direction
 from jaxpatch.pair import endpoints
-from jaxpatch.patch import Patch, apply
+from jaxpatch.patch import Patch, alpha_shapes
 from jaxpatch.prompts import Prompt, prompt_buffer
 from jaxpatch.rounding import jit
 from jaxpatch.runs.settings import Execution, execution_of
@@ -108,13 +116,20 @@ def generate_under_patches(pair: PreparedPair, patches: Mapping[str, Patch],
     """Greedy continuations of every patched model: the start model with each patch's
     coefficients moving its weights towards the target (`jaxpatch.endpoints`), many at once.
 
+    The patched weights stay factored (`MixedWeight`): the weights no candidate patches are
+    shared by every candidate of a chunk, so their matmuls run once over all candidates' rows,
+    and the prefill of the blocks before the first patched one runs once per chunk. Chunks go
+    through the chunk runner: padded, halved when out of memory, and with `execution.log`
+    recorded and replayed, so an interrupted run resumes with the same tokens.
+
     Arguments:
         pair: the base/donor pair (its prompts are not used: generation reads `prompts`).
         patches: the candidates by name (`Patch.from_components`, `Patch.from_selector`).
         prompts: what to continue.
         n_tokens: tokens per continuation.
         direction: which way the patches move weights (as for `sweep`).
-        execution: `chunk_size` patched models per compiled call (default 8; chunks are padded).
+        execution: `chunk_size` patched models per compiled call (default: as many as fit in
+            `memory_fraction` of free memory, at most 64), progress and the log.
 
     Returns:
         name -> int `[prompts, n_tokens]`.
@@ -125,28 +140,120 @@ def generate_under_patches(pair: PreparedPair, patches: Mapping[str, Patch],
         >>> out["mlp 1"].shape
         (1, 3)
     """
+    settings = execution_of(execution)
+    config = pair.config
     start, target = endpoints(pair.base, pair.donor, direction)
-    tokens, lengths = prompt_buffer(pair.config, prompts, n_tokens)
-    names = list(patches)
-    size = max(1, min(execution_of(execution).chunk_size or 8, len(names)))
-    out: dict[str, np.ndarray] = {}
-    for offset in range(0, len(names), size):
-        chunk = names[offset: offset + size]
-        alphas = [patches[n].alpha for n in chunk]
-        alphas += [jax.tree_util.tree_map(jnp.zeros_like, alphas[0])] * (size - len(chunk))
-        stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *alphas)
-        generated = np.asarray(_generate_chunk(pair.config, n_tokens, stacked, start, target,
-                                               jnp.asarray(tokens), jnp.asarray(lengths)))
-        out.update({n: generated[j] for j, n in enumerate(chunk)})
-    return out
+    tokens, lengths = prompt_buffer(config, prompts, n_tokens)
+    order = list(flatten_params(start))
+    candidates = [_candidate(config, name, patch, order) for name, patch in patches.items()]
+    moving = [c for c in candidates if c.alpha]
+    same = None
+    if len(moving) < len(candidates):  # a patch that moves no weight: the start model itself
+        same = np.asarray(greedy_generate(config, start, jnp.asarray(tokens),
+                                          jnp.asarray(lengths), n_tokens))
+    size = settings.chunk_size or _auto_chunk(config, tokens.shape,
+                                              int(available_memory_bytes() * settings.memory_fraction))
+    targets = flatten_params(target)
+    buffer = (jnp.asarray(tokens), jnp.asarray(lengths))
+    programs = []
+    for group in _groups(moving):
+        signature = tuple(leaf for leaf in order if any(leaf in c.alpha for c in group))
+        operands = _Operands(start, {leaf: targets[leaf] for leaf in signature}, *buffer)
+        programs.append(_program(config, n_tokens, signature, min(size, len(group)), group,
+                                 operands))
+    raw = run_chunks(programs, label=f"generate {direction}", execution=settings, mesh=None)
+    return {c.name: raw[c.name].astype(np.int32) if c.alpha else same for c in candidates}
 
 
-@functools.partial(jit, static_argnums=(0, 1))
-def _generate_chunk(config: ModelConfig, n_tokens: int, alphas: Params, start: Params,
-                    target: Params, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Every candidate of a chunk generates (vmapped over its coefficients)."""
-    def one(alpha: Params) -> jax.Array:
-        return greedy_generate(config, apply(Patch(alpha), start, target), tokens, lengths,
-                               n_tokens)
+_MAX_PROGRAMS = 4
+"""Candidates are grouped by their first patched block into at most this many programs (each
+compiles once): more groups share more of the prefill, but each costs a compilation."""
 
-    return jax.vmap(one)(alphas)
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    """A patched model to generate with: its name, first patched block (-1: the embeddings),
+    and its coefficients on the leaves it patches."""
+
+    name: str
+    first_layer: int
+    alpha: dict[str, np.ndarray]
+
+
+def _candidate(config: ModelConfig, name: str, patch: Patch, order: Sequence[str]) -> _Candidate:
+    """A patch's nonzero coefficient leaves, in params order, and its first patched block."""
+    flat = flatten_params(patch.alpha)
+    alpha = {leaf: np.asarray(flat[leaf]) for leaf in order if np.any(np.asarray(flat[leaf]) != 0)}
+    layers = [int(leaf.split(".")[1]) if leaf.startswith("layers.") else
+              (-1 if leaf.startswith("embed") else config.n_layers) for leaf in alpha]
+    return _Candidate(name, min(layers, default=config.n_layers), alpha)
+
+
+def _groups(candidates: Sequence[_Candidate]) -> list[list[_Candidate]]:
+    """Candidates grouped by first patched block, runs of neighbouring blocks merged so that
+    there are at most `_MAX_PROGRAMS` groups of similar size; within a group the candidates
+    keep their given order. The blocks before a group's first patched block prefill once per
+    chunk, and the weights no candidate of the group patches are shared by the whole chunk."""
+    by_layer: dict[int, list[_Candidate]] = {}
+    for c in candidates:
+        by_layer.setdefault(c.first_layer, []).append(c)
+    layers = sorted(by_layer)
+    per_group = -(-len(candidates) // _MAX_PROGRAMS)
+    groups: list[list[_Candidate]] = []
+    for layer in layers:
+        if groups and (len(groups) >= _MAX_PROGRAMS or len(groups[-1]) < per_group):
+            groups[-1].extend(by_layer[layer])
+        else:
+            groups.append(list(by_layer[layer]))
+    return groups
+
+
+class _Operands(NamedTuple):
+    """What every chunk generates from: the start model, the target's signature leaves, the
+    prompt buffer and the prompts' lengths."""
+
+    start: Params
+    targets: dict[str, jax.Array]
+    tokens: jax.Array
+    lengths: jax.Array
+
+
+def _auto_chunk(config: ModelConfig, shape: tuple[int, int], budget: int) -> int:
+    """Patched models per chunk whose activations and key/value caches fit in `budget` bytes:
+    a power of two, at most 64."""
+    prompts, width = shape
+    item = max(jnp.dtype(config.dtype).itemsize, 4)
+    caches = 2 * config.n_layers * config.n_kv_heads * config.head_dim
+    per_token = caches + 2 * (4 * config.d_model + 3 * config.d_ff + 2 * config.n_heads * width)
+    fits = max(1, min(64, budget // max(prompts * width * per_token * item, 1)))
+    return 1 << (fits.bit_length() - 1)
+
+
+def _program(config: ModelConfig, n_tokens: int, signature: tuple[str, ...], size: int,
+             candidates: Sequence[_Candidate], operands: _Operands) -> ChunkProgram:
+    """The chunk runner's program: each chunk's candidates generate, vmapped over their
+    coefficients on the signature leaves (every other weight shared)."""
+    shapes = {leaf: alpha_shapes(config)[leaf] for leaf in signature}
+
+    def rows(chunk: Sequence[_Candidate], at: int) -> dict[str, np.ndarray]:
+        out = {leaf: np.zeros((at, *shapes[leaf]), np.float32) for leaf in signature}
+        for i, candidate in enumerate(chunk):
+            for leaf, alpha in candidate.alpha.items():
+                out[leaf][i] = alpha
+        return out
+
+    def specs(at: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return {leaf: jax.ShapeDtypeStruct((at, *shapes[leaf]), jnp.float32) for leaf in signature}
+
+    def run(alphas: dict[str, jax.Array], ops: _Operands) -> jax.Array:
+        flat = flatten_params(ops.start)
+
+        def one(alpha: dict[str, jax.Array]) -> jax.Array:
+            mixed = {n: MixedWeight(flat[n], ops.targets[n], alpha[n]) for n in alpha}
+            return greedy_generate(config, replace_leaves(ops.start, mixed), ops.tokens,
+                                   ops.lengths, n_tokens)
+
+        return jax.vmap(one)(alphas)
+
+    return ChunkProgram(("generate", config, n_tokens, signature), run, size, [candidates],
+                        lambda _: operands, rows, specs)
