@@ -5,8 +5,13 @@ safetensors), a `tokenizer.json` made with the tokenizers library, and `<name>.n
 right-padded token batch with transformers' logits and hidden states for it. The default test
 suite compares jaxpatch against these files, so it needs no torch.
 
+`generation.npz` holds transformers' greedy `generate` (its own key/value cache, each prompt
+alone, no stopping at an end token) from every float32 variant's folder: the tokens jaxpatch's
+cached generation must pick.
+
 Needs the `reference` extra:  pip install -e ".[reference]"
 Run:                          python scripts/make_fixtures.py [--out tests/fixtures]
+                              python scripts/make_fixtures.py --generation-only
 """
 
 from __future__ import annotations
@@ -155,18 +160,59 @@ def build(name: str, family: str, kwargs: dict[str, Any], out: Path, seed: int) 
     print(f"{name}: {sum(p.numel() for p in model.parameters())} params -> {folder}")
 
 
+GENERATED = 12  # new tokens per prompt: longer than every sliding window of the variants
+
+
+def generation_reference(folder: Path, seed: int) -> np.ndarray:
+    """transformers' greedy continuations of the variant's prompts, each prompt alone (no
+    padding), `GENERATED` new tokens each: int `[prompts, GENERATED]`."""
+    import torch  # pyright: ignore[reportMissingImports]  (the reference extra)
+    import transformers  # pyright: ignore[reportMissingImports]
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager").eval()
+    model.generation_config.eos_token_id = None  # else the saved default stops at it
+    tokens, mask = batch(seed)
+    rows = []
+    for row, length in zip(tokens, mask.sum(1)):
+        ids = torch.tensor(row[:length][None])
+        settings = transformers.GenerationConfig(do_sample=False, max_new_tokens=GENERATED,
+                                                 eos_token_id=None, pad_token_id=0)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 generation_config=settings)
+        new = out[0, length:].numpy()
+        assert len(new) == GENERATED, f"{folder.name}: generation stopped after {len(new)} tokens"
+        rows.append(new)
+    return np.stack(rows)
+
+
+def write_generation(out: Path) -> None:
+    """`generation.npz`: the greedy continuations of every float32 variant, with its prompts."""
+    generated = {}
+    for seed, name in enumerate(VARIANTS):
+        if not name.endswith("bf16"):
+            generated[name] = generation_reference(out / name, seed)
+            print(f"{name}: generated {generated[name].shape}")
+    np.savez_compressed(out / "generation.npz", **generated)  # pyright: ignore[reportArgumentType]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "tests" / "fixtures")
     parser.add_argument("--only", action="append", choices=list(VARIANTS),
                         help="rebuild only this variant (repeatable; default: all)")
+    parser.add_argument("--generation-only", action="store_true",
+                        help="only regenerate generation.npz from the variants' folders")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import transformers  # pyright: ignore[reportMissingImports]  (the reference extra)
 
-    for seed, (name, (family, kwargs)) in enumerate(VARIANTS.items()):
-        if args.only is None or name in args.only:
-            build(name, family, kwargs, args.out, seed)
+    if not args.generation_only:
+        for seed, (name, (family, kwargs)) in enumerate(VARIANTS.items()):
+            if args.only is None or name in args.only:
+                build(name, family, kwargs, args.out, seed)
+    write_generation(args.out)
     (args.out / "VERSIONS.json").write_text(json.dumps(
         {"transformers": transformers.__version__, "torch": __import__("torch").__version__},
         indent=2) + "\n")

@@ -219,12 +219,40 @@ def real_fixture(out: Path) -> None:
     print("gemma3-270m: top-5 of", len(REAL_PROMPTS), "prompts,", len(REAL_TEXTS), "texts")
 
 
+REAL_GENERATED = 16  # new tokens per prompt in the real model's generation fixture
+
+
+def real_generation_fixture(out: Path) -> None:
+    """`gemma3-270m-generation.json`: transformers' greedy continuations of the real model (its
+    own key/value cache, each prompt alone, no stopping at an end token), with their text."""
+    import torch  # pyright: ignore[reportMissingImports]
+
+    model, tokenizer = transformers_reference(gemma3_270m_path())
+    model.generation_config.eos_token_id = None  # else the GGUF's default stops at it
+    prompts, continuations = [], []
+    for prompt in REAL_PROMPTS:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        with torch.no_grad():
+            out_ids = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=REAL_GENERATED, pad_token_id=0)
+        prompts.append(ids[0].tolist())
+        continuations.append(out_ids[0, ids.shape[1]:].tolist())
+    (out / "gemma3-270m-generation.json").write_text(json.dumps(
+        {"prompts": prompts, "continuations": continuations,
+         "texts": [tokenizer.decode(c) for c in continuations]}, indent=1, ensure_ascii=False) + "\n")
+    print("gemma3-270m: greedy continuations of", len(prompts), "prompts")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "tests" / "fixtures")
+    parser.add_argument("--generation-only", action="store_true",
+                        help="only regenerate the real model's generation fixture")
     args = parser.parse_args()
-    tiny_fixture(args.out)
-    real_fixture(args.out)
+    if not args.generation_only:
+        tiny_fixture(args.out)
+        real_fixture(args.out)
+    real_generation_fixture(args.out)
 
 
 if __name__ == "__main__":

@@ -222,6 +222,20 @@ def test_real_file_logits_match_transformers(real_model: jaxpatch.Model) -> None
         assert np.argsort(-logits)[:5].tolist() == ref["top5"][row].tolist()
 
 
+def test_real_model_generates_what_transformers_generates(real_model: jaxpatch.Model) -> None:
+    from jaxpatch.engine.generation import greedy_generate
+    from jaxpatch.prompts import Prompt, prompt_buffer
+
+    ref = json.loads((FIXTURES / "gemma3-270m-generation.json").read_text())
+    n_tokens = len(ref["continuations"][0])
+    prompts = [Prompt(tuple(p)) for p in ref["prompts"]]
+    tokens, lengths = prompt_buffer(real_model.config, prompts, n_tokens)  # one padded batch
+    generated = np.asarray(greedy_generate(real_model.config, real_model.params, tokens, lengths,
+                                           n_tokens))
+    assert generated.tolist() == ref["continuations"]
+    assert real_model.tokenizer.decode(generated[0].tolist()) == ref["texts"][0]
+
+
 def test_real_tokenizer_matches_transformers(real_model: jaxpatch.Model) -> None:
     texts = _texts("gemma3-270m")
     ours = [real_model.tokenizer.encode(t).ids for t in texts["texts"]]

@@ -1,4 +1,5 @@
-"""Logits and residual streams against Hugging Face transformers (golden fixtures)."""
+"""Logits, residual streams and greedy generation against Hugging Face transformers (golden
+fixtures)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,23 @@ def test_residual_stream_matches_transformers_hidden_states(name: str) -> None:
     assert len(out.residuals) == model.config.n_layers
     ours = np.stack([np.asarray(r) for r in out.residuals[:-1]])
     assert np.abs(ours - ref["residuals"])[:, mask].max() < TOLERANCE
+
+
+@pytest.mark.parametrize("name", [n for n in FLOAT32_FIXTURES if not n.endswith("bf16")])
+def test_cached_generation_picks_transformers_greedy_tokens(name: str) -> None:
+    from jaxpatch.engine.generation import greedy_generate
+    from jaxpatch.prompts import Prompt, prompt_buffer
+
+    ref = reference(name)
+    with np.load(FIXTURES / "generation.npz", allow_pickle=False) as data:
+        expected = data[name]
+    model = jaxpatch.load(FIXTURES / name, dtype="float32")
+    prompts = [Prompt(tuple(int(t) for t in row[:length])) for row, length in
+               zip(ref["tokens"], ref["attention_mask"].sum(1))]
+    tokens, lengths = prompt_buffer(model.config, prompts, expected.shape[1])  # right-padded batch
+    generated = np.asarray(greedy_generate(model.config, model.params, tokens, lengths,
+                                           expected.shape[1]))
+    assert generated.tolist() == expected.tolist()
 
 
 def test_padding_does_not_change_real_positions() -> None:
