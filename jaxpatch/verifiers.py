@@ -25,7 +25,8 @@ from jaxpatch.prompts import Prompt
 from jaxpatch.runs.settings import Execution
 
 __all__ = ["Verifier", "capital_share", "all_capitals", "all_lowercase", "no_commas", "quoted",
-           "has_title", "ends_with", "word_count", "sections", "highlighted", "TextJudge"]
+           "has_title", "ends_with", "word_count", "sections", "highlighted", "VERIFIER_SPECS",
+           "verifier_from_spec", "TextJudge"]
 
 Verifier = Callable[[str], float]
 
@@ -152,6 +153,52 @@ def highlighted(count: int) -> Verifier:
         return float(len(re.findall(r"\*[^\n*]+\*", text)) >= count)
 
     return verify
+
+
+VERIFIER_SPECS = {
+    "capitals": "every letter is a capital letter (1 or 0)",
+    "capital-share": "the share of letters that are capitals (continuous)",
+    "lowercase": "no letter is a capital letter (1 or 0)",
+    "no-commas": "no comma (1 or 0)",
+    "quoted": "wrapped in double quotation marks (1 or 0)",
+    "title": "holds a title in double angular brackets, <<like this>> (1 or 0)",
+    "ends-with:PHRASE": "ends with PHRASE (1 or 0)",
+    "words:MIN-MAX": "MIN to MAX words (either may be left out: words:-50, words:10-)",
+    "sections:N": "at least N sections marked SECTION 1, SECTION 2, ... (1 or 0)",
+    "highlighted:N": "at least N parts highlighted in markdown, *like this* (1 or 0)",
+}
+"""The verifiers a command line can name (`--judge`), with what each checks."""
+
+_PLAIN: dict[str, Verifier] = {"capitals": all_capitals, "capital-share": capital_share,
+                               "lowercase": all_lowercase, "no-commas": no_commas,
+                               "quoted": quoted, "title": has_title}
+
+
+def verifier_from_spec(spec: str) -> Verifier:
+    """The verifier a spec names (`VERIFIER_SPECS`).
+
+    Raises:
+        InvalidInputError: an unknown name or a malformed argument, in one line.
+
+    Example:
+        >>> verifier_from_spec("words:2-3")("two words"), verifier_from_spec("capitals")("Hi")
+        (1.0, 0.0)
+    """
+    name, colon, argument = spec.partition(":")
+    if not colon and name in _PLAIN:
+        return _PLAIN[name]
+    try:
+        if name == "ends-with" and argument:
+            return ends_with(argument)
+        if name == "words" and "-" in argument:
+            low, high = argument.split("-", 1)
+            return word_count(int(low) if low else 0, int(high) if high else None)
+        if name in ("sections", "highlighted") and argument:
+            return (sections if name == "sections" else highlighted)(int(argument))
+    except ValueError:
+        pass
+    known = ", ".join(VERIFIER_SPECS)
+    raise InvalidInputError(f"verifier {spec!r} is not understood; one of: {known}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -147,3 +147,49 @@ def test_cli_faithfulness_writes_curves_against_baselines_and_resumes(tmp_path, 
     assert main([*run, "--ranking", str(bad), "--out", str(tmp_path / "never")]) == 2
     assert "bad.json: not a jaxpatch scores.json" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_cli_faithfulness_judges_sets_by_the_text_the_patched_models_write(tmp_path, capsys) -> None:
+    import json
+
+    from jaxpatch.cli import main
+
+    folder = default_pair_dir()
+    run = ["faithfulness", "--base", str(folder / "base"), "--donor", str(folder / "donor"),
+           "--prompts", str(folder / "prompts" / "map.jsonl"), "--metric", "logprob",
+           "--direction", "denoise", "--sizes", "4", "--random", "1", "--no-progress",
+           "--new-tokens", "6"]
+    # the donor answers and stops (`... <eos>`); the base never writes an end token
+    out = tmp_path / "judged"
+    assert main([*run, "--judge", "ends-with:<eos>", "--out", str(out)]) == 0
+    assert "behavior: ends-with:<eos> in generated text" in capsys.readouterr().out
+    record = json.loads((out / "faithfulness.json").read_text())
+    assert record["judge"] == {"name": "ends-with:<eos>", "prompts": 32, "n_tokens": 6}
+    for curve in record["curves"]["denoise"] + record["random"]["denoise"]:
+        # no module: the base's own text (0); every module: the donor's own text (exactly 1)
+        assert curve["faithfulness"][0] == 0.0 and curve["faithfulness"][-1] == 1.0
+    assert all(f * 32 == round(f * 32) for f in record["curves"]["denoise"][0]["faithfulness"])
+    assert main([*run, "--judge", "shouting", "--out", str(tmp_path / "never")]) == 2
+    assert "verifier 'shouting' is not understood; one of: capitals" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(("spec", "text", "value"), [
+    ("capitals", "HELLO WORLD", 1.0), ("capitals", "Hello", 0.0), ("lowercase", "hello", 1.0),
+    ("no-commas", "a, b", 0.0), ("quoted", '"hi"', 1.0), ("title", "<<T>> body", 1.0),
+    ("ends-with:bye", "ok bye", 1.0), ("words:-2", "one two three", 0.0),
+    ("words:3-", "one two three", 1.0), ("sections:2", "SECTION 1 a SECTION 2 b", 1.0),
+    ("highlighted:1", "plain", 0.0), ("capital-share", "Ab", 0.5)])
+def test_verifier_specs_name_the_verifiers(spec, text, value) -> None:
+    from jaxpatch.verifiers import verifier_from_spec
+
+    assert verifier_from_spec(spec)(text) == value
+
+
+@pytest.mark.parametrize("spec", ["", "capitals:1", "words:x-3", "words:4", "sections:", "ends-with:",
+                                  "highlighted:two"])
+def test_malformed_verifier_specs_are_refused_in_one_line(spec) -> None:
+    from jaxpatch.verifiers import verifier_from_spec
+
+    with pytest.raises(InvalidInputError, match="is not understood; one of"):
+        verifier_from_spec(spec)

@@ -40,6 +40,14 @@ def register(command: Command) -> None:
     p.add_argument("--random", type=int, default=5,
                    help="random rankings drawn for the band (default 5; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random rankings (default 0)")
+    p.add_argument("--judge", metavar="VERIFIER",
+                   help="judge each set by what the patched model writes: greedy continuations "
+                   "of the prompts checked by VERIFIER (capitals, capital-share, lowercase, "
+                   "no-commas, quoted, title, ends-with:PHRASE, words:MIN-MAX, sections:N, "
+                   "highlighted:N); rankings still come from --metric (default: judged by "
+                   "--metric itself)")
+    p.add_argument("--new-tokens", type=int, default=16,
+                   help="tokens generated per prompt for --judge (default 16)")
 
 
 def _sizes(text: str | None) -> list[int] | None:
@@ -68,6 +76,23 @@ def _read_ranking(path: str, names: set[str], by: str) -> tuple[str, list[str]]:
     return f"{result.method} {result.direction} ({result.metric})", ranking(result, by)  # type: ignore[arg-type]
 
 
+def _judge(args: argparse.Namespace, pair: Any) -> Any:
+    """The `TextJudge` that --judge names, on the run's prompts (decoded with the base's
+    tokenizer)."""
+    from jaxpatch.prompts import read_prompts
+    from jaxpatch.verifiers import TextJudge, verifier_from_spec
+
+    verifier = verifier_from_spec(args.judge)
+    if args.new_tokens < 1:
+        raise InvalidInputError(f"--new-tokens must be at least 1, got {args.new_tokens}")
+    tokenizer = pair.base.tokenizer
+    if tokenizer is None:
+        raise InvalidInputError(f"--judge needs text: {args.base} has no tokenizer.json to decode "
+                                "what the patched models write")
+    prompts = read_prompts(args.prompts, tokenizer)
+    return TextJudge(args.judge, verifier, prompts, args.new_tokens, tokenizer.decode)
+
+
 def _faithfulness(args: argparse.Namespace) -> None:
     from jaxpatch.components import select
     from jaxpatch.engine import sweep
@@ -79,6 +104,8 @@ def _faithfulness(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--random must be at least 0, got {args.random}")
     sizes = _sizes(args.sizes)
     pair, metric, inputs = prepare_run(args)
+    judge = metric if args.judge is None else _judge(args, pair)
+    behavior = metric.name if args.judge is None else f"{args.judge} in generated text"
     items = select(pair.config, args.select, args.granularity)
     names = [c.name for c in items]
     rankings = dict(_read_ranking(path, set(names), args.by) for path in args.ranking or [])
@@ -96,7 +123,7 @@ def _faithfulness(args: argparse.Namespace) -> None:
         curves: dict[str, list[dict[str, Any]]] = {}
         bands: dict[str, list[dict[str, Any]]] = {}
         def curve(direction: PairDirection, label: str, order: list[str]) -> dict[str, Any]:
-            return faithfulness_curve(pair, metric, order, granularity=args.granularity,
+            return faithfulness_curve(pair, judge, order, granularity=args.granularity,
                                 direction=direction, sizes=sizes, label=label,
                                 execution=execution_of(args, log, f"{direction} {label}")).to_dict()
 
@@ -104,6 +131,7 @@ def _faithfulness(args: argparse.Namespace) -> None:
             curves[direction] = [curve(direction, label, order) for label, order in rankings.items()]
             bands[direction] = [curve(direction, f"random {i}", order)
                                 for i, order in enumerate(shuffles)]
+    print(f"behavior: {behavior}")
     print(f"{'ranking':40} {'direction':9} {'CPR':>6} {'CMD':>6}")
     for direction in directions:
         for c in curves[direction]:
@@ -119,10 +147,11 @@ def _faithfulness(args: argparse.Namespace) -> None:
         files: dict[str, bytes | str] = {"faithfulness.csv": "\n".join(rows) + "\n"}
         for direction in directions:
             files[f"faithfulness-{direction}.png"] = faithfulness_png(
-                curves[direction], f"{direction}: {metric.name}, {args.granularity} granularity",
+                curves[direction], f"{direction}: {behavior}, {args.granularity} granularity",
                 bands[direction])
         files["faithfulness.json"] = json.dumps(
             {"format": "jaxpatch.faithfulness/1", "metric": metric.name,
+             "judge": None if args.judge is None else judge.describe(),
              "granularity": args.granularity, "by": args.by, "inputs": inputs,
              "curves": curves, "random": bands}, indent=1) + "\n"
         write_outputs(args.out, files)
