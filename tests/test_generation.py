@@ -44,6 +44,7 @@ def test_patched_models_generate_what_each_patch_alone_generates(direction) -> N
     patches = {name: Patch.from_selector(config, selector) for name, selector in [
         ("mlp 1", "layers.1.mlp"), ("attention 0", "layers.0.self_attn"),
         ("everything", "embed_tokens | layers.0-1 | norm | lm_head"), ("norm", "norm")]}
+    patches["nothing"] = Patch.from_components(config, [])  # the start model itself
     out = generate_under_patches(pair, patches, PROMPTS, 6, direction=direction,
                                  execution=Execution(chunk_size=3))  # a padded second chunk
     start, target = (base.params, donor.params) if direction == "denoise" else (donor.params,

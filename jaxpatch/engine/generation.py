@@ -29,7 +29,6 @@ from jaxpatch._tree import flatten_params, replace_leaves
 from jaxpatch.engine.chunks import ChunkProgram, run_chunks
 from jaxpatch.engine.plan import available_memory_bytes
 from jaxpatch.engine.prepared import PreparedPair
-from jaxpatch.engine.programs import leaves_named
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import (
     KVCache,
@@ -147,10 +146,11 @@ def generate_under_patches(pair: PreparedPair, patches: Mapping[str, Patch],
     order = list(flatten_params(start))
     candidates = [_candidate(config, name, patch, order) for name, patch in patches.items()]
     moving = [c for c in candidates if c.alpha]
-    same = None
+    out: dict[str, np.ndarray] = {}
     if len(moving) < len(candidates):  # a patch that moves no weight: the start model itself
         same = np.asarray(greedy_generate(config, start, jnp.asarray(tokens),
                                           jnp.asarray(lengths), n_tokens))
+        out.update({c.name: same for c in candidates if not c.alpha})
     size = settings.chunk_size or _auto_chunk(config, tokens.shape,
                                               int(available_memory_bytes() * settings.memory_fraction))
     targets = flatten_params(target)
@@ -162,7 +162,8 @@ def generate_under_patches(pair: PreparedPair, patches: Mapping[str, Patch],
         programs.append(_program(config, n_tokens, signature, min(size, len(group)), group,
                                  operands))
     raw = run_chunks(programs, label=f"generate {direction}", execution=settings, mesh=None)
-    return {c.name: raw[c.name].astype(np.int32) if c.alpha else same for c in candidates}
+    out.update({c.name: raw[c.name].astype(np.int32) for c in moving})
+    return {c.name: out[c.name] for c in candidates}
 
 
 _MAX_PROGRAMS = 4
