@@ -225,6 +225,48 @@ def test_a_neuron_sweep_killed_at_random_points_resumes_to_identical_scores(
     assert [c["name"] for c in scores[0]] == [c["name"] for c in scores[1]]
 
 
+@pytest.mark.parametrize(("signum", "status", "word"), [(signal.SIGINT, 130, "interrupted"),
+                                                         (signal.SIGTERM, 143, "terminated")])
+def test_an_interrupted_command_says_in_one_line_what_was_kept_and_resumes(
+        tmp_path: Path, donor_dir: Path, signum: int, status: int, word: str) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(PROMPTS)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "jaxpatch.cli", "sweep", "--base", str(FIXTURES / "llama-gqa"),
+               "--donor", str(donor_dir), "--prompts", str(prompts), "--granularity", "neuron",
+               "--metric", "kl", "--chunk-size", "1", "--no-progress", "--out", str(out),
+               "--overwrite"]
+    env = {**os.environ, "JAXPATCH_COMPILE_CACHE": str(tmp_path / "xla")}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and _record_count(out) < 4:
+        time.sleep(0.002)
+    process.send_signal(signum)
+    _, stderr = process.communicate()
+    assert process.returncode == status, stderr
+    said = [line for line in stderr.splitlines() if line.startswith("jaxpatch:")]
+    assert len(said) == 1 and "Traceback" not in stderr, stderr
+    assert said[0].startswith(f"jaxpatch: {word}; the ") and f"are kept; resume with the same " \
+        f"command: jaxpatch sweep --base" in said[0] and "--overwrite" not in said[0]
+    assert not (out / "scores.json").exists()
+    resumed = subprocess.run(command[:-1], env=env, capture_output=True, text=True)  # no --overwrite
+    assert resumed.returncode == 0 and "resuming the run" in resumed.stderr
+    assert (out / "scores.json").exists()
+
+
+def test_a_closed_output_pipe_ends_a_command_quietly(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    import io
+
+    class ClosedPipe(io.StringIO):  # what `jaxpatch info ... | head -1` writes into once head exits
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["info", str(FIXTURES / "gpt2")]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_the_cli_resumes_refuses_other_settings_and_starts_afresh_with_overwrite(
         tmp_path: Path, donor_dir: Path, capsys: pytest.CaptureFixture) -> None:
     prompts = tmp_path / "prompts.jsonl"

@@ -8,15 +8,21 @@
     common.py     the scoring commands' flags, the prepared run, the progress log, outputs
 
 Every subcommand turns a `JaxpatchError` into one line on stderr and exit status 2;
-`--debug` shows the traceback instead.
+`--debug` shows the traceback instead. Ctrl-C (SIGINT) or SIGTERM stops a command with one line
+saying what was kept and the command that resumes it, and the shell's status for the signal
+(130, 143); a closed output pipe (`jaxpatch info ... | head -1`) ends it quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import signal
 import sys
 import traceback
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from jaxpatch.cli import demo, faithfulness, merging, models, scoring
 from jaxpatch.errors import JaxpatchError
@@ -24,6 +30,14 @@ from jaxpatch.errors import JaxpatchError
 __all__ = ["main", "build_parser", "EXIT_BAD_INPUT"]
 
 EXIT_BAD_INPUT = 2
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is (so it stops like Ctrl-C)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile_cache.enable(args.compile_cache)
     else:  # on by default for the command (not for the library: see jaxpatch.compile_cache)
         compile_cache.from_environment()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: SIGTERM keeps its handler
+        previous = None
     try:
         if args.distributed:
             from jaxpatch.mesh import initialize_distributed
@@ -68,7 +87,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"jaxpatch: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:
+        if args.debug:
+            traceback.print_exc()
+        terminated = isinstance(e, _Terminated)
+        print(f"jaxpatch: {'terminated' if terminated else 'interrupted'}; "
+              f"{interrupted_state(args, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    except BrokenPipeError:  # the reader went away (`| head`): not an error of the command
+        try:  # so the interpreter's final flush of stdout stays quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file
+            pass
+        return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def interrupted_state(args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """What an interrupted command kept, and how to resume it, in one line.
+
+    Example:
+        >>> interrupted_state(argparse.Namespace(out=None), ["info", "x"])
+        'nothing was written'
+    """
+    from jaxpatch.runs.log import LOG_NAME
+
+    out = getattr(args, "out", None)
+    log = Path(out) / LOG_NAME if out else None
+    if log is None or not log.is_file():
+        return "nothing was written"
+    with open(log, "rb") as f:
+        records = max(0, sum(1 for line in f if line.endswith(b"\n")) - 1)  # less the header
+    again = shlex.join(["jaxpatch", *(a for a in argv if a != "--overwrite")])
+    return (f"the {records} records of its progress in {out} are kept; "
+            f"resume with the same command: {again}")
 
 
 def one_line(message: str) -> str:
