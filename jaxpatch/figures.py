@@ -234,7 +234,7 @@ def heatmap_png(result: SweepResult, title: str | None = None) -> bytes:
 
 
 def summary_table(result: SweepResult, k: int = 10) -> str:
-    """The top-k components by effect as a plain-text table.
+    """The k components with the largest |effect| (signed effects shown) as a plain-text table.
 
     Example:
         >>> r = SweepResult(metric="m", direction="denoise", readout_layer=None, positions="last",
@@ -243,8 +243,9 @@ def summary_table(result: SweepResult, k: int = 10) -> str:
         True
     """
     lines = [f"{result.metric} ({result.direction}): base {result.base_score:.6g}, "
-             f"donor {result.donor_score:.6g}", f"{'component':<40} {'effect':>10}"]
-    lines += [f"{name:<40} {effect:>10.4f}" for name, effect in result.top(k)]
+             f"donor {result.donor_score:.6g}; the {k} largest |effect| first",
+             f"{'component':<40} {'effect':>10}"]
+    lines += [f"{name:<40} {effect:>+10.4f}" for name, effect in result.top(k, by="size")]
     return "\n".join(lines)
 
 

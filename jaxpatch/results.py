@@ -12,7 +12,7 @@ import csv
 import dataclasses
 import io
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -142,17 +142,19 @@ class SweepResult:
             writer.writerow([n, f"{s:.9g}", f"{r:.9g}", f"{e:.9g}"])
         return out.getvalue()
 
-    def top(self, k: int = 10) -> list[tuple[str, float]]:
-        """The k candidates with the largest effect, as (name, effect).
+    def top(self, k: int = 10, by: Literal["effect", "size"] = "effect") -> list[tuple[str, float]]:
+        """The k candidates with the largest effect (or the largest |effect|, `by="size"`), as
+        (name, effect).
 
         Example:
             >>> r = SweepResult(metric="m", direction="denoise", readout_layer=None, positions="last",
             ...                 base_score=0.0, donor_score=1.0, names=["a", "b"],
-            ...                 scores=np.array([0.2, 0.9]))
-            >>> r.top(1)
-            [('b', 0.9)]
+            ...                 scores=np.array([-1.5, 0.9]))
+            >>> r.top(1), r.top(1, by="size")
+            ([('b', 0.9)], [('a', -1.5)])
         """
-        order = np.argsort(-self.effect, kind="stable")[:k]
+        key = np.abs(self.effect) if by == "size" else self.effect
+        order = np.argsort(-key, kind="stable")[:k]
         return [(self.names[i], float(self.effect[i])) for i in order]
 
 

@@ -279,7 +279,11 @@ def test_cli_sweep_refuses_bad_input(tmp_path: Path, donor_dir: Path,
     bad.write_text('{"tokens": [1, 2]}\n{"tokens": [1, 2}\n')
     assert "bad.jsonl:2: not valid JSON" in cli_error(capsys, [*run, "--prompts", str(bad)])
     assert "anchor layer 5 is out of range" in cli_error(capsys, [*run, "--prompts", good,
+                                                                  "--metric", "anchor",
                                                                   "--anchor-layer", "5"])
+    # prompts with targets: logprob by default, which reads the targets' positions
+    assert "--positions prompt does not apply to --metric logprob" in cli_error(
+        capsys, [*run, "--prompts", good, "--positions", "prompt"])
     assert "matches no component" in cli_error(capsys, [*run, "--prompts", good, "--select", "layers.9"])
     gpt2 = ["sweep", "--base", str(FIXTURES / "gpt2"), "--donor", str(donor_dir), "--prompts", good]
     assert "base and donor differ: tensor" in cli_error(capsys, gpt2)

@@ -8,11 +8,11 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 
-from jaxpatch.errors import OutputExistsError
+from jaxpatch.errors import InvalidInputError, OutputExistsError
 from jaxpatch.mesh import is_writer
 from jaxpatch.modes import Positions
 from jaxpatch.runs.atomic import atomic_write_bytes
@@ -20,7 +20,7 @@ from jaxpatch.runs.log import RunLog, writing
 from jaxpatch.runs.settings import Execution
 
 __all__ = ["Command", "add_run_arguments", "add_attribution_arguments", "attribution_options",
-           "execution_of", "positions_of", "prepare_run", "run_settings", "run_log",
+           "execution_of", "positions_of", "resolve_metric", "prepare_run", "run_settings", "run_log",
            "write_outputs", "result_files", "check_output"]
 
 Command = Callable[..., argparse.ArgumentParser]
@@ -32,18 +32,26 @@ def add_run_arguments(p: argparse.ArgumentParser, direction: bool = True) -> Non
     p.add_argument("--base", required=True, help="base checkpoint folder")
     p.add_argument("--donor", required=True, help="donor (behavior-specialized) checkpoint folder")
     p.add_argument("--prompts", required=True, help='JSON Lines: {"text": ...} or {"tokens": [...]}')
-    p.add_argument("--granularity", choices=["module", "head", "neuron", "layer"], default="module")
+    p.add_argument("--granularity", choices=["module", "head", "neuron", "layer"], default="module",
+                   help="what a component is (default module)")
     p.add_argument("--select", help="selector restricting the components, e.g. 'layers.2-3.mlp'")
-    p.add_argument("--metric", choices=["anchor", "logit-diff", "kl", "logprob"], default="anchor")
+    p.add_argument("--metric", choices=["anchor", "logit-diff", "kl", "logprob"],
+                   help="the behavior read (default: logprob, the log-probability of the answers, "
+                   "when every prompt carries a target; else anchor, the vector anchor)")
     p.add_argument("--anchor-layer", type=int, help="block whose output the anchor reads "
                    "(default: the last block)")
     p.add_argument("--anchor-file", help="load the anchor direction from this file")
     p.add_argument("--save-anchor", help="write the fitted anchor direction to this file")
-    p.add_argument("--positions", choices=["last", "prompt", "continuation"], default="last")
+    p.add_argument("--positions", choices=["last", "prompt", "continuation"],
+                   help="where anchor, kl and logit-diff read: the last prompt token, every "
+                   "prompt token, or a continuation the donor writes (default last; logprob "
+                   "reads the positions predicting each target and takes no --positions)")
     p.add_argument("--continuation-tokens", type=int, default=8,
                    help="tokens the donor generates for --positions continuation (default 8)")
     if direction:
-        p.add_argument("--direction", choices=["denoise", "noise"], default="denoise")
+        p.add_argument("--direction", choices=["denoise", "noise"], default="denoise",
+                       help="denoise: donor weights into the base; noise: base weights into the "
+                       "donor (default denoise)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params")
     p.add_argument("--out", help="folder for the results; progress is recorded there as the run "
                    "goes, and the same command started again resumes it")
@@ -91,9 +99,30 @@ def execution_of(args: argparse.Namespace, log: RunLog | None = None, task: str 
 
 
 def positions_of(args: argparse.Namespace) -> Positions:
-    """Where the metric reads: `--positions`, except that log-probability reads the positions
-    predicting each prompt's target tokens ("targets")."""
-    return "targets" if args.metric == "logprob" else args.positions
+    """Where the metric reads: `--positions` (default last), except that log-probability reads
+    the positions predicting each prompt's target tokens ("targets")."""
+    return "targets" if args.metric == "logprob" else (args.positions or "last")
+
+
+def resolve_metric(args: argparse.Namespace, prompts: Sequence[Any]) -> None:
+    """Fills in the default `--metric` (logprob when every prompt carries a target, else
+    anchor) and refuses `--positions` where the metric cannot apply it.
+
+    Example:
+        >>> from jaxpatch.prompts import Prompt
+        >>> args = argparse.Namespace(metric=None, positions=None)
+        >>> resolve_metric(args, [Prompt((1, 2), target=(3,))]); args.metric
+        'logprob'
+    """
+    if args.metric is None:
+        answered = bool(prompts) and all(p.target for p in prompts)
+        args.metric = "logprob" if answered else "anchor"
+    if args.metric == "logprob" and args.positions is not None:
+        raise InvalidInputError(f"--positions {args.positions} does not apply to --metric "
+                                "logprob, which reads the positions predicting each prompt's "
+                                "target; leave --positions out")
+    if args.positions is None and args.metric != "logprob":
+        args.positions = "last"
 
 
 def prepare_run(args: argparse.Namespace,
@@ -127,6 +156,7 @@ def prepare_run(args: argparse.Namespace,
     jaxpatch.check_pair(base, donor)  # before the prompts are read and continuations generated
     jaxpatch.select(base.config, args.select, args.granularity)  # before anything is written
     prompts = read_prompts(args.prompts, base.tokenizer)
+    resolve_metric(args, prompts)
     layer = args.anchor_layer if args.anchor_layer is not None else base.config.n_layers - 1
     metric = metric_from_name(args.metric, layer, args.anchor_file)
     metric.check(base.config)
