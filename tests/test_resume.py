@@ -246,8 +246,9 @@ def test_an_interrupted_command_says_in_one_line_what_was_kept_and_resumes(
     assert process.returncode == status, stderr
     said = [line for line in stderr.splitlines() if line.startswith("jaxpatch:")]
     assert len(said) == 1 and "Traceback" not in stderr, stderr
-    assert said[0].startswith(f"jaxpatch: {word}; the ") and f"are kept; resume with the same " \
-        f"command: jaxpatch sweep --base" in said[0] and "--overwrite" not in said[0]
+    assert said[0].startswith(f"jaxpatch: {word}; the ")
+    assert "are kept; resume with the same command: jaxpatch sweep --base" in said[0]
+    assert "--overwrite" not in said[0]
     assert not (out / "scores.json").exists()
     resumed = subprocess.run(command[:-1], env=env, capture_output=True, text=True)  # no --overwrite
     assert resumed.returncode == 0 and "resuming the run" in resumed.stderr
