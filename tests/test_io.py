@@ -110,8 +110,8 @@ def test_save_refuses_existing_output_and_leaves_it_alone(tmp_path: Path) -> Non
     with pytest.raises(jaxpatch.OutputExistsError, match="taken: already exists"):
         jaxpatch.save(model, target)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
-    jaxpatch.save(model, target, overwrite=True)
-    assert not (target / "keep.txt").exists() and (target / "model.safetensors").exists()
+    jaxpatch.save(model, target, overwrite=True)  # never deletes what jaxpatch did not write
+    assert (target / "keep.txt").read_text() == "mine" and (target / "model.safetensors").exists()
 
 
 def test_failed_save_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -289,5 +289,7 @@ def result_files(result: Any) -> dict[str, bytes | str]:
 def check_output(out: str, overwrite: bool) -> None:
     """Refuses an existing, non-empty output folder unless overwriting."""
     path = Path(out)
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path}: is a file, not a folder; choose a folder for --out")
+    if path.exists() and not overwrite and any(path.iterdir()):
         raise OutputExistsError(f"{path}: already exists; choose another --out or pass --overwrite")

@@ -296,7 +296,7 @@ def save_hf(model: Model, path: str | os.PathLike[str], max_shard_bytes: int = 2
     tensors = {rule.hf_name: rule.to_hf([flat[leaf] for leaf in rule.leaves])
                for rule in tensor_rules(config)}
     shards = _split_shards(tensors, max_shard_bytes)
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    with atomic_directory(path, overwrite=overwrite, owned=_checkpoint_file) as tmp:
         hf_config = {**config_to_hf(config), "torch_dtype": str(next(iter(tensors.values())).dtype)}
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if len(shards) == 1:
@@ -324,3 +324,11 @@ def _split_shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[s
         shards[-1][name] = array
         size += array.nbytes
     return shards
+
+
+def _checkpoint_file(name: str) -> bool:
+    """Whether a name in a checkpoint folder is one of a checkpoint's files (replaced, or
+    dropped as a stale shard, when the folder is overwritten); anything else is kept."""
+    return (name.endswith(".safetensors") or name == "model.safetensors.index.json"
+            or name in ("config.json", "generation_config.json", "tokenizer.json",
+                        "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"))

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from jaxpatch.errors import OutputExistsError
 
@@ -15,15 +15,24 @@ __all__ = ["atomic_directory", "atomic_write_bytes"]
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False,
+                     owned: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Yields a temporary folder beside `path` that becomes `path` when the block succeeds.
 
-    On any exception the temporary folder is removed and `path` is left as it was.
+    On any exception the temporary folder is removed and `path` is left as it was. Replacing an
+    existing folder never deletes what jaxpatch did not write: its entries that the new folder
+    does not hold and that `owned` does not claim are moved into the new folder first.
 
     Arguments:
         path: the folder to create.
         overwrite: replace an existing folder at `path` (else an existing, non-empty `path`
             raises `OutputExistsError` before anything is written).
+        owned: which names in an existing folder jaxpatch wrote (and may drop, as a stale
+            shard of an earlier checkpoint); default: only the names the new folder holds.
+
+    Raises:
+        OutputExistsError: `path` is an existing non-empty folder and `overwrite` is off, or a
+            file (which is never replaced by a folder).
 
     Returns:
         A context manager yielding the temporary folder to write into.
@@ -37,7 +46,9 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
         'hi'
     """
     path = Path(path)
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path}: is a file, not a folder; choose a folder")
+    if path.exists() and not overwrite and any(path.iterdir()):
         raise OutputExistsError(f"{path}: already exists; choose another output path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -48,6 +59,9 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
             os.replace(tmp, path)
+            for entry in (old / "x").iterdir():  # what jaxpatch did not write stays
+                if not (path / entry.name).exists() and not (owned and owned(entry.name)):
+                    os.replace(entry, path / entry.name)
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)

@@ -164,8 +164,10 @@ class RunLog:
             >>> RunLog.check_folder(tmp / "fresh", overwrite=False)  # nothing there: fine
         """
         path = Path(folder)
-        if path.exists() and not overwrite and (not path.is_dir() or (
-                any(path.iterdir()) and not (path / LOG_NAME).is_file())):
+        if path.exists() and not path.is_dir():
+            raise OutputExistsError(f"{path}: is a file, not a folder; choose a folder for --out")
+        if path.exists() and not overwrite and (
+                any(path.iterdir()) and not (path / LOG_NAME).is_file()):
             raise OutputExistsError(f"{path}: already exists and holds no jaxpatch progress log; "
                                     "choose another --out or pass --overwrite")
 
@@ -218,7 +220,13 @@ class RunLog:
             if header.get("kind") != "header" or header.get("format") != LOG_FORMAT:
                 raise CorruptProgressError(f"{path / LOG_NAME}: not a jaxpatch progress log of "
                                            f"format {LOG_FORMAT}; pass --overwrite to start fresh")
-            differences = settings_differences(header.get("settings", {}), settings)
+            recorded = header.get("settings", {})
+            if isinstance(recorded, dict) and recorded.get("command") != settings.get("command"):
+                raise RunMismatchError(
+                    f"{path}: holds a `jaxpatch {recorded.get('command')}` run, not a "
+                    f"`jaxpatch {settings.get('command')}` one: choose another --out, or pass "
+                    "--overwrite to start afresh there")
+            differences = settings_differences(recorded, settings)
             if differences:
                 raise RunMismatchError(
                     f"{path}: holds the progress of another run: {'; '.join(differences)}. Use "

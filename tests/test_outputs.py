@@ -1,0 +1,81 @@
+"""Outputs: written atomically, and an overwrite never deletes what jaxpatch did not write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from golden import FIXTURES
+
+import jaxpatch
+from jaxpatch.cli import main
+from jaxpatch.errors import OutputExistsError
+from jaxpatch.io.hf import save_hf
+from jaxpatch.runs.atomic import atomic_directory
+
+
+def test_an_overwritten_folder_keeps_what_jaxpatch_did_not_write(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with atomic_directory(out) as tmp:
+        (tmp / "results.json").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    with atomic_directory(out, overwrite=True) as tmp:
+        (tmp / "results.json").write_text("new")
+    assert (out / "results.json").read_text() == "new" and (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
+
+
+def test_an_overwritten_checkpoint_drops_stale_shards_and_keeps_notes(tmp_path: Path) -> None:
+    model = jaxpatch.load(FIXTURES / "gpt2")
+    out = tmp_path / "model"
+    save_hf(model, out, max_shard_bytes=20_000)  # several shards
+    assert len(list(out.glob("*.safetensors"))) > 1
+    (out / "notes.txt").write_text("mine")
+    jaxpatch.save(model, out, overwrite=True)  # one shard now
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors",
+                                                     "notes.txt", "tokenizer.json"]
+    assert jaxpatch.load(out).config == model.config
+
+
+def test_a_file_where_a_folder_goes_is_refused_even_with_overwrite(tmp_path: Path, capsys) -> None:
+    file = tmp_path / "taken"
+    file.write_text("a file")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match="is a file, not a folder"):
+            with atomic_directory(file, overwrite=overwrite):
+                pass
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"tokens": [1, 2, 3]}\n')
+    run = ["sweep", "--base", str(FIXTURES / "gpt2"), "--donor", str(FIXTURES / "gpt2"),
+           "--prompts", str(prompts), "--no-progress", "--out", str(file)]
+    for extra in ([], ["--overwrite"]):
+        assert main([*run, *extra]) == 2
+        assert "taken: is a file, not a folder; choose a folder for --out" in capsys.readouterr().err
+    assert file.read_text() == "a file"
+
+
+def test_a_demo_run_overwritten_keeps_a_users_notes(tmp_path: Path) -> None:
+    from jaxpatch.studies.evaluate import default_pair_dir, evaluate, load_planted
+    from jaxpatch.studies.report import write_run
+
+    evaluation = evaluate(load_planted(default_pair_dir()), granularities=("module",),
+                          stages=["exact-denoise"])
+    out = tmp_path / "run"
+    write_run(evaluation.summary, evaluation.results, out)
+    (out / "notes.txt").write_text("mine")
+    write_run(evaluation.summary, evaluation.results, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "report.html").is_file()
+
+
+def test_another_commands_folder_is_named_as_such(tmp_path: Path, capsys) -> None:
+    from jaxpatch.studies.evaluate import default_pair_dir
+
+    folder = default_pair_dir()
+    pair = ["--base", str(folder / "base"), "--donor", str(folder / "donor"), "--prompts",
+            str(folder / "prompts" / "map.jsonl"), "--no-progress", "--out", str(tmp_path / "run")]
+    assert main(["attribute", *pair]) == 0
+    capsys.readouterr()
+    assert main(["sweep", *pair]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("holds a `jaxpatch attribute` run, not a `jaxpatch sweep` one: choose "
+                          "another --out, or pass --overwrite to start afresh there")
