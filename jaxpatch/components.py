@@ -503,13 +503,59 @@ def select(config: ModelConfig, selector: SelectorLike | None,
     if selector is None:
         return list(everything)
     sel = as_selector(selector)
+    _check_index_ranges(config, sel)
     table = _groups(config, granularity)
     keep = np.concatenate([sel.mask(path, key, table.indices[start:stop])
                            for path, key, start, stop in table.runs])
     chosen = [everything[i] for i in np.flatnonzero(keep)]
     if not chosen:
-        raise SelectorError(f"selector {str(sel)!r} matches no component at granularity {granularity!r}")
+        raise SelectorError(f"selector {str(sel)!r} matches no component at granularity "
+                            f"{granularity!r}{_suggestion(config, sel)}")
     return chosen
+
+
+_INDEX_GRANULARITY: dict[str, Granularity] = {"head": "head", "kv_head": "head", "neuron": "neuron"}
+
+
+def _paths(sel: Selector) -> list[_Path]:
+    """The path selectors inside a selector expression."""
+    if isinstance(sel, _Path):
+        return [sel]
+    return [p for child in vars(sel).values() if isinstance(child, Selector) for p in _paths(child)]
+
+
+def _check_index_ranges(config: ModelConfig, sel: Selector) -> None:
+    """Refuses an index filter reaching past what a module it names has (`[neuron=0-511]` on a
+    128-neuron MLP), as `[head=9]` on 4 heads is: one rule, never silently clipped."""
+    for path_sel in _paths(sel):
+        if path_sel.key is None or not path_sel.ranges:
+            continue
+        table = _groups(config, _INDEX_GRANULARITY[path_sel.key])
+        for path, key, start, stop in table.runs:
+            named = len(path_sel.segments) <= len(path) and all(
+                _segment_matches(p, s) for p, s in zip(path_sel.segments, path))
+            if named and key == path_sel.key:
+                count = int(table.indices[start:stop].max()) + 1
+                highest = max(hi for _, hi in path_sel.ranges)
+                if highest >= count:
+                    raise SelectorError(
+                        f"selector {path_sel.text!r}: {key} {highest} is out of range, "
+                        f"{'.'.join(path)} has {count} ({key}=0-{count - 1})")
+
+
+def _suggestion(config: ModelConfig, sel: Selector) -> str:
+    """`" (did you mean 'mlp' for 'mpl'?)"` for a word of the selector that names no part of
+    this model's components, when a close one exists; else ""."""
+    import difflib
+
+    known = {part for c in _components(config, "module") for part in c.path}
+    known |= {"head", "kv_head", "neuron"}
+    for word in re.findall(r"[A-Za-z_][A-Za-z_0-9]*", str(sel)):
+        if word not in known and not any(fnmatch.fnmatchcase(k, word) for k in known):
+            close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.6)
+            if close:
+                return f" (did you mean {close[0]!r} for {word!r}?)"
+    return ""
 
 
 def names(items: Iterable[Component]) -> list[str]:

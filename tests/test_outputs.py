@@ -79,3 +79,31 @@ def test_another_commands_folder_is_named_as_such(tmp_path: Path, capsys) -> Non
     error = capsys.readouterr().err.strip()
     assert error.endswith("holds a `jaxpatch attribute` run, not a `jaxpatch sweep` one: choose "
                           "another --out, or pass --overwrite to start afresh there")
+
+
+@pytest.mark.parametrize(("selector", "granularity", "message"), [
+    ("layers.1.mpl", "module", "(did you mean 'mlp' for 'mpl'?)"),
+    ("layers.0.self_atn", "module", "(did you mean 'self_attn' for 'self_atn'?)"),
+    ("layers.1.mlp[neuron=0-511]", "neuron", "neuron 511 is out of range, layers.1.mlp has 128 "
+                                             "(neuron=0-127)"),
+    ("layers.1.self_attn[head=9]", "head", "head 9 is out of range, layers.1.self_attn has 4 "
+                                           "(head=0-3)")])
+def test_selector_mistakes_are_named_with_what_to_write(selector, granularity, message) -> None:
+    from jaxpatch.errors import SelectorError
+
+    config = jaxpatch.load(FIXTURES / "gpt2").config
+    with pytest.raises(SelectorError) as caught:
+        jaxpatch.select(config, selector, granularity)
+    assert message in str(caught.value)
+
+
+def test_yaml_mistakes_name_their_line_and_a_checkpoint_file_names_its_folder(tmp_path) -> None:
+    from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
+    from jaxpatch.merge.config import read_config
+
+    bad = tmp_path / "merge.yml"
+    bad.write_text("merge_method: ties\nmodels:\n  - model: a\n    parameters: {weight: 1\n")
+    with pytest.raises(InvalidInputError, match=r"merge.yml:\d+: not YAML \("):
+        read_config(bad)
+    with pytest.raises(CheckpointNotFoundError, match="is a file of a checkpoint; give its folder"):
+        jaxpatch.load(FIXTURES / "gpt2" / "model.safetensors")

@@ -286,10 +286,11 @@ def result_files(result: Any) -> dict[str, bytes | str]:
             "scores.json": json.dumps(result.to_dict(), indent=1) + "\n"}
 
 
-def check_output(out: str, overwrite: bool) -> None:
-    """Refuses an existing, non-empty output folder unless overwriting."""
+def check_output(out: str, overwrite: bool, name: str = "--out") -> None:
+    """Refuses an existing, non-empty output folder unless overwriting (`name`: how the
+    command line names the folder)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise OutputExistsError(f"{path}: is a file, not a folder; choose a folder for --out")
+        raise OutputExistsError(f"{path}: is a file, not a folder; choose a folder for {name}")
     if path.exists() and not overwrite and any(path.iterdir()):
-        raise OutputExistsError(f"{path}: already exists; choose another --out or pass --overwrite")
+        raise OutputExistsError(f"{path}: already exists; choose another {name} or pass --overwrite")

@@ -40,7 +40,7 @@ def _merge(args: argparse.Namespace) -> None:
     import jaxpatch
     from jaxpatch.merge import merge_models, read_config
 
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, name="OUT")
     config = read_config(args.config)
     merged = merge_models(config, seed=args.seed, progress=not args.no_progress)
     jaxpatch.save(merged, args.out, overwrite=args.overwrite)

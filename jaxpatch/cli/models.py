@@ -74,7 +74,9 @@ def _forward(args: argparse.Namespace) -> None:
 
 def _convert(args: argparse.Namespace) -> None:
     import jaxpatch
+    from jaxpatch.cli.common import check_output
 
+    check_output(args.destination, args.overwrite, name="DST")  # before the source is read
     model = jaxpatch.load(args.source, dtype=args.dtype)
     jaxpatch.save(model, args.destination, format=args.format, overwrite=args.overwrite)
     print(f"wrote {args.destination} ({args.format}, {model.config.dtype})")

@@ -47,6 +47,9 @@ def load(path: str | os.PathLike[str], dtype: str | None = None,
     placed = make_mesh(mesh)  # a bad mesh is refused before any reading
     if is_gguf(folder):
         return _placed(load_gguf(folder, dtype), placed)
+    if folder.is_file():
+        raise CheckpointNotFoundError(f"{folder}: is a file of a checkpoint; give its folder "
+                                      f"({folder.parent})")
     if not folder.is_dir():
         raise CheckpointNotFoundError(f"{folder}: checkpoint folder or GGUF file not found")
     if is_orbax_checkpoint(folder):

@@ -107,7 +107,12 @@ def read_config(path: str | Path) -> MergeConfig:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise InvalidInputError(f"{path}: merge configuration not found") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise InvalidInputError(f"{path}{where}: not YAML ({problem})") from None
+    except UnicodeDecodeError as e:
         raise InvalidInputError(f"{path}: not YAML ({type(e).__name__})") from None
     except RecursionError:
         raise InvalidInputError(f"{path}: the YAML nests too deeply") from None

@@ -49,7 +49,8 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False,
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"{path}: is a file, not a folder; choose a folder")
     if path.exists() and not overwrite and any(path.iterdir()):
-        raise OutputExistsError(f"{path}: already exists; choose another output path")
+        raise OutputExistsError(f"{path}: already exists; choose another path, or overwrite it "
+                                "(--overwrite) to replace what jaxpatch wrote there")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
