@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -31,6 +32,8 @@ from jaxpatch.rounding import jit
 
 __all__ = ["Prompt", "Batch", "read_prompts", "make_batch", "prompt_buffer", "greedy_continuations",
            "MAX_PROMPTS_BYTES", "MAX_LINE_BYTES"]
+
+_LOG = logging.getLogger("jaxpatch")
 
 MAX_PROMPTS_BYTES = 1024**3  # a prompts file is read whole: refuse what cannot be meant
 MAX_LINE_BYTES = 4 * 1024**2  # one prompt (with its target and foil), as JSON
@@ -144,6 +147,7 @@ def _parse_line(path: Path, number: int, line: str, tokenizer: Any) -> Prompt:
             encoded = tuple(tokenizer.encode(item[text_key], add_special_tokens=text_key == "text").ids)
             if not encoded:
                 raise PromptsError(f"{where}: {text_key!r} tokenizes to nothing")
+            _warn_unknown(where, text_key, encoded, tokenizer)
             return encoded
         if required:
             raise PromptsError(f"{where}: needs 'text' or 'tokens'")
@@ -151,6 +155,17 @@ def _parse_line(path: Path, number: int, line: str, tokenizer: Any) -> Prompt:
 
     return Prompt(ids("text", "tokens", True), ids("target", "target_tokens", False),  # type: ignore[arg-type]
                   ids("foil", "foil_tokens", False))
+
+
+def _warn_unknown(where: str, key: str, ids: tuple[int, ...], tokenizer: Any) -> None:
+    """Warns (once per line) when most of a text's tokens are the tokenizer's unknown token:
+    the text is probably not in the model's vocabulary (`"hello world"` on a toy tokenizer)."""
+    unk = getattr(getattr(tokenizer, "model", None), "unk_token", None)
+    unk_id = tokenizer.token_to_id(unk) if isinstance(unk, str) else None
+    unknown = sum(i == unk_id for i in ids) if unk_id is not None else 0
+    if unknown and unknown * 2 >= len(ids):
+        _LOG.warning("jaxpatch: %s: %d of the %d tokens of %r are unknown to the tokenizer (%s): "
+                     "is the text in the model's vocabulary?", where, unknown, len(ids), key, unk)
 
 
 def make_batch(config: ModelConfig, prompts: Sequence[Prompt], positions: Positions = "last",

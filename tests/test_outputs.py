@@ -107,3 +107,15 @@ def test_yaml_mistakes_name_their_line_and_a_checkpoint_file_names_its_folder(tm
         read_config(bad)
     with pytest.raises(CheckpointNotFoundError, match="is a file of a checkpoint; give its folder"):
         jaxpatch.load(FIXTURES / "gpt2" / "model.safetensors")
+
+
+def test_a_prompt_of_mostly_unknown_tokens_is_warned_about(tmp_path, caplog) -> None:
+    from jaxpatch.prompts import read_prompts
+
+    tokenizer = jaxpatch.load(FIXTURES / "gpt2").tokenizer
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"text": "the quick brown fox"}\n{"text": "ZZZ QQQ"}\n')
+    with caplog.at_level("WARNING", logger="jaxpatch"):
+        read_prompts(prompts, tokenizer)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "p.jsonl:2: " in warned[0] and "unknown to the tokenizer" in warned[0]

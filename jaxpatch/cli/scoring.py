@@ -82,7 +82,9 @@ def _sweep(args: argparse.Namespace) -> None:
                        direction=args.direction, execution=execution_of(args, log, "sweep"))
         print(summary_table(result))
         t = result.timing
-        print(f"{len(result.names)} candidates in {t['wall_s']:.1f} s (compile "
+        after = (f", {len(result.skipped)} after the readout layer unchanged without running"
+                 if result.skipped else "")
+        print(f"{len(result.names)} candidates{after} in {t['wall_s']:.1f} s (compile "
               f"{t['compile_s']:.1f} s, {t['candidates_per_s']:.1f} candidates/s"
               + (f"; {int(t['resumed_candidates'])} read from the progress log)"
                  if "resumed_candidates" in t else ")"))
