@@ -106,6 +106,10 @@ def _attribute(args: argparse.Namespace) -> None:
             print(f"completeness: attributions sum to {c['sum_of_attributions']:.6g}, the score "
                   f"difference is {c['score_difference']:.6g} (relative gap "
                   f"{c['relative_gap']:.2e})")
+            if c["relative_gap"] > 0.05:
+                print(f"  the gap is the midpoint rule's error over {args.steps} path points: "
+                      "try --steps 64 or 128 (the error shrinks with more points, but not "
+                      "always monotonically; see docs/attribution.md)")
         if args.out:
             write_outputs(args.out, result_files(result))
 
