@@ -14,9 +14,9 @@ its seconds.
 Seed 0 is the shipped pair; other seeds are trained here (`experiments.planted`, with their
 decoys, about 6 minutes each on 2 cores) into --pairs and reused from there.
 
-At head and neuron granularity (the shipped pair): exact, first-order, greedy forward and
-backward elimination (heads: over every head; neurons: over the 64 neurons first-order ranks
-highest, the rest after them in first-order order), |dW| and random; denoise.
+At head and neuron granularity (the shipped pair): exact, first-order, a learned patch's gates,
+greedy forward and backward elimination (heads: over every head; neurons: over the 64 neurons
+first-order ranks highest, the rest after them in first-order order), |dW| and random; denoise.
 
     python scripts/faithfulness_table.py --seeds 0 1 2 3 4 --pairs /tmp/planted --out docs
 """
@@ -150,15 +150,15 @@ def module_table(planted: PlantedPair, n_random: int) -> dict[str, Any]:
     s_cpr = table["denoise"]["S first (reference)"]["cpr"]
     best = max(SET_LEVEL, key=lambda m: table["denoise"][m]["cpr"])
     return {"seed": planted.record["settings"].get("seed"),
-            "n": n, "planted": sum(inside.values()), "curves": table, "costs": costs,
-            "hierarchy_sources": {"components": sources, "size": size, "faithfulness": f,
-                                  "in_S": sum(inside[x] for x in sources),
+            "n": n, "planted": int(sum(inside.values())), "curves": table, "costs": costs,
+            "hierarchy_sources": {"components": sources, "size": int(size), "faithfulness": float(f),
+                                  "in_S": int(sum(inside[x] for x in sources)),
                                   "cost": f"trace_hierarchy, {traced_s:.1f} s"},
             "greedy_forward": selections["forward"].to_dict(),
             "backward_elimination": selections["backward"].to_dict(),
-            "best_set_level": {"method": best, "cpr": table["denoise"][best]["cpr"],
-                               "s_cpr": s_cpr,
-                               "within_0.1_of_S": table["denoise"][best]["cpr"] >= s_cpr - 0.1}}
+            "best_set_level": {"method": best, "cpr": float(table["denoise"][best]["cpr"]),
+                               "s_cpr": float(s_cpr),
+                               "within_0.1_of_S": bool(table["denoise"][best]["cpr"] >= s_cpr - 0.1)}}
 
 
 def finer_table(planted: PlantedPair, granularity: Granularity, n_random: int) -> dict[str, Any]:
@@ -178,6 +178,9 @@ def finer_table(planted: PlantedPair, granularity: Granularity, n_random: int) -
     timed("first-order", "1 gradient", lambda: ranking(jaxpatch.attribute(
         pair, METRIC, granularity=granularity, execution=QUIET), "size"))
     first_order = rankings["first-order"]
+    timed("learned patch (gates)", "200 steps", lambda: ranking(dict(zip(names, jaxpatch.learn_patch(
+        pair, METRIC, granularity=granularity, sparsity=0.1 / n,
+        training=GateTraining(steps=200)).probabilities))))
     searched = names if granularity != "neuron" else first_order[:NARROWED]
     m = len(searched)
     runs = m * (m + 1) // 2 - 1
@@ -268,7 +271,7 @@ def main() -> int:
         out = Path(args.out)
         (out / "faithfulness.json").write_text(json.dumps(
             {"metric": METRIC.name, "seeds": {str(k): v for k, v in seeds.items()},
-             "finer": finer}, indent=1) + "\n")
+             "finer": finer}, indent=1, default=lambda x: x.item()) + "\n")  # numpy scalars
         (out / "faithfulness_tables.md").write_text("\n".join(lines) + "\n")
     return 0
 
