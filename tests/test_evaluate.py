@@ -12,7 +12,7 @@ from jaxpatch import ModelConfig, components, init_params
 from jaxpatch.cli import main
 from jaxpatch.pair import delta_norms
 from jaxpatch.studies.evaluate import EVALUATED_METHODS, default_pair_dir
-from jaxpatch.studies.report import read_run, summary_lines
+from jaxpatch.studies.report import METHOD_LABELS, read_run, summary_lines
 
 
 def test_delta_norms_match_direct_computation() -> None:
@@ -58,6 +58,16 @@ def test_demo_writes_a_report_that_re_renders(tmp_path, capsys) -> None:
     assert "Faithfulness: the top k modules" in html
     assert "Source-level hierarchy" in html and summary["hierarchy"]["planted"]["recall"] == 1.0
     assert "What could make this comparison unfair" in html and "<script" not in html
+    # The first screen says what was found, before any table or figure, naming the behavior.
+    first = html.index("<p class=finding>")
+    assert first < html.index("<table") and first < html.index("<img")
+    said = html[first: html.index("</p>", first)]
+    assert "Behavior: log-probability of the answers of the map task" in said
+    assert "At module granularity" in said and "At head granularity" in said
+    assert "hierarchy&#x27;s sources match S with precision 1.00 and recall 1.00" in said
+    best_module = max((a, m) for m, a in module["auc"].items() if m != "random")[1]
+    assert METHOD_LABELS[best_module] in said
+    assert html.count("<td class=num><b>") >= 2 + 4  # the best AUC per column, CPR and CMD
     assert "How far the weights moved" in html and summary["pair"]["movement"]["module"]["D_mean"] > 0
     assert (out / "scores" / "head-exact-noise.csv").read_text().startswith("name,score")
     assert (out / "auc.csv").read_text().count("\n") == 1 + 2 * len(EVALUATED_METHODS)

@@ -12,8 +12,8 @@ from typing import Any, Mapping, Sequence
 from jaxpatch.figures import faithfulness_png, heatmap_png, hierarchy_png, roc_png
 from jaxpatch.results import SweepResult
 
-__all__ = ["METHOD_LABELS", "CAVEATS", "summary_lines", "render_html", "write_run", "auc_csv",
-           "read_run"]
+__all__ = ["METHOD_LABELS", "CAVEATS", "summary_lines", "finding", "render_html", "write_run",
+           "auc_csv", "read_run"]
 
 METHOD_LABELS: dict[str, str] = {
     "exact-denoise": "exact weight patching, denoise", "exact-noise": "exact weight patching, noise",
@@ -100,6 +100,41 @@ def summary_lines(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def finding(summary: Mapping[str, Any]) -> str:
+    """What the run found, in a few plain sentences: the behavior, the method that separates
+    the planted set best at each granularity, the hierarchy's sources and the best faithfulness.
+
+    Example:
+        >>> finding(ev.summary)[:60]
+        'Behavior: log-probability of the answers of the map task (ba'
+    """
+    pair, acc, grans, metric = (summary["pair"], summary["behavior"], summary["granularities"],
+                                summary["metric"])
+    what = "log-probability of the answers" if metric["name"] == "logprob" else metric["name"]
+    sentences = [f"Behavior: {what} of the {pair['task']} task (base {acc['base']:.0%} exact "
+                 f"answers, donor {acc['donor']:.0%}; the base with S's donor weights "
+                 f"{acc['base_with_S_from_donor']:.0%})."]
+    for g in ("module", "head", "neuron"):
+        if g not in grans:
+            continue
+        scored = {m: a for m, a in grans[g]["auc"].items() if a is not None and m != "random"}
+        best = max(scored, key=lambda m: scored[m])
+        sentences.append(f"At {g} granularity, {METHOD_LABELS.get(best, best)} separates the "
+                         f"planted set best (ROC AUC {scored[best]:.2f}; random 0.50).")
+    p = (summary.get("hierarchy") or {}).get("planted")
+    if p:
+        sentences.append(f"The hierarchy's sources match S with precision {p['precision']:.2f} "
+                         f"and recall {p['recall']:.2f}.")
+    curves = (summary.get("faithfulness") or {}).get("denoise")
+    if curves:
+        ranked = {m: c["cpr"] for m, c in curves.items() if m != "S first"}
+        top = max(ranked, key=lambda m: ranked[m])
+        sentences.append(f"Patched together, the top modules of {METHOD_LABELS.get(top, top)} "
+                         f"recover the behavior fastest (CPR {ranked[top]:.2f}; S's own curve "
+                         f"{curves['S first']['cpr']:.2f}).")
+    return " ".join(sentences)
+
+
 def _faithfulness_section(curves: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Every ranking's CPR and CMD in both directions, with the curves drawn."""
     labels = list(curves.get("denoise", {}))
@@ -115,7 +150,8 @@ def _faithfulness_section(curves: Mapping[str, Mapping[str, Any]]) -> list[str]:
             "donor). CPR is the area under f over k / n (higher is better), CMD the area "
             "between f and 1 (lower is better). Single effects can rank well and still miss "
             "components that only work together; S's own curve is the reference.</p>",
-            _table(["ranking", "CPR denoise", "CMD denoise", "CPR noise", "CMD noise"], rows),
+            _table(["ranking", "CPR denoise", "CMD denoise", "CPR noise", "CMD noise"], rows,
+                   best=[None, "max", "min", "max", "min"]),
             f"<div class=row>{figures}</div>"]
 
 
@@ -132,14 +168,26 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(x: Any) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]],
+           best: Sequence[str | None] | None = None) -> str:
+    """An HTML table; `best` ("max", "min" or None per column) marks each column's best value
+    in bold."""
+    marks: dict[int, float] = {}
+    for j, rule in enumerate(best or []):
+        values = [r[j] for r in rows if isinstance(r[j], float) and math.isfinite(r[j])]
+        if rule and values:
+            marks[j] = max(values) if rule == "max" else min(values)
+
+    def cell(j: int, x: Any) -> str:
         if isinstance(x, float):
-            return f"<td class=num>{x:.3f}</td>" if math.isfinite(x) else "<td class=num>-</td>"
+            if not math.isfinite(x):
+                return "<td class=num>-</td>"
+            text = f"{x:.3f}"
+            return f"<td class=num><b>{text}</b></td>" if marks.get(j) == x else f"<td class=num>{text}</td>"
         return f"<td>{html.escape(str(x))}</td>"
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cell(x) for x in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(cell(j, x) for j, x in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -162,20 +210,24 @@ def render_html(summary: Mapping[str, Any], results: Mapping[str, SweepResult]) 
     order = [g for g in ("module", "head", "neuron") if g in grans]
     methods = list(next(iter(grans.values()))["auc"])
     parts = ["<h1>jaxpatch: localization on a planted pair</h1>",
-             "<pre class=summary>" + html.escape("\n".join(summary_lines(summary))) + "</pre>"]
+             f"<p class=finding>{html.escape(finding(summary))}</p>",
+             "<details><summary>The run's summary as printed</summary><pre class=summary>"
+             + html.escape("\n".join(summary_lines(summary))) + "</pre></details>"]
     acc = summary["behavior"]
     parts += ["<h2>Behavior</h2>",
               f"<p>Exact-match accuracy of the greedy answer on {summary['pair']['task']} "
               "instructions held out from the patching prompts.</p>",
               _table(["model", "accuracy"], [[k.replace("_", " "), float(v)] for k, v in acc.items()])]
     parts += ["<h2>ROC AUC against the planted set</h2>",
-              "<p>Each method ranks components by the size of its effect (|delta W| by the norm "
-              "itself); AUC is the chance that a component in S outranks one outside it.</p>",
+              "<p>Each method ranks every component by the size of its score (|delta W|: the "
+              "norm of donor − base, no patching at all). AUC is the chance that a component in "
+              "S outranks one outside it: 0.5 is a random ranking, 1.0 puts all of S first. The "
+              "best value per granularity is in bold.</p>",
               _table(["method", *(f"{g} ({sum(grans[g]['planted'])}/{len(grans[g]['names'])} in S)"
                                   for g in order)],
                      [[METHOD_LABELS.get(m, m), *(float("nan") if grans[g]["auc"][m] is None
                                                   else float(grans[g]["auc"][m]) for g in order)]
-                      for m in methods])]
+                      for m in methods], best=[None, *(["max"] * len(order))])]
     narrowed = [g for g in order if not grans[g].get("exhaustive", True)]
     if narrowed:
         parts.append(f"<p>Not swept exhaustively ({', '.join(narrowed)}): too many components "
@@ -244,7 +296,9 @@ def render_html(summary: Mapping[str, Any], results: Mapping[str, SweepResult]) 
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
              "padding:3px 8px}td.num{text-align:right;font-variant-numeric:tabular-nums}"
              ".row{display:flex;flex-wrap:wrap;gap:8px}.row img{max-width:100%}"
-             "pre.summary{background:#f4f4f4;padding:.8em;white-space:pre-wrap}")
+             "pre.summary{background:#f4f4f4;padding:.8em;white-space:pre-wrap}"
+             "p.finding{font-size:1.15em;line-height:1.5;background:#eef4ff;padding:.8em 1em;"
+             "border-left:4px solid #3366cc}")
     return ("<!doctype html><html><head><meta charset=utf-8><title>jaxpatch report</title>"
             f"<style>{style}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
 
