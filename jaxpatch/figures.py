@@ -50,15 +50,10 @@ def heatmap_grid(result: SweepResult) -> tuple[np.ndarray, list[str], list[str]]
     cells: dict[tuple[int, str], float] = {}
     columns: list[str] = []
     for name, value in zip(result.names, result.effect):
-        m = _INDEXED.match(name)
-        if m:
-            layer, column = int(m.group(1)), f"{'kv' if m.group(3) == 'kv_head' else ''}{m.group(4)}"
-        elif name.startswith("layers.") and (mm := _MODULE.match(name)):
-            layer, column = int(mm.group(1)), mm.group(2)
-        elif re.fullmatch(r"layers\.\d+", name):
-            layer, column = int(name.split(".")[1]), "block"
-        else:
+        cell = _cell_of(name)
+        if cell is None:
             continue
+        layer, column = cell
         if column not in columns:
             columns.append(column)
         cells[(layer, column)] = float(value)
@@ -67,6 +62,18 @@ def heatmap_grid(result: SweepResult) -> tuple[np.ndarray, list[str], list[str]]
     for (layer, column), value in cells.items():
         grid[layers.index(layer), columns.index(column)] = value
     return grid, [f"layer {i}" for i in layers], columns
+
+
+def _cell_of(name: str) -> tuple[int, str] | None:
+    """A component's (layer, column) in a heatmap; None outside the blocks."""
+    m = _INDEXED.match(name)
+    if m:
+        return int(m.group(1)), f"{'kv' if m.group(3) == 'kv_head' else ''}{m.group(4)}"
+    if name.startswith("layers.") and (mm := _MODULE.match(name)):
+        return int(mm.group(1)), mm.group(2)
+    if re.fullmatch(r"layers\.\d+", name):
+        return int(name.split(".")[1]), "block"
+    return None
 
 
 def pareto_png(points: Sequence[tuple[int, float]], title: str) -> bytes:
@@ -200,8 +207,10 @@ def hierarchy_png(graph: Mapping[str, Any], title: str = "source-level hierarchy
     return _png(fig)
 
 
-def heatmap_png(result: SweepResult, title: str | None = None) -> bytes:
-    """A heatmap of effects (layers x modules, heads or neurons) as PNG bytes.
+def heatmap_png(result: SweepResult, title: str | None = None,
+                marked: Sequence[str] = (), marked_label: str = "planted set S") -> bytes:
+    """A heatmap of effects (layers x modules, heads or neurons) as PNG bytes; the `marked`
+    components (the planted set) outlined, with a legend.
 
     Example:
         >>> r = SweepResult(metric="m", direction="denoise", readout_layer=None, positions="last",
@@ -228,8 +237,15 @@ def heatmap_png(result: SweepResult, title: str | None = None) -> bytes:
     else:
         ax.set_xlabel(f"{len(columns)} components per layer")
     fig.colorbar(image, ax=ax, label="effect (recovery units)")
-    ax.set_title(title or f"{result.direction} sweep, {result.metric}"
-                 + (f" at layer {result.readout_layer}" if result.readout_layer is not None else ""))
+    layers = [int(r.split()[1]) for r in rows]
+    outlined = [c for c in map(_cell_of, marked) if c is not None and c[0] in layers
+                and c[1] in columns]
+    for layer, column in outlined:
+        ax.add_patch(plt.Rectangle((columns.index(column) - 0.5, layers.index(layer) - 0.5), 1, 1,
+                                   fill=False, edgecolor="black", linewidth=2.2 if not many else 1))
+    ax.set_title((title or f"{result.direction} sweep, {result.metric}"
+                  + (f" at layer {result.readout_layer}" if result.readout_layer is not None else ""))
+                 + (f"; outlined: {marked_label}" if outlined else ""))
     return _png(fig)
 
 

@@ -119,3 +119,26 @@ def test_a_prompt_of_mostly_unknown_tokens_is_warned_about(tmp_path, caplog) -> 
         read_prompts(prompts, tokenizer)
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "p.jsonl:2: " in warned[0] and "unknown to the tokenizer" in warned[0]
+
+
+def test_a_heatmap_outlines_the_marked_components() -> None:
+    import io
+
+    import matplotlib.image
+    import numpy as np
+
+    from jaxpatch.figures import heatmap_png
+    from jaxpatch.results import SweepResult
+
+    names = [f"layers.{i}.mlp.{m}_proj" for i in range(2) for m in ("up", "down")]
+    result = SweepResult(metric="m", direction="denoise", readout_layer=None, positions="last",
+                         base_score=0.0, donor_score=1.0, names=names,
+                         scores=np.array([0.0, 0.0, 0.0, 0.0]))  # an all-white grid
+
+    def black_pixels(marked: list[str]) -> int:
+        image = matplotlib.image.imread(io.BytesIO(heatmap_png(result, "t", marked=marked)))
+        return int((image[..., :3].sum(-1) < 0.3).sum())
+
+    plain = black_pixels([])
+    assert black_pixels(["lm_head"]) == plain  # outside the grid: nothing drawn
+    assert black_pixels(["layers.1.mlp.down_proj"]) > plain + 100  # an outline's worth of ink

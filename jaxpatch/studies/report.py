@@ -254,8 +254,11 @@ def render_html(summary: Mapping[str, Any], results: Mapping[str, SweepResult]) 
                      f"{c['sum_of_attributions']:.4g} against a score difference of "
                      f"{c['score_difference']:.4g} (relative gap {c['relative_gap']:.1e}).</p>")
     parts.append("<h2>Exact weight patching</h2>")
+    parts.append("<p>Effects of each component patched alone (red: towards the other model, "
+                 "blue: away from it); the planted set S is outlined.</p>")
     for g in order:
-        row = [_img(heatmap_png(results[f"{g}/{d}"], f"{g}s, {d}"), f"{g} {d}")
+        inside = [n for n, yes in zip(grans[g]["names"], grans[g]["planted"]) if yes]
+        row = [_img(heatmap_png(results[f"{g}/{d}"], f"{g}s, {d}", marked=inside), f"{g} {d}")
                for d in ("exact-denoise", "exact-noise") if f"{g}/{d}" in results]
         parts.append("<div class=row>" + "".join(row) + "</div>")
     for d in ("exact-denoise", "exact-noise"):
