@@ -176,7 +176,7 @@ def hierarchy_png(graph: Mapping[str, Any], title: str = "source-level hierarchy
         where[node["name"]] = (node["layer"] - 0.35 + 0.45 * column,
                                _ROLE_LANES[node["class"]] - 0.35 + step * row)
     layers = sorted({int(n["layer"]) for n in nodes}) or [0]
-    fig, ax = plt.subplots(figsize=(2.4 + 1.3 * len(layers), 4.6))
+    fig, ax = plt.subplots(figsize=(3.0 + 2.0 * len(layers), 5.6))
     for edge in graph["edges"]:
         if edge["supplier"] in where and edge["target"] in where:
             (x0, y0), (x1, y1) = where[edge["supplier"]], where[edge["target"]]
@@ -190,19 +190,31 @@ def hierarchy_png(graph: Mapping[str, Any], title: str = "source-level hierarchy
         x, y = where[node["name"]]
         role = node["class"]
         ring = planted is not None and planted.get(node["name"], False)
-        ax.scatter([x], [y], s=18 if role == "inert" else 46, color=_ROLE_COLORS[role], zorder=3,
-                   edgecolors="black" if ring else "none", linewidths=1.2)
+        ax.scatter([x], [y], s=(18 if role == "inert" else 60) * (1.6 if ring else 1),
+                   color=_ROLE_COLORS[role], zorder=3, edgecolors="black" if ring else "none",
+                   linewidths=2.0)
         if role != "inert":
             label = node["name"].split(".", 2)[-1] if node["name"].startswith("layers.") \
                 else node["name"]
-            ax.annotate(label.replace("self_attn", "attn"), (x, y), (4, -2),
-                        textcoords="offset points", fontsize=6, zorder=4)
-    ax.set_yticks(list(_ROLE_LANES.values()), list(_ROLE_LANES))
+            ax.annotate(label, (x, y), (5, -3), textcoords="offset points", fontsize=8, zorder=4)
+    ax.set_yticks(list(_ROLE_LANES.values()),
+                  [f"{r}\n(not labeled)" if r == "inert" else r for r in _ROLE_LANES])
+    from matplotlib.lines import Line2D
+
+    legend = [Line2D([], [], color="#555", lw=2, label="supplier -> target: its weights carry "
+                     "it (width: score)"),
+              Line2D([], [], color="#2874a6", lw=1, linestyle="--",
+                     label="only its output carries it (a signal passed through)")]
+    if planted:
+        legend.append(Line2D([], [], marker="o", color="none", markerfacecolor="white",
+                             markeredgecolor="black", markeredgewidth=2, markersize=9,
+                             label="in the planted set"))
+    ax.legend(handles=legend, loc="upper left", fontsize=8, framealpha=0.9)
     final = {int(n["layer"]) for n in nodes if n["name"] in ("norm", "lm_head")}
     ax.set_xticks(layers, ["embed" if i < 0 else "final" if i in final else f"block {i}"
                            for i in layers])
-    ax.set_ylim(-0.6, 3.8)
-    ax.set_title(title + (" (ringed: planted set)" if planted else ""))
+    ax.set_ylim(-0.6, 4.6)  # room for the legend above the top lane
+    ax.set_title(title)
     ax.grid(alpha=0.2)
     return _png(fig)
 
@@ -210,7 +222,7 @@ def hierarchy_png(graph: Mapping[str, Any], title: str = "source-level hierarchy
 def heatmap_png(result: SweepResult, title: str | None = None,
                 marked: Sequence[str] = (), marked_label: str = "planted set S") -> bytes:
     """A heatmap of effects (layers x modules, heads or neurons) as PNG bytes; the `marked`
-    components (the planted set) outlined, with a legend.
+    components (the planted set) outlined, and named in the title.
 
     Example:
         >>> r = SweepResult(metric="m", direction="denoise", readout_layer=None, positions="last",
