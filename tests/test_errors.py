@@ -284,6 +284,8 @@ def test_cli_sweep_refuses_bad_input(tmp_path: Path, donor_dir: Path,
     # prompts with targets: logprob by default, which reads the targets' positions
     assert "--positions prompt does not apply to --metric logprob" in cli_error(
         capsys, [*run, "--prompts", good, "--positions", "prompt"])
+    assert "--save-anchor applies to --metric anchor only, not --metric kl" in cli_error(
+        capsys, [*run, "--prompts", good, "--metric", "kl", "--save-anchor", str(tmp_path / "a")])
     assert "matches no component" in cli_error(capsys, [*run, "--prompts", good, "--select", "layers.9"])
     gpt2 = ["sweep", "--base", str(FIXTURES / "gpt2"), "--donor", str(donor_dir), "--prompts", good]
     assert "base and donor differ: tensor" in cli_error(capsys, gpt2)

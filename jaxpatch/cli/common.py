@@ -106,7 +106,8 @@ def positions_of(args: argparse.Namespace) -> Positions:
 
 def resolve_metric(args: argparse.Namespace, prompts: Sequence[Any]) -> None:
     """Fills in the default `--metric` (logprob when every prompt carries a target, else
-    anchor) and refuses `--positions` where the metric cannot apply it.
+    anchor; anchor when an anchor file is given or saved) and refuses flags the metric cannot
+    apply (`--positions` with logprob, `--anchor-file`/`--save-anchor` with another metric).
 
     Example:
         >>> from jaxpatch.prompts import Prompt
@@ -114,9 +115,14 @@ def resolve_metric(args: argparse.Namespace, prompts: Sequence[Any]) -> None:
         >>> resolve_metric(args, [Prompt((1, 2), target=(3,))]); args.metric
         'logprob'
     """
+    anchor_flags = [f for f, v in (("--anchor-file", getattr(args, "anchor_file", None)),
+                                   ("--save-anchor", getattr(args, "save_anchor", None))) if v]
     if args.metric is None:
         answered = bool(prompts) and all(p.target for p in prompts)
-        args.metric = "logprob" if answered else "anchor"
+        args.metric = "logprob" if answered and not anchor_flags else "anchor"
+    if anchor_flags and args.metric != "anchor":
+        raise InvalidInputError(f"{anchor_flags[0]} applies to --metric anchor only, not "
+                                f"--metric {args.metric}")
     if args.metric == "logprob" and args.positions is not None:
         raise InvalidInputError(f"--positions {args.positions} does not apply to --metric "
                                 "logprob, which reads the positions predicting each prompt's "
