@@ -114,13 +114,15 @@ def finding(summary: Mapping[str, Any]) -> str:
     sentences = [f"Behavior: {what} of the {pair['task']} task (base {acc['base']:.0%} exact "
                  f"answers, donor {acc['donor']:.0%}; the base with S's donor weights "
                  f"{acc['base_with_S_from_donor']:.0%})."]
+    best = []
     for g in ("module", "head", "neuron"):
-        if g not in grans:
-            continue
-        scored = {m: a for m, a in grans[g]["auc"].items() if a is not None and m != "random"}
-        best = max(scored, key=lambda m: scored[m])
-        sentences.append(f"At {g} granularity, {METHOD_LABELS.get(best, best)} separates the "
-                         f"planted set best (ROC AUC {scored[best]:.2f}; random 0.50).")
+        if g in grans:
+            scored = {m: a for m, a in grans[g]["auc"].items() if a is not None and m != "random"}
+            top = max(scored, key=lambda m: scored[m])
+            best.append(f"{g}s: {_plain(METHOD_LABELS.get(top, top))}, ROC AUC {scored[top]:.2f}")
+    if best:
+        sentences.append("The planted set S is separated best by: " + "; ".join(best)
+                         + " (a random ranking: 0.50).")
     p = (summary.get("hierarchy") or {}).get("planted")
     if p:
         sentences.append(f"The hierarchy's sources match S with precision {p['precision']:.2f} "
@@ -129,10 +131,15 @@ def finding(summary: Mapping[str, Any]) -> str:
     if curves:
         ranked = {m: c["cpr"] for m, c in curves.items() if m != "S first"}
         top = max(ranked, key=lambda m: ranked[m])
-        sentences.append(f"Patched together, the top modules of {METHOD_LABELS.get(top, top)} "
+        sentences.append(f"Patched together, the top modules of {_plain(METHOD_LABELS.get(top, top))} "
                          f"recover the behavior fastest (CPR {ranked[top]:.2f}; S's own curve "
                          f"{curves['S first']['cpr']:.2f}).")
     return " ".join(sentences)
+
+
+def _plain(label: str) -> str:
+    """A method label that reads inside a sentence: "exact weight patching (noise)"."""
+    return label if "(" in label or ", " not in label else label.replace(", ", " (", 1) + ")"
 
 
 def _faithfulness_section(curves: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -295,7 +302,8 @@ def render_html(summary: Mapping[str, Any], results: Mapping[str, SweepResult]) 
               f"(base {m['base_score']:.4g}, donor {m['donor_score']:.4g}). Pair: "
               f"{html.escape(str(summary['pair']['folder']))}.</p>",
               _table(["stage", "seconds"], [[k, float(v)] for k, v in summary["timing"].items()])]
-    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222;"
+             "padding:0 1em}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
              "padding:3px 8px}td.num{text-align:right;font-variant-numeric:tabular-nums}"
              ".row{display:flex;flex-wrap:wrap;gap:8px}.row img{max-width:100%}"
