@@ -249,11 +249,13 @@ def heatmap_png(result: SweepResult, title: str | None = None,
     else:
         ax.set_xlabel(f"{len(columns)} components per layer")
     fig.colorbar(image, ax=ax, label="effect (recovery units)")
+    from matplotlib.patches import Rectangle
+
     layers = [int(r.split()[1]) for r in rows]
     outlined = [c for c in map(_cell_of, marked) if c is not None and c[0] in layers
                 and c[1] in columns]
     for layer, column in outlined:
-        ax.add_patch(plt.Rectangle((columns.index(column) - 0.5, layers.index(layer) - 0.5), 1, 1,
+        ax.add_patch(Rectangle((columns.index(column) - 0.5, layers.index(layer) - 0.5), 1, 1,
                                    fill=False, edgecolor="black", linewidth=2.2 if not many else 1))
     ax.set_title((title or f"{result.direction} sweep, {result.metric}"
                   + (f" at layer {result.readout_layer}" if result.readout_layer is not None else ""))

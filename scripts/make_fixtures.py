@@ -179,8 +179,8 @@ def generation_reference(folder: Path, seed: int) -> np.ndarray:
         settings = transformers.GenerationConfig(do_sample=False, max_new_tokens=GENERATED,
                                                  eos_token_id=None, pad_token_id=0)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids),
-                                 generation_config=settings)
+            out = model.generate(  # pyright: ignore[reportAttributeAccessIssue]
+                ids, attention_mask=torch.ones_like(ids), generation_config=settings)
         new = out[0, length:].numpy()
         assert len(new) == GENERATED, f"{folder.name}: generation stopped after {len(new)} tokens"
         rows.append(new)

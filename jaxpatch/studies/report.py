@@ -119,7 +119,7 @@ def finding(summary: Mapping[str, Any]) -> str:
         if g in grans:
             scored = {m: a for m, a in grans[g]["auc"].items() if a is not None and m != "random"}
             top = max(scored, key=lambda m: scored[m])
-            best.append(f"{g}s: {_plain(METHOD_LABELS.get(top, top))}, ROC AUC {scored[top]:.2f}")
+            best.append(f"{g}s: {_plain(METHOD_LABELS.get(top, str(top)))}, ROC AUC {scored[top]:.2f}")
     if best:
         sentences.append("The planted set S is separated best by: " + "; ".join(best)
                          + " (a random ranking: 0.50).")
@@ -131,7 +131,7 @@ def finding(summary: Mapping[str, Any]) -> str:
     if curves:
         ranked = {m: c["cpr"] for m, c in curves.items() if m != "S first"}
         top = max(ranked, key=lambda m: ranked[m])
-        sentences.append(f"Patched together, the top modules of {_plain(METHOD_LABELS.get(top, top))} "
+        sentences.append(f"Patched together, the top modules of {_plain(METHOD_LABELS.get(top, str(top)))} "
                          f"recover the behavior fastest (CPR {ranked[top]:.2f}; S's own curve "
                          f"{curves['S first']['cpr']:.2f}).")
     return " ".join(sentences)
