@@ -228,20 +228,24 @@ def test_a_neuron_sweep_killed_at_random_points_resumes_to_identical_scores(
 @pytest.mark.parametrize(("signum", "status", "word"), [(signal.SIGINT, 130, "interrupted"),
                                                          (signal.SIGTERM, 143, "terminated")])
 def test_an_interrupted_command_says_in_one_line_what_was_kept_and_resumes(
-        tmp_path: Path, donor_dir: Path, signum: int, status: int, word: str) -> None:
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(PROMPTS)
+        tmp_path: Path, signum: int, status: int, word: str) -> None:
+    from jaxpatch.studies.evaluate import default_pair_dir
+
+    pair = default_pair_dir()  # 512 neurons, one per chunk: a run long enough to interrupt
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "jaxpatch.cli", "sweep", "--base", str(FIXTURES / "llama-gqa"),
-               "--donor", str(donor_dir), "--prompts", str(prompts), "--granularity", "neuron",
-               "--metric", "kl", "--chunk-size", "1", "--no-progress", "--out", str(out),
+    command = [sys.executable, "-m", "jaxpatch.cli", "sweep", "--base", str(pair / "base"),
+               "--donor", str(pair / "donor"), "--prompts", str(pair / "prompts" / "map.jsonl"),
+               "--granularity", "neuron", "--chunk-size", "1", "--no-progress", "--out", str(out),
                "--overwrite"]
     env = {**os.environ, "JAXPATCH_COMPILE_CACHE": str(tmp_path / "xla")}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     while process.poll() is None and _record_count(out) < 4:
         time.sleep(0.002)
+    process.send_signal(signal.SIGSTOP)  # frozen mid-run, so the signal cannot arrive too late
+    assert process.poll() is None, "the run finished before it could be interrupted"
     process.send_signal(signum)
+    process.send_signal(signal.SIGCONT)
     _, stderr = process.communicate()
     assert process.returncode == status, stderr
     said = [line for line in stderr.splitlines() if line.startswith("jaxpatch:")]
