@@ -233,7 +233,11 @@ def test_an_interrupted_command_says_in_one_line_what_was_kept_and_resumes(
 
     pair = default_pair_dir()  # 512 neurons, one per chunk: a run long enough to interrupt
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "jaxpatch.cli", "sweep", "--base", str(pair / "base"),
+    # Python started with SIGINT ignored (a suite run in the background by a shell) keeps
+    # ignoring it; restore what a terminal gives, before jaxpatch starts
+    terminal = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "runpy.run_module('jaxpatch.cli', run_name='__main__', alter_sys=True)")
+    command = [sys.executable, "-c", terminal, "sweep", "--base", str(pair / "base"),
                "--donor", str(pair / "donor"), "--prompts", str(pair / "prompts" / "map.jsonl"),
                "--granularity", "neuron", "--chunk-size", "1", "--no-progress", "--out", str(out),
                "--overwrite"]
