@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxpatch._tree import flatten_params, replace_leaves
 from jaxpatch.engine.chunks import ChunkProgram, run_chunks
-from jaxpatch.engine.plan import available_memory_bytes
+from jaxpatch.engine.plan import available_memory_bytes, leaf_layer
 from jaxpatch.engine.prepared import PreparedPair
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import (
@@ -185,9 +185,8 @@ def _candidate(config: ModelConfig, name: str, patch: Patch, order: Sequence[str
     """A patch's nonzero coefficient leaves, in params order, and its first patched block."""
     flat = flatten_params(patch.alpha)
     alpha = {leaf: np.asarray(flat[leaf]) for leaf in order if np.any(np.asarray(flat[leaf]) != 0)}
-    layers = [int(leaf.split(".")[1]) if leaf.startswith("layers.") else
-              (-1 if leaf.startswith("embed") else config.n_layers) for leaf in alpha]
-    return _Candidate(name, min(layers, default=config.n_layers), alpha)
+    return _Candidate(name, min((leaf_layer(config, leaf) for leaf in alpha),
+                                default=config.n_layers), alpha)
 
 
 def _groups(candidates: Sequence[_Candidate]) -> list[list[_Candidate]]:

@@ -26,7 +26,7 @@ from jaxpatch.models.config import ModelConfig
 from jaxpatch.patch import Patch, alpha_shapes, component_entries
 from jaxpatch.prompts import Batch
 
-__all__ = ["Candidate", "ProgramPlan", "candidates_of", "is_block_local", "plan_programs",
+__all__ = ["Candidate", "ProgramPlan", "candidates_of", "leaf_layer", "is_block_local", "plan_programs",
            "alpha_rows", "available_memory_bytes", "auto_chunk_size", "is_out_of_memory"]
 
 _MATERIALIZE_BYTES = 256 * 1024**2  # at most this much of per-candidate patched weights
@@ -52,7 +52,13 @@ class Candidate:
     patch: Patch | None = None
 
 
-def _leaf_layer(config: ModelConfig, name: str) -> int:
+def leaf_layer(config: ModelConfig, name: str) -> int:
+    """The block a params leaf belongs to (-1: the embeddings; n_layers: the final modules).
+
+    Example:
+        >>> leaf_layer(cfg, "layers.1.mlp.up_proj.weight"), leaf_layer(cfg, "norm.weight")
+        (1, 2)
+    """
     if name.startswith("layers."):
         return int(name.split(".")[1])
     return -1 if name.startswith("embed") else config.n_layers
@@ -78,7 +84,7 @@ def candidates_of(config: ModelConfig,
             leaves = tuple(n for n, a in flat.items() if np.any(np.asarray(a) != 0))
             if not leaves:
                 raise PatchError(f"candidate patch {name!r} patches nothing (all coefficients 0)")
-            out.append(Candidate(name, min(_leaf_layer(config, n) for n in leaves), leaves,
+            out.append(Candidate(name, min(leaf_layer(config, n) for n in leaves), leaves,
                                  patch=patch))
         return out
     return [Candidate(c.name, c.layer, tuple(component_entries(config, c)), component=c)
