@@ -55,8 +55,8 @@ def rescale(config: ModelConfig, params: Params, selector: str, factor: float,
         The rewritten params, same dtypes; logits equal the original's up to float rounding.
 
     Raises:
-        JaxpatchError: the factor is zero, the MLP is not gated, or the selector names no neuron
-            or key/value head.
+        JaxpatchError: the factor is zero, the MLP is not gated, queries are rescaled in a model
+            with query/key norms, or the selector names no neuron or key/value head.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxpatch
@@ -74,6 +74,10 @@ def rescale(config: ModelConfig, params: Params, selector: str, factor: float,
     kv_heads = _indices(config, selector, "head", "kv_head")
     if not neurons and not kv_heads:
         raise JaxpatchError(f"decoy {selector!r} names no MLP neuron or key/value head")
+    if kv_heads and attention == "queries" and config.qk_norm is not None:
+        raise JaxpatchError(f"decoy {selector!r}: {config.family} normalizes queries and keys "
+                            "(q_norm, k_norm), which undo a rescaling of q against k only up to "
+                            "the norm's epsilon; rescale the values instead")
     if neurons and not config.gated_mlp:
         raise JaxpatchError(f"decoy {selector!r}: neurons keep their function under rescaling only "
                             f"in a gated MLP; {config.family} applies its activation to up_proj")

@@ -6,9 +6,12 @@ Granularities and component names (every name is itself a valid selector):
              layers.i.input_layernorm, layers.i.self_attn.{q,k,v,o}_proj,
              layers.i.post_attention_layernorm, layers.i.mlp.{gate,up,down}_proj,
              then norm and lm_head (untied only). A module's bias goes with its weight.
-             Gemma 3 adds layers.i.self_attn.{q,k}_norm (before o_proj), and
-             layers.i.pre_feedforward_layernorm before and post_feedforward_layernorm after
-             the MLP (its post_attention_layernorm norms attention's output).
+             Gemma 3, Qwen3 and OLMo 2 add layers.i.self_attn.{q,k}_norm (before o_proj);
+             Gemma 2 and 3 add layers.i.pre_feedforward_layernorm before and
+             post_feedforward_layernorm after the MLP (their post_attention_layernorm norms
+             attention's output); OLMo 2 has no input_layernorm, and its
+             post_attention_layernorm and post_feedforward_layernorm norm what attention and
+             the MLP add to the stream.
     head     for each block i: layers.i.self_attn[head=h] (row h of q, column h of o), then
              layers.i.self_attn[kv_head=g] (head g of k and v, shared by query heads
              g*r .. g*r+r-1 where r = n_heads / n_kv_heads).
@@ -88,14 +91,17 @@ def block_modules(config: ModelConfig) -> tuple[str, ...]:
         >>> block_modules(ModelConfig.tiny("gpt2"))[-2:]
         ('mlp.up_proj', 'mlp.down_proj')
     """
-    mlp = ("gate_proj", "up_proj", "down_proj") if config.gated_mlp else ("up_proj", "down_proj")
+    mlp = tuple(f"mlp.{m}" for m in (("gate_proj", "up_proj", "down_proj") if config.gated_mlp
+                                      else ("up_proj", "down_proj")))
     qk_norms = ("self_attn.q_norm", "self_attn.k_norm") if config.qk_norm else ()
-    attention = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                 *qk_norms, "self_attn.o_proj", "post_attention_layernorm")
-    if config.sandwich_norms:
-        return (*attention, "pre_feedforward_layernorm", *(f"mlp.{m}" for m in mlp),
-                "post_feedforward_layernorm")
-    return (*attention, *(f"mlp.{m}" for m in mlp))
+    attention = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", *qk_norms,
+                 "self_attn.o_proj")
+    if config.norm_layout == "sandwich":
+        return ("input_layernorm", *attention, "post_attention_layernorm",
+                "pre_feedforward_layernorm", *mlp, "post_feedforward_layernorm")
+    if config.norm_layout == "post":
+        return (*attention, "post_attention_layernorm", *mlp, "post_feedforward_layernorm")
+    return ("input_layernorm", *attention, "post_attention_layernorm", *mlp)
 
 
 def components(config: ModelConfig, granularity: Granularity) -> list[Component]:
@@ -224,9 +230,8 @@ def component_sites(config: ModelConfig, component: Component) -> dict[str, int 
     if component.granularity == "module":
         return {component.name: None}
     if component.granularity == "layer":
-        if config.sandwich_norms:
-            return {f"{prefix}.post_attention_layernorm": None,
-                    f"{prefix}.post_feedforward_layernorm": None}
+        if config.output_norms is not None:
+            return {f"{prefix}.{name}": None for name in config.output_norms}
         return {f"{prefix}.self_attn.o_proj": None, f"{prefix}.mlp.down_proj": None}
     if component.key == "head":
         return {f"{prefix}.heads": component.index}

@@ -73,6 +73,28 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0,
                                             "factor": 2.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
+    # Qwen3: q/k norms over each head, no biases, head_dim != d_model / n_heads, GQA, tied,
+    # sliding window (4) on the second block only.
+    "qwen3": ("qwen3", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
+        use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    # Gemma 2: attention and final logit softcapping (small caps, so that they bite), sandwich
+    # norms, sliding windows (4) in blocks 0 and 2, query_pre_attn_scalar != head_dim, GQA, tied.
+    "gemma2": ("gemma2", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=24,
+        sliding_window=4, attn_logit_softcapping=3.0, final_logit_softcapping=2.0)),
+    # OLMo 2: norms after attention and the MLP only, q/k norms over the whole projection, GQA,
+    # untied.
+    "olmo2": ("olmo2", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)),
+    # Phi-3: fused qkv_proj and gate_up_proj, GQA, untied, a sliding window (4) on every block.
+    "phi3": ("phi3", dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=4,
+        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=1)),
 }
 
 CORPUS = [
@@ -105,7 +127,7 @@ def randomize(model: Any, seed: int) -> None:
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             if "norm" in name or ".ln_" in name:
-                is_gemma = model.config.model_type in ("gemma", "gemma3_text")
+                is_gemma = model.config.model_type in ("gemma", "gemma2", "gemma3_text")
                 p.copy_(0.1 * noise + (0.0 if is_gemma or name.endswith("bias") else 1.0))
             elif name.endswith("bias"):
                 p.copy_(0.1 * noise)
@@ -197,6 +219,32 @@ def write_generation(out: Path) -> None:
     np.savez_compressed(out / "generation.npz", **generated)  # pyright: ignore[reportArgumentType]
 
 
+CONFIG_CLASSES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "qwen2": "Qwen2Config",
+                  "qwen3": "Qwen3Config", "mistral": "MistralConfig", "phi3": "Phi3Config",
+                  "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+                  "gemma3_text": "Gemma3TextConfig", "olmo2": "Olmo2Config"}
+
+
+def write_default_configs(out: Path) -> None:
+    """`default_configs.json`: every supported family's default config as the installed
+    transformers holds it (`to_dict()`) and as it writes it (`save_pretrained`), so the tests
+    check that a config transformers writes today is read."""
+    import tempfile
+
+    import transformers  # pyright: ignore[reportMissingImports]
+
+    configs: dict[str, dict[str, Any]] = {}
+    for family, class_name in CONFIG_CLASSES.items():
+        config = getattr(transformers, class_name)()
+        with tempfile.TemporaryDirectory() as folder:
+            config.save_pretrained(folder)
+            saved = json.loads((Path(folder) / "config.json").read_text())
+        configs[family] = {"to_dict": json.loads(json.dumps(config.to_dict(), default=str)),
+                           "saved": saved}
+    (out / "default_configs.json").write_text(json.dumps(configs, indent=1, sort_keys=True) + "\n")
+    print(f"default configs of {len(configs)} families -> {out / 'default_configs.json'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "tests" / "fixtures")
@@ -213,6 +261,7 @@ def main() -> None:
             if args.only is None or name in args.only:
                 build(name, family, kwargs, args.out, seed)
     write_generation(args.out)
+    write_default_configs(args.out)
     (args.out / "VERSIONS.json").write_text(json.dumps(
         {"transformers": transformers.__version__, "torch": __import__("torch").__version__},
         indent=2) + "\n")

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FLOAT32_FIXTURES = ["gpt2", "llama-gqa", "llama-mqa", "qwen2", "mistral", "gemma", "gemma3", "llama-bf16"]
+FLOAT32_FIXTURES = ["gpt2", "llama-gqa", "llama-mqa", "qwen2", "mistral", "gemma", "gemma3", "qwen3",
+                    "gemma2", "olmo2", "phi3", "llama-bf16"]
 
 
 def reference(name: str) -> dict[str, np.ndarray]:

@@ -107,7 +107,7 @@ def test_bad_direction_is_refused(pair) -> None:
         activation_patching(prepare(base, donor, make_batch(base.config, PROMPTS)), KLDivergence(), direction="zero", execution=Execution(progress=False))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma", "gemma3_text"])
+@pytest.mark.parametrize("family", ["gpt2", "gemma", "gemma3_text", "gemma2", "olmo2"])
 def test_every_site_is_recorded_and_an_edit_acts_where_it_is_made(family, pair) -> None:
     from jaxpatch.components import activation_sites
     from jaxpatch.engine.programs import clean_sites

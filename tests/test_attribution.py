@@ -86,7 +86,8 @@ def test_integrated_gradients_are_complete(direction: str) -> None:
     assert gaps[1] < 1e-3 and gaps[1] < gaps[0]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma", "gemma3_text"])
+@pytest.mark.parametrize("family", ["gpt2", "gemma", "gemma3_text", "qwen3", "gemma2", "olmo2",
+                                    "phi3"])
 def test_first_order_equals_the_gradient_of_patching_for_every_leaf(family: str) -> None:
     """Every coefficient: matmuls, norm weights (with Gemma's offset), biases, tied embeddings,
     learned positions (the Llama layout is the module-level pair's)."""

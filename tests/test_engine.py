@@ -55,6 +55,11 @@ def reference_scores(base, donor, batch, metric, components, direction="denoise"
     ("gemma", "layer", LogitDiff(), "noise"),
     ("gemma3_text", "module", VectorAnchor(layer=1), "denoise"),
     ("gemma3_text", "head", LogitDiff(), "noise"),
+    ("qwen3", "head", VectorAnchor(layer=1), "denoise"),
+    ("gemma2", "module", LogitDiff(), "denoise"),
+    ("olmo2", "module", KLDivergence(), "noise"),
+    ("olmo2", "head", VectorAnchor(layer=1), "denoise"),
+    ("phi3", "neuron", LogitDiff(), "denoise"),
 ])
 def test_sweep_equals_patching_each_candidate_alone(family, granularity, metric, direction, pair) -> None:
     base, donor = pair(family, d_ff=16)

@@ -15,6 +15,7 @@ import jaxpatch
 from jaxpatch import errors
 from jaxpatch.cli import main
 from jaxpatch.io import safetensors as st_io
+from jaxpatch.models.families import config_from_hf
 
 
 def copy_fixture(tmp_path: Path, name: str = "llama-gqa") -> Path:
@@ -59,8 +60,8 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
     folder = copy_fixture(tmp_path)
     edit_config(folder, model_type="bert")
     with pytest.raises(errors.UnsupportedArchitectureError,
-                       match=r"'bert' is not supported \(supported: gpt2, llama, qwen2, mistral, gemma, "
-                             r"gemma3_text\)"):
+                       match=r"'bert' is not supported \(supported: gpt2, llama, qwen2, qwen3, "
+                             r"mistral, phi3, gemma, gemma2, gemma3_text, olmo2\)"):
         jaxpatch.load(folder)
 
 
@@ -96,6 +97,50 @@ def test_harmless_metadata_is_accepted(tmp_path: Path) -> None:
     edit_config(folder, _name_or_path="someone/model", use_cache=False, temperature=0.7,
                 bos_token_id=1, attention_dropout=0.1)
     assert jaxpatch.load(folder).config.n_layers == 2
+
+
+@pytest.mark.parametrize("key, value", [
+    ("_model_name_or_path", "/home/someone/gemma"),  # private metadata, as transformers writes
+    ("_commit_hash", "0123abcd"),
+    ("unk_token_id", 3),  # any special token's id
+    ("image_token_ids", [5, 6]),
+    ("hidden_dropout", 0.1),  # inert at inference
+    ("auto_map", {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}),
+    ("cache_implementation", "hybrid"),  # a generation setting
+    ("use_some_future_switch", False),  # a key a newer transformers adds, at "off"
+    ("some_future_setting", None),
+    ("some_future_list", []),
+])
+def test_keys_that_cannot_change_the_numerics_are_accepted(tmp_path: Path, key: str,
+                                                           value: object) -> None:
+    folder = copy_fixture(tmp_path)
+    edit_config(folder, **{key: value})
+    assert jaxpatch.load(folder).config == jaxpatch.load(FIXTURES / "llama-gqa").config
+
+
+@pytest.mark.parametrize("key, value", [("use_some_future_switch", True),
+                                        ("some_future_scale", 0.5),
+                                        ("logit_scale", 1.0)])
+def test_an_unknown_key_with_a_value_that_is_not_off_is_refused_by_name(tmp_path: Path, key: str,
+                                                                         value: object) -> None:
+    folder = copy_fixture(tmp_path)
+    edit_config(folder, **{key: value})
+    with pytest.raises(errors.UnsupportedConfigError,
+                       match=f"key '{key}' is not understood by jaxpatch for model_type 'llama'"):
+        jaxpatch.load(folder)
+
+
+DEFAULT_CONFIGS = json.loads((FIXTURES / "default_configs.json").read_text())
+
+
+@pytest.mark.parametrize("family", sorted(DEFAULT_CONFIGS))
+@pytest.mark.parametrize("form", ["to_dict", "saved"])
+def test_every_default_config_of_the_installed_transformers_is_read(family: str, form: str) -> None:
+    """What transformers holds and writes for each supported family's default config, recorded
+    by scripts/make_fixtures.py: every key is either read or harmless."""
+    config = config_from_hf(DEFAULT_CONFIGS[family][form])
+    assert config.family == family
+    assert set(DEFAULT_CONFIGS) == set(jaxpatch.FAMILIES)
 
 
 def test_truncated_safetensors(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 import jaxpatch
+from jaxpatch.io.hf import read_config
+from jaxpatch.models.families import config_from_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -44,7 +46,8 @@ def test_fresh_random_models_match_transformers(name: str, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("family", jaxpatch.FAMILIES)
 def test_folders_written_by_jaxpatch_load_in_transformers(family: str, tmp_path: Path) -> None:
-    overrides = {"qwen2": dict(sliding_windows=(None, 3))}.get(family, {})
+    overrides = {"qwen2": dict(sliding_windows=(None, 3)), "qwen3": dict(sliding_windows=(None, 3)),
+                 "phi3": dict(sliding_windows=(3, 3))}.get(family, {})
     config = jaxpatch.ModelConfig.tiny(family, **overrides)
     if family == "llama":
         config = config.replace(rope_scaling=jaxpatch.RopeScaling("llama3", 4.0, 1.0, 4.0, 32))
@@ -55,3 +58,12 @@ def test_folders_written_by_jaxpatch_load_in_transformers(family: str, tmp_path:
     theirs = hf_logits(tmp_path / "ours", tokens, mask)
     ours = np.asarray(model(tokens, mask.astype(bool)))
     assert np.abs(ours - theirs)[mask.astype(bool)].max() < 1e-4
+
+
+@pytest.mark.parametrize("family", jaxpatch.FAMILIES)
+def test_default_configs_of_the_installed_transformers_are_read(family: str, tmp_path: Path) -> None:
+    """The same check as the recorded default_configs.json, on whatever transformers is installed."""
+    config = getattr(transformers, make_fixtures.CONFIG_CLASSES[family])()
+    config.save_pretrained(tmp_path)
+    assert config_from_hf(config.to_dict()).family == family
+    assert read_config(tmp_path).family == family

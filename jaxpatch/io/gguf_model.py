@@ -123,13 +123,14 @@ def gguf_config(header: GGUFFile) -> ModelConfig:
             head_dim=head_dim, d_ff=size("feed_forward_length"),
             max_position_embeddings=size("context_length"),
             norm_eps=float(_field(header, a + "attention.layer_norm_rms_epsilon", float, 1e-6)),
-            norm_weight_offset=1.0, activation="gelu_tanh", tie_embeddings="output.weight"
+            norm_weight_offset=1.0, norm_scale_in_float32=True, activation="gelu_tanh",
+            tie_embeddings="output.weight"
             not in header.tensors, scale_embeddings=True, rope_theta=theta,
             rope_scaling=rope_scaling,
             sliding_windows=tuple(None if (i + 1) % 6 == 0 else window for i in range(n_layers)),
             sliding_rope_theta=10_000.0, attention_scale=_query_scale(n_layers, d_model, n_heads,
-                                                                      head_dim), qk_norm=True,
-            sandwich_norms=True, metadata=json.dumps(metadata, sort_keys=True))
+                                                                      head_dim),
+            qk_norm="head_dim", norm_layout="sandwich", metadata=json.dumps(metadata, sort_keys=True))
     except ValueError as e:
         raise UnsupportedConfigError(f"{header.path}: {e}") from None
 

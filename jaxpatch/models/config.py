@@ -8,17 +8,20 @@ configs are translated into it by `jaxpatch.models.families`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Family", "FAMILIES", "ACTIVATIONS", "DTYPES", "RopeScaling", "ModelConfig", "Params",
-           "param_shapes", "init_params", "count_params"]
+__all__ = ["Family", "FAMILIES", "NormLayout", "QKNorm", "ACTIVATIONS", "DTYPES", "RopeScaling",
+           "ModelConfig", "Params", "param_shapes", "init_params", "count_params"]
 
-Family = Literal["gpt2", "llama", "qwen2", "mistral", "gemma", "gemma3_text"]
-FAMILIES: tuple[str, ...] = ("gpt2", "llama", "qwen2", "mistral", "gemma", "gemma3_text")
+Family = Literal["gpt2", "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2",
+                 "gemma3_text", "olmo2"]
+FAMILIES: tuple[str, ...] = get_args(Family)
+NormLayout = Literal["pre", "sandwich", "post"]
+QKNorm = Literal["head_dim", "projection"]
 ACTIVATIONS: tuple[str, ...] = ("gelu_tanh", "gelu", "silu", "relu")
 DTYPES: dict[str, jnp.dtype] = {
     "float32": jnp.dtype(jnp.float32),
@@ -59,6 +62,8 @@ class ModelConfig:
         norm: "layernorm" (with bias, GPT-2) or "rmsnorm".
         norm_eps: the epsilon inside the norm.
         norm_weight_offset: 1.0 for Gemma's `(1 + w)` RMSNorm, else 0.0.
+        norm_scale_in_float32: RMSNorm multiplies by its weight in float32 and then casts
+            (Gemma, OLMo 2); else it casts first and multiplies in the input's dtype (Llama).
         activation: one of `ACTIVATIONS`.
         gated_mlp: SwiGLU/GeGLU (gate, up, down) if True, else a plain up/down MLP.
         positional: "rope" or "learned".
@@ -70,12 +75,20 @@ class ModelConfig:
             same tables for every block.
         attention_scale: the factor on query-key products; None = head_dim ** -0.5 (Gemma 3:
             query_pre_attn_scalar ** -0.5).
-        qk_norm: RMSNorm over head_dim on queries and keys before the rotary embedding
-            (`self_attn.q_norm`, `self_attn.k_norm`; Gemma 3).
-        sandwich_norms: norms on what attention and the MLP add to the stream as well as before
-            them: `input_layernorm` -> attention -> `post_attention_layernorm` (+), then
-            `pre_feedforward_layernorm` -> MLP -> `post_feedforward_layernorm` (+) (Gemma 3,
-            Hugging Face's names). Without them `post_attention_layernorm` is the pre-MLP norm.
+        qk_norm: RMSNorm on queries and keys before the rotary embedding (`self_attn.q_norm`,
+            `self_attn.k_norm`): "head_dim" normalizes each head (Gemma 3, Qwen3; weight
+            `[head_dim]`), "projection" the whole projection (OLMo 2; weight `[heads,
+            head_dim]`); None: no such norms.
+        norm_layout: where a block's residual-width norms stand (Hugging Face's names):
+            "pre": `input_layernorm` before attention, `post_attention_layernorm` before the
+            MLP (Llama, GPT-2); "sandwich": also on what each adds to the stream,
+            `input_layernorm` -> attention -> `post_attention_layernorm` (+), then
+            `pre_feedforward_layernorm` -> MLP -> `post_feedforward_layernorm` (+) (Gemma 2
+            and 3); "post": only on what each adds, attention -> `post_attention_layernorm`
+            (+), MLP -> `post_feedforward_layernorm` (+) (OLMo 2).
+        attn_logit_softcap: attention scores become `cap * tanh(scores / cap)` before the
+            mask (Gemma 2); None: no capping.
+        final_logit_softcap: the same on the output logits (Gemma 2); None: no capping.
         qkv_bias, o_bias, mlp_bias: which linear maps carry a bias.
         tie_embeddings: the output projection is the transposed input embedding.
         scale_embeddings: multiply embeddings by sqrt(d_model) (Gemma).
@@ -115,8 +128,11 @@ class ModelConfig:
     sliding_windows: tuple[int | None, ...] = ()
     sliding_rope_theta: float | None = None
     attention_scale: float | None = None
-    qk_norm: bool = False
-    sandwich_norms: bool = False
+    qk_norm: QKNorm | None = None
+    norm_layout: NormLayout = "pre"
+    norm_scale_in_float32: bool = False
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
     dtype: str = "float32"
     metadata: str = "{}"
 
@@ -129,6 +145,15 @@ class ModelConfig:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
+        if self.norm_layout not in get_args(NormLayout):
+            raise ValueError(f"norm_layout must be one of {get_args(NormLayout)}, "
+                             f"got {self.norm_layout!r}")
+        if self.qk_norm not in (None, *get_args(QKNorm)):
+            raise ValueError(f"qk_norm must be None or one of {get_args(QKNorm)}, "
+                             f"got {self.qk_norm!r}")
+        if self.norm_weight_offset and not self.norm_scale_in_float32:
+            raise ValueError("norm_weight_offset (Gemma's 1 + w) is applied in float32: set "
+                             "norm_scale_in_float32=True")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if not self.sliding_windows:
@@ -150,17 +175,35 @@ class ModelConfig:
         Example:
             >>> ModelConfig.tiny("llama").block_norms
             ('input_layernorm', 'post_attention_layernorm')
+            >>> ModelConfig.tiny("olmo2").block_norms
+            ('post_attention_layernorm', 'post_feedforward_layernorm')
         """
-        if self.sandwich_norms:
+        if self.norm_layout == "sandwich":
             return ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                     "post_feedforward_layernorm")
+        if self.norm_layout == "post":
+            return ("post_attention_layernorm", "post_feedforward_layernorm")
         return ("input_layernorm", "post_attention_layernorm")
 
     @property
-    def pre_mlp_norm(self) -> str:
-        """The name of the norm before the MLP (`post_attention_layernorm` unless the block
-        has sandwich norms)."""
-        return "pre_feedforward_layernorm" if self.sandwich_norms else "post_attention_layernorm"
+    def pre_attention_norm(self) -> str | None:
+        """The name of the norm before attention (None when the block has none: OLMo 2)."""
+        return None if self.norm_layout == "post" else "input_layernorm"
+
+    @property
+    def pre_mlp_norm(self) -> str | None:
+        """The name of the norm before the MLP: `post_attention_layernorm` (pre-norm blocks),
+        `pre_feedforward_layernorm` (sandwich), None (post-norm blocks)."""
+        return {"pre": "post_attention_layernorm", "sandwich": "pre_feedforward_layernorm",
+                "post": None}[self.norm_layout]
+
+    @property
+    def output_norms(self) -> tuple[str, str] | None:
+        """The norms on what attention and the MLP add to the stream (sandwich and post-norm
+        blocks), or None."""
+        if self.norm_layout == "pre":
+            return None
+        return ("post_attention_layernorm", "post_feedforward_layernorm")
 
     @property
     def jnp_dtype(self) -> jnp.dtype:
@@ -188,7 +231,8 @@ class ModelConfig:
 
         Returns:
             A `ModelConfig` with 2 layers, d_model 32, 4 heads and vocabulary 128, shaped the
-            way the family shapes its models (GQA for Llama/Qwen2/Mistral, MQA for Gemma).
+            way the family shapes its models (GQA for Llama/Qwen2/Qwen3/Mistral/Phi-3/Gemma 2,
+            MQA for Gemma and Gemma 3, MHA for GPT-2 and OLMo 2).
 
         Example:
             >>> ModelConfig.tiny("gemma").n_kv_heads
@@ -203,16 +247,27 @@ class ModelConfig:
             "llama": dict(n_kv_heads=2),
             "qwen2": dict(n_kv_heads=2, qkv_bias=True, tie_embeddings=True),
             "mistral": dict(n_kv_heads=2),
-            "gemma": dict(n_kv_heads=1, head_dim=16, norm_weight_offset=1.0,
+            "gemma": dict(n_kv_heads=1, head_dim=16, norm_weight_offset=1.0, norm_scale_in_float32=True,
                           activation="gelu_tanh", tie_embeddings=True, scale_embeddings=True),
             "gemma3_text": dict(n_kv_heads=1, head_dim=16, norm_weight_offset=1.0,
-                                activation="gelu_tanh", tie_embeddings=True, scale_embeddings=True,
-                                sliding_rope_theta=10000.0,
-                                rope_theta=1e6, attention_scale=24**-0.5, qk_norm=True,
-                                sandwich_norms=True),
+                                norm_scale_in_float32=True, activation="gelu_tanh",
+                                tie_embeddings=True, scale_embeddings=True,
+                                sliding_rope_theta=10000.0, rope_theta=1e6,
+                                attention_scale=24**-0.5, qk_norm="head_dim",
+                                norm_layout="sandwich"),
+            "qwen3": dict(n_kv_heads=2, qk_norm="head_dim", tie_embeddings=True),
+            "gemma2": dict(n_kv_heads=2, head_dim=16, norm_weight_offset=1.0,
+                           norm_scale_in_float32=True, activation="gelu_tanh",
+                           tie_embeddings=True, scale_embeddings=True, attention_scale=24**-0.5,
+                           norm_layout="sandwich", attn_logit_softcap=50.0,
+                           final_logit_softcap=30.0),
+            "olmo2": dict(n_kv_heads=4, qk_norm="projection", norm_layout="post",
+                          norm_scale_in_float32=True),
+            "phi3": dict(n_kv_heads=2),
         }
         fields = {**common, **per_family[family], **overrides}
-        if family == "gemma3_text" and "sliding_windows" not in overrides:  # every other block slides
+        if family in ("gemma2", "gemma3_text") and "sliding_windows" not in overrides:
+            # every other block slides, the first one first
             fields["sliding_windows"] = tuple(None if i % 2 else 4 for i in range(int(fields["n_layers"])))
         return cls(family=family, **fields)  # type: ignore[arg-type]
 
@@ -268,19 +323,26 @@ def param_shapes(config: ModelConfig, dtype: jnp.dtype | None = None) -> Params:
                              c.qkv_bias),
             "o_proj": linear((c.n_heads, c.head_dim, c.d_model), (c.d_model,), c.o_bias),
         }
-        if c.qk_norm:
+        if c.qk_norm == "head_dim":
             attn.update(q_norm={"weight": leaf(c.head_dim)}, k_norm={"weight": leaf(c.head_dim)})
+        elif c.qk_norm == "projection":
+            attn.update(q_norm={"weight": leaf(c.n_heads, c.head_dim)},
+                        k_norm={"weight": leaf(c.n_kv_heads, c.head_dim)})
         mlp = {
             "up_proj": linear((c.d_model, c.d_ff), (c.d_ff,), c.mlp_bias),
             "down_proj": linear((c.d_ff, c.d_model), (c.d_model,), c.mlp_bias),
         }
         if c.gated_mlp:
             mlp = {"gate_proj": linear((c.d_model, c.d_ff), (c.d_ff,), c.mlp_bias), **mlp}
-        out = {"input_layernorm": norm(), "self_attn": attn, "post_attention_layernorm": norm()}
-        if c.sandwich_norms:
-            return {**out, "pre_feedforward_layernorm": norm(), "mlp": mlp,
+        if c.norm_layout == "sandwich":
+            return {"input_layernorm": norm(), "self_attn": attn,
+                    "post_attention_layernorm": norm(), "pre_feedforward_layernorm": norm(),
+                    "mlp": mlp, "post_feedforward_layernorm": norm()}
+        if c.norm_layout == "post":
+            return {"self_attn": attn, "post_attention_layernorm": norm(), "mlp": mlp,
                     "post_feedforward_layernorm": norm()}
-        return {**out, "mlp": mlp}
+        return {"input_layernorm": norm(), "self_attn": attn, "post_attention_layernorm": norm(),
+                "mlp": mlp}
 
     tree: Params = {"embed_tokens": {"weight": leaf(c.vocab_size, c.d_model)}}
     if c.positional == "learned":

@@ -1,9 +1,9 @@
 """One decoder-only transformer, written as pure functions over a params pytree.
 
-Every family (GPT-2, Llama, Qwen2, Mistral, Gemma) runs through the same code; the differences
-are fields of `ModelConfig`. The numerics follow Hugging Face transformers' eager attention:
-norms computed in float32 and cast back, rotary tables computed in float32 and cast to the
-activation dtype, attention softmax in float32.
+Every family (GPT-2, Llama, Qwen2/3, Mistral, Phi-3, Gemma 1/2/3, OLMo 2) runs through the same
+code; the differences are fields of `ModelConfig`. The numerics follow Hugging Face
+transformers' eager attention: norms computed in float32 and cast back, rotary tables computed
+in float32 and cast to the activation dtype, attention softmax in float32.
 
 All functions are safe under `jax.jit` (with the config static), `jax.vmap` and `jax.grad`.
 """
@@ -25,7 +25,7 @@ __all__ = ["MixedWeight", "Probe", "dense", "Edit", "ForwardOutput", "forward", 
            "lookup", "unembed", "block", "linear", "mixed_einsum", "probe_einsum",
            "attention_heads", "mlp", "activation", "norm", "attention_allowed", "stack_layers",
            "layer_at", "window_at", "run_blocks", "rope_frequencies", "Rope", "rope_tables",
-           "rope_at", "apply_rope", "KVCache", "block_cached"]
+           "rope_at", "apply_rope", "KVCache", "block_cached", "softcap"]
 
 Array = jax.Array
 
@@ -305,7 +305,20 @@ def unembed(config: ModelConfig, params: Params, x: Array, edit: Edit = _no_edit
         logits = linear({"weight": params["embed_tokens"]["weight"]}, h, "bsd,vd->bsv")
     else:
         logits = edit("lm_head", linear(params["lm_head"], h, "bsd,dv->bsv"))
-    return logits.astype(jnp.float32)
+    return softcap(logits, config.final_logit_softcap).astype(jnp.float32)
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+    """`cap * tanh(x / cap)` in x's dtype (Gemma 2's logit capping), or x when cap is None.
+
+    Example:
+        >>> round(float(softcap(jnp.asarray(100.0), 30.0)), 3)
+        29.924
+    """
+    if cap is None:
+        return x
+    c = jnp.asarray(cap, x.dtype)
+    return jnp.tanh(x / c) * c
 
 
 def block(
@@ -344,7 +357,7 @@ def block(
         >>> sorted(outs)
         ['mlp', 'self_attn', 'self_attn.heads']
     """
-    normed = edit("input_layernorm", norm(config, layer["input_layernorm"], x))
+    normed = _pre_norm(config, layer, config.pre_attention_norm, x, edit)
     heads = edit("self_attn.heads",
                  attention_heads(config, layer["self_attn"], normed, allowed, rope, queries, edit))
     if queries is not None:
@@ -357,17 +370,20 @@ def _after_attention(config: ModelConfig, layer: Params, x: Array, heads: Array,
     """The rest of a block once its heads are computed: o_proj (and its post-norm), the
     residual, the MLP (and its norms), the residual."""
     attn_out = edit("self_attn.o_proj", linear(layer["self_attn"]["o_proj"], heads, "bshk,hkd->bsd"))
-    if config.sandwich_norms:
-        attn_out = edit("post_attention_layernorm",
-                        norm(config, layer["post_attention_layernorm"], attn_out))
+    output_norms = config.output_norms
+    if output_norms is not None:
+        attn_out = edit(output_norms[0], norm(config, layer[output_norms[0]], attn_out))
     x = x + attn_out
-    normed = edit(config.pre_mlp_norm, norm(config, layer[config.pre_mlp_norm], x))
-    mlp_out = mlp(config, layer["mlp"], normed, edit)
-    if config.sandwich_norms:
-        mlp_out = edit("post_feedforward_layernorm",
-                       norm(config, layer["post_feedforward_layernorm"], mlp_out))
+    mlp_out = mlp(config, layer["mlp"], _pre_norm(config, layer, config.pre_mlp_norm, x, edit), edit)
+    if output_norms is not None:
+        mlp_out = edit(output_norms[1], norm(config, layer[output_norms[1]], mlp_out))
     x = x + mlp_out
     return x, {"self_attn": attn_out, "self_attn.heads": heads, "mlp": mlp_out}
+
+
+def _pre_norm(config: ModelConfig, layer: Params, name: str | None, x: Array, edit: Edit) -> Array:
+    """The named norm of a block applied to the stream (x itself when the block has none)."""
+    return x if name is None else edit(name, norm(config, layer[name], x))
 
 
 def linear(module: Params, x: Array, spec: str) -> Array:
@@ -529,10 +545,19 @@ def _projections(config: ModelConfig, attn: Params, h_q: Array, h: Array,
     q = edit("self_attn.q_proj", linear(attn["q_proj"], h_q, "bsd,dhk->bshk"))
     k = edit("self_attn.k_proj", linear(attn["k_proj"], h, "bsd,dhk->bshk"))
     v = edit("self_attn.v_proj", linear(attn["v_proj"], h, "bsd,dhk->bshk"))
-    if config.qk_norm:
-        q = edit("self_attn.q_norm", norm(config, attn["q_norm"], q))
-        k = edit("self_attn.k_norm", norm(config, attn["k_norm"], k))
+    if config.qk_norm is not None:
+        q = edit("self_attn.q_norm", _qk_norm(config, attn["q_norm"], q))
+        k = edit("self_attn.k_norm", _qk_norm(config, attn["k_norm"], k))
     return q, k, v
+
+
+def _qk_norm(config: ModelConfig, params: Params, x: Array) -> Array:
+    """A query or key norm of `[b, s, heads, head_dim]`: over each head (`qk_norm="head_dim"`)
+    or over the whole projection, all heads together (`"projection"`)."""
+    if config.qk_norm == "head_dim":
+        return norm(config, params, x)
+    flat = {"weight": dense(params["weight"]).reshape(-1)}
+    return norm(config, flat, x.reshape(*x.shape[:-2], -1)).reshape(x.shape)
 
 
 def _attend(config: ModelConfig, q: Array, k: Array, v: Array, allowed: Array) -> Array:
@@ -543,7 +568,7 @@ def _attend(config: ModelConfig, q: Array, k: Array, v: Array, allowed: Array) -
     q = q.reshape(batch, n_queries, config.n_kv_heads, group, config.head_dim)
     scale = config.head_dim**-0.5 if config.attention_scale is None else config.attention_scale
     scores = jnp.einsum("bqgrk,bsgk->bgrqs", q, k) * jnp.asarray(scale, q.dtype)
-    scores = scores.astype(jnp.float32)
+    scores = softcap(scores, config.attn_logit_softcap).astype(jnp.float32)
     scores = jnp.where(allowed[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v)
@@ -608,8 +633,8 @@ def norm(config: ModelConfig, params: Params, x: Array) -> Array:
         y = y * params["weight"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
         return y.astype(dtype)
     y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + config.norm_eps)
-    if config.norm_weight_offset:
-        # Gemma: (1 + w) applied in float32, then cast.
+    if config.norm_scale_in_float32:
+        # Gemma: (1 + w), OLMo 2: w, applied in float32, then cast.
         return (y * (config.norm_weight_offset + params["weight"].astype(jnp.float32))).astype(dtype)
     # Llama: cast first, then scale in the weight's dtype.
     return params["weight"] * y.astype(dtype)
@@ -844,7 +869,7 @@ def block_cached(config: ModelConfig, layer: Params, x: Array, cache: KVCache, p
         >>> bool(jnp.allclose(y, block(cfg, p, x, allowed, rope)[0], atol=1e-6))
         True
     """
-    normed = edit("input_layernorm", norm(config, layer["input_layernorm"], x))
+    normed = _pre_norm(config, layer, config.pre_attention_norm, x, edit)
     q, k, v = _projections(config, layer["self_attn"], normed, normed, edit)
     if rope is not None:
         cos, sin = (jnp.take(t, positions, axis=0) for t in rope)

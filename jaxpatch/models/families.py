@@ -8,6 +8,7 @@ Hugging Face tensor to canonical leaves with a small reshape in each direction.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -37,7 +38,8 @@ HARMLESS_KEYS = frozenset("""
     exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
     attention_dropout attn_pdrop embd_pdrop resid_pdrop summary_type summary_use_proj
     summary_activation summary_proj_to_labels summary_first_dropout
-    _attn_implementation_autoset n_ctx pretraining_tp
+    _attn_implementation_autoset n_ctx pretraining_tp cache_implementation auto_map
+    custom_pipelines
 """.split())
 # Harmless keys whose values are kept so that a saved checkpoint carries them again.
 KEPT_METADATA = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -45,9 +47,13 @@ ARCHITECTURES = {
     "gpt2": ("GPT2LMHeadModel", "GPT2Model"),
     "llama": ("LlamaForCausalLM", "LlamaModel"),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Model"),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Model"),
     "mistral": ("MistralForCausalLM", "MistralModel"),
+    "phi3": ("Phi3ForCausalLM", "Phi3Model"),
     "gemma": ("GemmaForCausalLM", "GemmaModel"),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Model"),
     "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextModel"),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Model"),
 }
 # Sizes and counts a config claims: integers in [low, high], checked when read, so that nothing
 # is ever built from an absurd claim before the weight files are compared with it.
@@ -64,7 +70,8 @@ SIZE_BOUNDS: dict[str, tuple[int, int]] = {
 }
 # Real numbers a config claims: finite and positive.
 POSITIVE_NUMBERS = frozenset({"rms_norm_eps", "layer_norm_epsilon", "rope_theta",
-                              "rope_local_base_freq", "query_pre_attn_scalar"})
+                              "rope_local_base_freq", "query_pre_attn_scalar",
+                              "attn_logit_softcapping", "final_logit_softcapping"})
 # Switches: JSON booleans.
 SWITCHES = frozenset({"tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
                       "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
@@ -146,8 +153,10 @@ class ConfigReader:
         return ours
 
     def finish(self) -> None:
-        """Refuses the config if it holds a key that is neither understood nor harmless."""
-        unknown = sorted(set(self.raw) - self.used - HARMLESS_KEYS)
+        """Refuses the config if it holds a key that is neither understood nor harmless
+        (`is_harmless_key`)."""
+        unknown = sorted(key for key in set(self.raw) - self.used
+                         if not is_harmless_key(key, self.raw[key]))
         if unknown:
             raise UnsupportedConfigError(
                 f"{self.source}: key {unknown[0]!r} is not understood by jaxpatch for "
@@ -159,6 +168,27 @@ class ConfigReader:
         """The kept metadata entries as a JSON string."""
         return json.dumps({k: self.raw[k] for k in KEPT_METADATA if self.raw.get(k) is not None},
                           sort_keys=True)
+
+
+def is_harmless_key(key: str, value: Any) -> bool:
+    """Whether a config entry no family reads leaves the numerics of inference alone, by its
+    class: a known harmless key (`HARMLESS_KEYS`: generation settings, labels, bookkeeping);
+    private metadata (`_name_or_path`, `_commit_hash`: a leading underscore); a special token's
+    id (`*_token_id`, `*_token_ids`); a dropout rate (inert at inference); or any key at a value
+    that means "off" (null, false, an empty string, list or object), as a newer transformers
+    writes the switches it adds. Anything else may change the numerics.
+
+    Example:
+        >>> is_harmless_key("_model_name_or_path", "/some/dir"), is_harmless_key("unk_token_id", 3)
+        (True, True)
+        >>> is_harmless_key("use_new_thing", False), is_harmless_key("use_new_thing", True)
+        (True, False)
+    """
+    if key in HARMLESS_KEYS or key.startswith("_"):
+        return True
+    if key.endswith(("_token_id", "_token_ids")) or "dropout" in key or key.endswith("pdrop"):
+        return True
+    return value is None or value is False or value in ("", [], {})
 
 
 def config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -292,19 +322,49 @@ def _mistral(r: ConfigReader) -> ModelConfig:
     return _llama_like(r, "mistral", sliding_windows=(r.get("sliding_window"),) * n_layers)
 
 
-def _qwen2(r: ConfigReader) -> ModelConfig:
-    n_layers = r.require("num_hidden_layers")
+def _qwen_windows(r: ConfigReader) -> tuple[int | None, ...]:
+    """Qwen2/Qwen3's sliding windows: none unless `use_sliding_window`, then from block
+    `max_window_layers` on (or as `layer_types` says)."""
     window = r.get("sliding_window")  # read either way: it is inert without use_sliding_window
     window = window if r.get("use_sliding_window", False) else None
     first_sliding = r.get("max_window_layers", 28)
+    return _layer_windows(r, window, lambda i: window is not None and i >= first_sliding)
+
+
+def _layer_windows(r: ConfigReader, window: int | None,
+                   slides: Callable[[int], bool]) -> tuple[int | None, ...]:
+    """Each block's window from `layer_types` ("sliding_attention" or "full_attention"), or,
+    when the config has none, from `slides(block)`."""
+    n_layers = r.require("num_hidden_layers")
     types = r.get("layer_types") or [
-        "sliding_attention" if window is not None and i >= first_sliding else "full_attention"
-        for i in range(n_layers)]
-    unknown = set(types) - {"sliding_attention", "full_attention"}
-    if unknown or len(types) != n_layers:
+        "sliding_attention" if slides(i) else "full_attention" for i in range(n_layers)]
+    if (not isinstance(types, list) or set(types) - {"sliding_attention", "full_attention"}
+            or len(types) != n_layers):
         raise UnsupportedConfigError(f"{r.source}: layer_types {types!r} is not supported")
-    windows = tuple(window if t == "sliding_attention" else None for t in types)
-    return _llama_like(r, "qwen2", qkv_bias=True, sliding_windows=windows)
+    return tuple(window if t == "sliding_attention" else None for t in types)
+
+
+def _qwen2(r: ConfigReader) -> ModelConfig:
+    return _llama_like(r, "qwen2", qkv_bias=True, sliding_windows=_qwen_windows(r))
+
+
+def _qwen3(r: ConfigReader) -> ModelConfig:
+    bias = r.get("attention_bias", False)
+    return _llama_like(r, "qwen3", qkv_bias=bias, o_bias=bias, qk_norm="head_dim",
+                       sliding_windows=_qwen_windows(r))
+
+
+def _olmo2(r: ConfigReader) -> ModelConfig:
+    bias = r.get("attention_bias", False)
+    return _llama_like(r, "olmo2", qkv_bias=bias, o_bias=bias, qk_norm="projection",
+                       norm_layout="post", norm_scale_in_float32=True)
+
+
+def _phi3(r: ConfigReader) -> ModelConfig:
+    r.expect("attention_bias", [False], False)  # Phi-3's projections never carry biases
+    r.get("original_max_position_embeddings")  # only read by longrope, which is refused
+    n_layers = r.require("num_hidden_layers")
+    return _llama_like(r, "phi3", sliding_windows=(r.get("sliding_window"),) * n_layers)
 
 
 def _gemma(r: ConfigReader) -> ModelConfig:
@@ -315,22 +375,36 @@ def _gemma(r: ConfigReader) -> ModelConfig:
         act = "gelu_tanh" if r.get("hidden_act") == "gelu" else r.activation("hidden_act",
                                                                             "gelu_pytorch_tanh")
     bias = r.get("attention_bias", False)
-    return _llama_like(r, "gemma", activation=act, norm_weight_offset=1.0, scale_embeddings=True,
+    return _llama_like(r, "gemma", activation=act, norm_weight_offset=1.0,
+                       norm_scale_in_float32=True, scale_embeddings=True,
                        qkv_bias=bias, o_bias=bias, tie_embeddings=r.get("tie_word_embeddings", True))
 
 
-def _gemma3_text(r: ConfigReader) -> ModelConfig:
+def _gemma_2_and_3(r: ConfigReader, family: str, pattern: int, **fields: Any) -> ModelConfig:
+    """What Gemma 2 and Gemma 3 share: sandwich norms, `(1 + w)` norms, scaled embeddings,
+    `query_pre_attn_scalar`, logit softcapping, and every `pattern`-th block attending fully
+    (the others slide) unless `layer_types` says otherwise."""
     r.expect("use_bidirectional_attention", [None, False], None)
-    r.expect("final_logit_softcapping", [None], None)
-    r.expect("attn_logit_softcapping", [None], None)
-    n_layers = r.require("num_hidden_layers")
+    r.get("hidden_act")  # transformers reads hidden_activation; hidden_act is a leftover
+    bias = r.get("attention_bias", False)
+    windows = _layer_windows(r, r.get("sliding_window", 4096), lambda i: bool((i + 1) % pattern))
+    return _llama_like(
+        r, family, activation=r.activation("hidden_activation", "gelu_pytorch_tanh"),
+        norm_weight_offset=1.0, norm_scale_in_float32=True, scale_embeddings=True,
+        qkv_bias=bias, o_bias=bias, tie_embeddings=r.get("tie_word_embeddings", True),
+        head_dim=r.get("head_dim", 256), sliding_windows=windows,
+        attention_scale=float(r.get("query_pre_attn_scalar", 256)) ** -0.5,
+        norm_layout="sandwich", attn_logit_softcap=r.get("attn_logit_softcapping"),
+        final_logit_softcap=r.get("final_logit_softcapping"), **fields)
+
+
+def _gemma2(r: ConfigReader) -> ModelConfig:
+    return _gemma_2_and_3(r, "gemma2", 2, max_position_embeddings=r.get("max_position_embeddings",
+                                                                         8192))
+
+
+def _gemma3_text(r: ConfigReader) -> ModelConfig:
     pattern = r.get("sliding_window_pattern", r.get("_sliding_window_pattern", 6))
-    types = r.get("layer_types") or [
-        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
-    if set(types) - {"sliding_attention", "full_attention"} or len(types) != n_layers:
-        raise UnsupportedConfigError(f"{r.source}: layer_types {types!r} is not supported")
-    window = r.get("sliding_window", 4096)
-    windows = tuple(window if t == "sliding_attention" else None for t in types)
     # 5.x: rope_parameters per layer type; 4.x: rope_theta, rope_local_base_freq, rope_scaling.
     per_type = r.get("rope_parameters", {})
     if not isinstance(per_type, dict):
@@ -342,25 +416,17 @@ def _gemma3_text(r: ConfigReader) -> ModelConfig:
     if _rope_scaling(r.source, local) is not None:
         raise UnsupportedConfigError(f"{r.source}: rope scaling of sliding-window layers is not "
                                      "supported")
-    bias = r.get("attention_bias", False)
-    act = r.activation("hidden_activation", "gelu_pytorch_tanh")
-    scalar = r.get("query_pre_attn_scalar", 256)
-    if not isinstance(scalar, (int, float)) or scalar <= 0:
-        raise UnsupportedConfigError(f"{r.source}: query_pre_attn_scalar={scalar!r} is not a "
-                                     "positive number")
-    return _llama_like(
-        r, "gemma3_text", activation=act, norm_weight_offset=1.0, scale_embeddings=True,
-        qkv_bias=bias, o_bias=bias, tie_embeddings=r.get("tie_word_embeddings", True),
-        head_dim=r.get("head_dim", 256), max_position_embeddings=r.get("max_position_embeddings",
-                                                                         131_072),
-        rope_theta=theta, rope_scaling=_rope_scaling(r.source, full), sliding_windows=windows,
-        sliding_rope_theta=local_theta, attention_scale=float(scalar) ** -0.5, qk_norm=True,
-        sandwich_norms=True)
+    return _gemma_2_and_3(
+        r, "gemma3_text", pattern,
+        max_position_embeddings=r.get("max_position_embeddings", 131_072), rope_theta=theta,
+        rope_scaling=_rope_scaling(r.source, full), sliding_rope_theta=local_theta,
+        qk_norm="head_dim")
 
 
 TRANSLATORS: dict[str, Callable[[ConfigReader], ModelConfig]] = {
-    "gpt2": _gpt2, "llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "gemma": _gemma,
-    "gemma3_text": _gemma3_text,
+    "gpt2": _gpt2, "llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "mistral": _mistral,
+    "phi3": _phi3, "gemma": _gemma, "gemma2": _gemma2, "gemma3_text": _gemma3_text,
+    "olmo2": _olmo2,
 }
 
 
@@ -392,27 +458,30 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
                 scaling.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
                                original_max_position_embeddings=s.original_max_position_embeddings)
             out["rope_scaling"] = scaling
+    window = next((w for w in c.sliding_windows if w is not None), None)
+    layer_types = ["full_attention" if w is None else "sliding_attention" for w in c.sliding_windows]
+    if c.family in ("llama", "qwen3", "olmo2", "gemma", "gemma2", "gemma3_text"):
+        out["attention_bias"] = c.qkv_bias
     if c.family == "llama":
-        out.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
-    if c.family in ("gemma", "gemma3_text"):
-        out.update(attention_bias=c.qkv_bias, hidden_activation=hf_act[c.activation])
-    if c.family == "gemma3_text":
+        out["mlp_bias"] = c.mlp_bias
+    if c.family in ("gemma", "gemma2", "gemma3_text"):
+        out["hidden_activation"] = hf_act[c.activation]
+    if c.family in ("gemma2", "gemma3_text"):
         scalar = c.head_dim if c.attention_scale is None else c.attention_scale ** -2
-        window = next((w for w in c.sliding_windows if w is not None), None)
         out.update(query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-9
-                   else scalar, sliding_window=window,
-                   rope_local_base_freq=c.sliding_rope_theta or c.rope_theta,
-                   layer_types=["full_attention" if w is None else "sliding_attention"
-                                for w in c.sliding_windows])
-    if c.family == "mistral":
+                   else scalar, sliding_window=window, layer_types=layer_types,
+                   attn_logit_softcapping=c.attn_logit_softcap,
+                   final_logit_softcapping=c.final_logit_softcap)
+    if c.family == "gemma3_text":
+        out["rope_local_base_freq"] = c.sliding_rope_theta or c.rope_theta
+    if c.family in ("mistral", "phi3"):
         out["sliding_window"] = c.sliding_windows[0]
-    if c.family == "qwen2":
-        window = next((w for w in c.sliding_windows if w is not None), None)
+    if c.family in ("qwen2", "qwen3"):
         out.update(use_sliding_window=window is not None, sliding_window=window,
-                   max_window_layers=c.n_layers,
-                   layer_types=["full_attention" if w is None else "sliding_attention"
-                                for w in c.sliding_windows])
-    out.update(json.loads(c.metadata))
+                   max_window_layers=c.n_layers, layer_types=layer_types)
+    # Token ids the model was not given are written as null, so that transformers does not
+    # fill in its class defaults (Phi-3's pad id 32000 lies outside a small vocabulary).
+    out.update({**dict.fromkeys(KEPT_METADATA), **json.loads(c.metadata)})
     return out
 
 
@@ -521,35 +590,90 @@ def _gpt2_rules(c: ModelConfig) -> list[TensorRule]:
     return rules
 
 
-def _llama_rules(c: ModelConfig) -> list[TensorRule]:
+def _split_rows(hf_name: str, leaves: tuple[str, ...],
+                shapes: tuple[tuple[int, ...], ...]) -> TensorRule:
+    """A fused `torch.nn.Linear` weight (`[sum of outputs, in]`, Phi-3's `qkv_proj` and
+    `gate_up_proj`) split by rows into input-major leaves (`[in, *output axes]` each)."""
+    n_in = shapes[0][0]
+    sizes = [math.prod(shape[1:]) for shape in shapes]
+    cuts = list(np.cumsum(sizes)[:-1])
+
+    def to_canonical(a: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(part.T.reshape(shape) for part, shape in zip(np.split(a, cuts), shapes))
+
+    def to_hf(xs: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate([x.reshape(n_in, -1).T for x in xs], axis=0)
+
+    return TensorRule(hf_name, (sum(sizes), n_in), leaves, to_canonical, to_hf)
+
+
+def _attention_rules(c: ModelConfig, hf: str, ours: str) -> list[TensorRule]:
+    """One block's attention tensors: q, k, v (fused for Phi-3), their norms, o."""
     d, k = c.d_model, c.head_dim
+    heads = {"q_proj": c.n_heads, "k_proj": c.n_kv_heads, "v_proj": c.n_kv_heads}
+    if c.family == "phi3":
+        rules = [_split_rows(f"{hf}.self_attn.qkv_proj.weight",
+                             tuple(f"{ours}.self_attn.{p}.weight" for p in heads),
+                             tuple((d, n, k) for n in heads.values()))]
+    else:
+        rules = [_torch_linear(f"{hf}.self_attn.{p}.weight", f"{ours}.self_attn.{p}.weight",
+                               (d, n, k), 1) for p, n in heads.items()]
+    if c.qkv_bias:
+        rules += [_reshaped(f"{hf}.self_attn.{p}.bias", f"{ours}.self_attn.{p}.bias", (n * k,), (n, k))
+                  for p, n in heads.items()]
+    if c.qk_norm == "head_dim":
+        rules += [_copy(f"{hf}.self_attn.{n}.weight", f"{ours}.self_attn.{n}.weight", (k,))
+                  for n in ("q_norm", "k_norm")]
+    elif c.qk_norm == "projection":
+        rules += [_reshaped(f"{hf}.self_attn.{n}.weight", f"{ours}.self_attn.{n}.weight",
+                            (count * k,), (count, k))
+                  for n, count in (("q_norm", c.n_heads), ("k_norm", c.n_kv_heads))]
+    rules.append(_torch_linear(f"{hf}.self_attn.o_proj.weight", f"{ours}.self_attn.o_proj.weight",
+                               (c.n_heads, k, d), 2))
+    if c.o_bias:
+        rules.append(_copy(f"{hf}.self_attn.o_proj.bias", f"{ours}.self_attn.o_proj.bias", (d,)))
+    return rules
+
+
+def _mlp_rules(c: ModelConfig, hf: str, ours: str) -> list[TensorRule]:
+    """One block's MLP tensors: gate and up (fused for Phi-3), down."""
+    d = c.d_model
+    shapes = {"gate_proj": (d, c.d_ff), "up_proj": (d, c.d_ff), "down_proj": (c.d_ff, d)}
+    if c.family == "phi3":
+        rules = [_split_rows(f"{hf}.mlp.gate_up_proj.weight",
+                             (f"{ours}.mlp.gate_proj.weight", f"{ours}.mlp.up_proj.weight"),
+                             ((d, c.d_ff), (d, c.d_ff))),
+                 _torch_linear(f"{hf}.mlp.down_proj.weight", f"{ours}.mlp.down_proj.weight",
+                               shapes["down_proj"], 1)]
+    else:
+        rules = [_torch_linear(f"{hf}.mlp.{p}.weight", f"{ours}.mlp.{p}.weight", shape, 1)
+                 for p, shape in shapes.items()]
+    if c.mlp_bias:
+        rules += [_copy(f"{hf}.mlp.{p}.bias", f"{ours}.mlp.{p}.bias", (shape[1],))
+                  for p, shape in shapes.items()]
+    return rules
+
+
+def _norm_rule(hf: str, ours: str, d: int, name: str) -> TensorRule:
+    """A block's residual-width norm `name`, with the block's Hugging Face and canonical prefix."""
+    return _copy(f"{hf}.{name}.weight", f"{ours}.{name}.weight", (d,))
+
+
+def _llama_rules(c: ModelConfig) -> list[TensorRule]:
+    d = c.d_model
     rules = [_copy("model.embed_tokens.weight", "embed_tokens.weight", (c.vocab_size, d))]
     for i in range(c.n_layers):
         hf, ours = f"model.layers.{i}", f"layers.{i}"
-        norms = [_copy(f"{hf}.{n}.weight", f"{ours}.{n}.weight", (d,)) for n in c.block_norms]
-        rules.append(norms[0])
-        for proj, heads in (("q_proj", c.n_heads), ("k_proj", c.n_kv_heads), ("v_proj", c.n_kv_heads)):
-            name = f"self_attn.{proj}"
-            rules.append(_torch_linear(f"{hf}.{name}.weight", f"{ours}.{name}.weight",
-                                       (d, heads, k), 1))
-            if c.qkv_bias:
-                rules.append(_reshaped(f"{hf}.{name}.bias", f"{ours}.{name}.bias", (heads * k,),
-                                       (heads, k)))
-        if c.qk_norm:
-            rules += [_copy(f"{hf}.self_attn.{n}.weight", f"{ours}.self_attn.{n}.weight", (k,))
-                      for n in ("q_norm", "k_norm")]
-        rules.append(_torch_linear(f"{hf}.self_attn.o_proj.weight", f"{ours}.self_attn.o_proj.weight",
-                                   (c.n_heads, k, d), 2))
-        if c.o_bias:
-            rules.append(_copy(f"{hf}.self_attn.o_proj.bias", f"{ours}.self_attn.o_proj.bias", (d,)))
-        rules += norms[1:3]
-        for proj, shape in (("gate_proj", (d, c.d_ff)), ("up_proj", (d, c.d_ff)),
-                            ("down_proj", (c.d_ff, d))):
-            name = f"mlp.{proj}"
-            rules.append(_torch_linear(f"{hf}.{name}.weight", f"{ours}.{name}.weight", shape, 1))
-            if c.mlp_bias:
-                rules.append(_copy(f"{hf}.{name}.bias", f"{ours}.{name}.bias", (shape[1],)))
-        rules += norms[3:]
+        norm = functools.partial(_norm_rule, hf, ours, d)
+        if c.pre_attention_norm is not None:
+            rules.append(norm(c.pre_attention_norm))
+        rules += _attention_rules(c, hf, ours)
+        rules.append(norm("post_attention_layernorm"))
+        if c.norm_layout == "sandwich":
+            rules.append(norm("pre_feedforward_layernorm"))
+        rules += _mlp_rules(c, hf, ours)
+        if c.output_norms is not None:
+            rules.append(norm("post_feedforward_layernorm"))
     rules.append(_copy("model.norm.weight", "norm.weight", (d,)))
     if not c.tie_embeddings:
         rules.append(_torch_linear("lm_head.weight", "lm_head.weight", (d, c.vocab_size), 1))
