@@ -4,7 +4,8 @@ The suite compiles hundreds of small programs and runs each a few times, so XLA'
 skips LLVM's optimization of the generated code (`--xla_backend_optimization_level=0`): the
 suite takes a fifth less time and the same numbers pass (the golden-fixture parity included).
 Two fake CPU devices are there for sharding tests. An `XLA_FLAGS` set by the caller replaces
-both flags. The persistent compilation cache is off unless a test turns it on.
+both flags. The persistent compilation cache is off unless a test turns it on, and the Hugging
+Face hub is off (`HF_HUB_OFFLINE=1`): nothing in the suite reaches the network.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2 "
                                    "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAXPATCH_COMPILE_CACHE", "0")  # hermetic: tests that use it say so
+# No test touches the network: a hub name resolves from a cache a test builds, or fails.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 

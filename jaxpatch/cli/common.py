@@ -29,8 +29,11 @@ Command = Callable[..., argparse.ArgumentParser]
 
 def add_run_arguments(p: argparse.ArgumentParser, direction: bool = True) -> None:
     """The flags shared by commands that score components of a base/donor pair."""
-    p.add_argument("--base", required=True, help="base checkpoint folder")
-    p.add_argument("--donor", required=True, help="donor (behavior-specialized) checkpoint folder")
+    p.add_argument("--base", required=True,
+                   help="base model: a checkpoint folder, a GGUF file or a Hugging Face hub name "
+                        "(NAME or NAME@REVISION, read from the Hugging Face cache)")
+    p.add_argument("--donor", required=True,
+                   help="donor (behavior-specialized) model: folder, GGUF file or hub name")
     p.add_argument("--prompts", required=True, help='JSON Lines: {"text": ...} or {"tokens": [...]}')
     p.add_argument("--granularity", choices=["module", "head", "neuron", "layer"], default="module",
                    help="what a component is (default module)")
@@ -148,7 +151,7 @@ def prepare_run(args: argparse.Namespace,
     from jaxpatch.mesh import default_mesh, make_mesh
     from jaxpatch.metrics import metric_from_name
     from jaxpatch.prompts import greedy_continuations, make_batch, read_prompts
-    from jaxpatch.runs.fingerprint import checkpoint_fingerprint, file_sha256, versions
+    from jaxpatch.runs.fingerprint import file_sha256, versions
 
     if args.out and resumable and is_writer():  # refuse an unusable folder before any work
         RunLog.check_folder(args.out, args.overwrite)
@@ -171,8 +174,7 @@ def prepare_run(args: argparse.Namespace,
         continuations = greedy_continuations(donor.config, donor.params, prompts,
                                              args.continuation_tokens)
     batch = make_batch(base.config, prompts, positions_of(args), continuations)
-    inputs = {"base": {"path": args.base, "sha256": checkpoint_fingerprint(base)},
-              "donor": {"path": args.donor, "sha256": checkpoint_fingerprint(donor)},
+    inputs = {"base": model_record(args.base, base), "donor": model_record(args.donor, donor),
               "prompts": {"path": args.prompts, "sha256": file_sha256(args.prompts),
                           "count": len(prompts)},
               "anchor_file": None if not args.anchor_file else {
@@ -186,6 +188,23 @@ def prepare_run(args: argparse.Namespace,
 
         save_anchor(args.save_anchor, pair.endpoints(metric).state, layer)  # prepared once
     return pair, metric, inputs
+
+
+def model_record(given: str, model: Any) -> dict[str, Any]:
+    """What a run records of a model: the path or hub name as given, the hub commit its cached
+    snapshot holds (None for a local folder) and the checkpoint's SHA-256.
+
+    Example:
+        >>> import jaxpatch
+        >>> model_record("m", jaxpatch.load(fixtures / "gpt2"))["revision"] is None
+        True
+    """
+    from jaxpatch.io.hub import hub_revision
+    from jaxpatch.runs.fingerprint import checkpoint_fingerprint
+
+    hub = hub_revision(model.source)
+    return {"path": given, "revision": None if hub is None else hub[1],
+            "sha256": checkpoint_fingerprint(model)}
 
 
 # Flags that change no number of a run: a resumed run may differ in them.

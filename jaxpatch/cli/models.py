@@ -13,14 +13,17 @@ from jaxpatch.errors import InvalidInputError
 
 __all__ = ["register"]
 
+CHECKPOINT_HELP = ("Hugging Face or jaxpatch Orbax checkpoint folder, a .gguf file, or a Hugging "
+                   "Face hub name (NAME or NAME@REVISION, read from the Hugging Face cache)")
+
 
 def register(command: Command) -> None:
     """Adds this group's commands to the parser."""
     p = command("info", _info, "print a checkpoint's architecture and parameter count")
-    p.add_argument("checkpoint", help="Hugging Face or jaxpatch Orbax checkpoint folder, or a .gguf file")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
 
     p = command("forward", _forward, "run a forward pass and print the top next-token predictions")
-    p.add_argument("checkpoint", help="Hugging Face or jaxpatch Orbax checkpoint folder, or a .gguf file")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--text", help="text to tokenize with the checkpoint's tokenizer.json")
     group.add_argument("--tokens", help="comma-separated token ids")
@@ -28,7 +31,7 @@ def register(command: Command) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params")
 
     p = command("convert", _convert, "write a checkpoint in another format or dtype")
-    p.add_argument("source", help="checkpoint folder or .gguf file to read (never modified)")
+    p.add_argument("source", help=CHECKPOINT_HELP + " to read (never modified)")
     p.add_argument("destination", help="folder to create")
     p.add_argument("--format", choices=["hf", "orbax"], default="hf")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params")
@@ -37,6 +40,7 @@ def register(command: Command) -> None:
 
 def _info(args: argparse.Namespace) -> None:
     import jaxpatch
+    from jaxpatch.io.hub import hub_revision
 
     model = jaxpatch.load(args.checkpoint)
     c = model.config
@@ -47,6 +51,9 @@ def _info(args: argparse.Namespace) -> None:
           f"kv heads {c.n_kv_heads} [{attention}], d_ff {c.d_ff}, vocab {c.vocab_size}, "
           f"context {c.max_position_embeddings}")
     print(f"  tokenizer: {'yes' if model.tokenizer is not None else 'none'}")
+    hub = hub_revision(model.source)
+    if hub is not None:
+        print(f"  hub: {hub[0]} at commit {hub[1]} ({model.source})")
 
 
 def _forward(args: argparse.Namespace) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Literal
 
 from jax.sharding import Mesh
@@ -13,24 +12,29 @@ from jax.sharding import Mesh
 from jaxpatch.errors import CheckpointNotFoundError
 from jaxpatch.io.gguf_model import is_gguf, load_gguf
 from jaxpatch.io.hf import load_hf, save_hf
+from jaxpatch.io.hub import resolve
 from jaxpatch.io.orbax import is_orbax_checkpoint, load_orbax, save_orbax
 from jaxpatch.mesh import MeshLike, make_mesh, place_params
 from jaxpatch.models.model import Model
 
 
 def load(path: str | os.PathLike[str], dtype: str | None = None,
-         mesh: MeshLike | None = None) -> Model:
-    """Loads a model from a Hugging Face checkpoint folder, a jaxpatch Orbax folder or a GGUF
-    file.
+         mesh: MeshLike | None = None, revision: str | None = None) -> Model:
+    """Loads a model from a Hugging Face checkpoint folder, a jaxpatch Orbax folder, a GGUF
+    file, or by its Hugging Face hub name.
 
     Arguments:
-        path: the checkpoint folder, or a `.gguf` file (dequantized; needs the `gguf` extra
-            for quantized tensors).
+        path: the checkpoint folder, a `.gguf` file (dequantized; needs the `gguf` extra for
+            quantized tensors), or a hub name such as `Qwen/Qwen3-0.6B` (`NAME@REVISION` for a
+            branch, tag or commit): read from the Hugging Face cache, fetched into it when
+            missing (`jaxpatch.io.hub`; `HF_HUB_OFFLINE=1` keeps it local). A local path wins
+            over a name.
         dtype: cast floating params to "float32", "bfloat16" or "float16" (default: as stored;
             float32 for GGUF).
         mesh: place the params on a mesh, split along its `model` axis (`jaxpatch.mesh`): a
             Hugging Face folder is read shard by shard (no split tensor is ever whole in
             memory); Orbax and GGUF are read whole, then placed.
+        revision: the hub revision of a name (default `main`).
 
     Returns:
         A `Model` with `.config`, `.params`, `.tokenizer` (or None) and `__call__(tokens)`.
@@ -43,8 +47,8 @@ def load(path: str | os.PathLike[str], dtype: str | None = None,
         >>> model([[1, 2, 3]]).shape
         (1, 3, 96)
     """
-    folder = Path(path)
     placed = make_mesh(mesh)  # a bad mesh is refused before any reading
+    folder = resolve(path, revision).path
     if is_gguf(folder):
         return _placed(load_gguf(folder, dtype), placed)
     if folder.is_file():
