@@ -4,9 +4,15 @@ A prompts file has one JSON object per line:
 
     {"text": "The capital of France is", "target": " Paris", "foil": " London"}
     {"tokens": [464, 3139, 286], "target_tokens": [6342], "foil_tokens": [3576]}
+    {"messages": [{"role": "system", "content": "Answer in capitals."},
+                  {"role": "user", "content": "Name a colour."}], "target": "RED"}
+    {"instruction": "Name a colour, in capitals.", "chat_template_kwargs": {"enable_thinking": false}}
 
-`text` is tokenized with the base checkpoint's tokenizer; `tokens` are used as given.
-`target`/`foil` (or `target_tokens`/`foil_tokens`) are what `logit-diff` and `logprob` read.
+`text` is tokenized with the base checkpoint's tokenizer; `tokens` are used as given; chat
+`messages` (or an `instruction`, one user message) are rendered with a chat template
+(`jaxpatch.chat`) with the assistant's turn opened, and `chat_template_kwargs` are that line's
+template variables. `target`/`foil` (or `target_tokens`/`foil_tokens`) are what `logit-diff` and
+`logprob` read.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpatch.chat import ChatTemplate
 from jaxpatch.errors import InvalidInputError, PromptsError
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
@@ -74,12 +81,14 @@ class Batch(NamedTuple):
     foils: jax.Array
 
 
-def read_prompts(path: str | os.PathLike[str], tokenizer: Any = None) -> list[Prompt]:
+def read_prompts(path: str | os.PathLike[str], tokenizer: Any = None,
+                 chat_template: ChatTemplate | None = None) -> list[Prompt]:
     """Reads a prompts JSON Lines file.
 
     Arguments:
         path: the file.
         tokenizer: a `tokenizers.Tokenizer` for `text` lines (None: only `tokens` lines).
+        chat_template: renders `messages` and `instruction` lines (None: such lines are refused).
 
     Returns:
         The prompts, in file order.
@@ -111,14 +120,15 @@ def read_prompts(path: str | os.PathLike[str], tokenizer: Any = None) -> list[Pr
             text.append(line.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise PromptsError(f"{path}:{number}: not UTF-8 text ({e.reason})") from None
-    prompts = [_parse_line(path, n, line, tokenizer)
+    prompts = [_parse_line(path, n, line, tokenizer, chat_template)
                for n, line in enumerate(text, 1) if line.strip()]
     if not prompts:
         raise PromptsError(f"{path}: no prompts (the file is empty)")
     return prompts
 
 
-def _parse_line(path: Path, number: int, line: str, tokenizer: Any) -> Prompt:
+def _parse_line(path: Path, number: int, line: str, tokenizer: Any,
+                chat_template: ChatTemplate | None) -> Prompt:
     where = f"{path}:{number}"
     try:
         item = json.loads(line)
@@ -127,7 +137,8 @@ def _parse_line(path: Path, number: int, line: str, tokenizer: Any) -> Prompt:
     except RecursionError:
         raise PromptsError(f"{where}: the JSON nests too deeply") from None
     if not isinstance(item, dict):
-        raise PromptsError(f"{where}: expected a JSON object with 'text' or 'tokens'")
+        raise PromptsError(f"{where}: expected a JSON object with 'text', 'tokens', 'messages' or "
+                           "'instruction'")
 
     def ids(text_key: str, tokens_key: str, required: bool) -> tuple[int, ...] | None:
         if tokens_key in item:
@@ -150,11 +161,51 @@ def _parse_line(path: Path, number: int, line: str, tokenizer: Any) -> Prompt:
             _warn_unknown(where, text_key, encoded, tokenizer)
             return encoded
         if required:
-            raise PromptsError(f"{where}: needs 'text' or 'tokens'")
+            raise PromptsError(f"{where}: needs 'text', 'tokens', 'messages' or 'instruction'")
         return None
 
-    return Prompt(ids("text", "tokens", True), ids("target", "target_tokens", False),  # type: ignore[arg-type]
+    forms = [key for key in ("text", "tokens", "messages", "instruction") if key in item]
+    if len(forms) > 1:
+        raise PromptsError(f"{where}: give one of 'text', 'tokens', 'messages' or 'instruction', "
+                           f"not {' and '.join(map(repr, forms))}")
+    if forms and forms[0] in ("messages", "instruction"):
+        prompt = _chat_ids(where, item, tokenizer, chat_template)
+    else:
+        prompt = ids("text", "tokens", True)
+    return Prompt(prompt, ids("target", "target_tokens", False),  # type: ignore[arg-type]
                   ids("foil", "foil_tokens", False))
+
+
+def _chat_ids(where: str, item: dict[str, Any], tokenizer: Any,
+              chat_template: ChatTemplate | None) -> tuple[int, ...]:
+    """A `messages` or `instruction` line rendered with the chat template and tokenized."""
+    if "instruction" in item:
+        if not isinstance(item["instruction"], str):
+            raise PromptsError(f"{where}: 'instruction' must be a string")
+        messages = [{"role": "user", "content": item["instruction"]}]
+    else:
+        messages = item["messages"]
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in messages)):
+            raise PromptsError(f"{where}: 'messages' must be a non-empty list of objects with a "
+                               "string 'role' and 'content'")
+    variables = item.get("chat_template_kwargs", {})
+    if not isinstance(variables, dict):
+        raise PromptsError(f"{where}: 'chat_template_kwargs' must be an object")
+    if chat_template is None:
+        raise PromptsError(f"{where}: chat messages need a chat template, and the model has none; "
+                           "give one with --chat-template FILE")
+    if tokenizer is None:
+        raise PromptsError(f"{where}: chat messages need a tokenizer, but the checkpoint has no "
+                           "tokenizer.json")
+    try:
+        encoded = chat_template.token_ids(tokenizer, messages, **variables)
+    except InvalidInputError as e:
+        raise PromptsError(f"{where}: {e}") from None
+    if not encoded:
+        raise PromptsError(f"{where}: the chat template renders the messages as nothing")
+    return encoded
 
 
 def _warn_unknown(where: str, key: str, ids: tuple[int, ...], tokenizer: Any) -> None:

@@ -93,7 +93,7 @@ def test_anchor_file_round_trip_and_checks(tmp_path: Path) -> None:
     ("", "no prompts \\(the file is empty\\)"),
     ('{"tokens": [1, 2]}\n{"tokens": [1, 2]\n', ":2: not valid JSON"),
     ('{"tokens": [1, 2]}\n\n["a"]\n', ":3: expected a JSON object"),
-    ('{"prompt": "x"}\n', ":1: needs 'text' or 'tokens'"),
+    ('{"prompt": "x"}\n', ":1: needs 'text', 'tokens', 'messages' or 'instruction'"),
     ('{"tokens": []}\n', ":1: 'tokens' must be a non-empty list of token ids"),
     ('{"tokens": [1, "2"]}\n', ":1: 'tokens' must be a non-empty list of token ids"),
     ('{"text": "hello"}\n', ":1: 'text' needs a tokenizer"),

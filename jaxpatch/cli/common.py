@@ -19,9 +19,10 @@ from jaxpatch.runs.atomic import atomic_write_bytes
 from jaxpatch.runs.log import RunLog, writing
 from jaxpatch.runs.settings import Execution
 
-__all__ = ["Command", "add_run_arguments", "add_attribution_arguments", "attribution_options",
-           "execution_of", "positions_of", "resolve_metric", "prepare_run", "run_settings", "run_log",
-           "write_outputs", "result_files", "check_output"]
+__all__ = ["Command", "add_run_arguments", "run_chat_template", "model_record",
+           "add_attribution_arguments", "attribution_options", "execution_of", "positions_of",
+           "resolve_metric", "prepare_run", "run_settings", "run_log", "write_outputs",
+           "result_files", "check_output"]
 
 Command = Callable[..., argparse.ArgumentParser]
 """`command(name, run, help)`: a new subcommand's parser, running `run(args)`."""
@@ -34,7 +35,12 @@ def add_run_arguments(p: argparse.ArgumentParser, direction: bool = True) -> Non
                         "(NAME or NAME@REVISION, read from the Hugging Face cache)")
     p.add_argument("--donor", required=True,
                    help="donor (behavior-specialized) model: folder, GGUF file or hub name")
-    p.add_argument("--prompts", required=True, help='JSON Lines: {"text": ...} or {"tokens": [...]}')
+    p.add_argument("--prompts", required=True,
+                   help='JSON Lines: {"text": ...}, {"tokens": [...]}, chat {"messages": [...]} or '
+                        '{"instruction": ...}')
+    p.add_argument("--chat-template", default="donor", metavar="donor|base|FILE",
+                   help="the chat template rendering messages and instructions: the donor's, the "
+                        "base's, or a .jinja / tokenizer_config.json file (default donor)")
     p.add_argument("--granularity", choices=["module", "head", "neuron", "layer"], default="module",
                    help="what a component is (default module)")
     p.add_argument("--select", help="selector restricting the components, e.g. 'layers.2-3.mlp'")
@@ -164,7 +170,8 @@ def prepare_run(args: argparse.Namespace,
     donor = jaxpatch.load(args.donor, dtype=args.dtype, mesh=mesh)
     jaxpatch.check_pair(base, donor)  # before the prompts are read and continuations generated
     jaxpatch.select(base.config, args.select, args.granularity)  # before anything is written
-    prompts = read_prompts(args.prompts, base.tokenizer)
+    template = run_chat_template(args.chat_template, base, donor)
+    prompts = read_prompts(args.prompts, base.tokenizer, template)
     resolve_metric(args, prompts)
     layer = args.anchor_layer if args.anchor_layer is not None else base.config.n_layers - 1
     metric = metric_from_name(args.metric, layer, args.anchor_file)
@@ -179,6 +186,9 @@ def prepare_run(args: argparse.Namespace,
                           "count": len(prompts)},
               "anchor_file": None if not args.anchor_file else {
                   "path": args.anchor_file, "sha256": file_sha256(args.anchor_file)},
+              "chat_template": None if template is None else {
+                  "from": args.chat_template, "origin": template.origin,
+                  "sha256": template.sha256},
               "granularity": args.granularity, "select": args.select,
               "continuations": continuations, "versions": versions()}
     pair = jaxpatch.prepare(base, donor, batch, mesh=mesh, positions=positions_of(args),
@@ -188,6 +198,25 @@ def prepare_run(args: argparse.Namespace,
 
         save_anchor(args.save_anchor, pair.endpoints(metric).state, layer)  # prepared once
     return pair, metric, inputs
+
+
+def run_chat_template(choice: str, base: Any, donor: Any) -> Any:
+    """The chat template `--chat-template` names: the donor's or the base's (None when that
+    model has none), or one read from a file.
+
+    Example:
+        >>> import jaxpatch
+        >>> m = jaxpatch.load(fixtures / "gpt2")
+        >>> run_chat_template("donor", m, m) is None
+        True
+    """
+    from jaxpatch.chat import chat_template_from_file
+
+    if choice == "donor":
+        return donor.chat_template
+    if choice == "base":
+        return base.chat_template
+    return chat_template_from_file(choice)
 
 
 def model_record(given: str, model: Any) -> dict[str, Any]:

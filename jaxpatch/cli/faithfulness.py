@@ -14,6 +14,7 @@ from jaxpatch.cli.common import (
     add_run_arguments,
     execution_of,
     prepare_run,
+    run_chat_template,
     run_log,
     write_outputs,
 )
@@ -89,7 +90,8 @@ def _judge(args: argparse.Namespace, pair: Any) -> Any:
     if tokenizer is None:
         raise InvalidInputError(f"--judge needs text: {args.base} has no tokenizer.json to decode "
                                 "what the patched models write")
-    prompts = read_prompts(args.prompts, tokenizer)
+    prompts = read_prompts(args.prompts, tokenizer,
+                           run_chat_template(args.chat_template, pair.base, pair.donor))
     return TextJudge(args.judge, verifier, prompts, args.new_tokens, tokenizer.decode)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxpatch.chat import ChatTemplate
 from jaxpatch.errors import (
     CorruptCheckpointError,
     MissingTensorError,
@@ -35,8 +36,8 @@ from jaxpatch.models.config import DTYPES, ModelConfig, Params, RopeScaling
 from jaxpatch.models.families import tensor_rules
 from jaxpatch.models.model import Model
 
-__all__ = ["GGUF_ARCHITECTURES", "gguf_config", "gguf_to_hf_name", "load_gguf", "gguf_tokenizer",
-           "is_gguf"]
+__all__ = ["GGUF_ARCHITECTURES", "gguf_config", "gguf_to_hf_name", "load_gguf", "gguf_chat_template",
+           "gguf_tokenizer", "is_gguf"]
 
 GGUF_ARCHITECTURES = ("gemma3",)
 
@@ -211,7 +212,28 @@ def load_gguf(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
         for leaf, value in zip(rule.leaves, rule.to_canonical(array)):
             leaves[leaf] = jax.device_put(np.ascontiguousarray(value, config.jnp_dtype))
     params: Params = fill_params(config, leaves)
-    return Model(config, params, gguf_tokenizer(header), str(header.path))
+    return Model(config, params, gguf_tokenizer(header), str(header.path), gguf_chat_template(header))
+
+
+def gguf_chat_template(header: GGUFFile) -> ChatTemplate | None:
+    """The chat template a GGUF file carries (`tokenizer.chat_template`), with its bos and eos
+    tokens, or None.
+
+    Example:
+        >>> from jaxpatch.io.gguf import read_gguf
+        >>> gguf_chat_template(read_gguf(fixtures / "gemma3.gguf")) is None
+        True
+    """
+    source = header.metadata.get("tokenizer.chat_template")
+    if not isinstance(source, str):
+        return None
+    tokens = header.metadata.get("tokenizer.ggml.tokens")
+    special = []
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id")):
+        index = header.metadata.get(f"tokenizer.ggml.{key}")
+        if isinstance(tokens, list) and isinstance(index, int) and 0 <= index < len(tokens):
+            special.append((name, tokens[index]))
+    return ChatTemplate(source, tuple(special), f"{header.path} (tokenizer.chat_template)")
 
 
 # ----------------------------------------------------------------------------------- tokenizer

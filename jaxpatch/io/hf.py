@@ -1,7 +1,8 @@
 """Hugging Face checkpoint folders in and out, with no torch.
 
 A folder holds `config.json`, the weights as `model.safetensors` or as shards listed in
-`model.safetensors.index.json`, and optionally `tokenizer.json`. Loading validates the config
+`model.safetensors.index.json`, and optionally `tokenizer.json` and a chat template
+(`chat_template.jinja` or `tokenizer_config.json`, `jaxpatch.chat`). Loading validates the config
 and every tensor's name and shape against the architecture before reading any data, then
 fills the params tree one tensor at a time.
 """
@@ -19,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxpatch._tree import flatten_params
+from jaxpatch.chat import read_chat_template, write_chat_template
 from jaxpatch.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -204,7 +206,7 @@ def load_hf(path: str | os.PathLike[str], dtype: str | None = None, mesh: Mesh |
     params = fill_params(config, leaves)
     if mesh is not None and not split:  # every device holds the whole model
         params = place_params(mesh, params)
-    return Model(config, params, load_tokenizer(folder), str(folder))
+    return Model(config, params, load_tokenizer(folder), str(folder), read_chat_template(folder))
 
 
 def _sharded_leaf(mesh: Mesh, leaf: str, view: np.ndarray, dtype: Any,
@@ -312,6 +314,8 @@ def save_hf(model: Model, path: str | os.PathLike[str], max_shard_bytes: int = 2
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         if model.tokenizer is not None:
             (tmp / "tokenizer.json").write_text(model.tokenizer.to_str())
+        if model.chat_template is not None:
+            write_chat_template(model.chat_template, tmp)
 
 
 def _split_shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:

@@ -74,6 +74,8 @@ def save_orbax(model: Model, path: str | os.PathLike[str], overwrite: bool = Fal
     """
     import orbax.checkpoint as ocp
 
+    from jaxpatch.chat import write_chat_template
+
     with atomic_directory(path, overwrite=overwrite) as tmp:
         marker = {"format_version": FORMAT_VERSION, "config": config_to_json(model.config)}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -83,6 +85,8 @@ def save_orbax(model: Model, path: str | os.PathLike[str], overwrite: bool = Fal
         checkpointer.close()
         if model.tokenizer is not None:
             (tmp / "tokenizer.json").write_text(model.tokenizer.to_str())
+        if model.chat_template is not None:
+            write_chat_template(model.chat_template, tmp)
 
 
 def load_orbax(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
@@ -99,6 +103,7 @@ def load_orbax(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
     """
     import orbax.checkpoint as ocp
 
+    from jaxpatch.chat import read_chat_template
     from jaxpatch.io.hf import load_tokenizer, read_json
 
     folder = Path(path)
@@ -119,4 +124,4 @@ def load_orbax(path: str | os.PathLike[str], dtype: str | None = None) -> Model:
     if dtype is not None:
         config = config.replace(dtype=dtype)
         params = jax.tree_util.tree_map(lambda x: x.astype(config.jnp_dtype), params)
-    return Model(config, params, load_tokenizer(folder), str(folder))
+    return Model(config, params, load_tokenizer(folder), str(folder), read_chat_template(folder))

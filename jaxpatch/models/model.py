@@ -33,6 +33,7 @@ class Model:
         params: the params pytree of jax arrays (see `jaxpatch.param_shapes`).
         tokenizer: a `tokenizers.Tokenizer`, or None when the checkpoint has no tokenizer.json.
         source: the folder it was loaded from (None when built in memory).
+        chat_template: its `jaxpatch.chat.ChatTemplate`, or None when its checkpoint has none.
 
     Example:
         >>> import jax
@@ -47,6 +48,7 @@ class Model:
     params: Params
     tokenizer: Any = None
     source: str | None = None
+    chat_template: Any = None
 
     def __call__(self, tokens: Any, attention_mask: Any = None) -> jax.Array:
         """Float32 logits `[batch, seq, vocab]` for int token ids `[batch, seq]`.
