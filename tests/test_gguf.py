@@ -53,6 +53,34 @@ def test_tiny_tokenizer_matches_transformers() -> None:
     assert ours == texts["ids"]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_byte_level_architectures_match_transformers_gguf_load(arch: str, tmp_path: Path) -> None:
+    """Llama (query and key rows in llama.cpp's order), Qwen2 (biases, tied) and Qwen3 (q/k
+    norms): logits and token ids as transformers' GGUF loader gives them, and a converted
+    folder that loads with the same logits."""
+    with np.load(FIXTURES / f"{arch}-gguf.npz") as ref:
+        tokens, mask, expected = ref["tokens"], ref["attention_mask"].astype(bool), ref["logits"]
+    model = jaxpatch.load(FIXTURES / f"{arch}.gguf")
+    assert model.config.family == arch
+    assert np.abs(np.asarray(model(tokens, mask)) - expected)[mask].max() < 1e-4
+    texts = _texts(f"{arch}-gguf")
+    ours = [model.tokenizer.encode(t, add_special_tokens=False).ids for t in texts["texts"]]
+    assert ours == texts["ids"]
+    jaxpatch.save(model, tmp_path / "hf")
+    again = jaxpatch.load(tmp_path / "hf")
+    assert np.array_equal(np.asarray(again(tokens, mask)), np.asarray(model(tokens, mask)))
+
+
+def test_llama_cpp_row_order_is_undone() -> None:
+    """Without undoing llama.cpp's reordering of query and key rows the logits are far off."""
+    from jaxpatch.io.gguf_model import unpermute_rows
+
+    rows = np.arange(16.0).reshape(8, 2)
+    permuted = rows.reshape(2, 2, 2, 2).swapaxes(1, 2).reshape(8, 2)  # llama.cpp's permute, 2 heads
+    assert np.array_equal(unpermute_rows(permuted, 2), rows)
+    assert not np.array_equal(permuted, rows)
+
+
 def test_a_chosen_dtype_is_applied_after_dequantizing() -> None:
     full, half = jaxpatch.load(TINY), jaxpatch.load(TINY, dtype="bfloat16")
     assert half.config.dtype == "bfloat16"
@@ -164,7 +192,8 @@ def test_unsupported_type_is_refused_by_name(tmp_path: Path) -> None:
 def test_other_architectures_are_refused_by_name(tmp_path: Path) -> None:
     data = TINY.read_bytes().replace(b"\x06\x00\x00\x00\x00\x00\x00\x00gemma3",
                                      b"\x06\x00\x00\x00\x00\x00\x00\x00llama3", 1)
-    with pytest.raises(UnsupportedArchitectureError, match="'llama3'"):
+    with pytest.raises(UnsupportedArchitectureError, match="'llama3' is not supported "
+                                                           r"\(supported: gemma3, llama, qwen2, qwen3\)"):
         jaxpatch.load(_write(tmp_path, data))
 
 
