@@ -269,9 +269,8 @@ BYTE_LEVEL_TEXTS = ["the quick brown fox", "  weight  patching\n\nis 12345 fun!"
 def byte_level_vocabulary(controls: list[str]) -> tuple[list[str], list[int], list[str]]:
     """A small byte-level BPE trained on the fixture corpus: tokens (by id), their GGUF types
     (1 normal, 3 control, 4 user-defined) and the merges."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     from make_fixtures import CORPUS
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # pyright: ignore[reportAttributeAccessIssue]
