@@ -399,7 +399,7 @@ def byte_level_tokenizer(header: GGUFFile, tokens: list[str], types: list[int]) 
     pairs = [tuple(m.split(" ")) for m in merges]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None,  # pyright: ignore[reportArgumentType]
                                      fuse_unk=False, byte_fallback=False))
-    split = BYTE_LEVEL_SPLITS.get(header.metadata.get("tokenizer.ggml.pre"))
+    split = BYTE_LEVEL_SPLITS.get(str(header.metadata.get("tokenizer.ggml.pre")))
     if split is None:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # pyright: ignore[reportAttributeAccessIssue]
     else:
