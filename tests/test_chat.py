@@ -111,6 +111,15 @@ def test_a_checkpoint_carries_its_template_through_save_and_load(tmp_path: Path)
         model.chat_template.source
 
 
+def test_info_names_the_template(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = checkpoint_with_template(tmp_path, FIXTURES / "qwen3", "q", "qwen3")
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"chat template: {folder / 'tokenizer_config.json'}" in out
+    assert main(["info", str(FIXTURES / "qwen3")]) == 0
+    assert "chat template: none" in capsys.readouterr().out
+
+
 def test_the_cli_renders_messages_with_the_donors_template_or_a_file(
         tmp_path: Path, donor_dir: Path, capsys: pytest.CaptureFixture) -> None:
     base = checkpoint_with_template(tmp_path, FIXTURES / "llama-gqa", "base", "olmo2")

@@ -85,6 +85,15 @@ def test_numerics_changing_settings_are_refused(tmp_path: Path, change: dict, me
         jaxpatch.load(folder)
 
 
+def test_phi3_longrope_is_refused_by_name(tmp_path: Path) -> None:
+    """Phi-3's 128k variants rescale their rotary frequencies by sequence length (longrope)."""
+    folder = copy_fixture(tmp_path, "phi3")
+    edit_config(folder, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                         "short_factor": [1.0] * 4, "long_factor": [2.0] * 4})
+    with pytest.raises(errors.UnsupportedConfigError, match="rope type 'longrope' is not supported"):
+        jaxpatch.load(folder)
+
+
 def test_gpt2_inverse_layer_scaling_is_refused(tmp_path: Path) -> None:
     folder = copy_fixture(tmp_path, "gpt2")
     edit_config(folder, scale_attn_by_inverse_layer_idx=True)

@@ -51,6 +51,8 @@ def _info(args: argparse.Namespace) -> None:
           f"kv heads {c.n_kv_heads} [{attention}], d_ff {c.d_ff}, vocab {c.vocab_size}, "
           f"context {c.max_position_embeddings}")
     print(f"  tokenizer: {'yes' if model.tokenizer is not None else 'none'}")
+    template = model.chat_template
+    print(f"  chat template: {'none' if template is None else template.origin}")
     hub = hub_revision(model.source)
     if hub is not None:
         print(f"  hub: {hub[0]} at commit {hub[1]} ({model.source})")
