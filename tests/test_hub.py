@@ -134,3 +134,31 @@ def test_the_cli_reads_the_cache_from_the_environment(cache: Path, tmp_path: Pat
                              text=True, timeout=300)
     assert missing.returncode == 2
     assert missing.stderr.count("\n") == 1 and "acme/absent: no such folder here" in missing.stderr
+
+
+@pytest.mark.parametrize("error, message", [
+    ("GatedRepoError", "acme/x: the model is gated: accept its license on huggingface.co/acme/x, "
+                       "then log in"),
+    ("RepositoryNotFoundError", "acme/x: no such folder here and no such model on the Hugging Face "
+                                "hub"),
+    ("RevisionNotFoundError", "acme/x: the hub repository has no revision"),
+    ("LocalEntryNotFoundError", "acme/x: no such folder here, and not in the Hugging Face cache"),
+])
+def test_each_hub_failure_is_one_line_naming_the_model(cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       error: str, message: str) -> None:
+    """What the hub answers online, simulated: each of huggingface_hub's errors becomes one line
+    (the errors are made without their HTTP response, which only their message would use)."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    kind = getattr(errors, error)
+
+    def refuse(*args: object, **kwargs: object) -> str:
+        failure = kind.__new__(kind)
+        Exception.__init__(failure, "the hub's own words")
+        raise failure
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    with pytest.raises(CheckpointNotFoundError) as caught:
+        jaxpatch.load("acme/x")
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
