@@ -8,7 +8,8 @@ A prompts file has one JSON object per line:
                   {"role": "user", "content": "Name a colour."}], "target": "RED"}
     {"instruction": "Name a colour, in capitals.", "chat_template_kwargs": {"enable_thinking": false}}
 
-`text` is tokenized with the base checkpoint's tokenizer; `tokens` are used as given; chat
+`text` is tokenized with the base checkpoint's tokenizer; `tokens` are used as given (and win
+over a `text` beside them, kept for people to read); chat
 `messages` (or an `instruction`, one user message) are rendered with a chat template
 (`jaxpatch.chat`) with the assistant's turn opened, and `chat_template_kwargs` are that line's
 template variables. `target`/`foil` (or `target_tokens`/`foil_tokens`) are what `logit-diff` and
@@ -164,14 +165,12 @@ def _parse_line(path: Path, number: int, line: str, tokenizer: Any,
             raise PromptsError(f"{where}: needs 'text', 'tokens', 'messages' or 'instruction'")
         return None
 
-    forms = [key for key in ("text", "tokens", "messages", "instruction") if key in item]
-    if len(forms) > 1:
-        raise PromptsError(f"{where}: give one of 'text', 'tokens', 'messages' or 'instruction', "
-                           f"not {' and '.join(map(repr, forms))}")
-    if forms and forms[0] in ("messages", "instruction"):
-        prompt = _chat_ids(where, item, tokenizer, chat_template)
-    else:
-        prompt = ids("text", "tokens", True)
+    chat = [key for key in ("messages", "instruction") if key in item]
+    if chat and len([key for key in ("text", "tokens", *chat) if key in item]) > 1:
+        others = [key for key in ("text", "tokens", "messages", "instruction") if key in item]
+        raise PromptsError(f"{where}: give chat 'messages' or an 'instruction' alone, not "
+                           f"{' and '.join(map(repr, others))}")
+    prompt = _chat_ids(where, item, tokenizer, chat_template) if chat else ids("text", "tokens", True)
     return Prompt(prompt, ids("target", "target_tokens", False),  # type: ignore[arg-type]
                   ids("foil", "foil_tokens", False))
 

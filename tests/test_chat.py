@@ -66,7 +66,9 @@ def test_malformed_templates_and_lines_are_refused(tmp_path: Path) -> None:
     for line, message in [({"messages": []}, "'messages' must be a non-empty list"),
                           ({"messages": [{"role": "user"}]}, "string 'role' and 'content'"),
                           ({"instruction": 3}, "'instruction' must be a string"),
-                          ({"instruction": "x", "text": "y"}, "give one of"),
+                          ({"instruction": "x", "text": "y"}, "give chat 'messages' or an "
+                                                              "'instruction' alone, not 'text' and "
+                                                              "'instruction'"),
                           ({"instruction": "x", "chat_template_kwargs": [1]}, "must be an object")]:
         prompts.write_text(json.dumps(line) + "\n")
         with pytest.raises(PromptsError, match=message):
