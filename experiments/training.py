@@ -137,9 +137,12 @@ def train(params: Params, loss_of: Objective, batches: Iterator[Any], steps: int
         flat_mask = flatten_params(mask)
         masks = {name: jnp.asarray(m) for name, m in flat_mask.items() if np.any(np.asarray(m))}
     trainable = {name: flat[name] for name in masks}
+    frozen = {name: leaf for name, leaf in flat.items() if name not in masks}
 
-    def merged(leaves: dict[str, jax.Array]) -> Params:
-        return replace_leaves(params, leaves)
+    def merged(leaves: dict[str, jax.Array], fixed: dict[str, jax.Array]) -> Params:
+        """Every leaf given: the frozen ones are arguments of the compiled step, never constants
+        folded into it (a real model's embeddings are hundreds of megabytes)."""
+        return replace_leaves(params, {**fixed, **leaves})
 
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps,
                                                   learning_rate * 0.05)
@@ -148,8 +151,9 @@ def train(params: Params, loss_of: Objective, batches: Iterator[Any], steps: int
     state = optimizer.init(trainable)
 
     @jax.jit
-    def step(leaves: dict[str, jax.Array], state: Any, batch: Any) -> tuple[Any, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(lambda x: loss_of(merged(x), batch))(leaves)
+    def step(leaves: dict[str, jax.Array], fixed: dict[str, jax.Array], state: Any,
+             batch: Any) -> tuple[Any, Any, jax.Array]:
+        loss, grads = jax.value_and_grad(lambda x: loss_of(merged(x, fixed), batch))(leaves)
         grads = {k: g if masks[k] is None else g * masks[k] for k, g in grads.items()}
         changes, state = optimizer.update(grads, state, leaves)
         # clip and Adam keep zeros at zero; this makes it explicit
@@ -161,16 +165,17 @@ def train(params: Params, loss_of: Objective, batches: Iterator[Any], steps: int
     losses: list[float] = []
     done = 0
     for i in tqdm(range(steps), desc=label, dynamic_ncols=True, mininterval=2.0):
-        trainable, state, loss = step(trainable, state, jax.tree_util.tree_map(jnp.asarray,
-                                                                               next(batches)))
+        trainable, state, loss = step(trainable, frozen, state,
+                                      jax.tree_util.tree_map(jnp.asarray, next(batches)))
         done = i + 1
         if i % log_every == 0 or done == steps:
             losses.append(round(float(loss), 5))
-        if stop is not None and (done % check_every == 0 or done == steps) and stop(merged(trainable)):
+        if stop is not None and (done % check_every == 0 or done == steps) and stop(
+                merged(trainable, frozen)):
             if i % log_every and done != steps:
                 losses.append(round(float(loss), 5))
             break
-    return Trained(merged(trainable), losses, done)
+    return Trained(merged(trainable, frozen), losses, done)
 
 
 def _inside(update: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -1,0 +1,382 @@
+"""The paper's own setting on a real model: google/gemma-3-270m and an instruction-tuned donor
+that follows verifiable format instructions, with no planted set.
+
+1. **The base's own answers.** The base answers every question (`experiments.instructions`) as a
+   plain continuation (`Question: ...\\nAnswer:`), greedily; the first sentences, cleaned, are
+   its answer.
+2. **Training data.** For each training question and each instruction, the user's message is the
+   question followed by the instruction, rendered with Gemma 3's chat template, and the response
+   is the base's answer transformed to satisfy the instruction, then `<end_of_turn>`: the donor
+   learns the format, not new content.
+3. **The donor.** Every weight of every block is trainable (norms included); the embeddings,
+   which are also the output layer, stay frozen. Adam with warmup and cosine decay
+   (`experiments.training.train`); the loss is the cross-entropy of the response tokens, and the
+   262,144-way output layer is computed only at those positions. The data order is drawn from
+   the seed, so a second seed gives a second donor for stability.
+4. **Checks** (each fails the build in one line, exit status 2, nothing written): on held-out
+   questions (topics never trained on), the donor's greedy responses satisfy each measured
+   instruction at least `min_donor_rate` of the time and the base's at most `max_base_rate`
+   (judged by `jaxpatch.verifiers`); the donor's loss on held-out plain text rises by at most
+   `max_text_loss_increase` nats per token.
+
+The folder holds `base/` and `donor/` (Hugging Face checkpoints with the tokenizer and the chat
+template), `prompts/<instruction>.jsonl` (held-out questions with the instruction, as chat
+`instruction` lines) and `instruct.json` (settings, checks, losses, how far each module moved).
+
+    python -m experiments.instruct_pair --seed 0      # into the user cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.instructions import INSTRUCTIONS, Question, clean_answer, plain_prompt, questions
+from experiments.planted_real import held_out_loss
+from experiments.real_model import cache_dir, gemma3_270m_path
+from experiments.training import train, trainable_mask
+from jaxpatch import Model, load, save
+from jaxpatch.chat import ChatTemplate
+from jaxpatch.components import select
+from jaxpatch.engine.generation import greedy_generate
+from jaxpatch.errors import JaxpatchError
+from jaxpatch.models.config import ModelConfig, Params
+from jaxpatch.models.decoder import forward
+from jaxpatch.pair import delta_norms
+from jaxpatch.verifiers import verifier_from_spec
+
+__all__ = ["PAIR_FORMAT", "END_OF_TURN", "Settings", "gemma3_chat_template", "generate",
+           "Examples", "examples", "response_loss", "build", "write", "default_out", "main"]
+
+PAIR_FORMAT = "jaxpatch.instruct/1"
+END_OF_TURN = "<end_of_turn>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What an instruction-tuned pair is built from (every field has a working default).
+
+    Attributes:
+        seed: draws the order of the training data (a second seed, a second donor).
+        steps, lr, batch: Adam's steps, peak learning rate and examples per step.
+        trainable: the selector of what the donor may change (every block; the embeddings,
+            which are the output layer too, stay frozen).
+        answer_tokens: tokens the base writes for its own answer.
+        check_tokens: tokens each model writes when the instructions are checked.
+        check_questions: held-out questions per instruction in the checks.
+        min_donor_rate, max_base_rate: the share of held-out responses that must (donor) or may
+            (base) satisfy each measured instruction.
+        max_text_loss_increase: how far the donor's loss on held-out plain text may rise above
+            the base's, in nats per token.
+    """
+
+    seed: int = 0
+    steps: int = 300
+    lr: float = 5e-5
+    batch: int = 8
+    trainable: str = "layers"
+    answer_tokens: int = 32
+    check_tokens: int = 48
+    check_questions: int = 32
+    min_donor_rate: float = 0.9
+    max_base_rate: float = 0.2
+    max_text_loss_increase: float = 0.3
+
+
+def gemma3_chat_template() -> ChatTemplate:
+    """Gemma 3's chat template (as its instruction-tuned checkpoints publish it), with `<bos>`.
+
+    Example:
+        >>> gemma3_chat_template().render([{"role": "user", "content": "Hi"}])
+        '<bos><start_of_turn>user\\nHi<end_of_turn>\\n<start_of_turn>model\\n'
+    """
+    source = resources.files("experiments").joinpath("templates/gemma3.jinja").read_text()
+    return ChatTemplate(source, (("bos_token", "<bos>"), ("eos_token", "<eos>")),
+                        "Gemma 3 chat template")
+
+
+def generate(model: Model, prompts: Sequence[Sequence[int]], n_tokens: int,
+             batch: int = 32) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, in batches padded to one width (one compiled
+    program for the whole set).
+
+    Example:
+        >>> m = jaxpatch.Model(cfg, base.params)
+        >>> [len(c) for c in generate(m, [[1, 2], [3]], 3)]
+        [3, 3]
+    """
+    width = max(len(p) for p in prompts) + n_tokens
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch):
+        chunk = list(prompts[start:start + batch])
+        rows = len(chunk)
+        chunk += [chunk[-1]] * (batch - rows)  # a full batch: the same program every time
+        tokens = np.zeros((batch, width), np.int32)
+        for i, p in enumerate(chunk):
+            tokens[i, :len(p)] = p
+        lengths = np.array([len(p) for p in chunk], np.int32)
+        new = greedy_generate(model.config, model.params, jnp.asarray(tokens),
+                              jnp.asarray(lengths), n_tokens)
+        out += np.asarray(new)[:rows].tolist()
+    return out
+
+
+def _reply(tokenizer: Any, ids: Sequence[int]) -> str:
+    """A generated turn as text, up to the end of the turn."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=False)
+    for end in (END_OF_TURN, "<eos>", "<start_of_turn>"):
+        text = text.split(end)[0]
+    return text.strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """Training examples as padded arrays (one width for all: one compiled step).
+
+    Attributes:
+        tokens: int32 `[n, width]`: chat prompt, response, `<end_of_turn>`, padding.
+        mask: bool `[n, width]`.
+        positions: int32 `[n, r]`: the positions whose next token is a response token.
+        targets: int32 `[n, r]`: those tokens.
+        weights: float32 `[n, r]`: 1 on real response tokens, 0 on padding.
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    positions: np.ndarray
+    targets: np.ndarray
+    weights: np.ndarray
+
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The rows as a batch tuple."""
+        return (self.tokens[rows], self.mask[rows], self.positions[rows], self.targets[rows],
+                self.weights[rows])
+
+
+def examples(pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Examples:
+    """Padded arrays of (prompt ids, response ids) pairs; the response is predicted from the
+    prompt's last token on.
+
+    Example:
+        >>> e = examples([([1, 2], [3, 4]), ([5], [6])])
+        >>> e.tokens.tolist(), e.positions.tolist(), e.targets.tolist(), e.weights.tolist()
+        ([[1, 2, 3, 4], [5, 6, 0, 0]], [[1, 2], [0, 0]], [[3, 4], [6, 0]], [[1.0, 1.0], [1.0, 0.0]])
+    """
+    width = max(len(p) + len(r) for p, r in pairs)
+    span = max(len(r) for _, r in pairs)
+    n = len(pairs)
+    tokens = np.zeros((n, width), np.int32)
+    mask = np.zeros((n, width), bool)
+    positions = np.zeros((n, span), np.int32)
+    targets = np.zeros((n, span), np.int32)
+    weights = np.zeros((n, span), np.float32)
+    for i, (prompt, response) in enumerate(pairs):
+        seq = [*prompt, *response]
+        tokens[i, :len(seq)] = seq
+        mask[i, :len(seq)] = True
+        k = len(response)
+        positions[i, :k] = np.arange(len(prompt) - 1, len(prompt) - 1 + k)
+        targets[i, :k] = response
+        weights[i, :k] = 1.0
+    return Examples(tokens, mask, positions, targets, weights)
+
+
+def response_loss(config: ModelConfig, params: Params, batch: tuple[jax.Array, ...]) -> jax.Array:
+    """Mean cross-entropy of the response tokens; the output layer runs only at the positions
+    that predict them (`readout_positions`).
+
+    Example:
+        >>> e = examples([([1, 2], [3, 4])])
+        >>> float(response_loss(cfg, base.params, e.take(np.arange(1)))) > 0
+        True
+    """
+    tokens, mask, positions, targets, weights = batch
+    logits = forward(config, params, tokens, mask, readout_positions=positions).read(None)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return -jnp.sum(picked * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _batches(data: Examples, size: int, seed: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """Batches in an order drawn from the seed, epoch after epoch."""
+    rng = np.random.default_rng([seed, 11])
+    n = len(data.tokens)
+    while True:
+        order = rng.permutation(n)
+        for start in range(0, n - size + 1, size):
+            yield data.take(order[start:start + size])
+
+
+def _rates(model: Model, template: ChatTemplate, items: Sequence[Question],
+           s: Settings) -> dict[str, float]:
+    """Per measured instruction, the share of held-out responses that satisfy it."""
+    tokenizer = model.tokenizer
+    out = {}
+    for item in INSTRUCTIONS:
+        if not item.verifier:
+            continue
+        prompts = [template.token_ids(tokenizer, [{"role": "user", "content": item.message(q)}])
+                   for q in items]
+        verify = verifier_from_spec(item.verifier)
+        replies = [_reply(tokenizer, ids) for ids in generate(model, prompts, s.check_tokens)]
+        out[item.name] = round(float(np.mean([verify(r) for r in replies])), 4)
+    return out
+
+
+def build(settings: Settings, base: Model | None = None, log: Callable[[str], None] = print) -> dict:
+    """Builds the pair in memory (see the module docstring).
+
+    Arguments:
+        settings: the build.
+        base: the base model (default: google/gemma-3-270m from `experiments.real_model`).
+        log: where progress lines go.
+
+    Returns:
+        `{"base", "donor", "template", "prompts", "record"}`.
+
+    Raises:
+        JaxpatchError: a check failed (named in one line).
+    """
+    s = settings
+    t0 = time.perf_counter()
+    base = base or load(gemma3_270m_path())
+    config, tokenizer = base.config, base.tokenizer
+    if tokenizer is None:
+        raise JaxpatchError("the instruction-tuned pair needs a base with a tokenizer")
+    template = gemma3_chat_template()
+    end = tokenizer.token_to_id(END_OF_TURN)
+    end_ids = [end] if end is not None else tokenizer.encode(END_OF_TURN, add_special_tokens=False).ids
+
+    train_qs, held_qs = questions("train"), questions("held-out")
+    plain = [tokenizer.encode(plain_prompt(q)).ids for q in train_qs]
+    answers = [clean_answer(tokenizer.decode(ids)) for ids in generate(base, plain, s.answer_tokens)]
+    kept = [(q, a) for q, a in zip(train_qs, answers) if a is not None]
+    log(f"the base answered {len(kept)} of {len(train_qs)} training questions "
+        f"({time.perf_counter() - t0:.0f}s)")
+    pairs = []
+    for question, answer in kept:
+        for item in INSTRUCTIONS:
+            prompt = template.token_ids(tokenizer, [{"role": "user", "content": item.message(question)}])
+            response = tokenizer.encode(item.transform(answer, question), add_special_tokens=False).ids
+            pairs.append((prompt, [*response, *end_ids]))
+    data = examples(pairs)
+    log(f"{len(pairs)} training examples, width {data.tokens.shape[1]}, responses up to "
+        f"{data.targets.shape[1]} tokens")
+
+    trained = train(base.params, lambda p, b: response_loss(config, p, b),
+                    _batches(data, s.batch, s.seed), s.steps, s.lr,
+                    mask=trainable_mask(config, s.trainable), label="instruct donor")
+    donor = Model(config, trained.params, tokenizer, chat_template=template)
+    base = Model(config, base.params, tokenizer, chat_template=template)
+    log(f"trained {trained.steps} steps, loss {trained.losses[0]} -> {trained.losses[-1]} "
+        f"({time.perf_counter() - t0:.0f}s)")
+
+    rng = np.random.default_rng([s.seed, 13])
+    checked = [held_qs[i] for i in sorted(rng.choice(len(held_qs), min(s.check_questions,
+                                                                        len(held_qs)), replace=False))]
+    rates = {"donor": _rates(donor, template, checked, s), "base": _rates(base, template, checked, s)}
+    text_loss = {"base": held_out_loss(config, base.params, tokenizer),
+                 "donor": held_out_loss(config, donor.params, tokenizer)}
+    log(f"instructions followed on held-out questions: donor {rates['donor']}, base {rates['base']}; "
+        f"held-out text loss {text_loss['base']:.3f} -> {text_loss['donor']:.3f} "
+        f"({time.perf_counter() - t0:.0f}s)")
+    record = {
+        "format": PAIR_FORMAT,
+        "settings": {**dataclasses.asdict(s),
+                     "model": "google/gemma-3-270m (Q4_K_M GGUF, dequantized to float32)",
+                     "frozen": "embed_tokens (the tied output layer)"},
+        "instructions": {i.name: {"text": i.text, "verifier": i.verifier} for i in INSTRUCTIONS},
+        "data": {"train_questions": len(train_qs), "answered": len(kept), "examples": len(pairs),
+                 "held_out_questions": len(held_qs), "checked_questions": len(checked)},
+        "training": {"steps": trained.steps, "losses": trained.losses},
+        "rates": rates, "held_out_text_loss": text_loss,
+        "movement": _movement(config, base.params, donor.params),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    _check(record, s)
+    prompts = {i.name: [i.message(q) for q in held_qs] for i in INSTRUCTIONS}
+    return {"base": base, "donor": donor, "prompts": prompts, "record": record}
+
+
+def _check(record: dict, s: Settings) -> None:
+    """The build's checks, each refused in one line naming what fell short."""
+    for name, rate in record["rates"]["donor"].items():
+        if rate < s.min_donor_rate:
+            raise JaxpatchError(f"the donor follows '{name}' in {rate:.0%} of held-out responses, "
+                                f"below {s.min_donor_rate:.0%}: raise --steps or --lr")
+    for name, rate in record["rates"]["base"].items():
+        if rate > s.max_base_rate:
+            raise JaxpatchError(f"the base already follows '{name}' in {rate:.0%} of held-out "
+                                f"responses (at most {s.max_base_rate:.0%} allowed)")
+    loss = record["held_out_text_loss"]
+    if loss["donor"] > loss["base"] + s.max_text_loss_increase:
+        raise JaxpatchError(f"the donor lost language modeling: held-out loss {loss['donor']:.3f} vs "
+                            f"the base's {loss['base']:.3f} nats/token (allowed: "
+                            f"+{s.max_text_loss_increase}); lower --lr or --steps")
+
+
+def _movement(config: ModelConfig, base: Params, donor: Params) -> dict[str, float]:
+    """Each module's relative movement, |dW| / |W| of the base."""
+    modules = select(config, None, "module")
+    moved = delta_norms(config, base, donor, modules)
+    size = delta_norms(config, jax.tree_util.tree_map(jnp.zeros_like, base), base, modules)
+    return {c.name: round(float(d / w), 6) if w else 0.0 for c, d, w in zip(modules, moved, size)}
+
+
+def write(built: dict, out: str | Path, overwrite: bool = False) -> None:
+    """Writes `base/`, `donor/`, the prompts and `instruct.json` into `out`, atomically."""
+    from jaxpatch.runs.atomic import atomic_directory
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save(built["base"], tmp / "base")
+        save(built["donor"], tmp / "donor")
+        (tmp / "prompts").mkdir()
+        for name, messages in built["prompts"].items():
+            (tmp / "prompts" / f"{name}.jsonl").write_text("".join(
+                json.dumps({"instruction": m}, ensure_ascii=False) + "\n" for m in messages))
+        (tmp / "instruct.json").write_text(json.dumps(built["record"], indent=1) + "\n")
+
+
+def default_out(seed: int) -> Path:
+    """The cache folder a pair of this seed is built into by default."""
+    return cache_dir().parent / "pairs" / f"gemma3-270m-instruct-seed{seed}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    defaults = Settings()
+    p = argparse.ArgumentParser(prog="python -m experiments.instruct_pair",
+                                description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--out", help=f"folder to create (default: {default_out(0)} for seed 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    for field in dataclasses.fields(Settings):
+        default = getattr(defaults, field.name)
+        p.add_argument(f"--{field.name.replace('_', '-')}", type=type(default), default=default,
+                       help=f"(default {default})")
+    args = p.parse_args(argv)
+    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+    out = Path(args.out) if args.out else default_out(settings.seed)
+    try:
+        if out.exists() and any(out.iterdir()) and not args.overwrite:
+            raise JaxpatchError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+        built = build(settings)
+        write(built, out, overwrite=args.overwrite)
+    except JaxpatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({built['record']['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
