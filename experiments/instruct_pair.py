@@ -28,7 +28,6 @@ template), `prompts/<instruction>.jsonl` (held-out questions with the instructio
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -41,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.command import run_builder
 from experiments.instructions import INSTRUCTIONS, Question, clean_answer, plain_prompt, questions
 from experiments.planted_real import held_out_loss
 from experiments.real_model import cache_dir, gemma3_270m_path
@@ -353,28 +353,9 @@ def default_out(seed: int) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    defaults = Settings()
-    p = argparse.ArgumentParser(prog="python -m experiments.instruct_pair",
-                                description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--out", help=f"folder to create (default: {default_out(0)} for seed 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    for field in dataclasses.fields(Settings):
-        default = getattr(defaults, field.name)
-        p.add_argument(f"--{field.name.replace('_', '-')}", type=type(default), default=default,
-                       help=f"(default {default})")
-    args = p.parse_args(argv)
-    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
-    out = Path(args.out) if args.out else default_out(settings.seed)
-    try:
-        if out.exists() and any(out.iterdir()) and not args.overwrite:
-            raise JaxpatchError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-        built = build(settings)
-        write(built, out, overwrite=args.overwrite)
-    except JaxpatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} ({built['record']['seconds']} s)")
-    return 0
+    """The build command (`python -m experiments.instruct_pair --help`)."""
+    return run_builder(argv, "python -m experiments.instruct_pair", __doc__, Settings, build, write,
+                       default_out)
 
 
 if __name__ == "__main__":

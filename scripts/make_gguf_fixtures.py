@@ -91,9 +91,27 @@ def _stored(rng: np.random.Generator, name: str, values: np.ndarray) -> tuple[np
     return quants.quantize(values.astype(np.float32), qtype), qtype
 
 
+def gguf_writer(path: Path, arch: str, t: dict[str, Any]) -> Any:
+    """A `gguf.GGUFWriter` with the shape of a tiny model written into its metadata."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"jaxpatch tiny {arch} fixture")
+    writer.add_context_length(t["context"])
+    writer.add_embedding_length(t["d_model"])
+    writer.add_block_count(t["n_layers"])
+    writer.add_feed_forward_length(t["d_ff"])
+    writer.add_head_count(t["n_heads"])
+    writer.add_head_count_kv(t["n_kv_heads"])
+    writer.add_key_length(t["head_dim"])
+    writer.add_value_length(t["head_dim"])
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(t["rope_base"])
+    return writer
+
+
 def write_tiny_gguf(path: Path, seed: int = 0) -> None:
     """The tiny random Gemma 3 GGUF file."""
-    import gguf
 
     t = TINY
     rng = np.random.default_rng(seed)
@@ -114,18 +132,7 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> None:
             f"blk.{i}.ffn_down.weight": (t["d_model"], t["d_ff"]),
             f"blk.{i}.post_ffw_norm.weight": (t["d_model"],),
         })
-    writer = gguf.GGUFWriter(str(path), "gemma3")
-    writer.add_name("jaxpatch tiny gemma3 fixture")
-    writer.add_context_length(t["context"])
-    writer.add_embedding_length(t["d_model"])
-    writer.add_block_count(t["n_layers"])
-    writer.add_feed_forward_length(t["d_ff"])
-    writer.add_head_count(t["n_heads"])
-    writer.add_head_count_kv(t["n_kv_heads"])
-    writer.add_key_length(t["head_dim"])
-    writer.add_value_length(t["head_dim"])
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_rope_freq_base(1_000_000.0)
+    writer = gguf_writer(path, "gemma3", {**t, "rope_base": 1_000_000.0})
     writer.add_sliding_window(t["window"])
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
@@ -287,7 +294,6 @@ def byte_level_vocabulary(controls: list[str]) -> tuple[list[str], list[int], li
 def write_byte_level_gguf(path: Path, arch: str, seed: int) -> None:
     """A tiny random Llama, Qwen2 or Qwen3 GGUF file with a byte-level vocabulary, its query and
     key rows (Llama) reordered as llama.cpp's converter writes them."""
-    import gguf
 
     pre, controls, t = BYTE_LEVEL[arch]
     tokens, types, merges = byte_level_vocabulary(controls)
@@ -310,19 +316,9 @@ def write_byte_level_gguf(path: Path, arch: str, seed: int) -> None:
         if t["qk_norm"]:
             shapes.update({f"{b}.attn_q_norm.weight": (t["head_dim"],),
                            f"{b}.attn_k_norm.weight": (t["head_dim"],)})
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(f"jaxpatch tiny {arch} fixture")
-    writer.add_context_length(64)
-    writer.add_embedding_length(d)
-    writer.add_block_count(t["n_layers"])
-    writer.add_feed_forward_length(t["d_ff"])
-    writer.add_head_count(t["n_heads"])
-    writer.add_head_count_kv(t["n_kv_heads"])
-    writer.add_key_length(t["head_dim"])
-    writer.add_value_length(t["head_dim"])
+    writer = gguf_writer(path, arch, {**t, "context": 64,
+                                      "rope_base": 10_000.0 if arch == "llama" else 1_000_000.0})
     writer.add_rope_dimension_count(t["head_dim"])
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_rope_freq_base(10_000.0 if arch == "llama" else 1_000_000.0)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)

@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         /.../gpt2: gpt2, 29,568 params (float32)
           layers 2, d_model 32, heads 4 x 8, kv heads 4 [MHA], d_ff 128, vocab 96, context 32
           tokenizer: yes
+          chat template: none
         0
         >>> main(["info", str(tmp / "missing")])  # one line on stderr, status 2
         2
