@@ -86,8 +86,9 @@ def test_integrated_gradients_are_complete(direction: str) -> None:
     assert gaps[1] < 1e-3 and gaps[1] < gaps[0]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma", "gemma3_text", "qwen3", "gemma2", "olmo2",
-                                    "phi3"])
+# Qwen3's per-head q/k norms are Gemma 3's, Phi-3's fused weights are split on loading: what
+# differs in the backward pass is Gemma 2's softcapping and OLMo 2's norm layout.
+@pytest.mark.parametrize("family", ["gpt2", "gemma", "gemma3_text", "gemma2", "olmo2"])
 def test_first_order_equals_the_gradient_of_patching_for_every_leaf(family: str) -> None:
     """Every coefficient: matmuls, norm weights (with Gemma's offset), biases, tied embeddings,
     learned positions (the Llama layout is the module-level pair's)."""
