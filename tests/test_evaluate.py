@@ -57,6 +57,8 @@ def test_demo_writes_a_report_that_re_renders(tmp_path, capsys) -> None:
     assert all(c["faithfulness"][0] == 0.0 and c["sizes"][-1] == 39 for c in curves["denoise"].values())
     assert "Faithfulness: the top k modules" in html
     assert "Source-level hierarchy" in html and summary["hierarchy"]["planted"]["recall"] == 1.0
+    # Each reason folds to its gist (the whole one a click away): the table stays readable.
+    assert "<td><details><summary>in the validated source set</summary>in the validated" in html
     assert "What could make this comparison unfair" in html and "<script" not in html
     # The first screen says what was found, before any table or figure, naming the behavior.
     first = html.index("<p class=finding>")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -175,6 +176,25 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+class _Html(str):
+    """A table cell's HTML, written as is (everything else is escaped)."""
+
+
+def _why(reason: str, also: str | None) -> _Html:
+    """A hierarchy row's reason folded: its gist (up to the first `;` or `:`) shown, the whole
+    reason and the "also" notes one click away, so the table stays readable.
+
+    Example:
+        >>> _why("late; drops 0.4", None)
+        '<details><summary>late</summary>late; drops 0.4</details>'
+    """
+    full = reason + (f" (also: {also})" if also else "")
+    gist = re.split(r"[;:(]", reason, maxsplit=1)[0].strip()
+    if gist == full:
+        return _Html(html.escape(full))
+    return _Html(f"<details><summary>{html.escape(gist)}</summary>{html.escape(full)}</details>")
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]],
            best: Sequence[str | None] | None = None) -> str:
     """An HTML table; `best` ("max", "min" or None per column) marks each column's best value
@@ -191,7 +211,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]],
                 return "<td class=num>-</td>"
             text = f"{x:.3f}"
             return f"<td class=num><b>{text}</b></td>" if marks.get(j) == x else f"<td class=num>{text}</td>"
-        return f"<td>{html.escape(str(x))}</td>"
+        return f"<td>{x if isinstance(x, _Html) else html.escape(str(x))}</td>"
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(cell(j, x) for j, x in enumerate(row)) + "</tr>" for row in rows)
@@ -340,7 +360,7 @@ def _hierarchy_section(h: Mapping[str, Any], planted: Mapping[str, bool]) -> lis
              float(n["weight_score"]), float(n["activation_score"]),
              float("nan") if n["supplied"] is None else float(n["supplied"]),
              float("nan") if n["execution"] is None else float(n["execution"]),
-             n["reason"] + (f" (also: {n['also']})" if n["also"] else "")]
+             _why(n["reason"], n["also"])]
             for n in h["nodes"] if n["class"] != "inert" or n["activation_score"] >= 0.3]
     lines.append(_table(["component", "class", "in S", "weight", "activation", "supplied",
                          "execution", "why"], rows))
