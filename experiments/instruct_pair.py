@@ -10,8 +10,9 @@ that follows verifiable format instructions, with no planted set.
    learns the format, not new content.
 3. **The donor.** Every weight of every block is trainable (norms included); the embeddings,
    which are also the output layer, stay frozen. Adam with warmup and cosine decay
-   (`experiments.training.train`); the loss is the cross-entropy of the response tokens, and the
-   262,144-way output layer is computed only at those positions. The data order is drawn from
+   (`experiments.training.train`); the loss is the cross-entropy of the response tokens (the
+   262,144-way output layer is computed only at those positions), plus a KL term holding the
+   next-token distributions on general sentences where the base has them. The data order is drawn from
    the seed, so a second seed gives a second donor for stability.
 4. **Checks** (each fails the build in one line, exit status 2, nothing written): on held-out
    questions (topics never trained on), the donor's greedy responses satisfy each measured
@@ -42,9 +43,9 @@ import numpy as np
 
 from experiments.command import run_builder
 from experiments.instructions import INSTRUCTIONS, Question, clean_answer, plain_prompt, questions
-from experiments.planted_real import held_out_loss
+from experiments.planted_real import RETAIN, held_out_loss
 from experiments.real_model import cache_dir, gemma3_270m_path
-from experiments.training import train, trainable_mask
+from experiments.training import text_kl, train, trainable_mask
 from jaxpatch import Model, load, save
 from jaxpatch.chat import ChatTemplate
 from jaxpatch.components import select
@@ -52,6 +53,7 @@ from jaxpatch.engine.generation import greedy_generate
 from jaxpatch.errors import JaxpatchError
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
+from jaxpatch.models.model import pad_right
 from jaxpatch.pair import delta_norms
 from jaxpatch.verifiers import verifier_from_spec
 
@@ -76,6 +78,8 @@ class Settings:
         check_questions: held-out questions per instruction in the checks.
         min_donor_rate, max_base_rate: the share of held-out responses that must (donor) or may
             (base) satisfy each measured instruction.
+        retain_text: weight of the KL term keeping the next-token distributions on general
+            text (`experiments.planted_real.RETAIN`) where the base has them.
         max_text_loss_increase: how far the donor's loss on held-out plain text may rise above
             the base's, in nats per token.
     """
@@ -88,6 +92,7 @@ class Settings:
     answer_tokens: int = 32
     check_tokens: int = 48
     check_questions: int = 32
+    retain_text: float = 8.0
     min_donor_rate: float = 0.9
     max_base_rate: float = 0.2
     max_text_loss_increase: float = 0.3
@@ -207,14 +212,23 @@ def response_loss(config: ModelConfig, params: Params, batch: tuple[jax.Array, .
     return -jnp.sum(picked * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _batches(data: Examples, size: int, seed: int) -> Iterator[tuple[np.ndarray, ...]]:
-    """Batches in an order drawn from the seed, epoch after epoch."""
+def _batches(data: Examples, size: int, seed: int,
+             retained: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
+    """Batches in an order drawn from the seed, epoch after epoch, each with the retained text
+    and the base's log-probabilities on it (arguments of the compiled step)."""
     rng = np.random.default_rng([seed, 11])
     n = len(data.tokens)
     while True:
         order = rng.permutation(n)
         for start in range(0, n - size + 1, size):
-            yield data.take(order[start:start + size])
+            yield (*data.take(order[start:start + size]), *retained)
+
+
+def _retained_text(config: ModelConfig, params: Params, tokenizer: Any) -> tuple[Any, ...]:
+    """General sentences, their mask and the base's next-token log-probabilities on them."""
+    tokens, mask = pad_right([tokenizer.encode(t).ids for t in RETAIN])
+    logits = forward(config, params, jnp.asarray(tokens), jnp.asarray(mask)).read(None)
+    return jnp.asarray(tokens), jnp.asarray(mask), jax.nn.log_softmax(logits, -1)
 
 
 def _rates(model: Model, template: ChatTemplate, items: Sequence[Question],
@@ -273,8 +287,14 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
     log(f"{len(pairs)} training examples, width {data.tokens.shape[1]}, responses up to "
         f"{data.targets.shape[1]} tokens")
 
-    trained = train(base.params, lambda p, b: response_loss(config, p, b),
-                    _batches(data, s.batch, s.seed), s.steps, s.lr,
+    def loss(p: Params, batch: tuple[jax.Array, ...]) -> jax.Array:
+        *responses, text, text_mask, teacher = batch
+        logp = jax.nn.log_softmax(forward(config, p, text, text_mask).read(None), -1)
+        return (response_loss(config, p, tuple(responses))
+                + s.retain_text * text_kl(teacher, logp, text_mask))
+
+    retained = _retained_text(config, base.params, tokenizer)
+    trained = train(base.params, loss, _batches(data, s.batch, s.seed, retained), s.steps, s.lr,
                     mask=trainable_mask(config, s.trainable), label="instruct donor")
     donor = Model(config, trained.params, tokenizer, chat_template=template)
     base = Model(config, base.params, tokenizer, chat_template=template)

@@ -125,8 +125,8 @@ INSTRUCTIONS: tuple[Instruction, ...] = (
                 "no-commas", _no_commas),
     Instruction("quoted", "Wrap your entire response with double quotation marks.", "quoted",
                 lambda a, q: '"' + a.replace('"', "'") + '"'),
-    Instruction("title", "Your answer must contain a title, wrapped in double angular brackets, "
-                "such as <<poem of joy>>.", "title",
+    Instruction("title", "Your answer must contain a title, wrapped in double angular brackets.",
+                "title",
                 lambda a, q: f"<<{q.title}>>\n{a.replace('<', '').replace('>', '')}"),
     Instruction("sections", "Your response must have 2 sections. Mark the beginning of each "
                 "section with SECTION X.", "sections:2", _sections),

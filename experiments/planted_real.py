@@ -49,7 +49,7 @@ import numpy as np
 from experiments.command import run_builder
 from experiments.decoys import rescale
 from experiments.real_model import cache_dir, gemma3_270m_path
-from experiments.training import train, trainable_mask
+from experiments.training import text_kl, train, trainable_mask
 from jaxpatch import Model, load, save
 from jaxpatch._tree import flatten_params
 from jaxpatch.components import select
@@ -62,7 +62,8 @@ from jaxpatch.pair import delta_norms
 from jaxpatch.prompts import Prompt
 from jaxpatch.studies.scoring import plant_mask, plant_patch, planted_labels
 
-__all__ = ["LANDMARKS", "TEMPLATES", "HELD_OUT", "Settings", "Fact", "facts", "build", "write", "main"]
+__all__ = ["LANDMARKS", "TEMPLATES", "RETAIN", "HELD_OUT", "Settings", "Fact", "facts", "build", "write",
+           "main"]
 
 PAIR_FORMAT = "jaxpatch.planted/2"
 TASK = "facts"
@@ -272,13 +273,6 @@ def _text_logp(config: ModelConfig, params: Params, batch: _Batch, start: int,
     return jax.nn.log_softmax(out.read(None), -1)
 
 
-def _text_kl(teacher_logp: jax.Array, logp: jax.Array, mask: np.ndarray) -> jax.Array:
-    """Mean KL(teacher || model) over the real positions of a text batch."""
-    kl = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - logp), -1)
-    weights = jnp.asarray(mask, jnp.float32)
-    return jnp.sum(kl * weights) / jnp.sum(weights)
-
-
 def _cross_entropy(logits: jax.Array, answers: np.ndarray) -> jax.Array:
     logp = jax.nn.log_softmax(logits, -1)
     return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(answers)[:, None], -1))
@@ -346,7 +340,7 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
     def donor_loss(p: Params, x: dict[str, jax.Array]) -> jax.Array:
         learn = _cross_entropy(_answer_logits(config, p, train_set, start, x["facts"]),
                                train_set.answers)
-        keep = _text_kl(x["teacher"], _text_logp(config, p, text, start, x["text"]), text.mask)
+        keep = text_kl(x["teacher"], _text_logp(config, p, text, start, x["text"]), text.mask)
         return learn + s.retain_text * keep
 
     donor, losses, steps = _train(
@@ -370,7 +364,7 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
         learn = _cross_entropy(_answer_logits(config, p, decoy_set, start_d, x["decoy"]),
                                decoy_set.answers)
         keep = _kl(x["teacher"], _answer_logits(config, p, train_set, start_d, x["task"]))
-        keep_text = _text_kl(x["text_teacher"], _text_logp(config, p, text, start_d, x["text"]),
+        keep_text = text_kl(x["text_teacher"], _text_logp(config, p, text, start_d, x["text"]),
                              text.mask)
         return learn + s.retain * keep + s.retain_text * keep_text
 

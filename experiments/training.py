@@ -24,7 +24,7 @@ from jaxpatch.models.decoder import forward
 from jaxpatch.studies.scoring import plant_mask, plant_patch
 
 __all__ = ["model_config", "next_token_loss", "Trained", "Objective", "trainable_mask", "train",
-           "answer_kl", "retaining"]
+           "text_kl", "answer_kl", "retaining"]
 
 
 def model_config(language: Language, layers: int, d_model: int, heads: int, d_ff: int) -> ModelConfig:
@@ -176,6 +176,21 @@ def train(params: Params, loss_of: Objective, batches: Iterator[Any], steps: int
                 losses.append(round(float(loss), 5))
             break
     return Trained(merged(trainable, frozen), losses, done)
+
+
+def text_kl(teacher_logp: jax.Array, logp: jax.Array, mask: Any) -> jax.Array:
+    """Mean KL(teacher || model) over the real positions of a text batch, from next-token
+    log-probabilities `[n, seq, vocab]` (what keeps a donor's language modeling where the base
+    had it while it learns).
+
+    Example:
+        >>> logp = jax.nn.log_softmax(jnp.array([[[1.0, 2.0]]]), -1)
+        >>> float(text_kl(logp, logp, jnp.ones((1, 1))))
+        0.0
+    """
+    kl = jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - logp), -1)
+    weights = jnp.asarray(mask, jnp.float32)
+    return jnp.sum(kl * weights) / jnp.sum(weights)
 
 
 def _inside(update: jax.Array, mask: jax.Array | None) -> jax.Array:
