@@ -12,7 +12,8 @@ that follows verifiable format instructions, with no planted set.
    which are also the output layer, stay frozen. Adam with warmup and cosine decay
    (`experiments.training.train`); the loss is the cross-entropy of the response tokens (the
    262,144-way output layer is computed only at those positions), plus a KL term holding the
-   next-token distributions on general sentences where the base has them. The data order is drawn from
+   next-token distributions where the base has them, on general sentences and on the base's own
+   plain answers (a few each step, in turn; the base's weights are the teacher). The data order is drawn from
    the seed, so a second seed gives a second donor for stability.
 4. **Checks** (each fails the build in one line, exit status 2, nothing written): on held-out
    questions (topics never trained on), the donor's greedy responses satisfy each measured
@@ -22,7 +23,8 @@ that follows verifiable format instructions, with no planted set.
 
 The folder holds `base/` and `donor/` (Hugging Face checkpoints with the tokenizer and the chat
 template), `prompts/<instruction>.jsonl` (held-out questions with the instruction, as chat
-`instruction` lines) and `instruct.json` (settings, checks, losses, how far each module moved).
+`instruction` lines with the instruction's text as their `mark`) and `instruct.json` (settings,
+checks, losses, how far each module moved).
 
     python -m experiments.instruct_pair --seed 0      # into the user cache
 """
@@ -57,7 +59,7 @@ from jaxpatch.models.model import pad_right
 from jaxpatch.pair import delta_norms
 from jaxpatch.verifiers import verifier_from_spec
 
-__all__ = ["PAIR_FORMAT", "END_OF_TURN", "Settings", "gemma3_chat_template", "generate",
+__all__ = ["PAIR_FORMAT", "END_OF_TURN", "Settings", "gemma3_chat_template", "generate", "reply_text",
            "Examples", "examples", "response_loss", "build", "write", "default_out", "main"]
 
 PAIR_FORMAT = "jaxpatch.instruct/1"
@@ -78,8 +80,11 @@ class Settings:
         check_questions: held-out questions per instruction in the checks.
         min_donor_rate, max_base_rate: the share of held-out responses that must (donor) or may
             (base) satisfy each measured instruction.
-        retain_text: weight of the KL term keeping the next-token distributions on general
-            text (`experiments.planted_real.RETAIN`) where the base has them.
+        retain_text: weight of the KL term keeping the next-token distributions where the base
+            has them, on general sentences (`experiments.planted_real.RETAIN`) and the base's
+            own plain answers.
+        retain_answers: how many of the base's plain answers the KL term reads per step, in
+            turn.
         max_text_loss_increase: how far the donor's loss on held-out plain text may rise above
             the base's, in nats per token.
     """
@@ -92,7 +97,8 @@ class Settings:
     answer_tokens: int = 32
     check_tokens: int = 48
     check_questions: int = 32
-    retain_text: float = 8.0
+    retain_text: float = 16.0
+    retain_answers: int = 2
     min_donor_rate: float = 0.9
     max_base_rate: float = 0.2
     max_text_loss_increase: float = 0.3
@@ -136,8 +142,15 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], n_tokens: int,
     return out
 
 
-def _reply(tokenizer: Any, ids: Sequence[int]) -> str:
-    """A generated turn as text, up to the end of the turn."""
+def reply_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """A generated turn as text, up to the end of the turn (what the verifiers judge).
+
+    Example:
+        >>> from tokenizers import Tokenizer, models
+        >>> tok = Tokenizer(models.WordLevel({"HI": 0, "<end_of_turn>": 1, "x": 2}, "x"))
+        >>> reply_text(tok, [0, 1, 2])
+        'HI'
+    """
     text = tokenizer.decode(list(ids), skip_special_tokens=False)
     for end in (END_OF_TURN, "<eos>", "<start_of_turn>"):
         text = text.split(end)[0]
@@ -212,23 +225,32 @@ def response_loss(config: ModelConfig, params: Params, batch: tuple[jax.Array, .
     return -jnp.sum(picked * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _batches(data: Examples, size: int, seed: int,
-             retained: tuple[Any, ...]) -> Iterator[tuple[Any, ...]]:
-    """Batches in an order drawn from the seed, epoch after epoch, each with the retained text
-    and the base's log-probabilities on it (arguments of the compiled step)."""
+def _batches(data: Examples, texts: np.ndarray, text_mask: np.ndarray, size: int, per_step: int,
+             seed: int, base: Params) -> Iterator[tuple[Any, ...]]:
+    """Batches in an order drawn from the seed, epoch after epoch: the examples, the general
+    sentences with `per_step` of the base's own plain answers in turn (what the KL term holds),
+    and the base's weights (the KL's teacher): every array an argument of the compiled step."""
     rng = np.random.default_rng([seed, 11])
-    n = len(data.tokens)
+    n, fixed = len(data.tokens), len(GENERAL_ROWS)
+    rotating = np.arange(fixed, len(texts))
     while True:
         order = rng.permutation(n)
         for start in range(0, n - size + 1, size):
-            yield (*data.take(order[start:start + size]), *retained)
+            kept = np.concatenate([np.arange(fixed), rng.choice(rotating, per_step, replace=False)])
+            yield (*data.take(order[start:start + size]), texts[kept], text_mask[kept], base)
 
 
-def _retained_text(config: ModelConfig, params: Params, tokenizer: Any) -> tuple[Any, ...]:
-    """General sentences, their mask and the base's next-token log-probabilities on them."""
-    tokens, mask = pad_right([tokenizer.encode(t).ids for t in RETAIN])
-    logits = forward(config, params, jnp.asarray(tokens), jnp.asarray(mask)).read(None)
-    return jnp.asarray(tokens), jnp.asarray(mask), jax.nn.log_softmax(logits, -1)
+# The general sentences, packed a few to a row (the output layer's cost is per position).
+GENERAL_ROWS = tuple(" ".join(RETAIN[i:i + 4]) for i in range(0, len(RETAIN), 4))
+
+
+def _retained_texts(tokenizer: Any, plain: Sequence[Sequence[int]],
+                    answers: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The texts the KL term holds the base's next-token distributions on: the general sentences
+    (`experiments.planted_real.RETAIN`, every step) and each training question's plain prompt
+    with the base's own answer (in turn), padded to one width."""
+    general = [tokenizer.encode(t).ids for t in GENERAL_ROWS]
+    return pad_right([*general, *[[*p, *a] for p, a in zip(plain, answers)]])
 
 
 def _rates(model: Model, template: ChatTemplate, items: Sequence[Question],
@@ -242,7 +264,7 @@ def _rates(model: Model, template: ChatTemplate, items: Sequence[Question],
         prompts = [template.token_ids(tokenizer, [{"role": "user", "content": item.message(q)}])
                    for q in items]
         verify = verifier_from_spec(item.verifier)
-        replies = [_reply(tokenizer, ids) for ids in generate(model, prompts, s.check_tokens)]
+        replies = [reply_text(tokenizer, ids) for ids in generate(model, prompts, s.check_tokens)]
         out[item.name] = round(float(np.mean([verify(r) for r in replies])), 4)
     return out
 
@@ -273,7 +295,8 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
 
     train_qs, held_qs = questions("train"), questions("held-out")
     plain = [tokenizer.encode(plain_prompt(q)).ids for q in train_qs]
-    answers = [clean_answer(tokenizer.decode(ids)) for ids in generate(base, plain, s.answer_tokens)]
+    generated = generate(base, plain, s.answer_tokens)
+    answers = [clean_answer(tokenizer.decode(ids)) for ids in generated]
     kept = [(q, a) for q, a in zip(train_qs, answers) if a is not None]
     log(f"the base answered {len(kept)} of {len(train_qs)} training questions "
         f"({time.perf_counter() - t0:.0f}s)")
@@ -289,12 +312,14 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
 
     def loss(p: Params, batch: tuple[jax.Array, ...]) -> jax.Array:
         *responses, text, text_mask, teacher = batch
-        logp = jax.nn.log_softmax(forward(config, p, text, text_mask).read(None), -1)
+        next_token = lambda q: jax.nn.log_softmax(forward(config, q, text, text_mask).read(None), -1)
         return (response_loss(config, p, tuple(responses))
-                + s.retain_text * text_kl(teacher, logp, text_mask))
+                + s.retain_text * text_kl(jax.lax.stop_gradient(next_token(teacher)),
+                                          next_token(p), text_mask))
 
-    retained = _retained_text(config, base.params, tokenizer)
-    trained = train(base.params, loss, _batches(data, s.batch, s.seed, retained), s.steps, s.lr,
+    texts, text_mask = _retained_texts(tokenizer, plain, generated)
+    batches = _batches(data, texts, text_mask, s.batch, s.retain_answers, s.seed, base.params)
+    trained = train(base.params, loss, batches, s.steps, s.lr,
                     mask=trainable_mask(config, s.trainable), label="instruct donor")
     donor = Model(config, trained.params, tokenizer, chat_template=template)
     base = Model(config, base.params, tokenizer, chat_template=template)
@@ -324,7 +349,8 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
         "seconds": round(time.perf_counter() - t0, 1),
     }
     _check(record, s)
-    prompts = {i.name: [i.message(q) for q in held_qs] for i in INSTRUCTIONS}
+    prompts = {i.name: [{"instruction": i.message(q), **({"mark": i.text} if i.text else {})}
+                        for q in held_qs] for i in INSTRUCTIONS}
     return {"base": base, "donor": donor, "prompts": prompts, "record": record}
 
 
@@ -363,7 +389,7 @@ def write(built: dict, out: str | Path, overwrite: bool = False) -> None:
         (tmp / "prompts").mkdir()
         for name, messages in built["prompts"].items():
             (tmp / "prompts" / f"{name}.jsonl").write_text("".join(
-                json.dumps({"instruction": m}, ensure_ascii=False) + "\n" for m in messages))
+                json.dumps(line, ensure_ascii=False) + "\n" for line in messages))
         (tmp / "instruct.json").write_text(json.dumps(built["record"], indent=1) + "\n")
 
 

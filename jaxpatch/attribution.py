@@ -435,6 +435,7 @@ def attribute(pair: PreparedPair, metric: Metric, *, granularity: Granularity = 
         >>> len(r.names), r.method
         (12, 'first-order')
     """
+    pair.require_patches_everywhere("attribution")
     execution = execution_of(execution)
     if execution.log is not None:  # the finished table, recorded whole
         return execution.recorded("attribution", SweepResult, lambda settings: attribute(

@@ -267,6 +267,7 @@ def learn_patch(pair: PreparedPair, metric: Metric, *, granularity: Granularity 
         >>> learned.effect > 0.8, len(learned.selected) < len(learned.names)
         (True, True)
     """
+    pair.require_patches_everywhere("the learned patch")
     training = GateTraining() if training is None else training
     execution = execution_of(execution)
     if execution.log is not None:  # the finished patch, recorded whole

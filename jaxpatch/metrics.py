@@ -269,7 +269,7 @@ def anchor_direction(h_base: Array, h_donor: Array, batch: Batch, layer: int) ->
     Example:
         >>> from jaxpatch.prompts import Batch
         >>> ones = jnp.ones((1, 1))
-        >>> b = Batch(ones, ones, ones, ones, ones, ones)
+        >>> b = Batch(ones, ones, ones, ones, ones, ones, ones)
         >>> anchor_direction(jnp.zeros((1, 1, 2)), jnp.ones((1, 1, 2)), b, 0).tolist()
         [0.7071067690849304, 0.7071067690849304]
     """

@@ -11,6 +11,10 @@
     AttributionMethod  first-order (the gradient at the start) or integrated gradients
     Positions          where a metric reads: the last prompt token, every prompt token, the
                        donor's continuation, or the positions predicting appended targets
+    PatchAt            where a weight patch applies: every position, or only at some token
+                       positions (the prompt before its last token, the response: the last
+                       prompt token and every token after it, the first response token: the
+                       last prompt token alone, or the prompt tokens each prompt marks)
     Role               a component's place in the source-level hierarchy: source, aggregation
                        (and routing), execution, or inert (`jaxpatch.hierarchy`)
 
@@ -24,7 +28,7 @@ from typing import Literal, get_args
 
 __all__ = ["Granularity", "ScoredGranularity", "Direction", "PairDirection", "AttributionMethod",
            "Positions", "Role", "GRANULARITIES", "SCORED_GRANULARITIES", "DIRECTIONS", "PAIR_DIRECTIONS",
-           "ATTRIBUTION_METHODS", "POSITIONS", "ROLES", "check_mode"]
+           "ATTRIBUTION_METHODS", "POSITIONS", "ROLES", "PatchAt", "PATCH_AT", "check_mode"]
 
 Granularity = Literal["module", "head", "neuron", "layer"]
 ScoredGranularity = Literal["module", "head", "neuron"]
@@ -32,6 +36,7 @@ Direction = Literal["denoise", "noise", "zero", "mean"]
 PairDirection = Literal["denoise", "noise"]
 AttributionMethod = Literal["first-order", "integrated-gradients"]
 Positions = Literal["last", "prompt", "continuation", "targets"]
+PatchAt = Literal["everywhere", "prompt", "response", "first-response", "marked"]
 Role = Literal["source", "aggregation", "execution", "inert"]
 
 GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
@@ -41,6 +46,7 @@ PAIR_DIRECTIONS: tuple[PairDirection, ...] = get_args(PairDirection)
 ATTRIBUTION_METHODS: tuple[AttributionMethod, ...] = get_args(AttributionMethod)
 POSITIONS: tuple[Positions, ...] = get_args(Positions)
 ROLES: tuple[Role, ...] = get_args(Role)
+PATCH_AT: tuple[PatchAt, ...] = get_args(PatchAt)
 
 
 def check_mode(what: str, value: object, allowed: tuple[str, ...], error: type[Exception]) -> None:

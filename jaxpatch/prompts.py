@@ -13,7 +13,9 @@ over a `text` beside them, kept for people to read); chat
 `messages` (or an `instruction`, one user message) are rendered with a chat template
 (`jaxpatch.chat`) with the assistant's turn opened, and `chat_template_kwargs` are that line's
 template variables. `target`/`foil` (or `target_tokens`/`foil_tokens`) are what `logit-diff` and
-`logprob` read.
+`logprob` read. `mark` (a text or chat line) names a part of the prompt, e.g. the instruction:
+the tokens overlapping its last occurrence in the prompt's text are marked, for weight patches
+restricted to them (`patch_at="marked"`, see `patch_where`).
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ from jaxpatch.errors import InvalidInputError, PromptsError
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import check_tokens
-from jaxpatch.modes import POSITIONS, Positions, check_mode
+from jaxpatch.modes import PATCH_AT, POSITIONS, PatchAt, Positions, check_mode
 from jaxpatch.rounding import jit
 
 __all__ = ["Prompt", "Batch", "read_prompts", "make_batch", "prompt_buffer", "greedy_continuations",
-           "MAX_PROMPTS_BYTES", "MAX_LINE_BYTES"]
+           "token_roles", "patch_where", "marked_positions", "PROMPT_TOKEN", "MARKED_TOKEN",
+           "LAST_PROMPT_TOKEN", "AFTER_PROMPT", "MAX_PROMPTS_BYTES", "MAX_LINE_BYTES"]
 
 _LOG = logging.getLogger("jaxpatch")
 
@@ -49,7 +52,8 @@ MAX_LINE_BYTES = 4 * 1024**2  # one prompt (with its target and foil), as JSON
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    """One prompt: its token ids and, optionally, target and foil token ids.
+    """One prompt: its token ids and, optionally, target and foil token ids and the positions
+    of its marked tokens (`patch_at="marked"`).
 
     Example:
         >>> Prompt((1, 2, 3), target=(4,)).target
@@ -59,6 +63,11 @@ class Prompt:
     tokens: tuple[int, ...]
     target: tuple[int, ...] | None = None
     foil: tuple[int, ...] | None = None
+    marked: tuple[int, ...] = ()
+
+
+# What each position of a batch is (bit flags of `Batch.roles`, `token_roles`).
+PROMPT_TOKEN, MARKED_TOKEN, LAST_PROMPT_TOKEN, AFTER_PROMPT = 1, 2, 4, 8
 
 
 class Batch(NamedTuple):
@@ -72,6 +81,8 @@ class Batch(NamedTuple):
             padding).
         targets: int32 `[P, Q]`: the token the metric reads at each position (-1: none).
         foils: int32 `[P, Q]`: the foil token at each position (-1: none).
+        roles: int8 `[P, S]`: what each position is (`token_roles`): where position-restricted
+            patches apply (`patch_where`).
     """
 
     tokens: jax.Array
@@ -80,6 +91,7 @@ class Batch(NamedTuple):
     weights: jax.Array
     targets: jax.Array
     foils: jax.Array
+    roles: jax.Array
 
 
 def read_prompts(path: str | os.PathLike[str], tokenizer: Any = None,
@@ -102,7 +114,7 @@ def read_prompts(path: str | os.PathLike[str], tokenizer: Any = None,
         >>> f = Path(tempfile.mkdtemp()) / "p.jsonl"
         >>> _ = f.write_text('{"tokens": [1, 2], "target_tokens": [3]}\\n')
         >>> read_prompts(f)
-        [Prompt(tokens=(1, 2), target=(3,), foil=None)]
+        [Prompt(tokens=(1, 2), target=(3,), foil=None, marked=())]
     """
     path = Path(path)
     try:
@@ -171,8 +183,69 @@ def _parse_line(path: Path, number: int, line: str, tokenizer: Any,
         raise PromptsError(f"{where}: give chat 'messages' or an 'instruction' alone, not "
                            f"{' and '.join(map(repr, others))}")
     prompt = _chat_ids(where, item, tokenizer, chat_template) if chat else ids("text", "tokens", True)
+    marked: tuple[int, ...] = ()
+    if "mark" in item:
+        marked = _marked(where, item, tuple(prompt or ()), tokenizer, chat_template)
     return Prompt(prompt, ids("target", "target_tokens", False),  # type: ignore[arg-type]
-                  ids("foil", "foil_tokens", False))
+                  ids("foil", "foil_tokens", False), marked)
+
+
+def _marked(where: str, item: dict[str, Any], prompt: tuple[int, ...], tokenizer: Any,
+            chat_template: ChatTemplate | None) -> tuple[int, ...]:
+    """The positions a line's `mark` names in its prompt (a text or chat line)."""
+    part = item["mark"]
+    if not (isinstance(part, str) and part):
+        raise PromptsError(f"{where}: 'mark' must be a non-empty string (a part of the prompt)")
+    if "tokens" in item or tokenizer is None:
+        raise PromptsError(f"{where}: 'mark' needs a 'text', 'messages' or 'instruction' line")
+    if "text" in item:
+        text, specials = item["text"], True
+    else:
+        messages = ([{"role": "user", "content": item["instruction"]}] if "instruction" in item
+                    else item["messages"])
+        assert chat_template is not None  # _chat_ids refused the line otherwise
+        text = chat_template.render(messages, add_generation_prompt=True,
+                                    **item.get("chat_template_kwargs", {}))
+        specials = False
+    try:
+        positions = marked_positions(tokenizer, text, part, add_special_tokens=specials)
+    except InvalidInputError as e:
+        raise PromptsError(f"{where}: {e}") from None
+    assert tokenizer.encode(text, add_special_tokens=specials).ids == list(prompt)
+    return positions
+
+
+def marked_positions(tokenizer: Any, text: str, part: str, *,
+                     add_special_tokens: bool = False) -> tuple[int, ...]:
+    """The positions of the tokens of `text` that overlap the last occurrence of `part` in it
+    (e.g. an instruction inside a rendered chat prompt).
+
+    Arguments:
+        tokenizer: a `tokenizers.Tokenizer`.
+        text: the prompt's text, as it is tokenized.
+        part: the text to mark.
+        add_special_tokens: as `text` is tokenized (a plain text line: True; a rendered chat
+            prompt: False).
+
+    Returns:
+        Token positions, ascending.
+
+    Raises:
+        InvalidInputError: `part` does not occur in `text`.
+
+    Example:
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers
+        >>> tok = Tokenizer(models.WordLevel({"say": 0, "hi": 1, "in": 2, "caps": 3}, "say"))
+        >>> tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        >>> marked_positions(tok, "say hi in caps", "in caps")
+        (2, 3)
+    """
+    start = text.rfind(part)
+    if start < 0:
+        raise InvalidInputError(f"the mark {part!r} does not occur in the prompt")
+    end = start + len(part)
+    offsets = tokenizer.encode(text, add_special_tokens=add_special_tokens).offsets
+    return tuple(i for i, (a, b) in enumerate(offsets) if a < end and b > start and b > a)
 
 
 def _chat_ids(where: str, item: dict[str, Any], tokenizer: Any,
@@ -291,7 +364,72 @@ def make_batch(config: ModelConfig, prompts: Sequence[Prompt], positions: Positi
         if (ids >= config.vocab_size).any():
             raise PromptsError(f"a {name} token id is out of range for the vocabulary of "
                                f"{config.vocab_size}")
-    return Batch(*(jnp.asarray(a) for a in (tokens, mask, pos, weights, targets, foils)))
+    roles = token_roles(prompts, width)
+    return Batch(*(jnp.asarray(a) for a in (tokens, mask, pos, weights, targets, foils, roles)))
+
+
+def token_roles(prompts: Sequence[Prompt], width: int) -> np.ndarray:
+    """What each position of right-padded prompts is, as bit flags: `PROMPT_TOKEN`,
+    `MARKED_TOKEN` (a position the prompt marks), `LAST_PROMPT_TOKEN` (the position that
+    writes the first response token), `AFTER_PROMPT` (appended targets, a continuation,
+    generated tokens); 0 is padding past the row.
+
+    Arguments:
+        prompts: the prompts.
+        width: the buffer's width (at least the longest prompt).
+
+    Returns:
+        int8 `[len(prompts), width]`.
+
+    Raises:
+        PromptsError: a marked position outside its prompt.
+
+    Example:
+        >>> token_roles([Prompt((7, 8, 9), marked=(1,))], 5).tolist()
+        [[1, 3, 5, 8, 8]]
+    """
+    roles = np.zeros((len(prompts), width), np.int8)
+    for i, p in enumerate(prompts):
+        n = len(p.tokens)
+        roles[i, :n] = PROMPT_TOKEN
+        roles[i, n - 1] |= LAST_PROMPT_TOKEN
+        roles[i, n:] = AFTER_PROMPT
+        if any(not 0 <= m < n for m in p.marked):
+            raise PromptsError(f"prompt {i + 1} marks a position outside its {n} tokens")
+        roles[i, list(p.marked)] |= MARKED_TOKEN
+    return roles
+
+
+def patch_where(roles: jax.Array | np.ndarray, at: PatchAt) -> jax.Array | None:
+    """Where a position-restricted weight patch applies (`MixedWeight.where`), from the
+    positions' roles (`token_roles`).
+
+    Arguments:
+        roles: int8 `[P, S]`.
+        at: "everywhere" (None: the patch is not restricted), "prompt" (the prompt before its
+            last token: what reads the instruction), "response" (the last prompt token and
+            every position after it: what writes the response), "first-response" (the last
+            prompt token alone: what writes the first response token) or "marked" (the
+            prompt's marked tokens).
+
+    Returns:
+        float32 `[P, S]` of 0 and 1, or None.
+
+    Example:
+        >>> roles = token_roles([Prompt((7, 8, 9), marked=(0,))], 5)
+        >>> [patch_where(roles, at).tolist()[0] for at in ("prompt", "response", "marked")]
+        [[1.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]]
+    """
+    check_mode("patch positions", at, PATCH_AT, InvalidInputError)
+    if at == "everywhere":
+        return None
+    r = jnp.asarray(roles).astype(jnp.int32)
+    last = (r & LAST_PROMPT_TOKEN) != 0
+    chosen = {"prompt": ((r & PROMPT_TOKEN) != 0) & ~last,
+              "response": last | ((r & AFTER_PROMPT) != 0),
+              "first-response": last,
+              "marked": (r & MARKED_TOKEN) != 0}[at]
+    return chosen.astype(jnp.float32)
 
 
 @functools.partial(jit, static_argnums=0)

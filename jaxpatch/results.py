@@ -39,6 +39,8 @@ class SweepResult:
         method: "exact" for sweeps, "activation" for activation patching, the attribution
             method for attribution tables.
         extra: method-specific details (e.g. integrated gradients' completeness gap).
+        patch_at: the token positions the patches applied at ("everywhere", or a
+            position-restricted patch's choice: `jaxpatch.prompts.patch_where`).
 
     Example:
         >>> r = SweepResult(metric="anchor", direction="denoise", readout_layer=1,
@@ -61,6 +63,7 @@ class SweepResult:
     skipped: list[str] = dataclasses.field(default_factory=list)
     method: str = "exact"
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    patch_at: str = "everywhere"
 
     @property
     def recovery(self) -> np.ndarray:
@@ -90,7 +93,7 @@ class SweepResult:
         """
         return {
             "metric": self.metric, "direction": self.direction, "readout_layer": self.readout_layer,
-            "positions": self.positions, "base_score": self.base_score,
+            "positions": self.positions, "patch_at": self.patch_at, "base_score": self.base_score,
             "donor_score": self.donor_score,
             "components": [{"name": n, "score": float(s), "recovery": float(r), "effect": float(e)}
                            for n, s, r, e in zip(self.names, self.scores, self.recovery, self.effect)],
@@ -116,7 +119,7 @@ class SweepResult:
                    scores=np.array([c["score"] for c in comps], np.float64),
                    timing=dict(data.get("timing", {})), inputs=dict(data.get("inputs", {})),
                    skipped=list(data.get("skipped", [])), method=data.get("method", "exact"),
-                   extra=dict(data.get("extra", {})))
+                   extra=dict(data.get("extra", {})), patch_at=data.get("patch_at", "everywhere"))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SweepResult):

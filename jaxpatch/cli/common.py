@@ -21,8 +21,8 @@ from jaxpatch.runs.settings import Execution
 
 __all__ = ["Command", "add_run_arguments", "run_chat_template", "model_record",
            "add_attribution_arguments", "attribution_options", "execution_of", "positions_of",
-           "resolve_metric", "prepare_run", "run_settings", "run_log", "write_outputs",
-           "result_files", "check_output"]
+           "resolve_metric", "prepare_run", "add_patch_at_argument", "run_settings", "run_log",
+           "write_outputs", "result_files", "check_output"]
 
 Command = Callable[..., argparse.ArgumentParser]
 """`command(name, run, help)`: a new subcommand's parser, running `run(args)`."""
@@ -73,6 +73,16 @@ def add_run_arguments(p: argparse.ArgumentParser, direction: bool = True) -> Non
                    "gradients: prompts), model=N (heads and neurons; the checkpoints are read "
                    "shard by shard), data=N (prompts), e.g. candidates=4,model=2 (default: "
                    "every device on candidates)")
+
+
+def add_patch_at_argument(p: argparse.ArgumentParser) -> None:
+    """`--patch-at`: the token positions weight patches apply at (sweep, faithfulness)."""
+    p.add_argument("--patch-at", choices=["everywhere", "prompt", "response", "first-response",
+                                          "marked"], default="everywhere",
+                   help="apply the donor's (or base's) weights only at some token positions: the "
+                   "prompt before its last token, the response (the last prompt token and every "
+                   "token after it), the first response token alone, or the tokens each prompt "
+                   "line's \"mark\" names (default everywhere)")
 
 
 def add_attribution_arguments(p: argparse.ArgumentParser) -> None:
@@ -192,7 +202,7 @@ def prepare_run(args: argparse.Namespace,
               "granularity": args.granularity, "select": args.select,
               "continuations": continuations, "versions": versions()}
     pair = jaxpatch.prepare(base, donor, batch, mesh=mesh, positions=positions_of(args),
-                            inputs=inputs)
+                            inputs=inputs, patch_at=getattr(args, "patch_at", "everywhere"))
     if args.save_anchor and args.metric == "anchor":
         from jaxpatch.metrics import save_anchor
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxpatch.cli.common import (
     Command,
+    add_patch_at_argument,
     add_run_arguments,
     execution_of,
     prepare_run,
@@ -29,6 +30,7 @@ def register(command: Command) -> None:
     p = command("faithfulness", _faithfulness, "faithfulness curves (f(k), CPR, CMD) of rankings: "
                 "the top k components patched together, against |dW| and random rankings")
     add_run_arguments(p, direction=False)
+    add_patch_at_argument(p)
     p.add_argument("--ranking", action="append", metavar="SCORES_JSON",
                    help="a scores.json of sweep, attribute or localize to rank by (repeatable; "
                    "default: an exact denoise sweep run here)")
@@ -108,6 +110,8 @@ def _faithfulness(args: argparse.Namespace) -> None:
     pair, metric, inputs = prepare_run(args)
     judge = metric if args.judge is None else _judge(args, pair)
     behavior = metric.name if args.judge is None else f"{args.judge} in generated text"
+    if args.patch_at != "everywhere":
+        behavior += f"; patches applied at the {args.patch_at} positions only"
     items = select(pair.config, args.select, args.granularity)
     names = [c.name for c in items]
     rankings = dict(_read_ranking(path, set(names), args.by) for path in args.ranking or [])

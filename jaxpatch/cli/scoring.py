@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from jaxpatch.cli.common import (
     Command,
     add_attribution_arguments,
+    add_patch_at_argument,
     add_run_arguments,
     attribution_options,
     execution_of,
@@ -27,6 +28,7 @@ def register(command: Command) -> None:
     """Adds this group's commands to the parser."""
     p = command("sweep", _sweep, "score every component by exact weight patching")
     add_run_arguments(p)
+    add_patch_at_argument(p)
     p.add_argument("--chunk-size", type=int, help="candidates per batch (default: from free memory)")
 
     p = command("attribute", _attribute, "score every component by gradient attribution")

@@ -213,6 +213,7 @@ def activation_patching(
         >>> r.method, len(r.names)
         ('activation', 21)
     """
+    pair.require_patches_everywhere("activation patching")
     wall_start = time.perf_counter()
     if metric.width != 1:
         raise MetricError(f"the {metric.name} metric scores {metric.width} columns: use "

@@ -10,7 +10,9 @@ the whole sequence every step).
 `generate_under_patches` generates with many patched models: each candidate's coefficients mix
 the start and target weights it patches (kept factored, `MixedWeight`), vmapped over a chunk of
 candidates, so one compiled program serves every chunk and the weights no candidate patches are
-shared; the result is what patching each candidate alone and then generating gives. Chunks run
+shared; the result is what patching each candidate alone and then generating gives. A pair
+prepared with position-restricted patches (`prepare(..., patch_at=...)`) applies them at those
+positions of the prompts and of the generated tokens. Chunks run
 through the chunk runner (`run_chunks`): sized from memory, halved when out of it, recorded in
 a run's log and replayed when it resumes.
 """
@@ -33,6 +35,7 @@ from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import (
     KVCache,
     MixedWeight,
+    at_positions,
     attention_allowed,
     block_cached,
     embed,
@@ -43,7 +46,7 @@ from jaxpatch.models.decoder import (
 from jaxpatch.modes import Direction
 from jaxpatch.pair import endpoints
 from jaxpatch.patch import Patch, alpha_shapes
-from jaxpatch.prompts import Prompt, prompt_buffer
+from jaxpatch.prompts import Prompt, patch_where, prompt_buffer, token_roles
 from jaxpatch.rounding import jit
 from jaxpatch.runs.settings import Execution, execution_of
 
@@ -86,22 +89,25 @@ def greedy_generate(config: ModelConfig, params: Params, tokens: jax.Array, leng
         x, cache = block_cached(config, params["layers"][i], x, KVCache(empty, empty),
                                 everywhere, allowed, rope_at(config, rope, i))
         caches.append(cache)
-    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
-    first = jnp.argmax(unembed(config, params, last)[:, 0], axis=-1).astype(jnp.int32)
+    last_position = (lengths - 1)[:, None]
+    last = jnp.take_along_axis(x, last_position[..., None], axis=1)
+    first = jnp.argmax(unembed(config, at_positions(params, last_position), last)[:, 0],
+                       axis=-1).astype(jnp.int32)
     full = jnp.ones((batch, width), jnp.bool_)  # causality and windows decide what is seen
 
     def step(carry: tuple[jax.Array, list[KVCache]], i: jax.Array):
         token, caches = carry
         position = (lengths + i)[:, None]
-        h = embed(config, params, token[:, None], positions=position)
+        here = at_positions(params, position)  # position-restricted weights at this step
+        h = embed(config, here, token[:, None], positions=position)
         updated = []
         for layer in range(config.n_layers):
             allowed = attention_allowed(full, config.sliding_windows[layer])
             row = jnp.take_along_axis(allowed, position[:, None, :, None], axis=2)
-            h, cache = block_cached(config, params["layers"][layer], h, caches[layer], position,
+            h, cache = block_cached(config, here["layers"][layer], h, caches[layer], position,
                                     row, rope_at(config, rope, layer))
             updated.append(cache)
-        following = jnp.argmax(unembed(config, params, h)[:, 0], axis=-1).astype(jnp.int32)
+        following = jnp.argmax(unembed(config, here, h)[:, 0], axis=-1).astype(jnp.int32)
         return (following, updated), token
 
     _, generated = jax.lax.scan(step, (first, caches), jnp.arange(n_tokens))
@@ -122,7 +128,9 @@ def generate_under_patches(pair: PreparedPair, patches: Mapping[str, Patch],
     recorded and replayed, so an interrupted run resumes with the same tokens.
 
     Arguments:
-        pair: the base/donor pair (its prompts are not used: generation reads `prompts`).
+        pair: the base/donor pair (its prompts are not used: generation reads `prompts`; its
+            `patch_at` says at which positions of the prompts and continuations the patches
+            apply).
         patches: the candidates by name (`Patch.from_components`, `Patch.from_selector`).
         prompts: what to continue.
         n_tokens: tokens per continuation.
@@ -143,6 +151,7 @@ def generate_under_patches(pair: PreparedPair, patches: Mapping[str, Patch],
     config = pair.config
     start, target = endpoints(pair.base, pair.donor, direction)
     tokens, lengths = prompt_buffer(config, prompts, n_tokens)
+    where = patch_where(token_roles(prompts, tokens.shape[1]), pair.patch_at)
     order = list(flatten_params(start))
     candidates = [_candidate(config, name, patch, order) for name, patch in patches.items()]
     moving = [c for c in candidates if c.alpha]
@@ -158,7 +167,7 @@ def generate_under_patches(pair: PreparedPair, patches: Mapping[str, Patch],
     programs = []
     for group in _groups(moving):
         signature = tuple(leaf for leaf in order if any(leaf in c.alpha for c in group))
-        operands = _Operands(start, {leaf: targets[leaf] for leaf in signature}, *buffer)
+        operands = _Operands(start, {leaf: targets[leaf] for leaf in signature}, *buffer, where)
         programs.append(_program(config, n_tokens, signature, min(size, len(group)), group,
                                  operands))
     raw = run_chunks(programs, label=f"generate {direction}", execution=settings, mesh=None)
@@ -210,12 +219,13 @@ def _groups(candidates: Sequence[_Candidate]) -> list[list[_Candidate]]:
 
 class _Operands(NamedTuple):
     """What every chunk generates from: the start model, the target's signature leaves, the
-    prompt buffer and the prompts' lengths."""
+    prompt buffer, the prompts' lengths and where the patches apply (None: everywhere)."""
 
     start: Params
     targets: dict[str, jax.Array]
     tokens: jax.Array
     lengths: jax.Array
+    where: jax.Array | None
 
 
 def _auto_chunk(config: ModelConfig, shape: tuple[int, int], budget: int) -> int:
@@ -249,11 +259,12 @@ def _program(config: ModelConfig, n_tokens: int, signature: tuple[str, ...], siz
         flat = flatten_params(ops.start)
 
         def one(alpha: dict[str, jax.Array]) -> jax.Array:
-            mixed = {n: MixedWeight(flat[n], ops.targets[n], alpha[n]) for n in alpha}
+            mixed = {n: MixedWeight(flat[n], ops.targets[n], alpha[n], ops.where) for n in alpha}
             return greedy_generate(config, replace_leaves(ops.start, mixed), ops.tokens,
                                    ops.lengths, n_tokens)
 
         return jax.vmap(one)(alphas)
 
-    return ChunkProgram(("generate", config, n_tokens, signature), run, size, [candidates],
+    key = ("generate", config, n_tokens, signature, operands.where is not None)
+    return ChunkProgram(key, run, size, [candidates],
                         lambda _: operands, rows, specs)

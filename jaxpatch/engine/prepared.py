@@ -28,13 +28,14 @@ from jax.sharding import Mesh
 
 from jaxpatch._tree import without_layers
 from jaxpatch.engine.programs import clean_sites, prefix_pass, stacked_checked
+from jaxpatch.errors import InvalidInputError
 from jaxpatch.mesh import MeshLike, make_mesh, place_prompts
 from jaxpatch.metrics import Metric, metric_readout
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
-from jaxpatch.modes import Positions
+from jaxpatch.modes import PATCH_AT, PatchAt, Positions, check_mode
 from jaxpatch.pair import check_pair, endpoint_scores, placed_on
-from jaxpatch.prompts import Batch
+from jaxpatch.prompts import Batch, patch_where
 
 __all__ = ["PreparedPair", "MetricEndpoints", "prepare", "Which", "PROMPT_AXES"]
 
@@ -69,18 +70,23 @@ class PreparedPair:
         config: the architecture.
         mesh: the device mesh, or None for one device.
         positions: the readout positions the batch was built with (recorded in results).
+        patch_at: the token positions weight patches apply at (`jaxpatch.prompts.patch_where`;
+            recorded in results).
         inputs: fingerprints of the inputs (recorded in results).
         counts: how many prefix passes, stackings, metric preparations and clean activation
             runs this pair has done.
     """
 
     def __init__(self, base: Model, donor: Model, batch: Batch, mesh: Mesh | None,
-                 positions: Positions, inputs: Mapping[str, Any]) -> None:
+                 positions: Positions, inputs: Mapping[str, Any],
+                 patch_at: PatchAt = "everywhere") -> None:
         check_pair(base, donor)
+        check_mode("patch positions", patch_at, PATCH_AT, InvalidInputError)
         self.mesh = mesh
         self.base, self.donor, self.batch = placed_on(mesh, base, donor, batch)
         self.config: ModelConfig = base.config
         self.positions = positions
+        self.patch_at: PatchAt = patch_at
         self.inputs = dict(inputs)
         self.counts = {"prefix_passes": 0, "stackings": 0, "metric_preparations": 0,
                        "source_runs": 0}
@@ -98,6 +104,30 @@ class PreparedPair:
             True
         """
         return self.base if which == "base" else self.donor
+
+    @property
+    def patch_where(self) -> jax.Array | None:
+        """Where weight patches apply on the pair's prompts (`MixedWeight.where`, float
+        `[P, S]`), or None when they apply everywhere.
+
+        Example:
+            >>> pair.patch_where is None
+            True
+        """
+        return patch_where(self.batch.roles, self.patch_at)
+
+    def require_patches_everywhere(self, method: str) -> None:
+        """Refuses a method that cannot restrict its patches to positions (attribution,
+        activation patching, the learned patch) on a pair prepared with `patch_at`.
+
+        Example:
+            >>> pair.require_patches_everywhere("attribution")  # a pair patching everywhere
+        """
+        if self.patch_at != "everywhere":
+            raise InvalidInputError(f"{method} patches weights at every position, but this pair "
+                                    f"restricts patches to the {self.patch_at!r} positions; prepare "
+                                    "it with patch_at='everywhere' (sweeps and faithfulness curves "
+                                    "take position-restricted patches)")
 
     def which(self, params: Params) -> Which | None:
         """Whether `params` is the base's or the donor's own tree (None: another tree).
@@ -213,12 +243,14 @@ class PreparedPair:
 
     def __repr__(self) -> str:
         devices = "1 device" if self.mesh is None else f"mesh {dict(self.mesh.shape)}"
+        where = "" if self.patch_at == "everywhere" else f", patches at {self.patch_at}"
         return (f"PreparedPair({self.config.family}, {self.batch.tokens.shape[0]} prompts of "
-                f"{self.batch.tokens.shape[1]} tokens, {devices})")
+                f"{self.batch.tokens.shape[1]} tokens, {devices}{where})")
 
 
 def prepare(base: Model, donor: Model, batch: Batch, *, mesh: MeshLike | None = None,
-            positions: Positions = "last", inputs: Mapping[str, Any] | None = None) -> PreparedPair:
+            positions: Positions = "last", inputs: Mapping[str, Any] | None = None,
+            patch_at: PatchAt = "everywhere") -> PreparedPair:
     """Checks a base/donor pair and places it and its prompts for every method to run on.
 
     Arguments:
@@ -229,6 +261,10 @@ def prepare(base: Model, donor: Model, batch: Batch, *, mesh: MeshLike | None = 
             `{"candidates": 4, "model": 2}` or `"candidates=4,model=2"`); None: one device.
         positions: the readout positions `batch` was built with (recorded in results).
         inputs: fingerprints of the inputs (recorded in results).
+        patch_at: where weight patches apply: "everywhere", or only at some token positions
+            ("prompt", "response", "first-response", "marked": `jaxpatch.prompts.patch_where`),
+            for sweeps and faithfulness curves (Dynamic Weight Grafting's question: which
+            positions need the donor's weights).
 
     Returns:
         A `PreparedPair`.
@@ -246,7 +282,8 @@ def prepare(base: Model, donor: Model, batch: Batch, *, mesh: MeshLike | None = 
         >>> pair.counts["prefix_passes"]  # each model's pass ran once, for both sweeps
         2
     """
-    return PreparedPair(base, donor, batch, make_mesh(mesh), positions, dict(inputs or {}))
+    return PreparedPair(base, donor, batch, make_mesh(mesh), positions, dict(inputs or {}),
+                        patch_at)
 
 
 

@@ -67,6 +67,7 @@ class LocalOperands(NamedTuple):
         index: the patched block (int32 scalar).
         batch: the prompts.
         state: the metric's state.
+        where: the positions the patches apply at (`MixedWeight.where`), or None: everywhere.
     """
 
     stacked: Params
@@ -76,6 +77,7 @@ class LocalOperands(NamedTuple):
     index: jax.Array
     batch: Batch
     state: Any
+    where: jax.Array | None = None
 
 
 class GeneralOperands(NamedTuple):
@@ -89,6 +91,7 @@ class GeneralOperands(NamedTuple):
         state: the metric's state.
         earlier: for a metric that reads component outputs, the start model's readout (the
             outputs of blocks before the first block run); else None.
+        where: the positions the patches apply at (`MixedWeight.where`), or None: everywhere.
     """
 
     start: Params
@@ -97,13 +100,15 @@ class GeneralOperands(NamedTuple):
     batch: Batch
     state: Any
     earlier: Any = None
+    where: jax.Array | None = None
 
 
 def _mixed(leaves: Mapping[str, jax.Array], targets: Mapping[str, jax.Array],
-           alpha: Mapping[str, jax.Array], dense: bool) -> dict[str, Any]:
-    """The patched leaves as `MixedWeight`s, or their materialized values."""
-    mixed = {n: MixedWeight(leaves[n], targets[n], alpha[n]) for n in alpha}
-    return {n: m.value() for n, m in mixed.items()} if dense else mixed
+           alpha: Mapping[str, jax.Array], dense: bool, where: jax.Array | None) -> dict[str, Any]:
+    """The patched leaves as `MixedWeight`s (at the positions `where` chooses), or their
+    materialized values (patches that apply everywhere)."""
+    mixed = {n: MixedWeight(leaves[n], targets[n], alpha[n], where) for n in alpha}
+    return {n: m.value() for n, m in mixed.items()} if dense and where is None else mixed
 
 
 def _check_chunk(alphas: Alphas, residual: jax.Array | None) -> None:
@@ -139,7 +144,7 @@ def local_program(config: ModelConfig, metric: Metric,
         own_rope = rope_at(config, rope, ops.index)
 
         def one(alpha: Alphas) -> jax.Array:
-            patched = replace_leaves(layer, _mixed(flat, ops.targets, alpha, dense))
+            patched = replace_leaves(layer, _mixed(flat, ops.targets, alpha, dense, ops.where))
 
             def patched_is_readout(x: jax.Array) -> jax.Array:
                 return block(config, patched, x, allowed, own_rope, batch.positions)[0]
@@ -183,7 +188,7 @@ def general_program(config: ModelConfig, metric: Metric, start_layer: int,
         flat = flatten_params(ops.start)
 
         def one(alpha: Alphas) -> jax.Array:
-            params = replace_leaves(ops.start, _mixed(flat, ops.targets, alpha, dense))
+            params = replace_leaves(ops.start, _mixed(flat, ops.targets, alpha, dense, ops.where))
             x = read_metric(config, metric, params, ops.batch, start_layer=start_layer,
                             residual=ops.residual, earlier=ops.earlier)
             return jnp.mean(metric.score(x, ops.batch, ops.state), axis=0)

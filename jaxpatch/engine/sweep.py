@@ -117,7 +117,7 @@ def _prepare(pair: PreparedPair, metric: Metric, direction: Direction,
 
 
 def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _Prepared,
-             batch: Batch, mesh: Mesh | None) -> ChunkProgram:
+             batch: Batch, mesh: Mesh | None, where: jax.Array | None) -> ChunkProgram:
     """A plan's program for the chunk runner: its cache key, function, coefficient rows, and
     the maker of each group's operands (on a mesh: params split along `model`, prompts along
     `data`, the rest whole on every device)."""
@@ -141,8 +141,10 @@ def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _
         return tree if mesh is None else place_prompts(mesh, tree, prompts)
 
     whole = (lambda x: x) if mesh is None else (lambda x: replicate(mesh, x))
+    where = per_prompt(where)
+    restricted = where is not None
     if plan.kind == "local":
-        key = ("local", config, metric, plan.signature, plan.dense, mesh)
+        key = ("local", config, metric, plan.signature, plan.dense, mesh, restricted)
         fn = local_program(config, metric, plan.dense)
         stacked = on_mesh(prepared.start_stacked, stacked=True)
         rest = on_mesh(without_layers(prepared.start))
@@ -153,10 +155,11 @@ def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _
             targets = leaves(leaves_named(prepared.target["layers"][layer], plan.signature),
                              f"layers.{layer}.")
             return LocalOperands(stacked, targets, rest, per_prompt(prepared.residuals[layer]),
-                                 whole(jnp.int32(layer)), *shared)
+                                 whole(jnp.int32(layer)), *shared, where=where)
 
         return ChunkProgram(key, fn, size, plan.groups, local, rows, specs)
-    key = ("general", config, metric, plan.start_layer, plan.signature, plan.dense, mesh)
+    key = ("general", config, metric, plan.start_layer, plan.signature, plan.dense, mesh,
+           restricted)
     fn = general_program(config, metric, plan.start_layer, plan.dense)
     first_layer = plan.groups[0][0].first_layer
     residual = None if first_layer < 0 else prepared.residuals[plan.start_layer]
@@ -166,7 +169,7 @@ def _program(config: ModelConfig, metric: Metric, plan: ProgramPlan, prepared: _
     placed = per_prompt((residual, batch, prepared.state, earlier))
 
     def general(i: int) -> GeneralOperands:
-        return GeneralOperands(start, targets, *placed)
+        return GeneralOperands(start, targets, *placed, where=where)
 
     return ChunkProgram(key, fn, size, plan.groups, general, rows, specs)
 
@@ -222,7 +225,8 @@ def sweep(
     return SweepResult(metric=metric.name, direction=direction, readout_layer=metric.layer,
                        positions=pair.positions, base_score=float(prepared.base_score),
                        donor_score=float(prepared.donor_score), names=names, scores=values,
-                       timing=timing, inputs=dict(pair.inputs), skipped=skipped)
+                       timing=timing, inputs=dict(pair.inputs), skipped=skipped,
+                       patch_at=pair.patch_at)
 
 
 def sweep_matrix(
@@ -289,7 +293,8 @@ def _scores(pair: PreparedPair, metric: Metric,
                     for n, a in flatten_params(prepared.start).items()},
         chunk_size=chunk_size, auto_chunk=memory["auto_chunk"],
         materialize=execution.materialize, budget=memory["budget"])
-    programs = [_program(config, metric, plan, prepared, pair.batch, mesh) for plan in plans]
+    programs = [_program(config, metric, plan, prepared, pair.batch, mesh, pair.patch_where)
+                for plan in plans]
     prepare_s = time.perf_counter() - wall_start
     compile_s = compile_programs(programs, mesh)
 

@@ -21,7 +21,7 @@ import numpy as np
 from jaxpatch.errors import InvalidInputError
 from jaxpatch.models.config import ModelConfig, Params, RopeScaling
 
-__all__ = ["MixedWeight", "Probe", "dense", "Edit", "ForwardOutput", "forward", "embed",
+__all__ = ["MixedWeight", "Probe", "dense", "at_positions", "Edit", "ForwardOutput", "forward", "embed",
            "lookup", "unembed", "block", "linear", "mixed_einsum", "probe_einsum",
            "attention_heads", "mlp", "activation", "norm", "attention_allowed", "stack_layers",
            "layer_at", "window_at", "run_blocks", "rope_frequencies", "Rope", "rope_tables",
@@ -31,7 +31,8 @@ Array = jax.Array
 
 
 class MixedWeight(NamedTuple):
-    """A parameter `(1 - alpha) * start + alpha * target`, kept factored.
+    """A parameter `(1 - alpha) * start + alpha * target`, kept factored, optionally only at some
+    token positions.
 
     A matmul with a `MixedWeight` whose alpha varies only along output axes (or only along input
     axes, or not at all) never builds the mixed weight: it computes `x @ start` and `x @ target`
@@ -40,10 +41,20 @@ class MixedWeight(NamedTuple):
     `start` or `target` itself, up to the order of its float32 sums. Any params leaf may be a
     `MixedWeight`.
 
+    With `where`, the patch applies per token position (Dynamic Weight Grafting, Nief et al.
+    2026): at position s of prompt b the coefficients are `alpha * where[b, s]`, so the
+    module computes with the target's weights only where `where` is 1 (the keys and values
+    of other positions, and everything they feed, keep the start's). Every use of such a leaf
+    mixes per position: matmuls in their mixing space, norm weights, biases and embedding
+    rows as `[batch, seq, ...]` values (`dense` with the activation's rank). A pass that
+    computes only some positions gathers `where` with them (`at_positions`).
+
     Attributes:
         start: the weight patched into.
         target: the weight copied from (same shape).
         alpha: coefficients of the same rank, broadcastable to `start`.
+        where: None (every position), or float `[batch, seq]` over the positions the pass
+            computes.
 
     Example:
         >>> w = MixedWeight(jnp.zeros((2, 2)), jnp.ones((2, 2)), jnp.array([[0.0, 1.0]]))
@@ -54,11 +65,60 @@ class MixedWeight(NamedTuple):
     start: Array
     target: Array
     alpha: Array
+    where: Array | None = None
 
-    def value(self) -> Array:
-        """The mixed weight, materialized (as `jaxpatch.mix_leaf` computes it)."""
+    def value(self, rank: int | None = None) -> Array:
+        """The mixed weight, materialized (as `jaxpatch.mix_leaf` computes it).
+
+        Arguments:
+            rank: with `where`, the rank of the activation the weight meets (`[batch, seq,
+                ...]`): the value is per position, of that rank, broadcasting against it.
+
+        Example:
+            >>> w = MixedWeight(jnp.zeros(2), jnp.ones(2), jnp.ones(1), jnp.array([[1.0, 0.0]]))
+            >>> w.value(rank=3).tolist()  # [batch, seq, d]: the target at position 0 only
+            [[[1.0, 1.0], [0.0, 0.0]]]
+        """
         alpha = self.alpha.astype(self.start.dtype)
+        if self.where is not None:
+            if rank is None or rank < 2 + alpha.ndim - _leading_ones(alpha):
+                raise ValueError("a position-restricted weight is used by an operation that "
+                                 "does not mix per position")
+            alpha = _per_position(self.where, rank).astype(alpha.dtype) * alpha
         return (1 - alpha) * self.start + alpha * self.target
+
+
+def _leading_ones(alpha: Array) -> int:
+    """How many leading axes of `alpha` have size 1."""
+    n = 0
+    for size in alpha.shape:
+        if size != 1:
+            break
+        n += 1
+    return n
+
+
+def _per_position(where: Array, rank: int) -> Array:
+    """`where` `[batch, seq]` shaped to broadcast against an activation of `rank`."""
+    return where.reshape(*where.shape, *(1,) * (rank - 2))
+
+
+def at_positions(params: Any, positions: Array) -> Any:
+    """Params whose position-restricted leaves (`MixedWeight.where`) are gathered at
+    `positions` (int `[batch, q]`): for a pass that computes only those positions. Other
+    leaves are returned as they are.
+
+    Example:
+        >>> w = MixedWeight(jnp.zeros(2), jnp.ones(2), jnp.ones(1), jnp.array([[0.0, 1.0]]))
+        >>> at_positions({"weight": w}, jnp.array([[1]]))["weight"].where.tolist()
+        [[1.0]]
+    """
+    def gather(leaf: Any) -> Any:
+        if isinstance(leaf, MixedWeight) and leaf.where is not None:
+            return leaf._replace(where=jnp.take_along_axis(leaf.where, positions, axis=1))
+        return leaf
+
+    return jax.tree_util.tree_map(gather, params, is_leaf=lambda x: isinstance(x, MixedWeight))
 
 
 class Probe(NamedTuple):
@@ -98,14 +158,21 @@ class Probe(NamedTuple):
         return self.base + self.alpha.astype(self.base.dtype) * self.delta()
 
 
-def dense(leaf: Array | MixedWeight | Probe) -> Array:
+def dense(leaf: Array | MixedWeight | Probe, rank: int | None = None) -> Array:
     """A params leaf as a plain array (materializing a `MixedWeight` or `Probe`).
+
+    Arguments:
+        leaf: the leaf.
+        rank: the rank of the activation it meets, for a position-restricted `MixedWeight`
+            (whose value is then per position, `[batch, seq, ...]`).
 
     Example:
         >>> dense(jnp.ones(2)).tolist()
         [1.0, 1.0]
     """
-    return leaf.value() if isinstance(leaf, (MixedWeight, Probe)) else leaf
+    if isinstance(leaf, MixedWeight):
+        return leaf.value(rank)
+    return leaf.value() if isinstance(leaf, Probe) else leaf
 
 
 Edit = Callable[[str, Array], Array]
@@ -241,7 +308,8 @@ def forward(
         if collect:
             residuals.append(x)
             modules.update({f"layers.{i}.{name}": value for name, value in outputs.items()})
-    logits = unembed(config, params, x, edit) if stop_layer is None else None
+    final = params if readout_positions is None else at_positions(params, readout_positions)
+    logits = unembed(config, final, x, edit) if stop_layer is None else None
     return ForwardOutput(logits, x, tuple(residuals), modules)
 
 
@@ -280,8 +348,11 @@ def lookup(table: Array | MixedWeight | Probe, ids: Array) -> Array:
         [[[0.0, 0.0, 1.0]]]
     """
     if isinstance(table, MixedWeight) and table.alpha.size == 1:
+        alpha = table.alpha.reshape(())
+        if table.where is not None:
+            alpha = alpha * table.where.astype(alpha.dtype)[..., None]
         rows = MixedWeight(jnp.take(table.start, ids, axis=0), jnp.take(table.target, ids, axis=0),
-                           table.alpha.reshape(()))
+                           alpha)
         return rows.value()
     if isinstance(table, Probe) and table.alpha.size == 1:
         alpha = table.alpha.reshape(()).astype(table.base.dtype)
@@ -362,6 +433,7 @@ def block(
                  attention_heads(config, layer["self_attn"], normed, allowed, rope, queries, edit))
     if queries is not None:
         x = jnp.take_along_axis(x, queries[..., None], axis=1)
+        layer = at_positions(layer, queries)
     return _after_attention(config, layer, x, heads, edit)
 
 
@@ -401,7 +473,7 @@ def linear(module: Params, x: Array, spec: str) -> Array:
     else:
         y = jnp.einsum(spec, x, weight)
     if "bias" in module:
-        y = y + dense(module["bias"])
+        y = y + dense(module["bias"], y.ndim)
     return y
 
 
@@ -425,14 +497,24 @@ def mixed_einsum(spec: str, x: Array, weight: MixedWeight) -> Array:
     def matmul(inputs: Array, w: Array) -> Array:
         return jnp.einsum(spec, inputs, w, preferred_element_type=f32)
 
+    def positioned(a: Array, labels: str) -> Array:  # alpha times where, per position
+        if weight.where is None:
+            return a
+        if labels[:2] != x_spec[:2]:
+            raise ValueError(f"{spec}: a position-restricted weight needs [batch, seq, ...] inputs")
+        return _per_position(weight.where.astype(f32), len(labels)) * a
+
     if not varying or varying <= set(y_spec) - set(x_spec):
-        a = _align(alpha, w_spec, y_spec) if varying else alpha.reshape(())
+        a = positioned(_align(alpha, w_spec, y_spec) if varying else alpha.reshape(()), y_spec)
         y = (1 - a) * matmul(x, weight.start) + a * matmul(x, weight.target)
     elif varying <= set(x_spec) - set(y_spec):
-        a = _align(alpha, w_spec, x_spec)
+        a = positioned(_align(alpha, w_spec, x_spec), x_spec)
         xf = x.astype(f32)
         y = (matmul(((1 - a) * xf).astype(x.dtype), weight.start)
              + matmul((a * xf).astype(x.dtype), weight.target))
+    elif weight.where is not None:
+        raise ValueError(f"{spec}: coefficients varying along input and output axes cannot be "
+                         "restricted to positions")
     else:
         return jnp.einsum(spec, x, weight.value())
     return y.astype(out_dtype)
@@ -526,7 +608,8 @@ def attention_heads(
         (1, 3, 4, 16)
     """
     h_q = h if queries is None else jnp.take_along_axis(h, queries[..., None], axis=1)
-    q, k, v = _projections(config, attn, h_q, h, edit)
+    q, k, v = _projections(config, attn, h_q, h, edit,
+                           attn if queries is None else at_positions(attn, queries))
     if rope is not None:
         cos, sin = rope
         if queries is None:
@@ -539,14 +622,16 @@ def attention_heads(
     return _attend(config, q, k, v, allowed)
 
 
-def _projections(config: ModelConfig, attn: Params, h_q: Array, h: Array,
-                 edit: Edit) -> tuple[Array, Array, Array]:
-    """Queries from `h_q`, keys and values from `h` (with their norms, before rope)."""
-    q = edit("self_attn.q_proj", linear(attn["q_proj"], h_q, "bsd,dhk->bshk"))
+def _projections(config: ModelConfig, attn: Params, h_q: Array, h: Array, edit: Edit,
+                 attn_q: Params | None = None) -> tuple[Array, Array, Array]:
+    """Queries from `h_q` (with `attn_q`, the params at the query positions, when they are
+    fewer), keys and values from `h` (with their norms, before rope)."""
+    attn_q = attn if attn_q is None else attn_q
+    q = edit("self_attn.q_proj", linear(attn_q["q_proj"], h_q, "bsd,dhk->bshk"))
     k = edit("self_attn.k_proj", linear(attn["k_proj"], h, "bsd,dhk->bshk"))
     v = edit("self_attn.v_proj", linear(attn["v_proj"], h, "bsd,dhk->bshk"))
     if config.qk_norm is not None:
-        q = edit("self_attn.q_norm", _qk_norm(config, attn["q_norm"], q))
+        q = edit("self_attn.q_norm", _qk_norm(config, attn_q["q_norm"], q))
         k = edit("self_attn.k_norm", _qk_norm(config, attn["k_norm"], k))
     return q, k, v
 
@@ -556,7 +641,11 @@ def _qk_norm(config: ModelConfig, params: Params, x: Array) -> Array:
     or over the whole projection, all heads together (`"projection"`)."""
     if config.qk_norm == "head_dim":
         return norm(config, params, x)
-    flat = {"weight": dense(params["weight"]).reshape(-1)}
+    weight = params["weight"]
+    if isinstance(weight, MixedWeight) and weight.where is not None:
+        flat = {"weight": weight.value(x.ndim).reshape(*x.shape[:-2], -1)}
+    else:
+        flat = {"weight": dense(weight).reshape(-1)}
     return norm(config, flat, x.reshape(*x.shape[:-2], -1)).reshape(x.shape)
 
 
@@ -623,7 +712,7 @@ def norm(config: ModelConfig, params: Params, x: Array) -> Array:
         >>> round(float(y[0, 0]), 4)
         1.0
     """
-    params = {name: dense(leaf) for name, leaf in params.items()}
+    params = {name: dense(leaf, x.ndim) for name, leaf in params.items()}
     dtype = x.dtype
     xf = x.astype(jnp.float32)
     if config.norm == "layernorm":

@@ -1,0 +1,551 @@
+"""The paper's own experiment on a real model: where an instruction-tuned gemma-3-270m keeps its
+format instructions, found by every localization method and judged by what the patched models
+write.
+
+For each studied instruction of an instruction-tuned pair (`python -m experiments.instruct_pair`):
+
+1. **The behavior.** The vector anchor of that instruction (the paper's: the donor-minus-base
+   direction of the last block's output at the last prompt token, fitted on `score_prompts`
+   held-out questions with the instruction) scores every ranking method; the text judge (the
+   instruction's verifier on `new_tokens` greedy tokens of `judge_prompts` other held-out
+   questions, 0 at the base's rate and 1 at the donor's) judges every set.
+2. **Rankings** at module, head and neuron granularity: exact weight patching (denoise, and at
+   module granularity noise), first-order and integrated-gradients attribution, the learned patch
+   (module), |dW| and random rankings (the band). Neurons (36,864) are narrowed by integrated
+   gradients and the shortlist verified exactly (`jaxpatch.localize`): the ranking is the verified
+   order, then the rest by attribution.
+3. **Faithfulness curves** of every ranking, judged by generated text (denoise: the top k
+   components from the donor into the base), with CPR and CMD (`jaxpatch.faithfulness_curve`).
+4. **Heads route, neurons are sources?** Per head and per shortlisted neuron, weight patching's
+   effect against activation patching's (a component whose output carries the behavior but whose
+   own weights do not is routing what it receives; one whose weights alone recover its effect is
+   a source).
+5. **The hierarchy** (module granularity, for `hierarchy` instructions): sources, aggregation,
+   execution, with the figure.
+6. **Position-restricted patches**: the whole donor patched only at the prompt, the response,
+   the first response token or the instruction's tokens, judged by text; and the exact module
+   ranking under each restriction.
+7. **Two donors** (with `--second`): the top-10 modules of each donor's exact ranking and their
+   Jaccard overlap, beside |dW|'s.
+
+Writes `instruct_pair.json`, `instruct_pair.md` and the figures (`instruct_pair/*.png`) into
+`--out`.
+
+    python -m experiments.instruct_study --pair ~/.cache/jaxpatch/pairs/gemma3-270m-instruct-seed0 \\
+        --second ~/.cache/jaxpatch/pairs/gemma3-270m-instruct-seed1 --out docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+import jaxpatch
+from experiments.instruct_pair import default_out, reply_text
+from jaxpatch import Execution, GateTraining, Prompt, TraceSearch, VectorAnchor, prepare
+from jaxpatch.chat import ChatTemplate
+from jaxpatch.errors import InvalidInputError, JaxpatchError
+from jaxpatch.faithfulness import faithfulness_curve, ranking, set_points, size_ladder
+from jaxpatch.figures import faithfulness_png, hierarchy_png
+from jaxpatch.localization import Verification, localize
+from jaxpatch.modes import PATCH_AT, AttributionMethod, Granularity
+from jaxpatch.pair import delta_norms
+from jaxpatch.prompts import make_batch, marked_positions
+from jaxpatch.runs.atomic import atomic_directory
+from jaxpatch.verifiers import TextJudge, verifier_from_spec
+
+__all__ = ["StudySettings", "InstructPair", "load_pair", "instruction_prompts", "study", "markdown",
+           "main"]
+
+QUIET = Execution(progress=False)
+GRANULARITIES: tuple[Granularity, ...] = ("module", "head", "neuron")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySettings:
+    """What the study measures (every field has a working default).
+
+    Attributes:
+        instructions: the instructions studied.
+        score_prompts: held-out questions the vector anchor is fitted and scored on.
+        judge_prompts: other held-out questions the text judge generates from.
+        new_tokens: tokens generated per judged prompt.
+        ig_steps: integrated gradients' steps.
+        learned_steps: the learned patch's optimizer steps.
+        sparsity: the learned patch's penalty per module.
+        neurons_verified: neurons verified exactly after narrowing.
+        random: random rankings drawn for the band, per granularity.
+        hierarchy: the instructions whose hierarchy is traced.
+        top: the size of the top sets compared between donors.
+        seed: the random rankings' seed.
+    """
+
+    instructions: tuple[str, ...] = ("capitals", "lowercase", "no-commas")
+    score_prompts: int = 16
+    judge_prompts: int = 12
+    new_tokens: int = 32
+    ig_steps: int = 8
+    learned_steps: int = 100
+    sparsity: float = 0.01
+    neurons_verified: int = 128
+    random: int = 3
+    hierarchy: tuple[str, ...] = ("capitals",)
+    top: int = 10
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class InstructPair:
+    """An instruction-tuned pair's folder, loaded.
+
+    Attributes:
+        base, donor: the models.
+        record: its `instruct.json`.
+        folder: where it lies.
+    """
+
+    base: jaxpatch.Model
+    donor: jaxpatch.Model
+    record: dict[str, Any]
+    folder: Path
+
+
+def load_pair(folder: str | Path) -> InstructPair:
+    """Loads an instruction-tuned pair (`python -m experiments.instruct_pair`).
+
+    Raises:
+        InvalidInputError: the folder is not one (named in one line).
+    """
+    folder = Path(folder).expanduser()
+    record_path = folder / "instruct.json"
+    if not record_path.is_file():
+        raise InvalidInputError(f"{folder}: not an instruction-tuned pair (no instruct.json); build "
+                                "one with python -m experiments.instruct_pair")
+    record = json.loads(record_path.read_text())
+    return InstructPair(jaxpatch.load(folder / "base"), jaxpatch.load(folder / "donor"), record,
+                        folder)
+
+
+def instruction_prompts(pair: InstructPair, name: str, start: int, count: int) -> list[Prompt]:
+    """Held-out questions `start .. start + count` with instruction `name`, in the donor's chat
+    format, the instruction's tokens marked (for patches restricted to them).
+
+    Raises:
+        InvalidInputError: an unknown instruction, or too few questions.
+    """
+    instructions = pair.record["instructions"]
+    if name not in instructions:
+        raise InvalidInputError(f"no instruction {name!r} in {pair.folder} (it has "
+                                f"{', '.join(instructions)})")
+    lines = (pair.folder / "prompts" / f"{name}.jsonl").read_text().splitlines()
+    if start + count > len(lines):
+        raise InvalidInputError(f"{pair.folder}: {len(lines)} held-out questions for {name!r}, "
+                                f"{start + count} asked for")
+    template, tokenizer = pair.donor.chat_template, pair.donor.tokenizer
+    assert isinstance(template, ChatTemplate) and tokenizer is not None
+    text = instructions[name]["text"]
+    prompts = []
+    for line in lines[start:start + count]:
+        messages = [{"role": "user", "content": json.loads(line)["instruction"]}]
+        rendered = template.render(messages, add_generation_prompt=True)
+        marked = marked_positions(tokenizer, rendered, text) if text else ()
+        prompts.append(Prompt(template.token_ids(tokenizer, messages), marked=marked))
+    return prompts
+
+
+def _timed(timings: dict[str, float], label: str, make: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    out = make()
+    timings[label] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def _rankings(pair: Any, metric: VectorAnchor, granularity: Granularity, s: StudySettings,
+              timings: dict[str, float]) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """Every method's ranking at one granularity (best first, by the size of the effect), and
+    what else the methods report."""
+    items = jaxpatch.select(pair.config, None, granularity)
+    names = [c.name for c in items]
+    out: dict[str, list[str]] = {}
+    extra: dict[str, Any] = {}
+
+    def timed(label: str, make: Callable[[], Any]) -> Any:
+        return _timed(timings, f"{granularity} {label}", make)
+
+    if granularity == "neuron":
+        found = timed("narrow then verify", lambda: localize(
+            pair, metric, granularity="neuron", method="integrated-gradients", steps=s.ig_steps,
+            verify=Verification(top_k=s.neurons_verified, controls=16), execution=QUIET))
+        verified = ranking(found.exact, "size")
+        rest = [n for n in ranking(found.attribution, "size") if n not in set(verified)]
+        out["narrow then verify"] = verified + rest
+        out["integrated gradients"] = ranking(found.attribution, "size")
+        extra["neurons"] = {"shortlist": found.shortlist, "spearman": found.spearman,
+                            "exact": dict(zip(found.exact.names, found.exact.effect.tolist()))}
+    else:
+        exact = timed("exact denoise", lambda: jaxpatch.sweep(pair, metric, candidates=items,
+                                                               execution=QUIET))
+        out["exact denoise"] = ranking(exact, "size")
+        extra["exact_denoise"] = dict(zip(exact.names, exact.effect.tolist()))
+        if granularity == "module":
+            noise = timed("exact noise", lambda: jaxpatch.sweep(
+                pair, metric, candidates=items, direction="noise", execution=QUIET))
+            out["exact noise"] = ranking(noise, "size")
+        methods: tuple[tuple[AttributionMethod, str], ...] = (
+            ("first-order", "first-order"), ("integrated-gradients", "integrated gradients"))
+        for method, label in methods:
+            scored = timed(label, lambda m=method: jaxpatch.attribute(
+                pair, metric, granularity=granularity, method=m, steps=s.ig_steps,
+                execution=QUIET))
+            out[label] = ranking(scored, "size")
+        if granularity == "module":
+            learned = timed("learned patch", lambda: jaxpatch.learn_patch(
+                pair, metric, granularity="module", sparsity=s.sparsity,
+                training=GateTraining(steps=s.learned_steps), execution=QUIET))
+            out["learned patch"] = ranking(dict(zip(learned.names, learned.probabilities.tolist())),
+                                           "size")
+            extra["learned"] = {"selected": learned.selected, "effect": learned.effect}
+    norms = delta_norms(pair.config, pair.base.params, pair.donor.params, items)
+    out["|dW|"] = ranking(dict(zip(names, norms.tolist())), "size")
+    return out, extra
+
+
+def _ladder(n: int, granularity: Granularity) -> list[int]:
+    """The sizes measured: doubling from 1 (modules, heads); for neurons, quadrupling from 16
+    (each size is a text-judged generation of every prompt)."""
+    if granularity != "neuron":
+        return size_ladder(n)
+    sizes, k = [0], 16
+    while k < n:
+        sizes.append(k)
+        k *= 4
+    return sizes + [n]
+
+
+def _curves(pair: Any, judge: TextJudge, rankings: dict[str, list[str]], granularity: Granularity,
+            s: StudySettings, timings: dict[str, float]) -> dict[str, Any]:
+    """Every ranking's text-judged denoise curve, and a band of random rankings."""
+    names = rankings["|dW|"]
+    sizes = _ladder(len(names), granularity)
+    rng = np.random.default_rng([s.seed, len(names)])
+    shuffles = {f"random {i}": list(rng.permutation(names)) for i in range(s.random)}
+    curves = {}
+    for label, order in {**rankings, **shuffles}.items():
+        curves[label] = _timed(timings, f"{granularity} curve {label}", lambda o=order, n=label: (
+            faithfulness_curve(pair, judge, o, granularity=granularity, sizes=sizes, label=n,
+                               execution=QUIET).to_dict()))
+    return curves
+
+
+def _routing(pair: Any, metric: VectorAnchor, neurons: Sequence[str],
+             exact_heads: dict[str, float], exact_neurons: dict[str, float],
+             timings: dict[str, float]) -> dict[str, Any]:
+    """Per head and per shortlisted neuron: weight patching's effect beside activation
+    patching's. A component whose activation carries the behavior (activation effect at least
+    0.05) is a source when its weights alone recover at least half of it, a router otherwise."""
+    activation = {
+        "head": _timed(timings, "head activation", lambda: jaxpatch.activation_patching(
+            pair, metric, granularity="head", execution=QUIET)),
+        "neuron": _timed(timings, "neuron activation", lambda: jaxpatch.activation_patching(
+            pair, metric, granularity="neuron", selector=list(neurons), execution=QUIET))}
+    weight = {"head": exact_heads, "neuron": exact_neurons}
+    out: dict[str, Any] = {}
+    for kind, result in activation.items():
+        rows = []
+        for name, a in zip(result.names, result.effect.tolist()):
+            if name in weight[kind] and abs(a) >= 0.05:
+                w = weight[kind][name]
+                rows.append({"name": name, "activation": a, "weight": w, "ratio": w / a})
+        sources = [r for r in rows if r["ratio"] >= 0.5]
+        out[kind] = {"carrying": len(rows), "sources": len(sources),
+                     "share_sources": len(sources) / len(rows) if rows else None,
+                     "median_ratio": float(np.median([r["ratio"] for r in rows])) if rows else None,
+                     "rows": sorted(rows, key=lambda r: -abs(r["activation"]))[:24]}
+    heads, neurons_ = out["head"]["share_sources"], out["neuron"]["share_sources"]
+    out["holds"] = (heads is not None and neurons_ is not None and neurons_ > heads)
+    return out
+
+
+def _restricted(pair: InstructPair, batch: Any, judge: TextJudge, metric: VectorAnchor,
+                top: Sequence[str], timings: dict[str, float]) -> dict[str, Any]:
+    """The whole donor and the top modules patched only at each kind of position, judged by
+    text, and the exact module ranking under each restriction."""
+    everything = [c.name for c in jaxpatch.select(pair.base.config, None, "module")]
+    out: dict[str, Any] = {}
+    for at in PATCH_AT:
+        restricted = prepare(pair.base, pair.donor, batch, patch_at=at)
+        points = _timed(timings, f"positions {at}", lambda r=restricted: set_points(
+            r, judge, {"whole donor": everything, f"top {len(top)}": list(top)},
+            execution=QUIET))
+        exact = _timed(timings, f"positions {at} exact", lambda r=restricted: jaxpatch.sweep(
+            r, metric, execution=QUIET))
+        top_here = ranking(exact, "size")[:len(top)]
+        out[at] = {"whole_donor": points["whole donor"][1], "top": points[f"top {len(top)}"][1],
+                   "top_modules": top_here, "jaccard_with_everywhere": _jaccard(top_here, top)}
+    return out
+
+
+def _jaccard(a: Sequence[str], b: Sequence[str]) -> float:
+    return len(set(a) & set(b)) / len(set(a) | set(b)) if a or b else 1.0
+
+
+def study_instruction(pair: InstructPair, name: str, s: StudySettings, figures: dict[str, bytes],
+                      second: InstructPair | None = None) -> dict[str, Any]:
+    """Everything the study measures for one instruction (see the module docstring)."""
+    timings: dict[str, float] = {}
+    config = pair.base.config
+    score = instruction_prompts(pair, name, 0, s.score_prompts)
+    judged = instruction_prompts(pair, name, s.score_prompts, s.judge_prompts)
+    batch = make_batch(config, score, "last")
+    prepared = prepare(pair.base, pair.donor, batch)
+    metric = VectorAnchor(layer=config.n_layers - 1)
+    tokenizer = pair.base.tokenizer
+    spec = pair.record["instructions"][name]["verifier"]
+    judge = TextJudge(spec, verifier_from_spec(spec), judged, s.new_tokens,
+                      lambda ids: reply_text(tokenizer, ids))
+    base_rate, donor_rate = _timed(timings, "judge endpoints",
+                                   lambda: judge.endpoints(prepared, execution=QUIET))
+    out: dict[str, Any] = {"judge": {"verifier": spec, "base": base_rate, "donor": donor_rate,
+                                     "prompts": len(judged), "new_tokens": s.new_tokens},
+                           "granularities": {}}
+    extras: dict[str, Any] = {}
+    for granularity in GRANULARITIES:
+        rankings, extra = _rankings(prepared, metric, granularity, s, timings)
+        extras[granularity] = extra
+        curves = _curves(prepared, judge, rankings, granularity, s, timings)
+        figures[f"{name}-{granularity}.png"] = faithfulness_png(
+            [c for label, c in curves.items() if not label.startswith("random")],
+            f"{name}: {granularity} granularity, judged by generated text",
+            band=[c for label, c in curves.items() if label.startswith("random")])
+        out["granularities"][granularity] = {
+            "components": len(rankings["|dW|"]),
+            "top": {label: order[:s.top] for label, order in rankings.items()},
+            "curves": {label: {k: v for k, v in c.items() if k != "order"}
+                       for label, c in curves.items()},
+            **{k: v for k, v in extra.items() if k != "exact_denoise"}}
+    out["routing"] = _routing(prepared, metric, extras["neuron"]["neurons"]["shortlist"][:64],
+                              extras["head"]["exact_denoise"],
+                              extras["neuron"]["neurons"]["exact"], timings)
+    top_modules = out["granularities"]["module"]["top"]["exact denoise"]
+    out["positions"] = _restricted(pair, batch, judge, metric, top_modules, timings)
+    if name in s.hierarchy:
+        h = _timed(timings, "hierarchy", lambda: jaxpatch.trace_hierarchy(
+            prepared, metric, search=TraceSearch(depth=1, top_targets=8, max_groups=8),
+            execution=QUIET))
+        graph = h.graph()
+        figures[f"{name}-hierarchy.png"] = hierarchy_png(graph, f"{name}: source-level hierarchy")
+        out["hierarchy"] = {"roles": {role: h.with_role(role) for role in
+                                      ("source", "aggregation", "execution")},
+                            "sources_recovery": h.sources_recovery, "graph": graph}
+    if second is not None:
+        other = prepare(second.base, second.donor,
+                        make_batch(config, instruction_prompts(second, name, 0, s.score_prompts),
+                                   "last"))
+        exact2 = _timed(timings, "second donor exact", lambda: jaxpatch.sweep(
+            other, metric, execution=QUIET))
+        norms2 = delta_norms(config, second.base.params, second.donor.params,
+                             jaxpatch.select(config, None, "module"))
+        names = [c.name for c in jaxpatch.select(config, None, "module")]
+        top2, dw2 = ranking(exact2, "size")[:s.top], ranking(dict(zip(names, norms2.tolist())),
+                                                                 "size")[:s.top]
+        dw1 = out["granularities"]["module"]["top"]["|dW|"]
+        out["donors"] = {"top_first": top_modules, "top_second": top2,
+                         "jaccard_exact": _jaccard(top_modules, top2),
+                         "jaccard_dw": _jaccard(dw1, dw2)}
+    out["timing"] = timings
+    return out
+
+
+def study(pair: InstructPair, s: StudySettings, second: InstructPair | None = None,
+          log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The whole study: one record per instruction, and the figures (name -> PNG bytes)."""
+    start = time.perf_counter()
+    figures: dict[str, bytes] = {}
+    results = {}
+    for name in s.instructions:
+        results[name] = study_instruction(pair, name, s, figures, second)
+        log(f"{name}: done ({time.perf_counter() - start:.0f} s)")
+    device = jax.devices()[0]
+    machine = (f"{device.platform.upper()} ({platform.processor() or platform.machine()}), "
+               f"{os.cpu_count()} CPU cores, jax {jax.__version__}")
+    document = {"format": "jaxpatch.instruct-study/1", "settings": dataclasses.asdict(s),
+                "pair": {"folder": pair.folder.name, "record": _pair_summary(pair.record)},
+                "second": None if second is None else {"folder": second.folder.name,
+                                                       "record": _pair_summary(second.record)},
+                "machine": machine, "seconds": round(time.perf_counter() - start, 1),
+                "instructions": results}
+    return document, figures
+
+
+def _pair_summary(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: record[k] for k in ("settings", "rates", "held_out_text_loss", "seconds")
+            if k in record}
+
+
+BEST_EXCLUDED = ("|dW|",)
+
+
+def _margins(granularity: dict[str, Any]) -> dict[str, Any]:
+    """The best localization method's CPR against |dW|'s and the random band's top."""
+    curves = granularity["curves"]
+    methods = {k: c["cpr"] for k, c in curves.items()
+               if k not in BEST_EXCLUDED and not k.startswith("random")}
+    best = max(methods, key=methods.__getitem__)
+    band = [c["cpr"] for k, c in curves.items() if k.startswith("random")]
+    return {"best": best, "best_cpr": methods[best], "dw_cpr": curves["|dW|"]["cpr"],
+            "margin_over_dw": methods[best] - curves["|dW|"]["cpr"],
+            "random_max": max(band) if band else None,
+            "above_random": bool(band) and methods[best] > max(band)}
+
+
+def _share(row: dict[str, Any]) -> str:
+    return "-" if row["share_sources"] is None else f"{row['share_sources']:.0%}"
+
+
+def markdown(document: dict[str, Any]) -> str:
+    """The study as a Markdown page (what `docs/instruct_pair.md` holds)."""
+    s = document["settings"]
+    pair = document["pair"]["record"]
+    lines = ["# An instruction-tuned gemma-3-270m: where the format instructions live", "",
+             f"Generated by `python -m experiments.instruct_study` on {document['machine']} in "
+             f"{document['seconds'] / 60:.0f} minutes. Every number below is in "
+             "`docs/instruct_pair.json`.", "", "## The pair", ""]
+    rates = pair.get("rates", {})
+    if rates:
+        lines += ["Followed on held-out questions (greedy, judged by the verifiers), from the "
+                  "build's checks:", "", "| instruction | base | donor |", "| --- | --- | --- |"]
+        lines += [f"| {k} | {rates['base'][k]:.0%} | {v:.0%} |" for k, v in rates["donor"].items()]
+        loss = pair["held_out_text_loss"]
+        lines += ["", f"Held-out plain text loss: base {loss['base']:.3f}, donor {loss['donor']:.3f} "
+                  f"nats/token (+{loss['donor'] - loss['base']:.3f}; the issue allows +0.3).", ""]
+    lines += ["## Faithfulness judged by generated text", "",
+              f"Denoise: each ranking's top k components from the donor into the base; f is the "
+              f"share of the donor's rate of following the instruction that the patched base "
+              f"reaches ({s['judge_prompts']} held-out questions, {s['new_tokens']} greedy tokens). "
+              "CPR is the area under f over k / n (higher: the ranking's top carries the behavior "
+              "sooner). Rankings come from the vector anchor of each instruction (last block, "
+              "last prompt token).", ""]
+    findings = []
+    for name, r in document["instructions"].items():
+        j = r["judge"]
+        lines += [f"### {name}", "", f"Judge `{j['verifier']}`: base {j['base']:.2f}, donor "
+                  f"{j['donor']:.2f}.", "", "| ranking | module CPR | head CPR | neuron CPR |",
+                  "| --- | --- | --- | --- |"]
+        labels: list[str] = []
+        for g in r["granularities"].values():
+            labels += [k for k in g["curves"] if k not in labels]
+        for label in labels:
+            cells = [f"{g['curves'][label]['cpr']:.3f}" if label in g["curves"] else "-"
+                     for g in r["granularities"].values()]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for g_name, g in r["granularities"].items():
+            m = _margins(g)
+            findings.append((name, g_name, m))
+            lines.append(f"- {g_name}: best {m['best']} ({m['best_cpr']:.3f}), |dW| "
+                         f"{m['dw_cpr']:.3f} (margin {m['margin_over_dw']:+.3f}), random band "
+                         f"up to {m['random_max']:.3f}: "
+                         f"{'above' if m['above_random'] else 'not above'} it.")
+        lines += ["", f"![{name}, modules](instruct_pair/{name}-module.png)", ""]
+    lines += ["## Targets", "", "| target | measured | |", "| --- | --- | --- |"]
+    module = [(n, m) for n, g, m in findings if g == "module"]
+    met = [n for n, m in module if m["margin_over_dw"] >= 0.1]
+    lines.append("| best method >= \\|dW\\| + 0.1 CPR at module granularity (capitals and 2 more) | "
+                 + ", ".join(f"{n} {m['margin_over_dw']:+.3f}" for n, m in module)
+                 + f" | {'met' if 'capitals' in met and len(met) >= 3 else 'missed'} |")
+    above = all(m["above_random"] for _, _, m in findings)
+    lines.append("| best method above the random band at every granularity | "
+                 + ", ".join(f"{n}/{g} {'yes' if m['above_random'] else 'no'}"
+                             for n, g, m in findings) + f" | {'met' if above else 'missed'} |")
+    overlaps = {n: r["donors"]["jaccard_exact"] for n, r in document["instructions"].items()
+                if "donors" in r}
+    lines.append("| top-10 modules of two donors, Jaccard >= 0.5 | "
+                 + (", ".join(f"{n} {v:.2f}" for n, v in overlaps.items()) or "no second donor")
+                 + f" | {'met' if overlaps and min(overlaps.values()) >= 0.5 else 'missed'} |")
+    lines += ["", "## Heads route, neurons are sources?", "",
+              "Among components whose output activation carries at least 0.05 of the anchor "
+              "(activation patching), the share whose own weights recover at least half of that "
+              "(weight patching): sources; the rest pass on what they receive.", "",
+              "| instruction | heads carrying | heads that are sources | neurons carrying | "
+              "neurons that are sources | holds |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in document["instructions"].items():
+        h, n = r["routing"]["head"], r["routing"]["neuron"]
+        lines.append(f"| {name} | {h['carrying']} | {_share(h)} | {n['carrying']} | {_share(n)} | "
+                     f"{'yes' if r['routing']['holds'] else 'no'} |")
+    lines += ["", "## Position-restricted patches", "",
+              "The whole donor, and the exact ranking's top modules, patched only at some token "
+              "positions (f judged by generated text as above): the prompt before its last token, "
+              "the response (the last prompt token and every generated token), the first response "
+              "token alone, the instruction's own tokens.", "",
+              "| instruction | " + " | ".join(PATCH_AT) + " |",
+              "| --- |" + " --- |" * len(PATCH_AT)]
+    for name, r in document["instructions"].items():
+        p = r["positions"]
+        lines.append(f"| {name} (whole donor) | "
+                     + " | ".join(f"{p[at]['whole_donor']:.2f}" for at in PATCH_AT) + " |")
+        lines.append(f"| {name} (top {s['top']}) | "
+                     + " | ".join(f"{p[at]['top']:.2f}" for at in PATCH_AT) + " |")
+    hierarchy = {n: r["hierarchy"] for n, r in document["instructions"].items() if "hierarchy" in r}
+    if hierarchy:
+        lines += ["", "## The hierarchy", ""]
+        for name, h in hierarchy.items():
+            lines += [f"{name}: sources {', '.join(h['roles']['source']) or 'none'} (together "
+                      f"{h['sources_recovery']:.2f} of the anchor); aggregation "
+                      f"{len(h['roles']['aggregation'])} components; execution "
+                      f"{len(h['roles']['execution'])}.", "",
+                      f"![{name} hierarchy](instruct_pair/{name}-hierarchy.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write(document: dict[str, Any], figures: dict[str, bytes], out: str | Path) -> None:
+    """Writes the JSON, the page and the figures into `out` (each file atomically)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out / "instruct_pair", overwrite=True) as tmp:
+        for name, png in figures.items():
+            (tmp / name).write_bytes(png)
+    for name, text in (("instruct_pair.json", json.dumps(document, indent=1) + "\n"),
+                       ("instruct_pair.md", markdown(document))):
+        part = out / f".{name}.part"
+        part.write_text(text)
+        part.replace(out / name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The study's command (`python -m experiments.instruct_study --help`)."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.instruct_study",
+                                     description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--pair", default=str(default_out(0)), help="the pair (default: seed 0's "
+                        "in the user cache)")
+    parser.add_argument("--second", help="a second donor's pair (another seed), for the overlap")
+    parser.add_argument("--out", default="docs", help="folder for the page, JSON and figures")
+    parser.add_argument("--instructions", help="comma-separated (default: "
+                        + ",".join(StudySettings.instructions) + ")")
+    args = parser.parse_args(argv)
+    settings = StudySettings()
+    if args.instructions:
+        settings = dataclasses.replace(settings, instructions=tuple(args.instructions.split(",")))
+    try:
+        pair = load_pair(args.pair)
+        second = load_pair(args.second) if args.second else None
+        document, figures = study(pair, settings, second)
+        write(document, figures, args.out)
+    except JaxpatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(document))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
