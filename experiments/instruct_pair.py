@@ -56,7 +56,7 @@ from jaxpatch.errors import JaxpatchError
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import pad_right
-from jaxpatch.pair import delta_norms
+from jaxpatch.pair import delta_norms, weight_norms
 from jaxpatch.verifiers import verifier_from_spec
 
 __all__ = ["PAIR_FORMAT", "END_OF_TURN", "Settings", "gemma3_chat_template", "generate", "reply_text",
@@ -374,8 +374,7 @@ def _check(record: dict, s: Settings) -> None:
 def _movement(config: ModelConfig, base: Params, donor: Params) -> dict[str, float]:
     """Each module's relative movement, |dW| / |W| of the base."""
     modules = select(config, None, "module")
-    moved = delta_norms(config, base, donor, modules)
-    size = delta_norms(config, jax.tree_util.tree_map(jnp.zeros_like, base), base, modules)
+    moved, size = delta_norms(config, base, donor, modules), weight_norms(config, base, modules)
     return {c.name: round(float(d / w), 6) if w else 0.0 for c, d, w in zip(modules, moved, size)}
 
 

@@ -91,9 +91,9 @@ class StudySettings:
     """
 
     instructions: tuple[str, ...] = ("capitals", "lowercase", "no-commas")
-    score_prompts: int = 16
-    judge_prompts: int = 12
-    new_tokens: int = 32
+    score_prompts: int = 8
+    judge_prompts: int = 10
+    new_tokens: int = 24
     ig_steps: int = 8
     learned_steps: int = 100
     sparsity: float = 0.01
@@ -279,7 +279,8 @@ def _routing(pair: Any, metric: VectorAnchor, neurons: Sequence[str],
 def _restricted(pair: InstructPair, batch: Any, judge: TextJudge, metric: VectorAnchor,
                 top: Sequence[str], timings: dict[str, float]) -> dict[str, Any]:
     """The whole donor and the top modules patched only at each kind of position, judged by
-    text, and the exact module ranking under each restriction."""
+    text; and for the two halves of every sequence (the prompt before its last token, the
+    response), the exact module ranking under that restriction."""
     everything = [c.name for c in jaxpatch.select(pair.base.config, None, "module")]
     out: dict[str, Any] = {}
     for at in PATCH_AT:
@@ -287,11 +288,12 @@ def _restricted(pair: InstructPair, batch: Any, judge: TextJudge, metric: Vector
         points = _timed(timings, f"positions {at}", lambda r=restricted: set_points(
             r, judge, {"whole donor": everything, f"top {len(top)}": list(top)},
             execution=QUIET))
-        exact = _timed(timings, f"positions {at} exact", lambda r=restricted: jaxpatch.sweep(
-            r, metric, execution=QUIET))
-        top_here = ranking(exact, "size")[:len(top)]
-        out[at] = {"whole_donor": points["whole donor"][1], "top": points[f"top {len(top)}"][1],
-                   "top_modules": top_here, "jaccard_with_everywhere": _jaccard(top_here, top)}
+        out[at] = {"whole_donor": points["whole donor"][1], "top": points[f"top {len(top)}"][1]}
+        if at in ("prompt", "response"):
+            exact = _timed(timings, f"positions {at} exact", lambda r=restricted: jaxpatch.sweep(
+                r, metric, execution=QUIET))
+            top_here = ranking(exact, "size")[:len(top)]
+            out[at].update(top_modules=top_here, jaccard_with_everywhere=_jaccard(top_here, top))
     return out
 
 
@@ -367,23 +369,33 @@ def study_instruction(pair: InstructPair, name: str, s: StudySettings, figures: 
 
 
 def study(pair: InstructPair, s: StudySettings, second: InstructPair | None = None,
-          log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The whole study: one record per instruction, and the figures (name -> PNG bytes)."""
+          log: Callable[[str], None] = print,
+          each: Callable[[dict[str, Any], dict[str, bytes]], None] | None = None
+          ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The whole study: one record per instruction, and the figures (name -> PNG bytes).
+
+    Arguments:
+        pair, s, second: the pair, the settings, a second donor's pair.
+        log: where progress lines go.
+        each: called with the document so far after each instruction (to keep what is done).
+    """
     start = time.perf_counter()
     figures: dict[str, bytes] = {}
-    results = {}
-    for name in s.instructions:
-        results[name] = study_instruction(pair, name, s, figures, second)
-        log(f"{name}: done ({time.perf_counter() - start:.0f} s)")
     device = jax.devices()[0]
     machine = (f"{device.platform.upper()} ({platform.processor() or platform.machine()}), "
                f"{os.cpu_count()} CPU cores, jax {jax.__version__}")
-    document = {"format": "jaxpatch.instruct-study/1", "settings": dataclasses.asdict(s),
-                "pair": {"folder": pair.folder.name, "record": _pair_summary(pair.record)},
-                "second": None if second is None else {"folder": second.folder.name,
-                                                       "record": _pair_summary(second.record)},
-                "machine": machine, "seconds": round(time.perf_counter() - start, 1),
-                "instructions": results}
+    document: dict[str, Any] = {
+        "format": "jaxpatch.instruct-study/1", "settings": dataclasses.asdict(s),
+        "pair": {"folder": pair.folder.name, "record": _pair_summary(pair.record)},
+        "second": None if second is None else {"folder": second.folder.name,
+                                               "record": _pair_summary(second.record)},
+        "machine": machine, "seconds": 0.0, "instructions": {}}
+    for name in s.instructions:
+        document["instructions"][name] = study_instruction(pair, name, s, figures, second)
+        document["seconds"] = round(time.perf_counter() - start, 1)
+        log(f"{name}: done ({document['seconds']:.0f} s)")
+        if each is not None:
+            each(document, figures)
     return document, figures
 
 
@@ -538,8 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         pair = load_pair(args.pair)
         second = load_pair(args.second) if args.second else None
-        document, figures = study(pair, settings, second)
-        write(document, figures, args.out)
+        document, _ = study(pair, settings, second,
+                            each=lambda d, f: write(d, f, args.out))
     except JaxpatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -27,7 +27,8 @@ from jaxpatch.modes import DIRECTIONS, Direction, check_mode
 from jaxpatch.patch import Patch, ablation_target, apply, check_compatible, component_entries
 from jaxpatch.prompts import Batch
 
-__all__ = ["check_pair", "endpoints", "endpoint_scores", "score_patch", "placed_on", "delta_norms"]
+__all__ = ["check_pair", "endpoints", "endpoint_scores", "score_patch", "placed_on", "delta_norms",
+           "weight_norms"]
 
 
 def check_pair(base: Model, donor: Model) -> None:
@@ -202,13 +203,47 @@ def delta_norms(config: ModelConfig, base: Params, donor: Params,
         >>> delta_norms(cfg, base.params, donor.params, components(cfg, "module")[:1]) > 0
         array([ True])
     """
-    flat_base, flat_donor = flatten_params(base), flatten_params(donor)
-    squares = {n: (np.asarray(flat_donor[n], np.float64) - np.asarray(flat_base[n], np.float64)) ** 2
-               for n in flat_base}
+    flat_base, flat_donor = _host_leaves(base), _host_leaves(donor)
+    return _component_norms(config, items, lambda name, index: (
+        flat_donor[name][index].astype(np.float64) - flat_base[name][index].astype(np.float64)))
+
+
+def weight_norms(config: ModelConfig, params: Params, items: Sequence[Component]) -> np.ndarray:
+    """The Frobenius norm of each component's parameters, |W| (what |dW| is relative to).
+
+    Arguments:
+        config: the architecture.
+        params: the params tree.
+        items: the components (`jaxpatch.select`).
+
+    Returns:
+        float64 `[len(items)]`.
+
+    Example:
+        >>> from jaxpatch.components import components
+        >>> first = components(cfg, "module")[:1]
+        >>> bool(np.isclose(weight_norms(cfg, base.params, first)[0],
+        ...                 np.linalg.norm(np.asarray(base.params["embed_tokens"]["weight"]))))
+        True
+    """
+    flat = _host_leaves(params)
+    return _component_norms(config, items,
+                            lambda name, index: flat[name][index].astype(np.float64))
+
+
+def _host_leaves(params: Params) -> dict[str, np.ndarray]:
+    """The leaves as host arrays in their own dtype (no copy on a CPU)."""
+    return {n: np.asarray(v) for n, v in flatten_params(params).items()}
+
+
+def _component_norms(config: ModelConfig, items: Sequence[Component],
+                     values: Callable[[str, Any], np.ndarray]) -> np.ndarray:
+    """The norm over each component's entries of `values(leaf name, index)`, each slice cast
+    to float64 alone (never a float64 copy of the whole model)."""
     out = []
     for c in items:
         total = 0.0
         for name, index in component_entries(config, c).items():
-            total += float(squares[name][index].sum())
+            total += float(np.square(values(name, index)).sum())
         out.append(np.sqrt(total))
     return np.array(out)

@@ -81,21 +81,11 @@ class MixedWeight(NamedTuple):
         """
         alpha = self.alpha.astype(self.start.dtype)
         if self.where is not None:
-            if rank is None or rank < 2 + alpha.ndim - _leading_ones(alpha):
+            if rank is None or rank < 2 + self.start.ndim:
                 raise ValueError("a position-restricted weight is used by an operation that "
                                  "does not mix per position")
             alpha = _per_position(self.where, rank).astype(alpha.dtype) * alpha
         return (1 - alpha) * self.start + alpha * self.target
-
-
-def _leading_ones(alpha: Array) -> int:
-    """How many leading axes of `alpha` have size 1."""
-    n = 0
-    for size in alpha.shape:
-        if size != 1:
-            break
-        n += 1
-    return n
 
 
 def _per_position(where: Array, rank: int) -> Array:
