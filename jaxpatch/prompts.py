@@ -371,8 +371,8 @@ def make_batch(config: ModelConfig, prompts: Sequence[Prompt], positions: Positi
 def token_roles(prompts: Sequence[Prompt], width: int) -> np.ndarray:
     """What each position of right-padded prompts is, as bit flags: `PROMPT_TOKEN`,
     `MARKED_TOKEN` (a position the prompt marks), `LAST_PROMPT_TOKEN` (the position that
-    writes the first response token), `AFTER_PROMPT` (appended targets, a continuation,
-    generated tokens); 0 is padding past the row.
+    writes the first response token), `AFTER_PROMPT` (every position after the prompt to the
+    buffer's end: appended targets, a continuation, generated tokens, padding).
 
     Arguments:
         prompts: the prompts.

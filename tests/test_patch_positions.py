@@ -35,10 +35,10 @@ from jaxpatch.prompts import (
 
 PROMPTS = [Prompt((5, 9, 2, 7, 1, 3), target=(4, 6)), Prompt((4, 8), target=(2,)),
            Prompt((11, 12, 13, 14), target=(9, 9, 9))]
-# what a restricted patch must reach: biases and layer norms (gpt2), per-head q/k norms (qwen3),
-# a q/k norm over the whole projection and output norms (olmo2), sandwich norms and sliding
-# windows (gemma3_text)
-FAMILIES = ["llama", "gpt2", "qwen3", "olmo2", "gemma3_text"]
+# what a restricted patch must reach: biases, layer norms and learned positions (gpt2), per-head
+# q/k norms (qwen3), a q/k norm over the whole projection and output norms (olmo2), sandwich
+# norms, a scaled embedding and sliding windows (gemma3_text)
+FAMILIES = ["gpt2", "qwen3", "olmo2", "gemma3_text"]
 EVERYTHING = "embed_tokens | layers | norm | lm_head"
 
 
@@ -100,7 +100,7 @@ def test_a_module_acting_per_position_takes_each_endpoints_output_where_chosen(f
     np.testing.assert_allclose(restricted, expected, atol=2e-5)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(family=st.sampled_from(FAMILIES), start=st.integers(1, 5),
        selector=st.sampled_from([EVERYTHING, "layers.0.self_attn.k_proj", "embed_tokens",
                                  "layers.1.self_attn.v_proj | layers.0.mlp"]))
