@@ -83,4 +83,5 @@ def test_the_study_runs_every_part(tiny_pair, tmp_path) -> None:
     page = (tmp_path / "instruct_pair.md").read_text()
     assert page == markdown(json.loads((tmp_path / "instruct_pair.json").read_text()))
     assert "| top-10 modules of two donors, Jaccard >= 0.5 | capitals 1.00 | met |" in page
+    assert "Two donors: the top-10 modules of their exact rankings overlap by capitals 1.00" in page
     assert (tmp_path / "instruct_pair" / "capitals-module.png").read_bytes()[:4] == b"\x89PNG"
