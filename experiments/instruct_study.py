@@ -417,7 +417,8 @@ def _margins(granularity: dict[str, Any]) -> dict[str, Any]:
     return {"best": best, "best_cpr": methods[best], "dw_cpr": curves["|dW|"]["cpr"],
             "margin_over_dw": methods[best] - curves["|dW|"]["cpr"],
             "random_max": max(band) if band else None,
-            "above_random": bool(band) and methods[best] > max(band)}
+            "above_random": bool(band) and methods[best] > max(band),
+            "all_components": curves["|dW|"]["faithfulness"][-1]}
 
 
 def findings(document: dict[str, Any]) -> list[str]:
@@ -426,11 +427,17 @@ def findings(document: dict[str, Any]) -> list[str]:
     for name, r in document["instructions"].items():
         m = _margins(r["granularities"]["module"])
         bands = [g for g, v in r["granularities"].items() if _margins(v)["above_random"]]
+        short = [(g, _margins(v)["all_components"], v["components"])
+                 for g, v in r["granularities"].items() if _margins(v)["all_components"] < 0.5]
         out.append(f"**{name}**: at module granularity the best ranking is {m['best']} "
                    f"(CPR {m['best_cpr']:.3f}) against |dW|'s {m['dw_cpr']:.3f}, a margin of "
                    f"{m['margin_over_dw']:+.3f} ({'at least' if m['margin_over_dw'] >= 0.1 else 'short of'}"
                    f" the 0.1 asked for); the best ranking is above the random band at "
-                   f"{', '.join(bands) or 'no'} granularit{'y' if len(bands) == 1 else 'ies'} of 3.")
+                   f"{', '.join(bands) or 'no'} granularit{'y' if len(bands) == 1 else 'ies'} of 3."
+                   + "".join(f" Every {g} of the donor patched into the base together ({n}) "
+                             f"recovers only f = {f:.2f}: the behavior needs modules this "
+                             f"granularity does not cover, so its curves cannot tell rankings "
+                             f"apart." for g, f, n in short))
     positions = {name: r["positions"] for name, r in document["instructions"].items()}
     for name, p in positions.items():
         out.append(f"**{name}**: the whole donor at the response positions only recovers "
@@ -499,7 +506,7 @@ def markdown(document: dict[str, Any]) -> str:
         for label in labels:
             cells = [f"{g['curves'][label]['cpr']:.3f}" if label in g["curves"] else "-"
                      for g in r["granularities"].values()]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
         lines.append("")
         for g_name, g in r["granularities"].items():
             m = _margins(g)
@@ -507,7 +514,8 @@ def markdown(document: dict[str, Any]) -> str:
             lines.append(f"- {g_name}: best {m['best']} ({m['best_cpr']:.3f}), |dW| "
                          f"{m['dw_cpr']:.3f} (margin {m['margin_over_dw']:+.3f}), random band "
                          f"up to {m['random_max']:.3f}: "
-                         f"{'above' if m['above_random'] else 'not above'} it.")
+                         f"{'above' if m['above_random'] else 'not above'} it; all "
+                         f"{g['components']} components together: f = {m['all_components']:.2f}.")
         top = r["granularities"]["module"]["top"]
         lines += ["", f"Top {s['top']} modules by exact denoise: {', '.join(top['exact denoise'])}; "
                   f"by \\|dW\\|: {', '.join(top['|dW|'])}.", "",
