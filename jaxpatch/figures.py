@@ -4,6 +4,7 @@ learned patches, the hierarchy graph, ROC curves, and the terminal summary of a 
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from typing import Any, Mapping, Sequence
 
@@ -121,7 +122,7 @@ def faithfulness_png(curves: Sequence[Mapping[str, Any]], title: str,
         values = np.array([b["faithfulness"] for b in band], np.float64)
         ax.fill_between(x, values.min(0), values.max(0), color="0.85",
                         label=f"random rankings ({len(band)}), range")
-    colors = iter(plt.get_cmap("tab10").colors)
+    colors = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     for c in curves:
         x = np.asarray(c["sizes"], np.float64) / c["components"]
         ax.plot(x, c["faithfulness"], marker="o", ms=3,
@@ -312,7 +313,7 @@ def roc_png(labels: Sequence[bool], importances: Mapping[str, Sequence[float]], 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.6, 4.4))
-    colors = iter(plt.get_cmap("tab10").colors)
+    colors = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     for method, scores in importances.items():
         fpr, tpr = roc_curve(scores, labels)
         ax.plot(fpr, tpr, label=f"{method} (AUC {roc_auc(scores, labels):.3f})",
