@@ -182,6 +182,7 @@ def _greedy_restricted(config, base, donor, patch, prompt: Prompt, n: int, patch
     return sequence[len(prompt.tokens):]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("patch_at", ["prompt", "response", "marked"])
 def test_restricted_generation_picks_what_a_full_forward_of_the_restricted_patch_picks(patch_at):
     base, donor = random_pair("gemma3_text", scale=0.6, n_layers=3)
