@@ -170,12 +170,24 @@ def _timed(timings: dict[str, float], label: str, make: Callable[[], Any]) -> An
     return out
 
 
+def _dw_rankings(pair: InstructPair,
+                 granularities: Sequence[Granularity] = GRANULARITIES) -> dict[str, list[str]]:
+    """|dW|'s ranking at each granularity: the same for every instruction, so computed once."""
+    config = pair.base.config
+    out = {}
+    for granularity in granularities:
+        items = jaxpatch.select(config, None, granularity)
+        norms = delta_norms(config, pair.base.params, pair.donor.params, items)
+        out[granularity] = ranking(dict(zip([c.name for c in items], norms.tolist())), "size")
+    return out
+
+
 def _rankings(pair: Any, metric: VectorAnchor, granularity: Granularity, s: StudySettings,
-              timings: dict[str, float]) -> tuple[dict[str, list[str]], dict[str, Any]]:
-    """Every method's ranking at one granularity (best first, by the size of the effect), and
-    what else the methods report."""
+              dw: list[str], timings: dict[str, float]
+              ) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """Every method's ranking at one granularity (best first, by the size of the effect; `dw`
+    is |dW|'s), and what else the methods report."""
     items = jaxpatch.select(pair.config, None, granularity)
-    names = [c.name for c in items]
     out: dict[str, list[str]] = {}
     extra: dict[str, Any] = {}
 
@@ -215,8 +227,7 @@ def _rankings(pair: Any, metric: VectorAnchor, granularity: Granularity, s: Stud
             out["learned patch"] = ranking(dict(zip(learned.names, learned.probabilities.tolist())),
                                            "size")
             extra["learned"] = {"selected": learned.selected, "effect": learned.effect}
-    norms = delta_norms(pair.config, pair.base.params, pair.donor.params, items)
-    out["|dW|"] = ranking(dict(zip(names, norms.tolist())), "size")
+    out["|dW|"] = dw
     return out, extra
 
 
@@ -302,8 +313,10 @@ def _jaccard(a: Sequence[str], b: Sequence[str]) -> float:
 
 
 def study_instruction(pair: InstructPair, name: str, s: StudySettings, figures: dict[str, bytes],
-                      second: InstructPair | None = None) -> dict[str, Any]:
-    """Everything the study measures for one instruction (see the module docstring)."""
+                      dw: dict[str, list[str]], second: InstructPair | None = None,
+                      dw_second: list[str] | None = None) -> dict[str, Any]:
+    """Everything the study measures for one instruction (see the module docstring); `dw` is
+    |dW|'s ranking per granularity, `dw_second` the second donor's at module granularity."""
     timings: dict[str, float] = {}
     config = pair.base.config
     score = instruction_prompts(pair, name, 0, s.score_prompts)
@@ -322,7 +335,7 @@ def study_instruction(pair: InstructPair, name: str, s: StudySettings, figures: 
                            "granularities": {}}
     extras: dict[str, Any] = {}
     for granularity in GRANULARITIES:
-        rankings, extra = _rankings(prepared, metric, granularity, s, timings)
+        rankings, extra = _rankings(prepared, metric, granularity, s, dw[granularity], timings)
         extras[granularity] = extra
         curves = _curves(prepared, judge, rankings, granularity, s, timings)
         figures[f"{name}-{granularity}.png"] = faithfulness_png(
@@ -349,18 +362,14 @@ def study_instruction(pair: InstructPair, name: str, s: StudySettings, figures: 
         out["hierarchy"] = {"roles": {role: h.with_role(role) for role in
                                       ("source", "aggregation", "execution")},
                             "sources_recovery": h.sources_recovery, "graph": graph}
-    if second is not None:
+    if second is not None and dw_second is not None:
         other = prepare(second.base, second.donor,
                         make_batch(config, instruction_prompts(second, name, 0, s.score_prompts),
                                    "last"))
         exact2 = _timed(timings, "second donor exact", lambda: jaxpatch.sweep(
             other, metric, execution=QUIET))
-        norms2 = delta_norms(config, second.base.params, second.donor.params,
-                             jaxpatch.select(config, None, "module"))
-        names = [c.name for c in jaxpatch.select(config, None, "module")]
-        top2, dw2 = ranking(exact2, "size")[:s.top], ranking(dict(zip(names, norms2.tolist())),
-                                                                 "size")[:s.top]
-        dw1 = out["granularities"]["module"]["top"]["|dW|"]
+        top2, dw2 = ranking(exact2, "size")[:s.top], dw_second[:s.top]
+        dw1 = dw["module"][:s.top]
         out["donors"] = {"top_first": top_modules, "top_second": top2,
                          "jaccard_exact": _jaccard(top_modules, top2),
                          "jaccard_dw": _jaccard(dw1, dw2)}
@@ -390,8 +399,11 @@ def study(pair: InstructPair, s: StudySettings, second: InstructPair | None = No
         "second": None if second is None else {"folder": second.folder.name,
                                                "record": _pair_summary(second.record)},
         "machine": machine, "seconds": 0.0, "instructions": {}}
+    dw = _dw_rankings(pair)
+    dw_second = None if second is None else _dw_rankings(second, ("module",))["module"]
     for name in s.instructions:
-        document["instructions"][name] = study_instruction(pair, name, s, figures, second)
+        document["instructions"][name] = study_instruction(pair, name, s, figures, dw, second,
+                                                           dw_second)
         document["seconds"] = round(time.perf_counter() - start, 1)
         log(f"{name}: done ({document['seconds']:.0f} s)")
         if each is not None:
