@@ -20,7 +20,7 @@ The public API is what this module exports (every other name may change):
     activation_patching              the activation patching baseline
     sweep_matrix, activation_matrix  every candidate read at every target (ScoreMatrix)
     trace_hierarchy, Hierarchy, Thresholds, TraceSearch   sources, aggregation, execution
-    faithfulness_curve, ranking, set_points   f(k), CPR and CMD of any ranking or set
+    faithfulness_curves, ranking, set_points  f(k), CPR and CMD of rankings or sets
     greedy_forward, backward_elimination      set-level selection by exact patching
     greedy_generate, generate_under_patches   generation with a key/value cache, under patches
     TextJudge (jaxpatch.verifiers)   behavior judged on generated text (IFEval-style verifiers)
@@ -75,7 +75,13 @@ from jaxpatch.errors import (
                              UnsupportedArchitectureError,
                              UnsupportedConfigError,
 )
-from jaxpatch.faithfulness import FaithfulnessCurve, faithfulness_curve, ranking, set_points
+from jaxpatch.faithfulness import (
+                             FaithfulnessCurve,
+                             faithfulness_curve,
+                             faithfulness_curves,
+                             ranking,
+                             set_points,
+)
 from jaxpatch.hierarchy import Behavior, Hierarchy, Thresholds, TraceSearch, trace_hierarchy
 from jaxpatch.io import load, save
 from jaxpatch.learned import GateTraining, LearnedPatch, learn_patch
@@ -139,8 +145,9 @@ __all__ = [
     "sweep", "SweepResult", "attribute", "alpha_gradients", "localize", "Verification",
     "Localization", "learn_patch", "LearnedPatch", "GateTraining", "activation_patching",
     "sweep_matrix", "activation_matrix", "ScoreMatrix", "trace_hierarchy", "Hierarchy",
-    "Thresholds", "TraceSearch", "Behavior", "faithfulness_curve", "FaithfulnessCurve", "ranking",
-    "set_points", "greedy_forward", "backward_elimination", "Selection", "greedy_generate",
+    "Thresholds", "TraceSearch", "Behavior", "faithfulness_curve", "faithfulness_curves",
+    "FaithfulnessCurve", "ranking", "set_points", "greedy_forward", "backward_elimination",
+    "Selection", "greedy_generate",
     "generate_under_patches", "TextJudge",
     "plant_patch", "planted_labels", "roc_auc", "roc_curve", "spearman",
     # how it runs

@@ -2,7 +2,8 @@
 
 For a ranking of components (by any method: exact patching, gradients, activation patching,
 |dW|, random) and a direction, the set C_k of the top k components is patched as one patch and
-scored exactly (one batched sweep over every k):
+scored exactly (one batched sweep over every k of every ranking, a set that several rankings
+share scored once: `faithfulness_curves`):
 
     denoise   C_k's donor weights into the base:   f(k) = (m(C_k) - m(base)) / (m(donor) - m(base))
     noise     C_k's base weights into the donor:   f(k) = (m(C_k) - m(donor)) / (m(base) - m(donor))
@@ -37,7 +38,8 @@ from jaxpatch.results import SweepResult
 from jaxpatch.runs.settings import Execution, execution_of
 from jaxpatch.verifiers import TextJudge
 
-__all__ = ["FaithfulnessCurve", "faithfulness_curve", "ranking", "size_ladder", "set_points", "area"]
+__all__ = ["FaithfulnessCurve", "faithfulness_curve", "faithfulness_curves", "ranking",
+           "size_ladder", "set_points", "area"]
 
 RankBy = Literal["effect", "size"]
 
@@ -157,26 +159,87 @@ def ranking(result: SweepResult | Mapping[str, float], by: RankBy = "effect") ->
     return [names[i] for i in np.argsort(-key, kind="stable")]
 
 
-def faithfulness_curve(pair: PreparedPair, metric: Metric | TextJudge, order: Sequence[str], *,
-                 granularity: Granularity = "module", direction: PairDirection = "denoise",
-                 sizes: Sequence[int] | None = None, label: str = "ranking",
-                 execution: Execution | None = None) -> FaithfulnessCurve:
-    """The faithfulness curve of a ranking: its top k components patched together, for each k.
+def faithfulness_curves(pair: PreparedPair, metric: Metric | TextJudge,
+                        rankings: Mapping[str, Sequence[str]], *,
+                        granularity: Granularity = "module", direction: PairDirection = "denoise",
+                        sizes: Sequence[int] | None = None,
+                        execution: Execution | None = None) -> dict[str, FaithfulnessCurve]:
+    """The faithfulness curves of several rankings: each one's top k components patched
+    together, for each k; a set that several rankings share (every ranking's top n, a common
+    top 1) is scored once, and every set in one sweep.
 
     Arguments:
         pair: the base/donor pair and prompts (`jaxpatch.prepare`).
         metric: the behavior: a metric of one forward pass, or a `TextJudge` (what the patched
             models write, judged by a verifier; normalized between the base's and the donor's
-            own generations).
-        order: component names of one granularity, best first (`ranking`); the rest of the
-            granularity's components may be left out (n is the length of `order`).
+            own generations, generated once for all the curves).
+        rankings: a label per ranking: component names of one granularity, best first
+            (`ranking`); the rest of the granularity's components may be left out (n is the
+            length of a ranking).
         granularity: the components' granularity.
         direction: "denoise" (top k from the donor into the base) or "noise" (top k from the
             base into the donor).
         sizes: the k to measure (default `size_ladder(n)`); 0 and n are added when missing,
             so the summaries cover x = 0..1.
+        execution: as for `sweep`.
+
+    Returns:
+        label -> `FaithfulnessCurve`, in the order of `rankings`.
+
+    Raises:
+        InvalidInputError: an unknown or repeated name, or a size outside 0..n.
+
+    Example:
+        >>> exact = jaxpatch.sweep(pair, jaxpatch.VectorAnchor(layer=1))
+        >>> curves = faithfulness_curves(pair, jaxpatch.VectorAnchor(layer=1),
+        ...                              {"exact": ranking(exact), "reversed": ranking(exact)[::-1]})
+        >>> [round(c.at(len(c.order)), 4) for c in curves.values()]
+        [1.0, 1.0]
+    """
+    check_mode("faithfulness direction", direction, PAIR_DIRECTIONS, InvalidInputError)
+    by_name = {c.name: c for c in select(pair.config, None, granularity)}
+    ladders: dict[str, list[int]] = {}
+    patches: dict[frozenset[str], Patch] = {}
+    for label, order in rankings.items():
+        unknown = [n for n in order if n not in by_name]
+        if unknown:
+            raise InvalidInputError(f"{unknown[0]!r} is not a {granularity} component of this model"
+                                    f" (ranking {label!r})")
+        if len(set(order)) != len(order):
+            raise InvalidInputError(f"the ranking {label!r} names a component twice")
+        n = len(order)
+        ks = sorted(set(size_ladder(n) if sizes is None else [0, *sizes, n]))
+        if ks[0] < 0 or ks[-1] > n:
+            raise InvalidInputError(f"sizes must lie in 0..{n} (the length of ranking {label!r}),"
+                                    f" got {ks}")
+        ladders[label] = ks
+        for k in ks[1:]:
+            key = frozenset(order[:k])
+            if key not in patches:
+                patches[key] = Patch.from_components(pair.config, [by_name[x] for x in order[:k]],
+                                                     label=f"set {len(patches)}")
+    effects: dict[frozenset[str], float] = {}
+    if patches:
+        scored = _effects(pair, metric, {p.label: p for p in patches.values()}, direction,
+                          execution)
+        effects = dict(zip(patches, scored))
+    return {label: FaithfulnessCurve(  # the empty set is the start model itself: f(0) = 0
+        label=label, direction=direction, order=list(order), sizes=ladders[label],
+        faithfulness=np.asarray([0.0] + [effects[frozenset(order[:k])] for k in ladders[label][1:]],
+                                np.float64))
+        for label, order in rankings.items()}
+
+
+def faithfulness_curve(pair: PreparedPair, metric: Metric | TextJudge, order: Sequence[str], *,
+                       granularity: Granularity = "module", direction: PairDirection = "denoise",
+                       sizes: Sequence[int] | None = None, label: str = "ranking",
+                       execution: Execution | None = None) -> FaithfulnessCurve:
+    """The faithfulness curve of one ranking (`faithfulness_curves` with one ranking).
+
+    Arguments:
+        pair, metric, granularity, direction, sizes, execution: as for `faithfulness_curves`.
+        order: component names of one granularity, best first (`ranking`).
         label: the curve's name.
-        execution: as for `sweep` (the sets are scored in one sweep).
 
     Returns:
         A `FaithfulnessCurve`.
@@ -190,24 +253,8 @@ def faithfulness_curve(pair: PreparedPair, metric: Metric | TextJudge, order: Se
         >>> curve.sizes[:3], curve.at(0), round(curve.at(len(curve.order)), 4)
         ([0, 1, 2], 0.0, 1.0)
     """
-    check_mode("faithfulness direction", direction, PAIR_DIRECTIONS, InvalidInputError)
-    by_name = {c.name: c for c in select(pair.config, None, granularity)}
-    unknown = [n for n in order if n not in by_name]
-    if unknown:
-        raise InvalidInputError(f"{unknown[0]!r} is not a {granularity} component of this model")
-    if len(set(order)) != len(order):
-        raise InvalidInputError("the ranking names a component twice")
-    n = len(order)
-    ks = sorted(set(size_ladder(n) if sizes is None else [0, *sizes, n]))
-    if ks[0] < 0 or ks[-1] > n:
-        raise InvalidInputError(f"sizes must lie in 0..{n} (the ranking's length), got {ks}")
-    patches = {f"top {k}": Patch.from_components(pair.config, [by_name[x] for x in order[:k]],
-                                                 label=f"top {k}") for k in ks if k > 0}
-    values = [0.0]  # the empty set is the start model itself
-    if patches:
-        values += _effects(pair, metric, patches, direction, execution)
-    return FaithfulnessCurve(label=label, direction=direction, order=list(order), sizes=ks,
-                             faithfulness=np.asarray(values, np.float64))
+    return faithfulness_curves(pair, metric, {label: order}, granularity=granularity,
+                               direction=direction, sizes=sizes, execution=execution)[label]
 
 
 def _effects(pair: PreparedPair, metric: Metric | TextJudge, patches: dict[str, Patch],

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import jaxpatch  # noqa: E402
 from jaxpatch import Execution, GateTraining, LogProb, prepare  # noqa: E402
-from jaxpatch.faithfulness import faithfulness_curve, ranking, set_points  # noqa: E402
+from jaxpatch.faithfulness import faithfulness_curves, ranking, set_points  # noqa: E402
 from jaxpatch.hierarchy import trace_hierarchy  # noqa: E402
 from jaxpatch.modes import Granularity, PairDirection  # noqa: E402
 from jaxpatch.prompts import make_batch  # noqa: E402
@@ -70,13 +70,13 @@ def _curves(pair: Any, rankings: dict[str, list[str]], granularity: Granularity,
             directions: tuple[PairDirection, ...], shuffles: list[list[str]]) -> dict:
     """Every ranking's curve per direction, and the random band's mean curve and CPR range."""
     table: dict[str, dict[str, dict]] = {}
+    shuffled = {f"random {i}": order for i, order in enumerate(shuffles)}
     for direction in directions:
-        table[direction] = {label: faithfulness_curve(
-            pair, METRIC, order, granularity=granularity, direction=direction, label=label,
-            execution=QUIET).to_dict() for label, order in rankings.items()}
-        band = [faithfulness_curve(pair, METRIC, order, granularity=granularity,
-                                   direction=direction, execution=QUIET).to_dict()
-                for order in shuffles]
+        curves = {label: c.to_dict() for label, c in faithfulness_curves(
+            pair, METRIC, {**rankings, **shuffled}, granularity=granularity, direction=direction,
+            execution=QUIET).items()}
+        table[direction] = {label: curves[label] for label in rankings}
+        band = [curves[label] for label in shuffled]
         table[direction][f"random ({len(shuffles)})"] = {
             "cpr": float(np.mean([b["cpr"] for b in band])),
             "cpr_range": [min(b["cpr"] for b in band), max(b["cpr"] for b in band)],

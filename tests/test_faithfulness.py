@@ -92,6 +92,39 @@ def test_rankings_sizes_and_sets() -> None:
         faithfulness_curve(pair, metric, order, direction="zero")  # type: ignore[arg-type]
 
 
+def test_several_rankings_share_their_sets_and_equal_one_ranking_at_a_time(monkeypatch) -> None:
+    """Rankings scored together give each one's own curve, and a set two rankings share (here
+    every ranking's top n, and the top 1 of two rankings that start alike) is scored once."""
+    import jaxpatch.faithfulness as faithfulness
+
+    pair = prepare(EXAMPLE.base, EXAMPLE.donor, EXAMPLE.batch)
+    metric = VectorAnchor(layer=1)
+    order = [c.name for c in jaxpatch.select(pair.config, None, "module")]
+    rankings = {"given": order, "reversed": order[::-1],
+                "swapped": [order[0], *order[1:][::-1]]}
+    scored: list[int] = []
+    effects = faithfulness._effects
+
+    def counting(pair_, metric_, patches, direction, execution):
+        scored.append(len(patches))
+        return effects(pair_, metric_, patches, direction, execution)
+
+    monkeypatch.setattr(faithfulness, "_effects", counting)
+    together = faithfulness.faithfulness_curves(pair, metric, rankings, direction="noise",
+                                                execution=QUIET)
+    ladder = size_ladder(len(order))[1:]
+    assert scored == [3 * len(ladder) - 2 - 1]  # the shared top n twice, the shared top 1 once
+    assert list(together) == list(rankings)
+    for label, order_ in rankings.items():
+        alone = faithfulness_curve(pair, metric, order_, direction="noise", label=label,
+                                   execution=QUIET)
+        assert together[label].sizes == alone.sizes and together[label].label == label
+        np.testing.assert_allclose(together[label].faithfulness, alone.faithfulness, atol=1e-5)
+    assert together["given"].at(1) == together["swapped"].at(1)
+    with pytest.raises(InvalidInputError, match="ranking 'bad'"):
+        faithfulness.faithfulness_curves(pair, metric, {"good": order, "bad": ["layers.9.mlp"]})
+
+
 def test_on_the_shipped_pair_the_planted_set_carries_the_behavior_first() -> None:
     """S's own curve is the reference a localization is held to: S first recovers the answers
     by k = |S|, where a random order has recovered almost nothing."""

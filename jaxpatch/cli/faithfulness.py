@@ -100,7 +100,7 @@ def _judge(args: argparse.Namespace, pair: Any) -> Any:
 def _faithfulness(args: argparse.Namespace) -> None:
     from jaxpatch.components import select
     from jaxpatch.engine import sweep
-    from jaxpatch.faithfulness import faithfulness_curve, ranking
+    from jaxpatch.faithfulness import faithfulness_curves, ranking
     from jaxpatch.figures import faithfulness_png
     from jaxpatch.pair import delta_norms
 
@@ -126,17 +126,15 @@ def _faithfulness(args: argparse.Namespace) -> None:
         rankings["|dW|"] = ranking(dict(zip(names, norms.tolist())), "size")
         rng = np.random.default_rng(args.seed)
         shuffles = [list(rng.permutation(names)) for _ in range(args.random)]
+        shuffled = {f"random {i}": order for i, order in enumerate(shuffles)}
         curves: dict[str, list[dict[str, Any]]] = {}
         bands: dict[str, list[dict[str, Any]]] = {}
-        def curve(direction: PairDirection, label: str, order: list[str]) -> dict[str, Any]:
-            return faithfulness_curve(pair, judge, order, granularity=args.granularity,
-                                direction=direction, sizes=sizes, label=label,
-                                execution=execution_of(args, log, f"{direction} {label}")).to_dict()
-
         for direction in directions:
-            curves[direction] = [curve(direction, label, order) for label, order in rankings.items()]
-            bands[direction] = [curve(direction, f"random {i}", order)
-                                for i, order in enumerate(shuffles)]
+            scored = faithfulness_curves(pair, judge, {**rankings, **shuffled},
+                                         granularity=args.granularity, direction=direction,
+                                         sizes=sizes, execution=execution_of(args, log, direction))
+            curves[direction] = [scored[label].to_dict() for label in rankings]
+            bands[direction] = [scored[label].to_dict() for label in shuffled]
     print(f"behavior: {behavior}")
     print(f"{'ranking':40} {'direction':9} {'CPR':>6} {'CMD':>6}")
     for direction in directions:

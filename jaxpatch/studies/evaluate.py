@@ -45,7 +45,7 @@ from jaxpatch.attribution import attribute
 from jaxpatch.components import select
 from jaxpatch.engine import PreparedPair, activation_patching, prepare, sweep
 from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
-from jaxpatch.faithfulness import faithfulness_curve, ranking
+from jaxpatch.faithfulness import faithfulness_curves, ranking
 from jaxpatch.hierarchy import Behavior, trace_hierarchy
 from jaxpatch.learned import GateTraining, learn_patch
 from jaxpatch.localization import Verification, localize
@@ -417,10 +417,9 @@ def evaluate(pair: PlantedPair, *,
         orders.update({m: ranking(dict(zip(names, importances[g][m].tolist())), "size")
                        for m in EVALUATED_METHODS if m in importances[g]})
         for direction in PAIR_DIRECTIONS:
-            curves[direction] = {m: faithfulness_curve(prepared, metric, order, granularity=g,
-                                                       direction=direction, label=m,
-                                                       execution=quiet).to_dict()
-                                 for m, order in orders.items()}
+            curves[direction] = {m: c.to_dict() for m, c in faithfulness_curves(
+                prepared, metric, orders, granularity=g, direction=direction,
+                execution=quiet).items()}
 
     if "module" in granularities:
         run_stage("faithfulness", faithfulness_stage, ["module"])
