@@ -15,7 +15,10 @@ For each studied instruction of an instruction-tuned pair (`python -m experiment
    gradients and the shortlist verified exactly (`jaxpatch.localize`): the ranking is the verified
    order, then the rest by attribution.
 3. **Faithfulness curves** of every ranking, judged by generated text (denoise: the top k
-   components from the donor into the base), with CPR and CMD (`jaxpatch.faithfulness_curve`).
+   components from the donor into the base; and at `noise_curves` granularities noise: from
+   the base into the donor), with CPR and CMD (`jaxpatch.faithfulness_curves`). A direction's
+   curves are drawn at a granularity only where all its components together move at least
+   `min_whole` of the behavior; the whole granularity's point is reported either way.
 4. **Heads route, neurons are sources?** Per head and per shortlisted neuron, weight patching's
    effect against activation patching's (a component whose output carries the behavior but whose
    own weights do not is routing what it receives; one whose weights alone recover its effect is
@@ -25,8 +28,8 @@ For each studied instruction of an instruction-tuned pair (`python -m experiment
 6. **Position-restricted patches**: the whole donor patched only at the prompt, the response,
    the first response token or the instruction's tokens, judged by text; and the exact module
    ranking under each restriction.
-7. **Two donors** (with `--second`): the top-10 modules of each donor's exact ranking and their
-   Jaccard overlap, beside |dW|'s.
+7. **Two donors** (with `--second`): the top-10 modules of each donor's exact and
+   integrated-gradients rankings and their Jaccard overlap, beside |dW|'s.
 
 Writes `instruct_pair.json`, `instruct_pair.md` and the figures (`instruct_pair/*.png`) into
 `--out`.
@@ -55,10 +58,10 @@ from experiments.instruct_pair import default_out, reply_text
 from jaxpatch import Execution, GateTraining, Prompt, TraceSearch, VectorAnchor, prepare
 from jaxpatch.chat import ChatTemplate
 from jaxpatch.errors import InvalidInputError, JaxpatchError
-from jaxpatch.faithfulness import faithfulness_curve, ranking, set_points, size_ladder
+from jaxpatch.faithfulness import faithfulness_curves, ranking, set_points, size_ladder
 from jaxpatch.figures import faithfulness_png, hierarchy_png
 from jaxpatch.localization import Verification, localize
-from jaxpatch.modes import PATCH_AT, AttributionMethod, Granularity
+from jaxpatch.modes import PATCH_AT, AttributionMethod, Granularity, PairDirection
 from jaxpatch.pair import delta_norms
 from jaxpatch.prompts import make_batch, marked_positions
 from jaxpatch.runs.atomic import atomic_directory
@@ -85,6 +88,11 @@ class StudySettings:
         sparsity: the learned patch's penalty per module.
         neurons_verified: neurons verified exactly after narrowing.
         random: random rankings drawn for the band, per granularity.
+        noise_curves: the granularities whose noise-direction (necessity) curves are drawn
+            too (every granularity's denoise curves are).
+        min_whole: a direction's curves are drawn at a granularity only where all its
+            components together move at least this share of the behavior (below it, no
+            ranking's curve can rise, so the curves could not tell rankings apart).
         hierarchy: the instructions whose hierarchy is traced.
         top: the size of the top sets compared between donors.
         seed: the random rankings' seed.
@@ -93,12 +101,14 @@ class StudySettings:
     instructions: tuple[str, ...] = ("capitals", "lowercase", "no-commas")
     score_prompts: int = 8
     judge_prompts: int = 10
-    new_tokens: int = 24
+    new_tokens: int = 16
     ig_steps: int = 8
     learned_steps: int = 100
     sparsity: float = 0.01
     neurons_verified: int = 128
-    random: int = 3
+    random: int = 2
+    noise_curves: tuple[Granularity, ...] = ("head", "neuron")
+    min_whole: float = 0.25
     hierarchy: tuple[str, ...] = ("capitals",)
     top: int = 10
     seed: int = 0
@@ -245,17 +255,28 @@ def _ladder(n: int, granularity: Granularity) -> list[int]:
 
 def _curves(pair: Any, judge: TextJudge, rankings: dict[str, list[str]], granularity: Granularity,
             s: StudySettings, timings: dict[str, float]) -> dict[str, Any]:
-    """Every ranking's text-judged denoise curve, and a band of random rankings."""
+    """Per direction: what all the granularity's components together move (`whole`), and where
+    that is at least `s.min_whole`, every ranking's text-judged curve and a band of random
+    rankings (`curves`, empty otherwise)."""
     names = rankings["|dW|"]
     sizes = _ladder(len(names), granularity)
     rng = np.random.default_rng([s.seed, len(names)])
     shuffles = {f"random {i}": list(rng.permutation(names)) for i in range(s.random)}
-    curves = {}
-    for label, order in {**rankings, **shuffles}.items():
-        curves[label] = _timed(timings, f"{granularity} curve {label}", lambda o=order, n=label: (
-            faithfulness_curve(pair, judge, o, granularity=granularity, sizes=sizes, label=n,
-                               execution=QUIET).to_dict()))
-    return curves
+    out: dict[str, Any] = {}
+    directions: tuple[PairDirection, ...] = (
+        ("denoise", "noise") if granularity in s.noise_curves else ("denoise",))
+    for direction in directions:
+        whole = _timed(timings, f"{granularity} {direction} all", lambda d=direction: set_points(
+            pair, judge, {"all": names}, granularity=granularity, direction=d,
+            execution=QUIET)["all"][1])
+        curves = {}
+        if whole >= s.min_whole:
+            curves = _timed(timings, f"{granularity} {direction} curves", lambda d=direction: {
+                label: c.to_dict() for label, c in faithfulness_curves(
+                    pair, judge, {**rankings, **shuffles}, granularity=granularity, direction=d,
+                    sizes=sizes, execution=QUIET).items()})
+        out[direction] = {"whole": whole, "curves": curves}
+    return out
 
 
 def _routing(pair: Any, metric: VectorAnchor, neurons: Sequence[str],
@@ -337,16 +358,22 @@ def study_instruction(pair: InstructPair, name: str, s: StudySettings, figures: 
     for granularity in GRANULARITIES:
         rankings, extra = _rankings(prepared, metric, granularity, s, dw[granularity], timings)
         extras[granularity] = extra
-        curves = _curves(prepared, judge, rankings, granularity, s, timings)
-        figures[f"{name}-{granularity}.png"] = faithfulness_png(
-            [c for label, c in curves.items() if not label.startswith("random")],
-            f"{name}: {granularity} granularity, judged by generated text",
-            band=[c for label, c in curves.items() if label.startswith("random")])
+        directions = _curves(prepared, judge, rankings, granularity, s, timings)
+        for direction, drawn in directions.items():
+            if drawn["curves"]:
+                curves = drawn["curves"]
+                figures[f"{name}-{granularity}-{direction}.png"] = faithfulness_png(
+                    [c for label, c in curves.items() if not label.startswith("random")],
+                    f"{name}: {granularity} granularity, {direction}, judged by generated text",
+                    band=[c for label, c in curves.items() if label.startswith("random")])
         out["granularities"][granularity] = {
             "components": len(rankings["|dW|"]),
             "top": {label: order[:s.top] for label, order in rankings.items()},
-            "curves": {label: {k: v for k, v in c.items() if k != "order"}
-                       for label, c in curves.items()},
+            "directions": {direction: {
+                "whole": drawn["whole"],
+                "curves": {label: {k: v for k, v in c.items() if k != "order"}
+                           for label, c in drawn["curves"].items()}}
+                for direction, drawn in directions.items()},
             **{k: v for k, v in extra.items() if k != "exact_denoise"}}
     out["routing"] = _routing(prepared, metric, extras["neuron"]["neurons"]["shortlist"][:64],
                               extras["head"]["exact_denoise"],
@@ -368,11 +395,16 @@ def study_instruction(pair: InstructPair, name: str, s: StudySettings, figures: 
                                    "last"))
         exact2 = _timed(timings, "second donor exact", lambda: jaxpatch.sweep(
             other, metric, execution=QUIET))
-        top2, dw2 = ranking(exact2, "size")[:s.top], dw_second[:s.top]
-        dw1 = dw["module"][:s.top]
+        ig2 = _timed(timings, "second donor integrated gradients", lambda: jaxpatch.attribute(
+            other, metric, granularity="module", method="integrated-gradients", steps=s.ig_steps,
+            execution=QUIET))
+        top2, ig_top2 = ranking(exact2, "size")[:s.top], ranking(ig2, "size")[:s.top]
+        ig_top = out["granularities"]["module"]["top"]["integrated gradients"]
         out["donors"] = {"top_first": top_modules, "top_second": top2,
+                         "ig_top_first": ig_top, "ig_top_second": ig_top2,
                          "jaccard_exact": _jaccard(top_modules, top2),
-                         "jaccard_dw": _jaccard(dw1, dw2)}
+                         "jaccard_ig": _jaccard(ig_top, ig_top2),
+                         "jaccard_dw": _jaccard(dw["module"][:s.top], dw_second[:s.top])}
     out["timing"] = timings
     return out
 
@@ -419,9 +451,9 @@ def _pair_summary(record: dict[str, Any]) -> dict[str, Any]:
 BEST_EXCLUDED = ("|dW|",)
 
 
-def _margins(granularity: dict[str, Any]) -> dict[str, Any]:
-    """The best localization method's CPR against |dW|'s and the random band's top."""
-    curves = granularity["curves"]
+def _margins(curves: dict[str, Any]) -> dict[str, Any]:
+    """The best localization method's CPR in one set of curves against |dW|'s and the random
+    band's top."""
     methods = {k: c["cpr"] for k, c in curves.items()
                if k not in BEST_EXCLUDED and not k.startswith("random")}
     best = max(methods, key=methods.__getitem__)
@@ -429,27 +461,47 @@ def _margins(granularity: dict[str, Any]) -> dict[str, Any]:
     return {"best": best, "best_cpr": methods[best], "dw_cpr": curves["|dW|"]["cpr"],
             "margin_over_dw": methods[best] - curves["|dW|"]["cpr"],
             "random_max": max(band) if band else None,
-            "above_random": bool(band) and methods[best] > max(band),
-            "all_components": curves["|dW|"]["faithfulness"][-1]}
+            "above_random": bool(band) and methods[best] > max(band)}
+
+
+def _drawn(result: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(granularity, direction, curves) for every set of curves one instruction drew."""
+    return [(g, d, v["curves"]) for g, r in result["granularities"].items()
+            for d, v in r["directions"].items() if v["curves"]]
+
+
+def _not_drawn(result: dict[str, Any]) -> list[tuple[str, str, float, int]]:
+    """(granularity, direction, f of all components, their number) where no curve was drawn."""
+    return [(g, d, v["whole"], r["components"]) for g, r in result["granularities"].items()
+            for d, v in r["directions"].items() if not v["curves"]]
+
+
+MOVES = {"denoise": "from the donor into the base recovers", "noise": "from the base into the "
+         "donor removes"}
 
 
 def findings(document: dict[str, Any]) -> list[str]:
     """What the study shows, one sentence per question, from its numbers alone."""
     out = []
     for name, r in document["instructions"].items():
-        m = _margins(r["granularities"]["module"])
-        bands = [g for g, v in r["granularities"].items() if _margins(v)["above_random"]]
-        short = [(g, _margins(v)["all_components"], v["components"])
-                 for g, v in r["granularities"].items() if _margins(v)["all_components"] < 0.5]
-        out.append(f"**{name}**: at module granularity the best ranking is {m['best']} "
-                   f"(CPR {m['best_cpr']:.3f}) against |dW|'s {m['dw_cpr']:.3f}, a margin of "
-                   f"{m['margin_over_dw']:+.3f} ({'at least' if m['margin_over_dw'] >= 0.1 else 'short of'}"
-                   f" the 0.1 asked for); the best ranking is above the random band at "
-                   f"{', '.join(bands) or 'no'} granularit{'y' if len(bands) == 1 else 'ies'} of 3."
-                   + "".join(f" Every {g} of the donor patched into the base together ({n}) "
-                             f"recovers only f = {f:.2f}: the behavior needs modules this "
-                             f"granularity does not cover, so its curves cannot tell rankings "
-                             f"apart." for g, f, n in short))
+        module = r["granularities"]["module"]["directions"].get("denoise", {}).get("curves")
+        sentence = f"**{name}**: "
+        if module:
+            m = _margins(module)
+            sentence += (f"at module granularity (denoise) the best ranking is {m['best']} (CPR "
+                         f"{m['best_cpr']:.3f}) against |dW|'s {m['dw_cpr']:.3f}, a margin of "
+                         f"{m['margin_over_dw']:+.3f} ("
+                         f"{'at least' if m['margin_over_dw'] >= 0.1 else 'short of'} the 0.1 "
+                         "asked for). ")
+        drawn = _drawn(r)
+        above = [f"{g} {d}" for g, d, c in drawn if _margins(c)["above_random"]]
+        below = [f"{g} {d}" for g, d, c in drawn if not _margins(c)["above_random"]]
+        sentence += (f"The best ranking is above the random band at {', '.join(above) or 'none'}"
+                     + (f", not at {', '.join(below)}" if below else "") + " of the curves drawn.")
+        sentence += "".join(
+            f" Every {g} together ({n}) {MOVES[d]} only f = {f:.2f} of the behavior, so no "
+            f"{g} {d} curve is drawn." for g, d, f, n in _not_drawn(r))
+        out.append(sentence)
     positions = {name: r["positions"] for name, r in document["instructions"].items()}
     for name, p in positions.items():
         out.append(f"**{name}**: the whole donor at the response positions only recovers "
@@ -468,9 +520,12 @@ def findings(document: dict[str, Any]) -> list[str]:
                            for n, x in routing) + ").")
     overlaps = {n: r["donors"] for n, r in document["instructions"].items() if "donors" in r}
     if overlaps:
-        out.append("Two donors: the top-10 modules of their exact rankings overlap by "
-                   + ", ".join(f"{n} {d['jaccard_exact']:.2f} (|dW|: {d['jaccard_dw']:.2f})"
-                               for n, d in overlaps.items()) + " (Jaccard).")
+        out.append("Two donors: the top-10 modules overlap (Jaccard) by "
+                   + ", ".join(f"{n} {d['jaccard_exact']:.2f} by exact denoise, "
+                               f"{d['jaccard_ig']:.2f} by integrated gradients"
+                               for n, d in overlaps.items())
+                   + f"; |dW|'s top 10 of the two donors overlap by "
+                   f"{next(iter(overlaps.values()))['jaccard_dw']:.2f}.")
     else:
         out.append("Two donors: only one donor was studied (no `--second`), so the stability "
                    "of the top modules across seeds is not measured here.")
@@ -479,6 +534,10 @@ def findings(document: dict[str, Any]) -> list[str]:
 
 def _share(row: dict[str, Any]) -> str:
     return "-" if row["share_sources"] is None else f"{row['share_sources']:.0%}"
+
+
+def _cell(label: str) -> str:
+    return label.replace("|", "\\|")
 
 
 def markdown(document: dict[str, Any]) -> str:
@@ -506,53 +565,66 @@ def markdown(document: dict[str, Any]) -> str:
         lines += ["", f"Held-out plain text loss: base {loss['base']:.3f}, donor {loss['donor']:.3f} "
                   f"nats/token (+{loss['donor'] - loss['base']:.3f}; the issue allows +0.3).", ""]
     lines += ["## Faithfulness judged by generated text", "",
-              f"Denoise: each ranking's top k components from the donor into the base; f is the "
-              f"share of the donor's rate of following the instruction that the patched base "
-              f"reaches ({s['judge_prompts']} held-out questions, {s['new_tokens']} greedy tokens). "
-              "CPR is the area under f over k / n (higher: the ranking's top carries the behavior "
+              "Denoise: each ranking's top k components from the donor into the base; noise: from "
+              "the base into the donor. f is the share of the way from the start model's rate of "
+              f"following the instruction to the other model's that the patched model covers "
+              f"({s['judge_prompts']} held-out questions, {s['new_tokens']} greedy tokens). CPR "
+              "is the area under f over k / n (higher: the ranking's top carries the behavior "
               "sooner). Rankings come from the vector anchor of each instruction (last block, "
-              "last prompt token).", ""]
+              f"last prompt token). A direction's curves are drawn at a granularity only where "
+              f"all its components together move at least f = {s['min_whole']} (below, no "
+              "ranking's curve can rise).", ""]
     measured = []
     for name, r in document["instructions"].items():
         j = r["judge"]
+        drawn = _drawn(r)
         lines += [f"### {name}", "", f"Judge `{j['verifier']}`: base {j['base']:.2f}, donor "
-                  f"{j['donor']:.2f}.", "", "| ranking | module CPR | head CPR | neuron CPR |",
-                  "| --- | --- | --- | --- |"]
+                  f"{j['donor']:.2f}. All components of a granularity together: "
+                  + "; ".join(f"{g} {d} f = {v['whole']:.2f}"
+                              for g, x in r["granularities"].items()
+                              for d, v in x["directions"].items()) + ".", "",
+                  "| ranking | " + " | ".join(f"{g} {d} CPR" for g, d, _ in drawn) + " |",
+                  "| --- |" + " --- |" * len(drawn)]
         labels: list[str] = []
-        for g in r["granularities"].values():
-            labels += [k for k in g["curves"] if k not in labels]
+        for _, _, curves in drawn:
+            labels += [k for k in curves if k not in labels]
         for label in labels:
-            cells = [f"{g['curves'][label]['cpr']:.3f}" if label in g["curves"] else "-"
-                     for g in r["granularities"].values()]
-            lines.append(f"| {label.replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
+            cells = [f"{c[label]['cpr']:.3f}" if label in c else "-" for _, _, c in drawn]
+            lines.append(f"| {_cell(label)} | " + " | ".join(cells) + " |")
         lines.append("")
-        for g_name, g in r["granularities"].items():
-            m = _margins(g)
-            measured.append((name, g_name, m))
-            lines.append(f"- {g_name}: best {m['best']} ({m['best_cpr']:.3f}), |dW| "
+        for g, d, curves in drawn:
+            m = _margins(curves)
+            measured.append((name, g, d, m))
+            lines.append(f"- {g} {d}: best {_cell(m['best'])} ({m['best_cpr']:.3f}), \\|dW\\| "
                          f"{m['dw_cpr']:.3f} (margin {m['margin_over_dw']:+.3f}), random band "
                          f"up to {m['random_max']:.3f}: "
-                         f"{'above' if m['above_random'] else 'not above'} it; all "
-                         f"{g['components']} components together: f = {m['all_components']:.2f}.")
+                         f"{'above' if m['above_random'] else 'not above'} it.")
         top = r["granularities"]["module"]["top"]
         lines += ["", f"Top {s['top']} modules by exact denoise: {', '.join(top['exact denoise'])}; "
-                  f"by \\|dW\\|: {', '.join(top['|dW|'])}.", "",
-                  f"![{name}, modules](instruct_pair/{name}-module.png)", ""]
+                  f"by integrated gradients: {', '.join(top['integrated gradients'])}; "
+                  f"by \\|dW\\|: {', '.join(top['|dW|'])}.", ""]
+        lines += [f"![{name}, {g} {d}](instruct_pair/{name}-{g}-{d}.png)" for g, d, _ in drawn]
+        lines.append("")
     lines += ["## Targets", "", "| target | measured | |", "| --- | --- | --- |"]
-    module = [(n, m) for n, g, m in measured if g == "module"]
+    module = [(n, m) for n, g, d, m in measured if (g, d) == ("module", "denoise")]
     met = [n for n, m in module if m["margin_over_dw"] >= 0.1]
     lines.append("| best method >= \\|dW\\| + 0.1 CPR at module granularity (capitals and 2 more) | "
                  + ", ".join(f"{n} {m['margin_over_dw']:+.3f}" for n, m in module)
                  + f" | {'met' if 'capitals' in met and len(met) >= 3 else 'missed'} |")
-    above = all(m["above_random"] for _, _, m in measured)
+    undrawn = [(n, g, d) for n, r in document["instructions"].items()
+               for g, d, _, _ in _not_drawn(r)]
+    above = all(m["above_random"] for *_, m in measured) and not undrawn
     lines.append("| best method above the random band at every granularity | "
-                 + ", ".join(f"{n}/{g} {'yes' if m['above_random'] else 'no'}"
-                             for n, g, m in measured) + f" | {'met' if above else 'missed'} |")
-    overlaps = {n: r["donors"]["jaccard_exact"] for n, r in document["instructions"].items()
-                if "donors" in r}
+                 + ", ".join(f"{n}/{g}/{d} {'yes' if m['above_random'] else 'no'}"
+                             for n, g, d, m in measured)
+                 + "".join(f", {n}/{g}/{d} not drawn" for n, g, d in undrawn)
+                 + f" | {'met' if above else 'missed'} |")
+    overlaps = {n: r["donors"] for n, r in document["instructions"].items() if "donors" in r}
+    best = {n: max(d["jaccard_exact"], d["jaccard_ig"]) for n, d in overlaps.items()}
     lines.append("| top-10 modules of two donors, Jaccard >= 0.5 | "
-                 + (", ".join(f"{n} {v:.2f}" for n, v in overlaps.items()) or "no second donor")
-                 + f" | {'met' if overlaps and min(overlaps.values()) >= 0.5 else 'missed'} |")
+                 + (", ".join(f"{n} {d['jaccard_exact']:.2f} (exact), {d['jaccard_ig']:.2f} (IG)"
+                              for n, d in overlaps.items()) or "no second donor")
+                 + f" | {'met' if best and min(best.values()) >= 0.5 else 'missed'} |")
     lines += ["", "## Heads route, neurons are sources?", "",
               "Among components whose output activation carries at least 0.05 of the anchor "
               "(activation patching), the share whose own weights recover at least half of that "
@@ -593,6 +665,9 @@ def markdown(document: dict[str, Any]) -> str:
                       f"{len(h['roles']['aggregation'])} components; execution "
                       f"{len(h['roles']['execution'])}.", "",
                       f"![{name} hierarchy](instruct_pair/{name}-hierarchy.png)", ""]
+    timing = {n: sum(r["timing"].values()) for n, r in document["instructions"].items()}
+    lines += ["## Time", "", "Seconds per instruction (every step's time is in the JSON): "
+              + ", ".join(f"{n} {t:.0f}" for n, t in timing.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
