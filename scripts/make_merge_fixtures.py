@@ -106,6 +106,46 @@ models:
     parameters: {weight: 0.5, density: 1.0}
 dtype: float32
 """,
+    "breadcrumbs": """merge_method: breadcrumbs
+base_model: base
+models:
+  - model: expert1
+    parameters: {weight: 0.7, density: 0.6, gamma: 0.1}
+  - model: expert2
+    parameters: {weight: 0.5, density: [0.3, 0.9], gamma: 0.02}
+  - model: expert3
+    parameters: {weight: 0.4, density: 0.95, gamma: 0.2}
+parameters: {lambda: 1.2}
+dtype: float32
+""",
+    "breadcrumbs_ties": """merge_method: breadcrumbs_ties
+base_model: base
+models:
+  - model: expert1
+    parameters: {weight: 1.0, density: 0.5, gamma: 0.05}
+  - model: expert2
+    parameters: {weight: 0.8, density: 0.7}
+  - model: expert3
+    parameters: {weight: 0.6, density: 0.4, gamma: 0.1}
+parameters: {normalize: true}
+dtype: float32
+""",
+    "model_stock": """merge_method: model_stock
+base_model: base
+models:
+  - model: expert1
+  - model: expert2
+  - model: expert3
+dtype: float32
+""",
+    "model_stock_filter_wise": """merge_method: model_stock
+base_model: base
+models:
+  - model: expert1
+  - model: expert2
+parameters: {filter_wise: true}
+dtype: float32
+""",
 }
 
 

@@ -25,7 +25,8 @@ from jaxpatch.models.families import tensor_rules
 
 MERGE = FIXTURES / "merge"
 DETERMINISTIC = ("linear", "task_arithmetic", "ties", "ties_unnormalized", "slerp",
-                 "dare_ties_dense")
+                 "dare_ties_dense", "breadcrumbs", "breadcrumbs_ties", "model_stock",
+                 "model_stock_filter_wise")
 
 
 def hf_tensors(model: jaxpatch.Model) -> dict[str, np.ndarray]:
@@ -91,6 +92,11 @@ def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="slerp merges the base with exactly one"):
         config(merge_method="slerp", parameters={"t": 0.5},
                models=[{"model": "a"}, {"model": "b"}])
+    with pytest.raises(InvalidInputError, match="model_stock merges at least two models"):
+        config(merge_method="model_stock", models=[{"model": "a"}])
+    with pytest.raises(InvalidInputError, match="unknown parameter 'weight' for model_stock"):
+        config(merge_method="model_stock", models=[{"model": "a", "parameters": {"weight": 1}},
+                                                    {"model": "b"}])
     partial = parse_config({"merge_method": "task_arithmetic", "base_model": "base", "models": [
         {"model": "expert1", "parameters": {"weight": [{"filter": "mlp", "value": 0.5}]}}]},
         MERGE / "llama", "partial.yml")

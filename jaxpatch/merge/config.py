@@ -21,8 +21,8 @@ from jaxpatch.errors import InvalidInputError
 __all__ = ["MergeMethod", "MERGE_METHODS", "PARAMETERS", "CHOICES", "ModelEntry", "MergeConfig",
            "parse_config", "read_config", "resolve"]
 
-MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp",
-                      "weight_patching"]
+MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+                      "breadcrumbs", "breadcrumbs_ties", "model_stock", "slerp", "weight_patching"]
 MERGE_METHODS: tuple[MergeMethod, ...] = get_args(MergeMethod)
 
 _TASK = {"weight": ("model", float, None), "density": ("model", float, 1.0),
@@ -34,6 +34,11 @@ PARAMETERS: dict[str, dict[str, tuple[str, type, Any]]] = {
     "ties": {**_TASK, "normalize": ("shared", bool, True), "rescale": ("shared", bool, False)},
     "dare_linear": {**_TASK, "normalize": ("shared", bool, False), "rescale": ("shared", bool, True)},
     "dare_ties": {**_TASK, "normalize": ("shared", bool, False), "rescale": ("shared", bool, True)},
+    "breadcrumbs": {**_TASK, "gamma": ("model", float, 0.01), "normalize": ("shared", bool, False),
+                    "rescale": ("shared", bool, False)},
+    "breadcrumbs_ties": {**_TASK, "gamma": ("model", float, 0.01),
+                         "normalize": ("shared", bool, False), "rescale": ("shared", bool, False)},
+    "model_stock": {"filter_wise": ("shared", bool, False)},
     "slerp": {"t": ("shared", float, None)},
     # Score-guided (jaxpatch.merge.guided): each model's scores file, the selection threshold,
     # how conflicts resolve, and the data-free method (with its own parameters) for the rest.
@@ -47,7 +52,8 @@ PARAMETERS: dict[str, dict[str, tuple[str, type, Any]]] = {
 (or at the top level for all), "shared" only at the top level; a None default is required."""
 
 CHOICES = {"conflict": ("winner", "score_weighted"),
-           "rest": ("base", "task_arithmetic", "ties", "dare_linear", "dare_ties")}
+           "rest": ("base", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                    "breadcrumbs_ties")}
 """The allowed values of the string parameters."""
 
 _TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
@@ -173,6 +179,8 @@ def parse_config(raw: Any, folder: Path, source: str = "config") -> MergeConfig:
         raise fail(f"{method} needs a base_model")
     if method == "slerp" and len(models) != 1:
         raise fail(f"slerp merges the base with exactly one other model, got {len(models)}")
+    if method == "model_stock" and len(models) < 2:
+        raise fail(f"model_stock merges at least two models besides the base, got {len(models)}")
     for name, (scope, _, default) in PARAMETERS[method].items():
         if default is None:
             missing = [m.path.name for m in models if name not in m.parameters and name not in top] \

@@ -11,6 +11,13 @@ methods that select elements by magnitude or interpolate whole tensors depend on
     dare_linear       task arithmetic on deltas with each element kept with probability
                       `density`, rescaled to the delta's L1 norm (`rescale`)
     dare_ties         the same random drop, then TIES' sign consensus
+    breadcrumbs       task arithmetic on deltas that keep their `density` share of elements
+                      by magnitude after dropping the `gamma` share of largest ones (Model
+                      Breadcrumbs: the outliers and the small ones both go)
+    breadcrumbs_ties  the same trim, then TIES' sign consensus
+    model_stock       an interpolation between the base and the experts' average, by how
+                      alike the experts' deltas point (Model Stock: t = n cos / (1 + (n - 1) cos)
+                      from their mean pairwise cosine), over the whole tensor or per row
     slerp             spherical interpolation from base (t = 0) to the other model (t = 1)
                       over the whole tensor; linear when the two are nearly parallel
 
@@ -28,8 +35,9 @@ import jax.numpy as jnp
 
 from jaxpatch.rounding import jit
 
-__all__ = ["linear", "task_arithmetic", "slerp", "keep_count", "magnitude_mask", "random_mask",
-           "rescale_l1", "consensus_mask", "generalized_task_arithmetic"]
+__all__ = ["linear", "task_arithmetic", "slerp", "model_stock", "keep_count", "outlier_window",
+           "magnitude_mask", "random_mask", "rescale_l1", "consensus_mask",
+           "generalized_task_arithmetic"]
 
 Array = jax.Array
 
@@ -84,17 +92,36 @@ def keep_count(density: float, size: int) -> int:
     return max(1, int(density * size))
 
 
-def magnitude_mask(delta: Array, k: Array) -> Array:
-    """1 on the `k` elements of largest |delta| (ties: the earlier element), 0 elsewhere.
+def outlier_window(density: float, gamma: float, size: int) -> tuple[int, int]:
+    """Which elements Model Breadcrumbs keeps, as (keep, skip): the `keep` elements after the
+    `skip` of largest |delta|. `int(density * size)` are kept after dropping the `int(gamma *
+    size)` largest, fewer dropped where that would leave too few; everything at density >= 1
+    (mergekit's rule, in Python floats).
+
+    Example:
+        >>> outlier_window(0.5, 0.1, 100), outlier_window(0.95, 0.1, 100), outlier_window(1.0, 0.1, 7)
+        ((50, 10), (95, 5), (7, 0))
+    """
+    if density >= 1:
+        return size, 0
+    keep = int(density * size)
+    return keep, min(int(gamma * size), size - keep)
+
+
+def magnitude_mask(delta: Array, k: Array, skip: Array | int = 0) -> Array:
+    """1 on the `k` elements of largest |delta| after the `skip` largest (ties: the earlier
+    element first), 0 elsewhere.
 
     Example:
         >>> magnitude_mask(jnp.array([0.1, -3.0, 2.0, 0.5]), jnp.int32(2)).tolist()
         [0.0, 1.0, 1.0, 0.0]
+        >>> magnitude_mask(jnp.array([0.1, -3.0, 2.0, 0.5]), jnp.int32(2), jnp.int32(1)).tolist()
+        [0.0, 0.0, 1.0, 1.0]
     """
     flat = jnp.abs(delta.reshape(-1)).astype(jnp.float32)
     order = jnp.argsort(-flat, stable=True)
     ranks = jnp.zeros(flat.size, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
-    return (ranks < k).astype(delta.dtype).reshape(delta.shape)
+    return ((ranks >= skip) & (ranks < skip + k)).astype(delta.dtype).reshape(delta.shape)
 
 
 def random_mask(delta: Array, density: Array, key: Array) -> Array:
@@ -138,23 +165,26 @@ def consensus_mask(deltas: Array) -> Array:
 @functools.partial(jit, static_argnames=("sparsify", "consensus", "normalize", "rescale"))
 def generalized_task_arithmetic(base: Array, tensors: Array, weights: Array, densities: Array,
                                 keeps: Array, sparsify: str | None, consensus: str | None,
-                                normalize: bool, rescale: bool, lam: float, key: Array) -> Array:
+                                normalize: bool, rescale: bool, lam: float, key: Array,
+                                skips: Array | None = None) -> Array:
     """Task arithmetic with optional sparsification and sign consensus (mergekit's
-    `GeneralizedTaskArithmeticMerge`): the core of task_arithmetic, ties, dare_linear and
-    dare_ties.
+    `GeneralizedTaskArithmeticMerge`): the core of task_arithmetic, ties, dare_linear,
+    dare_ties, breadcrumbs and breadcrumbs_ties.
 
     Arguments:
         base: the base model's tensor.
         tensors: the experts' tensors `[n, ...]`.
         weights, densities: per expert `[n]`.
         keeps: per expert `[n]`, how many elements magnitude sparsification keeps
-            (`keep_count`).
-        sparsify: None, "magnitude" (TIES) or "random" (DARE).
+            (`keep_count`, or `outlier_window`'s keep).
+        sparsify: None, "magnitude" (TIES and Model Breadcrumbs) or "random" (DARE).
         consensus: None or "sum" (TIES' sign election).
         normalize: divide by the (agreeing) weights' sum.
         rescale: rescale each sparsified delta to its L1 norm.
         lam: scale of the merged delta.
         key: the random key of "random" sparsification.
+        skips: per expert `[n]`, how many of the largest elements magnitude sparsification
+            drops before keeping (`outlier_window`'s skip; default none).
 
     Returns:
         The merged tensor, in the base's dtype.
@@ -169,9 +199,10 @@ def generalized_task_arithmetic(base: Array, tensors: Array, weights: Array, den
     deltas = tensors.astype(dtype) - base
     if sparsify is not None:
         keys = jax.random.split(key, tensors.shape[0])
+        skip = jnp.zeros_like(keeps) if skips is None else skips
         masks = []
         for i in range(tensors.shape[0]):
-            mask = (magnitude_mask(deltas[i], keeps[i]) if sparsify == "magnitude"
+            mask = (magnitude_mask(deltas[i], keeps[i], skip[i]) if sparsify == "magnitude"
                     else random_mask(deltas[i], densities[i], keys[i]))
             masks.append(rescale_l1(deltas[i], mask) if rescale else deltas[i] * mask)
         deltas = jnp.stack(masks)
@@ -190,6 +221,48 @@ def generalized_task_arithmetic(base: Array, tensors: Array, weights: Array, den
         mixed = mixed / divisor
     mixed = mixed * jnp.asarray(lam, dtype)
     return (base + mixed).astype(dtype)
+
+
+@functools.partial(jit, static_argnames=("filter_wise",))
+def model_stock(base: Array, tensors: Array, filter_wise: bool = False) -> Array:
+    """Model Stock (Jang et al., 2024): `t * mean_i(x_i) + (1 - t) * base` with
+    `t = n cos / (1 + (n - 1) cos)`, cos the mean cosine between the experts' deltas (pairs
+    i < j), over the whole tensor or, with `filter_wise`, per row of a matrix; where
+    `1 + (n - 1) cos` vanishes the base is kept (mergekit's rule).
+
+    Arguments:
+        base: the base model's tensor.
+        tensors: the experts' tensors `[n, ...]`, n >= 2.
+        filter_wise: one t per row (the last axis is the row) instead of one per tensor.
+
+    Returns:
+        The merged tensor, in the base's dtype.
+
+    Example:
+        >>> model_stock(jnp.zeros(2), jnp.array([[1.0, 0.0], [0.0, 1.0]])).tolist()  # cos 0: t 0
+        [0.0, 0.0]
+        >>> model_stock(jnp.zeros(2), jnp.array([[1.0, 1.0], [2.0, 2.0]])).tolist()  # cos 1: t 1
+        [1.5, 1.5]
+    """
+    dtype = _work_dtype(base)
+    n = tensors.shape[0]
+    if filter_wise:
+        w0 = base.astype(dtype).reshape((1, -1) if base.ndim == 1 else base.shape)
+        ws = tensors.astype(dtype).reshape((n, *w0.shape))
+    else:
+        w0 = base.astype(dtype).reshape(-1)
+        ws = tensors.astype(dtype).reshape(n, -1)
+    offsets = ws - w0
+    norms = jnp.linalg.norm(offsets, axis=-1)
+    cosines = [jnp.clip(jnp.sum(offsets[i] * offsets[j], -1)
+                        / jnp.maximum(norms[i] * norms[j], 1e-6), -1, 1)
+               for i in range(n) for j in range(i + 1, n)]
+    cos = jnp.mean(jnp.stack(cosines), axis=0)[..., None]
+    denominator = 1 + (n - 1) * cos
+    singular = jnp.abs(denominator) < 1e-6
+    t = jnp.where(singular, 0, n * cos / jnp.where(singular, 1, denominator))
+    merged = t * (ws.sum(axis=0) / n) + (1 - t) * w0
+    return merged.reshape(base.shape).astype(base.dtype)
 
 
 @jit

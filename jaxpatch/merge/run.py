@@ -53,8 +53,8 @@ def merge_tensor(method: str, base: np.ndarray | None, tensors: Sequence[np.ndar
         method: the merge method.
         base: the base model's tensor (None for linear without a base).
         tensors: the other models' tensors, in order.
-        params: the resolved parameters: per-model ones (`weight`, `density`) as lists, the
-            rest as scalars.
+        params: the resolved parameters: per-model ones (`weight`, `density`, `gamma`) as
+            lists, the rest as scalars.
         key: the random key (DARE).
 
     Returns:
@@ -72,14 +72,23 @@ def merge_tensor(method: str, base: np.ndarray | None, tensors: Sequence[np.ndar
     assert base is not None  # checked when the configuration was parsed
     if method == "slerp":
         return np.asarray(methods.slerp(jnp.float32(params["t"]), jnp.asarray(base), stacked[0]))
-    sparsify = {"ties": "magnitude", "dare_linear": "random", "dare_ties": "random"}.get(method)
-    consensus = "sum" if method in ("ties", "dare_ties") else None
+    if method == "model_stock":
+        return np.asarray(methods.model_stock(jnp.asarray(base), stacked,
+                                              filter_wise=bool(params["filter_wise"])))
+    sparsify = {"ties": "magnitude", "dare_linear": "random", "dare_ties": "random",
+                "breadcrumbs": "magnitude", "breadcrumbs_ties": "magnitude"}.get(method)
+    consensus = "sum" if method in ("ties", "dare_ties", "breadcrumbs_ties") else None
     densities = [float(d) for d in params["density"]]
-    keeps = [methods.keep_count(d, int(base.size)) for d in densities]
+    if method.startswith("breadcrumbs"):
+        keeps, skips = zip(*(methods.outlier_window(d, float(g), int(base.size))
+                             for d, g in zip(densities, params["gamma"])))
+    else:
+        keeps, skips = tuple(methods.keep_count(d, int(base.size)) for d in densities), None
     return np.asarray(methods.generalized_task_arithmetic(
         jnp.asarray(base), stacked, jnp.asarray(params["weight"], jnp.float32),
         jnp.asarray(densities, jnp.float32), jnp.asarray(keeps, jnp.int32), sparsify, consensus,
-        bool(params["normalize"]), bool(params["rescale"]), float(params["lambda"]), key))
+        bool(params["normalize"]), bool(params["rescale"]), float(params["lambda"]), key,
+        None if skips is None else jnp.asarray(skips, jnp.int32)))
 
 
 def merge_models(config: MergeConfig, *, seed: int = 0, progress: bool = False) -> Model:
