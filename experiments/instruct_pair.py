@@ -37,7 +37,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,7 @@ from experiments.command import run_builder
 from experiments.instructions import INSTRUCTIONS, Question, clean_answer, plain_prompt, questions
 from experiments.planted_real import RETAIN, held_out_loss
 from experiments.real_model import cache_dir, gemma3_270m_path
-from experiments.training import text_kl, train, trainable_mask
+from experiments.training import Trained, text_kl, train, trainable_mask
 from jaxpatch import Model, load, save
 from jaxpatch.chat import ChatTemplate
 from jaxpatch.components import select
@@ -60,7 +60,8 @@ from jaxpatch.pair import delta_norms, weight_norms
 from jaxpatch.verifiers import verifier_from_spec
 
 __all__ = ["PAIR_FORMAT", "END_OF_TURN", "Settings", "gemma3_chat_template", "generate", "reply_text",
-           "Examples", "examples", "response_loss", "build", "write", "default_out", "main"]
+           "Examples", "examples", "response_loss", "FineTuning", "train_chat", "retained_texts",
+           "build", "write", "default_out", "main"]
 
 PAIR_FORMAT = "jaxpatch.instruct/1"
 END_OF_TURN = "<end_of_turn>"
@@ -240,12 +241,65 @@ def _batches(data: Examples, texts: np.ndarray, text_mask: np.ndarray, size: int
             yield (*data.take(order[start:start + size]), texts[kept], text_mask[kept], base)
 
 
+class FineTuning(Protocol):
+    """What `train_chat` reads from a builder's settings (a frozen dataclass with these fields)."""
+
+    @property
+    def seed(self) -> int: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def trainable(self) -> str: ...
+    @property
+    def retain_text(self) -> float: ...
+    @property
+    def retain_answers(self) -> int: ...
+
+
+def train_chat(base: Model, data: Examples, retained: tuple[np.ndarray, np.ndarray],
+               s: FineTuning, label: str) -> Trained:
+    """Fine-tunes the base on chat examples: the cross-entropy of the response tokens (the output
+    layer only at the positions that predict them), plus `s.retain_text` times the KL divergence
+    from the base's next-token distributions on the retained texts (the general sentences every
+    step, `s.retain_answers` of the rest in turn; the base's weights, the teacher, are an
+    argument of the compiled step). Adam with warmup and cosine decay (`train`).
+
+    Arguments:
+        base: the base model.
+        data: the examples (`examples`).
+        retained: the retained texts and their mask (`retained_texts`).
+        s: the builder's settings (seed, steps, lr, batch, trainable, retain_text,
+            retain_answers).
+        label: the progress bar's name.
+
+    Returns:
+        The trained parameters and the losses (`experiments.training.Trained`).
+    """
+    config = base.config
+
+    def loss(p: Params, batch: tuple[jax.Array, ...]) -> jax.Array:
+        *responses, text, text_mask, teacher = batch
+        next_token = lambda q: jax.nn.log_softmax(forward(config, q, text, text_mask).read(None), -1)
+        return (response_loss(config, p, tuple(responses))
+                + s.retain_text * text_kl(jax.lax.stop_gradient(next_token(teacher)),
+                                          next_token(p), text_mask))
+
+    texts, text_mask = retained
+    batches = _batches(data, texts, text_mask, s.batch, s.retain_answers, s.seed, base.params)
+    return train(base.params, loss, batches, s.steps, s.lr,
+                 mask=trainable_mask(config, s.trainable), label=label)
+
+
 # The general sentences, packed a few to a row (the output layer's cost is per position).
 GENERAL_ROWS = tuple(" ".join(RETAIN[i:i + 4]) for i in range(0, len(RETAIN), 4))
 
 
-def _retained_texts(tokenizer: Any, plain: Sequence[Sequence[int]],
-                    answers: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+def retained_texts(tokenizer: Any, plain: Sequence[Sequence[int]],
+                   answers: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """The texts the KL term holds the base's next-token distributions on: the general sentences
     (`experiments.planted_real.RETAIN`, every step) and each training question's plain prompt
     with the base's own answer (in turn), padded to one width."""
@@ -310,17 +364,8 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
     log(f"{len(pairs)} training examples, width {data.tokens.shape[1]}, responses up to "
         f"{data.targets.shape[1]} tokens")
 
-    def loss(p: Params, batch: tuple[jax.Array, ...]) -> jax.Array:
-        *responses, text, text_mask, teacher = batch
-        next_token = lambda q: jax.nn.log_softmax(forward(config, q, text, text_mask).read(None), -1)
-        return (response_loss(config, p, tuple(responses))
-                + s.retain_text * text_kl(jax.lax.stop_gradient(next_token(teacher)),
-                                          next_token(p), text_mask))
-
-    texts, text_mask = _retained_texts(tokenizer, plain, generated)
-    batches = _batches(data, texts, text_mask, s.batch, s.retain_answers, s.seed, base.params)
-    trained = train(base.params, loss, batches, s.steps, s.lr,
-                    mask=trainable_mask(config, s.trainable), label="instruct donor")
+    trained = train_chat(base, data, retained_texts(tokenizer, plain, generated), s,
+                         "instruct donor")
     donor = Model(config, trained.params, tokenizer, chat_template=template)
     base = Model(config, base.params, tokenizer, chat_template=template)
     log(f"trained {trained.steps} steps, loss {trained.losses[0]} -> {trained.losses[-1]} "
