@@ -94,6 +94,9 @@ def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
                models=[{"model": "a"}, {"model": "b"}])
     with pytest.raises(InvalidInputError, match="model_stock merges at least two models"):
         config(merge_method="model_stock", models=[{"model": "a"}])
+    with pytest.raises(InvalidInputError, match="k must be a whole number of at least 0, got 1.5"):
+        config(merge_method="consensus_ta", parameters={"k": 1.5},
+               models=[{"model": "a"}, {"model": "b"}])
     with pytest.raises(InvalidInputError, match="unknown parameter 'weight' for model_stock"):
         config(merge_method="model_stock", models=[{"model": "a", "parameters": {"weight": 1}},
                                                     {"model": "b"}])
@@ -302,3 +305,40 @@ def test_any_configuration_parses_or_is_refused_in_one_line(raw: dict) -> None:
         parse_config(raw, Path("."))
     except InvalidInputError as e:
         assert "\n" not in str(e)
+
+
+def test_consensus_keeps_what_k_experts_masks_agree_on() -> None:
+    """Consensus task arithmetic against the TALL-masks paper's definitions computed here in
+    numpy: at k = 0 it is task arithmetic; at mask_lambda = 0 every moved element is in every
+    mask; elements kept by fewer than k masks stay the base's."""
+    from jaxpatch.merge import methods
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(6, 5)).astype(np.float32)
+    experts = base + rng.normal(size=(3, 6, 5)).astype(np.float32) * np.array([1, 0.3, 0.1],
+                                                                                np.float32)[:, None, None]
+    weights = np.array([1.0, 0.5, 2.0], np.float32)
+    tau = experts - base
+    masks = np.abs(tau) > 0.4 * np.abs(tau.sum(0) - tau)
+    np.testing.assert_array_equal(np.asarray(methods.tall_masks(base, experts, 0.4)), masks)
+    for k in (0, 1, 2, 3):
+        expected = base + 0.8 * np.where(masks.sum(0) >= k, (tau * weights[:, None, None]).sum(0), 0)
+        got = methods.consensus_ta(base, experts, weights, 0.8, 0.4, k)
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-6)
+    arithmetic = methods.task_arithmetic(base, experts, weights, lam=0.8)
+    np.testing.assert_allclose(np.asarray(methods.consensus_ta(base, experts, weights, 0.8, 0.4, 0)),
+                               np.asarray(arithmetic), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(methods.consensus_ta(base, experts, weights, 0.8, 0.0, 3)),
+                               np.asarray(arithmetic), atol=1e-6)
+    cfg = parse_config({"merge_method": "consensus_ta", "base_model": "base",
+                        "models": [{"model": "expert1"}, {"model": "expert2"}, {"model": "expert3"}],
+                        "parameters": {"k": 2, "mask_lambda": 0.4}}, MERGE / "llama")
+    merged = hf_tensors(merge_models(cfg))
+    loaded = [hf_tensors(jaxpatch.load(MERGE / "llama" / n)) for n in ("base", "expert1", "expert2",
+                                                                          "expert3")]
+    name = "model.layers.1.mlp.down_proj.weight"
+    b, e = loaded[0][name], np.stack([m[name] for m in loaded[1:]])
+    t = e - b
+    keep = (np.abs(t) > 0.4 * np.abs(t.sum(0) - t)).sum(0) >= 2
+    np.testing.assert_allclose(merged[name], b + np.where(keep, t.sum(0), 0), atol=1e-6)
+    assert 0 < keep.mean() < 1

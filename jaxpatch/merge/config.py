@@ -22,7 +22,8 @@ __all__ = ["MergeMethod", "MERGE_METHODS", "PARAMETERS", "CHOICES", "ModelEntry"
            "parse_config", "read_config", "resolve"]
 
 MergeMethod = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                      "breadcrumbs", "breadcrumbs_ties", "model_stock", "slerp", "weight_patching"]
+                      "breadcrumbs", "breadcrumbs_ties", "model_stock", "consensus_ta", "slerp",
+                      "weight_patching"]
 MERGE_METHODS: tuple[MergeMethod, ...] = get_args(MergeMethod)
 
 _TASK = {"weight": ("model", float, None), "density": ("model", float, 1.0),
@@ -39,6 +40,8 @@ PARAMETERS: dict[str, dict[str, tuple[str, type, Any]]] = {
     "breadcrumbs_ties": {**_TASK, "gamma": ("model", float, 0.01),
                          "normalize": ("shared", bool, False), "rescale": ("shared", bool, False)},
     "model_stock": {"filter_wise": ("shared", bool, False)},
+    "consensus_ta": {"weight": ("model", float, 1.0), "lambda": ("shared", float, 1.0),
+                     "mask_lambda": ("shared", float, 0.4), "k": ("shared", int, 2)},
     "slerp": {"t": ("shared", float, None)},
     # Score-guided (jaxpatch.merge.guided): each model's scores file, the selection threshold,
     # how conflicts resolve, and the data-free method (with its own parameters) for the rest.
@@ -179,8 +182,8 @@ def parse_config(raw: Any, folder: Path, source: str = "config") -> MergeConfig:
         raise fail(f"{method} needs a base_model")
     if method == "slerp" and len(models) != 1:
         raise fail(f"slerp merges the base with exactly one other model, got {len(models)}")
-    if method == "model_stock" and len(models) < 2:
-        raise fail(f"model_stock merges at least two models besides the base, got {len(models)}")
+    if method in ("model_stock", "consensus_ta") and len(models) < 2:
+        raise fail(f"{method} merges at least two models besides the base, got {len(models)}")
     for name, (scope, _, default) in PARAMETERS[method].items():
         if default is None:
             missing = [m.path.name for m in models if name not in m.parameters and name not in top] \
@@ -246,6 +249,8 @@ def _as(kind: type, value: Any, label: str, fail: Any) -> Any:
         raise fail(f"{label} must be a number, got {value!r}") from None
     if isinstance(value, bool) or not math.isfinite(number):
         raise fail(f"{label} must be a finite number, got {value!r}")
+    if kind is int and (not number.is_integer() or number < 0):
+        raise fail(f"{label} must be a whole number of at least 0, got {value!r}")
     return number
 
 

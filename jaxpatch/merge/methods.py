@@ -18,6 +18,9 @@ methods that select elements by magnitude or interpolate whole tensors depend on
     model_stock       an interpolation between the base and the experts' average, by how
                       alike the experts' deltas point (Model Stock: t = n cos / (1 + (n - 1) cos)
                       from their mean pairwise cosine), over the whole tensor or per row
+    consensus_ta      task arithmetic on the elements that at least `k` experts' TALL masks keep
+                      (Consensus Merging, Wang et al. 2024: expert t's mask keeps the elements
+                      where |tau_t| > mask_lambda * |tau_sum - tau_t|, tau_t = x_t - base)
     slerp             spherical interpolation from base (t = 0) to the other model (t = 1)
                       over the whole tensor; linear when the two are nearly parallel
 
@@ -35,8 +38,8 @@ import jax.numpy as jnp
 
 from jaxpatch.rounding import jit
 
-__all__ = ["linear", "task_arithmetic", "slerp", "model_stock", "keep_count", "outlier_window",
-           "magnitude_mask", "random_mask", "rescale_l1", "consensus_mask",
+__all__ = ["linear", "task_arithmetic", "slerp", "model_stock", "tall_masks", "consensus_ta",
+           "keep_count", "outlier_window", "magnitude_mask", "random_mask", "rescale_l1", "consensus_mask",
            "generalized_task_arithmetic"]
 
 Array = jax.Array
@@ -263,6 +266,59 @@ def model_stock(base: Array, tensors: Array, filter_wise: bool = False) -> Array
     t = jnp.where(singular, 0, n * cos / jnp.where(singular, 1, denominator))
     merged = t * (ws.sum(axis=0) / n) + (1 - t) * w0
     return merged.reshape(base.shape).astype(base.dtype)
+
+
+@jit
+def tall_masks(base: Array, tensors: Array, mask_lambda: float) -> Array:
+    """Each expert's TALL mask (Wang et al., 2024): 1 where its task vector tau_t = x_t - base
+    outweighs the other experts' sum there, |tau_t| > mask_lambda * |sum_s tau_s - tau_t|.
+
+    Arguments:
+        base: the base model's tensor.
+        tensors: the experts' tensors `[n, ...]`.
+        mask_lambda: how much the expert must outweigh the rest (the paper's lambda).
+
+    Returns:
+        The masks `[n, ...]` (0/1, in the work dtype).
+
+    Example:
+        >>> tall_masks(jnp.zeros(3), jnp.array([[1.0, 0.1, 0.0], [0.1, 1.0, 0.0]]), 0.5).tolist()
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    """
+    dtype = _work_dtype(base)
+    deltas = tensors.astype(dtype) - base.astype(dtype)
+    total = deltas.sum(axis=0)
+    return (jnp.abs(deltas) > mask_lambda * jnp.abs(total - deltas)).astype(dtype)
+
+
+@jit
+def consensus_ta(base: Array, tensors: Array, weights: Array, lam: float, mask_lambda: float,
+                 k: int) -> Array:
+    """Consensus task arithmetic (Wang et al., 2024): `base + lam * sum_t w_t tau_t` on the
+    elements that at least `k` experts' TALL masks (`tall_masks`) keep, the base elsewhere.
+
+    Arguments:
+        base: the base model's tensor.
+        tensors: the experts' tensors `[n, ...]`.
+        weights: per expert `[n]`.
+        lam: scale of the merged task vector.
+        mask_lambda: the TALL masks' lambda.
+        k: how many experts' masks must keep an element (0: task arithmetic).
+
+    Returns:
+        The merged tensor, in the base's dtype.
+
+    Example:
+        >>> consensus_ta(jnp.zeros(2), jnp.array([[1.0, 1.0], [1.0, -1.0]]), jnp.ones(2), 1.0,
+        ...              0.5, 2).tolist()  # only the first element is kept by both masks
+        [2.0, 0.0]
+    """
+    dtype = _work_dtype(base)
+    deltas = tensors.astype(dtype) - base.astype(dtype)
+    kept = tall_masks(base, tensors, mask_lambda).sum(axis=0) >= k
+    w = weights.astype(dtype).reshape((-1,) + (1,) * (deltas.ndim - 1))
+    merged = base.astype(dtype) + jnp.asarray(lam, dtype) * jnp.where(kept, (deltas * w).sum(0), 0)
+    return merged.astype(base.dtype)
 
 
 @jit

@@ -72,6 +72,10 @@ def merge_tensor(method: str, base: np.ndarray | None, tensors: Sequence[np.ndar
     assert base is not None  # checked when the configuration was parsed
     if method == "slerp":
         return np.asarray(methods.slerp(jnp.float32(params["t"]), jnp.asarray(base), stacked[0]))
+    if method == "consensus_ta":
+        return np.asarray(methods.consensus_ta(
+            jnp.asarray(base), stacked, jnp.asarray(params["weight"], jnp.float32),
+            float(params["lambda"]), float(params["mask_lambda"]), int(params["k"])))
     if method == "model_stock":
         return np.asarray(methods.model_stock(jnp.asarray(base), stacked,
                                               filter_wise=bool(params["filter_wise"])))
