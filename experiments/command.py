@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from jaxpatch.errors import JaxpatchError
 
-__all__ = ["run_builder"]
+__all__ = ["run_builder", "add_settings_flags", "settings_from"]
 
 
 def run_builder(argv: Sequence[str] | None, prog: str, doc: str | None, settings_class: type,
@@ -40,17 +40,12 @@ def run_builder(argv: Sequence[str] | None, prog: str, doc: str | None, settings
         wrote ... (0 s)
         0
     """
-    defaults = settings_class()
     p = argparse.ArgumentParser(prog=prog, description=(doc or "").splitlines()[0])
     p.add_argument("--out", help=f"folder to create (default: {default_out(0)} for seed 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    for field in dataclasses.fields(settings_class):
-        default = getattr(defaults, field.name)
-        p.add_argument(f"--{field.name.replace('_', '-')}", type=type(default), default=default,
-                       help=f"(default {default})")
+    add_settings_flags(p, settings_class)
     args = p.parse_args(argv)
-    settings = settings_class(**{f.name: getattr(args, f.name)
-                                 for f in dataclasses.fields(settings_class)})
+    settings = settings_from(args, settings_class)
     out = Path(args.out) if args.out else default_out(settings.seed)
     try:
         if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -62,3 +57,28 @@ def run_builder(argv: Sequence[str] | None, prog: str, doc: str | None, settings
         return 2
     print(f"wrote {out} ({built['record']['seconds']} s)")
     return 0
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, settings_class: type) -> None:
+    """One flag per field of a settings dataclass (`--answer-tokens` for `answer_tokens`), of
+    the default's type, with the default in its help.
+
+    Example:
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class S:
+        ...     answer_tokens: int = 3
+        >>> p = argparse.ArgumentParser()
+        >>> add_settings_flags(p, S)
+        >>> settings_from(p.parse_args(["--answer-tokens", "5"]), S)
+        S(answer_tokens=5)
+    """
+    defaults = settings_class()
+    for field in dataclasses.fields(settings_class):
+        default = getattr(defaults, field.name)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(default),
+                            default=default, help=f"(default {default})")
+
+
+def settings_from(args: argparse.Namespace, settings_class: type) -> Any:
+    """The settings the flags of `add_settings_flags` were given."""
+    return settings_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(settings_class)})

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from experiments.command import add_settings_flags, settings_from
 from experiments.instruct_pair import (
     END_OF_TURN,
     examples,
@@ -256,19 +257,15 @@ def default_out(seed: int) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The build command (`python -m experiments.experts --help`)."""
-    defaults = Settings()
     p = argparse.ArgumentParser(prog="python -m experiments.experts",
                                 description=(__doc__ or "").splitlines()[0])
     p.add_argument("--out", help=f"folder of the experts (default: {default_out(0)} for seed 0)")
     p.add_argument("--skills", default=",".join(s.name for s in SKILLS),
                    help="comma-separated (default: every skill)")
     p.add_argument("--overwrite", action="store_true", help="rebuild experts already there")
-    for field in dataclasses.fields(Settings):
-        default = getattr(defaults, field.name)
-        p.add_argument(f"--{field.name.replace('_', '-')}", type=type(default), default=default,
-                       help=f"(default {default})")
+    add_settings_flags(p, Settings)
     args = p.parse_args(argv)
-    s = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+    s: Settings = settings_from(args, Settings)
     out = Path(args.out) if args.out else default_out(s.seed)
     try:
         names = [skill(n).name for n in args.skills.split(",")]
