@@ -90,8 +90,8 @@ def test_the_study_runs_every_part(tiny_pair, tmp_path) -> None:
     write_study(document, figures, tmp_path)
     page = (tmp_path / "instruct_pair.md").read_text()
     assert page == markdown(json.loads((tmp_path / "instruct_pair.json").read_text()))
-    assert ("| top-10 modules of two donors, Jaccard >= 0.5 | capitals 1.00 (exact), 1.00 (IG) | met |"
-            in page)
+    assert ("| top-10 modules of two donors by integrated gradients, Jaccard >= 0.5 | capitals 1.00 "
+            "(exact denoise: 1.00) | met |" in page)
     assert ("Two donors: the top-10 modules overlap (Jaccard) by capitals 1.00 by exact denoise, "
             "1.00 by integrated gradients") in page
     assert "](instruct_pair/capitals-head-noise.png)" in page
