@@ -501,6 +501,13 @@ def findings(document: dict[str, Any]) -> list[str]:
         sentence += "".join(
             f" Every {g} together ({n}) {MOVES[d]} only f = {f:.2f} of the behavior, so no "
             f"{g} {d} curve is drawn." for g, d, f, n in _not_drawn(r))
+        if module and (_margins(module)["random_max"] or 0.0) >= 0.5:
+            j = r["judge"]
+            sentence += (f" Random rankings recover it early too (random CPR up to "
+                         f"{_margins(module)['random_max']:.3f}; the judge's base rate is "
+                         f"{j['base']:.2f} and the donor's {j['donor']:.2f}): most perturbations "
+                         "of the base already satisfy this verifier in the judged tokens, so "
+                         "its curves say little about where the behavior lives.")
         out.append(sentence)
     positions = {name: r["positions"] for name, r in document["instructions"].items()}
     for name, p in positions.items():
