@@ -38,6 +38,7 @@ from experiments.instruct_pair import (
     examples,
     gemma3_chat_template,
     generate,
+    relative_movement,
     reply_text,
     retained_texts,
     train_chat,
@@ -47,9 +48,7 @@ from experiments.planted_real import held_out_loss
 from experiments.real_model import cache_dir, gemma3_270m_path
 from experiments.skills import SKILLS, Item, Skill, correct, skill
 from jaxpatch import Model, load, save
-from jaxpatch.components import select
 from jaxpatch.errors import JaxpatchError
-from jaxpatch.pair import delta_norms, weight_norms
 from jaxpatch.runs.atomic import atomic_directory
 
 __all__ = ["Settings", "Retained", "retained_for", "build_expert", "write_expert", "overlap",
@@ -128,14 +127,6 @@ def _rate(model: Model, items: Sequence[Item], n_tokens: int) -> float:
                                 for r, i in zip(replies, items)])), 4)
 
 
-def _movement(base: Model, expert: Model) -> dict[str, float]:
-    """Each module's relative movement, |dW| / |W| of the base."""
-    modules = select(base.config, None, "module")
-    moved = delta_norms(base.config, base.params, expert.params, modules)
-    size = weight_norms(base.config, base.params, modules)
-    return {c.name: round(float(d / w), 6) if w else 0.0 for c, d, w in zip(modules, moved, size)}
-
-
 def build_expert(name: str, s: Settings, base: Model, retained: Retained,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Fine-tunes one expert and checks it (see the module docstring).
@@ -179,7 +170,8 @@ def build_expert(name: str, s: Settings, base: Model, retained: Retained,
               "data": {"train": len(task.train), "held_out": len(task.held_out)},
               "training": {"steps": trained.steps, "losses": trained.losses},
               "rates": rates, "held_out_text_loss": text_loss,
-              "movement": _movement(base, expert), "seconds": round(time.perf_counter() - t0, 1)}
+              "movement": relative_movement(base.config, base.params, expert.params),
+              "seconds": round(time.perf_counter() - t0, 1)}
     _check(record, s)
     return {"expert": expert, "held_out": list(task.held_out), "record": record}
 
@@ -239,7 +231,7 @@ def overlap(base: Model, experts: dict[str, Model]) -> dict[str, Any]:
                 dot[(a, b)] += float(np.vdot(deltas[a], deltas[b]))
     top = {}
     for n in names:
-        moved = _movement(base, experts[n])
+        moved = relative_movement(base.config, base.params, experts[n].params)
         order = sorted(moved, key=lambda m: -moved[m])
         top[n] = order[:max(1, len(order) // 10)]
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]

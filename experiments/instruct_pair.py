@@ -61,7 +61,7 @@ from jaxpatch.verifiers import verifier_from_spec
 
 __all__ = ["PAIR_FORMAT", "END_OF_TURN", "Settings", "gemma3_chat_template", "generate", "reply_text",
            "Examples", "examples", "response_loss", "FineTuning", "train_chat", "retained_texts",
-           "build", "write", "default_out", "main"]
+           "relative_movement", "build", "write", "default_out", "main"]
 
 PAIR_FORMAT = "jaxpatch.instruct/1"
 END_OF_TURN = "<end_of_turn>"
@@ -390,7 +390,7 @@ def build(settings: Settings, base: Model | None = None, log: Callable[[str], No
                  "held_out_questions": len(held_qs), "checked_questions": len(checked)},
         "training": {"steps": trained.steps, "losses": trained.losses},
         "rates": rates, "held_out_text_loss": text_loss,
-        "movement": _movement(config, base.params, donor.params),
+        "movement": relative_movement(config, base.params, donor.params),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     _check(record, s)
@@ -416,8 +416,13 @@ def _check(record: dict, s: Settings) -> None:
                             f"+{s.max_text_loss_increase}); lower --lr or --steps")
 
 
-def _movement(config: ModelConfig, base: Params, donor: Params) -> dict[str, float]:
-    """Each module's relative movement, |dW| / |W| of the base."""
+def relative_movement(config: ModelConfig, base: Params, donor: Params) -> dict[str, float]:
+    """Each module's relative movement, |dW| / |W| of the base (0 for a module of zero norm).
+
+    Example:
+        >>> relative_movement(cfg, base.params, base.params)["layers.0.mlp.up_proj"]
+        0.0
+    """
     modules = select(config, None, "module")
     moved, size = delta_norms(config, base, donor, modules), weight_norms(config, base, modules)
     return {c.name: round(float(d / w), 6) if w else 0.0 for c, d, w in zip(modules, moved, size)}
