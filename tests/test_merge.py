@@ -251,7 +251,7 @@ def test_a_scores_file_of_another_pair_is_refused(tmp_path: Path) -> None:
     (tmp_path / "A.scores.json").write_text(json.dumps(data))
     with pytest.raises(InvalidInputError, match="names component 'layers.9.mlp.up_proj'"):
         _guided(tmp_path, ["A"])
-    with pytest.raises(InvalidInputError, match="conflict must be one of winner, score_weighted"):
+    with pytest.raises(InvalidInputError, match="conflict must be one of winner, score_weighted, source_set"):
         _guided(tmp_path, ["A"], conflict="vote")
 
 
@@ -342,3 +342,22 @@ def test_consensus_keeps_what_k_experts_masks_agree_on() -> None:
     keep = (np.abs(t) > 0.4 * np.abs(t.sum(0) - t)).sum(0) >= 2
     np.testing.assert_allclose(merged[name], b + np.where(keep, t.sum(0), 0), atol=1e-6)
     assert 0 < keep.mean() < 1
+
+
+def test_source_set_conflict_gives_every_contested_coefficient_to_the_strongest_set() -> None:
+    from jaxpatch.merge.guided import guided_coefficients, source_set_priority
+
+    # Expert 0 wins the first coefficient by its own effect, expert 1 the second; as sets,
+    # expert 1 carries more (0.35 + 0.6 against 0.5 + 0.2) and takes both contested ones.
+    maps = [np.array([0.5, 0.2, 0.0]), np.array([0.35, 0.6, 0.3])]
+    effects = [{"a": 0.5, "b": 0.2}, {"a": 0.35, "b": 0.6}]
+    assert source_set_priority(effects, 0.1) == [0.7, 0.95]
+    winner, _ = guided_coefficients(maps, [1.0, 1.0], 0.1, "winner")
+    assert winner.tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]
+    by_set, covered = guided_coefficients(maps, [1.0, 1.0], 0.1, "source_set", [0.7, 0.95])
+    assert by_set.tolist() == [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    assert covered.tolist() == [True, True, True]
+    # An uncontested coefficient stays with its only carrier, whatever the priorities.
+    alone, _ = guided_coefficients([np.array([0.5, 0.0]), np.array([0.0, 0.3])], [1.0, 1.0],
+                                   0.1, "source_set", [0.1, 9.0])
+    assert alone.tolist() == [[1.0, 0.0], [0.0, 1.0]]

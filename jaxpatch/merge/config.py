@@ -54,7 +54,7 @@ PARAMETERS: dict[str, dict[str, tuple[str, type, Any]]] = {
 """Each method's parameters: name -> (scope, type, default); scope "model" is set per model
 (or at the top level for all), "shared" only at the top level; a None default is required."""
 
-CHOICES = {"conflict": ("winner", "score_weighted"),
+CHOICES = {"conflict": ("winner", "score_weighted", "source_set"),
            "rest": ("base", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
                     "breadcrumbs_ties")}
 """The allowed values of the string parameters."""

@@ -9,7 +9,11 @@ there reaches `threshold`. Per coefficient of the patch layout (`jaxpatch.patch`
     carried by one expert    base + weight * that expert's delta
     carried by several       conflict "winner": the expert with the largest effect takes it;
                              "score_weighted": their deltas averaged with their effects as
-                             weights (times their `weight`)
+                             weights (times their `weight`); "source_set": each expert's
+                             source set (every component it carries) is a unit, and a
+                             contested coefficient goes to the expert whose whole set carries
+                             the most (the sum of its effects over the set), so no set is
+                             split between winners by its components' separate effects
     carried by none          rest "base": the base weights; or a data-free merge of all the
                              deltas there ("task_arithmetic", "ties", "dare_linear",
                              "dare_ties", with their parameters)
@@ -22,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +42,10 @@ from jaxpatch.modes import SCORED_GRANULARITIES
 from jaxpatch.patch import alpha_shapes, component_entries
 from jaxpatch.rounding import jit
 
-__all__ = ["read_scores", "score_maps", "guided_coefficients", "merge_guided", "stitch"]
+__all__ = ["Conflict", "read_scores", "score_maps", "guided_coefficients", "source_set_priority",
+           "merge_guided", "stitch"]
+
+Conflict = Literal["winner", "score_weighted", "source_set"]
 
 
 def read_scores(path: str | Path, config: ModelConfig, base: Model,
@@ -104,14 +112,17 @@ def score_maps(config: ModelConfig, effects: dict[str, float]) -> dict[str, np.n
 
 
 def guided_coefficients(maps: list[np.ndarray], weights: list[float], threshold: float,
-                        conflict: str) -> tuple[np.ndarray, np.ndarray]:
+                        conflict: Conflict,
+                        priority: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-expert coefficients of one leaf, and where any expert carries it.
 
     Arguments:
         maps: each expert's effect map of the leaf (`score_maps`).
         weights: each expert's `weight`.
         threshold: the effect a carrier reaches.
-        conflict: "winner" or "score_weighted".
+        conflict: "winner", "score_weighted" or "source_set".
+        priority: for "source_set", each expert's rank (`source_set_priority`): the highest
+            carrier takes a contested coefficient.
 
     Returns:
         `(coefficients [experts, *alpha shape], covered [*alpha shape])`.
@@ -126,13 +137,29 @@ def guided_coefficients(maps: list[np.ndarray], weights: list[float], threshold:
     carries = scores >= threshold
     covered = np.asarray(carries.any(axis=0))
     w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * (scores.ndim - 1))
-    if conflict == "winner":
+    if conflict in ("winner", "source_set"):
+        if conflict == "source_set":
+            if priority is None:
+                raise InvalidInputError("conflict source_set needs each expert's priority")
+            scores = np.broadcast_to(np.asarray(priority, np.float64).reshape(w.shape),
+                                     scores.shape)
         best = np.argmax(np.where(carries, scores, -np.inf), axis=0)
         chosen = (np.arange(len(maps)).reshape(w.shape) == best) & carries
         return chosen * w, covered
     share = np.where(carries, scores, 0.0)
     total = share.sum(axis=0)
     return share / np.where(total > 0, total, 1.0) * w, covered
+
+
+def source_set_priority(effects: list[dict[str, float]], threshold: float) -> list[float]:
+    """Each expert's rank under conflict "source_set": the sum of its effects over its source
+    set (the components reaching `threshold`).
+
+    Example:
+        >>> source_set_priority([{"a": 0.5, "b": 0.05}, {"a": 0.3, "c": 0.4}], 0.1)
+        [0.5, 0.7]
+    """
+    return [float(sum(e for e in effect.values() if e >= threshold)) for effect in effects]
 
 
 def merge_guided(config: MergeConfig, base: Model, experts: list[Model],
@@ -150,7 +177,8 @@ def merge_guided(config: MergeConfig, base: Model, experts: list[Model],
     """
     spec = PARAMETERS["weight_patching"]
     threshold = float(resolve([config.parameters], "threshold", "", 0.0, spec["threshold"][2]))
-    conflict = str(resolve([config.parameters], "conflict", "", 0.0, spec["conflict"][2]))
+    conflict = cast(Conflict, str(resolve([config.parameters], "conflict", "", 0.0,
+                                          spec["conflict"][2])))
     weights = [float(resolve([e.parameters, config.parameters], "weight", "", 0.0, 1.0))
                for e in config.models]
     effects = [read_scores(e.parameters["scores"], base.config, base, x)
@@ -159,7 +187,7 @@ def merge_guided(config: MergeConfig, base: Model, experts: list[Model],
 
 
 def stitch(base: Model, experts: list[Model], effects: list[dict[str, float]],
-           weights: list[float], threshold: float, conflict: str,
+           weights: list[float], threshold: float, conflict: Conflict,
            rest: Model | None = None) -> Model:
     """Each coefficient from the expert(s) whose effects carry it (`guided_coefficients`), the
     rest from `rest` (default: the base).
@@ -182,13 +210,14 @@ def stitch(base: Model, experts: list[Model], effects: list[dict[str, float]],
     """
     model_config = base.config
     maps = [score_maps(model_config, e) for e in effects]
+    priority = source_set_priority(effects, threshold)
     flat_base = flatten_params(base.params)
     flat_experts = [flatten_params(x.params) for x in experts]
     flat_rest = flatten_params(rest.params) if rest is not None else flat_base
     merged = {}
     for name, leaf in flat_base.items():
         coefficients, covered = guided_coefficients([m[name] for m in maps], weights, threshold,
-                                                    conflict)
+                                                    conflict, priority)
         merged[name] = _mix(leaf, jnp.stack([f[name] for f in flat_experts]),
                             jnp.asarray(coefficients, jnp.float32), jnp.asarray(covered),
                             flat_rest[name])
