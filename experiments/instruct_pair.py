@@ -51,13 +51,14 @@ from experiments.training import Trained, text_kl, train, trainable_mask
 from jaxpatch import Model, load, save
 from jaxpatch.chat import ChatTemplate
 from jaxpatch.components import select
-from jaxpatch.engine.generation import greedy_generate
+from jaxpatch.engine.generation import greedy_replies
 from jaxpatch.errors import JaxpatchError
 from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.decoder import forward
 from jaxpatch.models.model import pad_right
 from jaxpatch.pair import delta_norms, weight_norms
-from jaxpatch.verifiers import verifier_from_spec
+from jaxpatch.prompts import Prompt
+from jaxpatch.verifiers import reply_text, verifier_from_spec
 
 __all__ = ["PAIR_FORMAT", "END_OF_TURN", "Settings", "gemma3_chat_template", "generate", "reply_text",
            "Examples", "examples", "response_loss", "FineTuning", "train_chat", "retained_texts",
@@ -119,43 +120,15 @@ def gemma3_chat_template() -> ChatTemplate:
 
 def generate(model: Model, prompts: Sequence[Sequence[int]], n_tokens: int,
              batch: int = 32) -> list[list[int]]:
-    """Greedy continuations of token-id prompts, in batches padded to one width (one compiled
-    program for the whole set).
+    """Greedy continuations of token-id prompts (`jaxpatch.engine.generation.greedy_replies`).
 
     Example:
         >>> m = jaxpatch.Model(cfg, base.params)
         >>> [len(c) for c in generate(m, [[1, 2], [3]], 3)]
         [3, 3]
     """
-    width = max(len(p) for p in prompts) + n_tokens
-    out: list[list[int]] = []
-    for start in range(0, len(prompts), batch):
-        chunk = list(prompts[start:start + batch])
-        rows = len(chunk)
-        chunk += [chunk[-1]] * (batch - rows)  # a full batch: the same program every time
-        tokens = np.zeros((batch, width), np.int32)
-        for i, p in enumerate(chunk):
-            tokens[i, :len(p)] = p
-        lengths = np.array([len(p) for p in chunk], np.int32)
-        new = greedy_generate(model.config, model.params, jnp.asarray(tokens),
-                              jnp.asarray(lengths), n_tokens)
-        out += np.asarray(new)[:rows].tolist()
-    return out
-
-
-def reply_text(tokenizer: Any, ids: Sequence[int]) -> str:
-    """A generated turn as text, up to the end of the turn (what the verifiers judge).
-
-    Example:
-        >>> from tokenizers import Tokenizer, models
-        >>> tok = Tokenizer(models.WordLevel({"HI": 0, "<end_of_turn>": 1, "x": 2}, "x"))
-        >>> reply_text(tok, [0, 1, 2])
-        'HI'
-    """
-    text = tokenizer.decode(list(ids), skip_special_tokens=False)
-    for end in (END_OF_TURN, "<eos>", "<start_of_turn>"):
-        text = text.split(end)[0]
-    return text.strip()
+    return greedy_replies(model.config, model.params, [Prompt(tuple(p)) for p in prompts],
+                          n_tokens, batch)
 
 
 @dataclasses.dataclass(frozen=True)

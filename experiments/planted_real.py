@@ -60,6 +60,7 @@ from jaxpatch.models.model import pad_right
 from jaxpatch.modes import SCORED_GRANULARITIES
 from jaxpatch.pair import delta_norms
 from jaxpatch.prompts import Prompt
+from jaxpatch.studies.expert_set import text_loss
 from jaxpatch.studies.scoring import plant_mask, plant_patch, planted_labels
 
 __all__ = ["LANDMARKS", "TEMPLATES", "RETAIN", "HELD_OUT", "Settings", "Fact", "facts", "build", "write",
@@ -284,20 +285,14 @@ def _kl(teacher_logp: jax.Array, logits: jax.Array) -> jax.Array:
 
 
 def held_out_loss(config: ModelConfig, params: Params, tokenizer: Any) -> float:
-    """Mean next-token cross-entropy (nats) on the held-out sentences, one at a time.
+    """Mean next-token cross-entropy (nats) on the held-out sentences (`HELD_OUT`), each read
+    alone (`jaxpatch.studies.expert_set.text_loss`).
 
     Example:
         `held_out_loss(base.config, base.params, base.tokenizer)` is about 3 for the real base.
     """
-    total, count = 0.0, 0
-    for text in HELD_OUT:
-        ids = jnp.asarray([tokenizer.encode(text).ids])
-        logits = forward(config, params, ids[:, :-1]).read(None)
-        logp = jax.nn.log_softmax(logits, -1)
-        picked = jnp.take_along_axis(logp, ids[:, 1:, None], -1)
-        total -= float(picked.sum())
-        count += ids.shape[1] - 1
-    return total / count
+    texts = [Prompt(tuple(tokenizer.encode(text).ids)) for text in HELD_OUT]
+    return text_loss(Model(config, params), texts)
 
 
 # -------------------------------------------------------------------------------------- build

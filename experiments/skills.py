@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import re
 
 import numpy as np
 
-__all__ = ["Item", "Skill", "SKILLS", "skill", "correct", "normalize"]
+from jaxpatch.verifiers import answer_matches
+
+__all__ = ["Item", "Skill", "SKILLS", "skill", "correct"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,25 +55,15 @@ class Skill:
     held_out: tuple[Item, ...]
 
 
-def normalize(text: str) -> str:
-    """The first line, lowercased, inner spaces collapsed, without final punctuation.
-
-    Example:
-        >>> normalize("  Stone, River,  apple.\\nmore")
-        'stone, river, apple'
-    """
-    line = text.strip().split("\n")[0]
-    return re.sub(r"\s+", " ", line).strip().rstrip(".!").strip().lower()
-
-
 def correct(reply: str, item: Item) -> bool:
-    """Whether a reply answers the item (`normalize` of both agree).
+    """Whether a reply answers the item (`jaxpatch.verifiers.answer_matches`: the first lines
+    agree, case, spacing and final punctuation aside).
 
     Example:
         >>> correct("Oslo.", Item("Where is the Colosseum?", "Oslo"))
         True
     """
-    return normalize(reply) == normalize(item.answer)
+    return answer_matches(reply, item.answer)
 
 
 # ---------------------------------------------------------------------------------------- facts

@@ -24,11 +24,68 @@ from jaxpatch.patch import Patch
 from jaxpatch.prompts import Prompt
 from jaxpatch.runs.settings import Execution
 
-__all__ = ["Verifier", "capital_share", "all_capitals", "all_lowercase", "no_commas", "quoted",
+__all__ = ["Verifier", "END_OF_TURN_MARKERS", "reply_text", "reply_length", "normalize_answer",
+           "answer_matches", "capital_share", "all_capitals", "all_lowercase", "no_commas", "quoted",
            "has_title", "ends_with", "word_count", "sections", "highlighted", "VERIFIER_SPECS",
            "verifier_from_spec", "TextJudge"]
 
 Verifier = Callable[[str], float]
+
+
+END_OF_TURN_MARKERS = ("<end_of_turn>", "<start_of_turn>", "<eos>", "<|im_end|>", "<|eot_id|>",
+                       "<|end_of_text|>", "<|endoftext|>", "<|end|>", "</s>")
+"""Tokens that end a generated chat turn (Gemma, Qwen/ChatML, Llama 3, Phi-3, GPT-2, Llama 2)."""
+
+
+def reply_length(tokenizer: Any, ids: Sequence[int]) -> int:
+    """How many of a generated turn's tokens come before its first end-of-turn token
+    (`END_OF_TURN_MARKERS`; all of them when there is none).
+
+    Example:
+        >>> from tokenizers import Tokenizer, models
+        >>> tok = Tokenizer(models.WordLevel({"HI": 0, "<end_of_turn>": 1, "x": 2}, "x"))
+        >>> reply_length(tok, [0, 0, 1, 2]), reply_length(tok, [0, 2])
+        (2, 2)
+    """
+    ends = {i for i in map(tokenizer.token_to_id, END_OF_TURN_MARKERS) if i is not None}
+    return next((k for k, token in enumerate(ids) if int(token) in ends), len(ids))
+
+
+def reply_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """A generated turn as text, up to the end of the turn, stripped (what verifiers judge).
+
+    Example:
+        >>> from tokenizers import Tokenizer, models
+        >>> tok = Tokenizer(models.WordLevel({"HI": 0, "<end_of_turn>": 1, "x": 2}, "x"))
+        >>> reply_text(tok, [0, 1, 2])
+        'HI'
+    """
+    text = tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+    for end in END_OF_TURN_MARKERS:
+        text = text.split(end)[0]
+    return text.strip()
+
+
+def normalize_answer(text: str) -> str:
+    """A short answer as compared: the first line, lowercased, inner spaces collapsed, without
+    final punctuation.
+
+    Example:
+        >>> normalize_answer("  Stone, River,  apple.\\nmore")
+        'stone, river, apple'
+    """
+    line = re.sub(r"\s+", " ", text.strip().split("\n")[0])
+    return re.sub(r"[\s.!]+$", "", line).strip().lower()
+
+
+def answer_matches(reply: str, answer: str) -> bool:
+    """Whether a reply gives the answer (`normalize_answer` of both agree).
+
+    Example:
+        >>> answer_matches("Oslo.\\nIt is in Norway.", "oslo"), answer_matches("Lima", "Oslo")
+        (True, False)
+    """
+    return normalize_answer(reply) == normalize_answer(answer)
 
 
 def _letters(text: str) -> list[str]:

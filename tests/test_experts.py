@@ -16,8 +16,9 @@ from test_instruct_pair import tiny_base
 
 import jaxpatch
 from experiments.experts import Settings, _check, build_expert, main, overlap, retained_for, write_expert
-from experiments.skills import SKILLS, Item, correct, normalize, skill
+from experiments.skills import SKILLS, Item, correct, skill
 from jaxpatch.errors import JaxpatchError
+from jaxpatch.verifiers import normalize_answer
 
 RELAXED = Settings(steps=2, batch=4, answer_tokens=3, check_tokens=4, min_expert_rate=0.0,
                    max_base_rate=1.0, max_text_loss_increase=1e9)
@@ -46,8 +47,8 @@ def test_held_out_items_are_never_trained_on() -> None:
 
 @given(st.text(max_size=40))
 def test_normalize_is_idempotent_and_reads_the_first_line(text: str) -> None:
-    once = normalize(text)
-    assert normalize(once) == once and "\n" not in once
+    once = normalize_answer(text)
+    assert normalize_answer(once) == once and "\n" not in once
     assert correct(text, Item("?", text))  # a reply that is the answer is correct
 
 

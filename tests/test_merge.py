@@ -259,7 +259,7 @@ def test_a_scores_file_of_another_pair_is_refused(tmp_path: Path) -> None:
 def test_merge_eval_covers_every_combination_and_method(tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     from jaxpatch.studies.evaluate import default_pair_dir
-    from jaxpatch.studies.merge_eval import GRID
+    from jaxpatch.studies.merge_eval import CONFLICTS, GRID
 
     out = tmp_path / "eval"
     assert main(["merge-eval", str(default_pair_dir()), "--out", str(out),
@@ -268,12 +268,20 @@ def test_merge_eval_covers_every_combination_and_method(tmp_path: Path,
     assert list(document["combinations"]) == ["map+reverse", "map+sort", "reverse+sort",
                                               "map+reverse+sort"]
     methods = document["combinations"]["map+sort"]["methods"]
-    assert set(methods) == {*GRID, "weight_patching (winner)", "weight_patching (score_weighted)",
-                            "localize-and-stitch"}
+    guided = {f"weight_patching ({g}, {c})" for g in ("module", "head", "neuron") for c in CONFLICTS}
+    assert set(methods) == {*GRID, *guided, "localize-and-stitch", "tall_masks"}
     assert set(methods["ties"]["accuracy"]) == {"map", "sort"}
     assert methods["ties"]["setting"]["density"] in (0.2, 0.5, 0.8)
-    # The localizations are right: each expert's own modules alone keep its task.
-    assert document["localized_alone"]["reverse"]["weight_patching"] > 0.9
+    own = document["expert_accuracy"]
+    for row in methods.values():  # normalized by each expert's own accuracy
+        for task, accuracy in row["accuracy"].items():
+            assert row["normalized"][task] == pytest.approx(accuracy / own[task])
+        assert row["worst"] <= row["average"]
+    # The localizations are right: sort's carried modules alone keep its task; and TALL masks
+    # (one masked model per task) keep two experts whose changes barely overlap.
+    assert document["carried_alone"]["sort"]["module"] > 0.9
+    assert document["base"]["average"] == 0.0
+    assert document["combinations"]["reverse+sort"]["methods"]["tall_masks"]["worst"] > 0.9
     assert "layers.2.self_attn.o_proj" in document["localization"]["sort"]["learned"]
     assert (out / "merge_eval.md").read_text().startswith("| method | map+reverse |")
     # The same command again replays the recorded localizations and merges; others are refused.

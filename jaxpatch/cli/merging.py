@@ -1,4 +1,4 @@
-"""The merging commands: merge (a mergekit YAML file) and merge-eval (a planted pair's experts)."""
+"""The merging commands: merge (a mergekit YAML file) and merge-eval (a set of experts)."""
 
 from __future__ import annotations
 
@@ -23,15 +23,17 @@ def register(command: Command) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    p = command("merge-eval", _merge_eval, "merge a planted pair's experts with every method "
-                "(data-free, score-guided, localize-and-stitch) and measure each task's accuracy")
-    p.add_argument("pair", help="a planted pair folder with experts (jaxpatch/studies/pairs/default)")
+    p = command("merge-eval", _merge_eval, "merge a set of experts every way (data-free, "
+                "score-guided, localize-and-stitch, TALL masks) and judge each task")
+    p.add_argument("experts", help="a planted pair folder with experts "
+                   "(jaxpatch/studies/pairs/default) or an expert set (expert_set.json)")
     p.add_argument("--out", required=True, help="folder for merge_eval.json and merge_eval.md "
                    "(progress recorded there; the same command resumes it)")
-    p.add_argument("--threshold", type=float, default=0.1,
-                   help="score-guided merges: the effect a carrying module reaches (default 0.1)")
+    p.add_argument("--share", type=float, default=0.25,
+                   help="score-guided merges: the share of its components by effect each expert "
+                   "carries (default 0.25)")
     p.add_argument("--eval-prompts", type=int, default=128,
-                   help="accuracy prompts per task (default 128)")
+                   help="held-out items judged per task (default 128)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an existing --out folder")
 
@@ -55,10 +57,12 @@ def _merge_eval(args: argparse.Namespace) -> None:
     RunLog.check_folder(args.out, args.overwrite)
     if args.eval_prompts < 1:
         raise InvalidInputError(f"--eval-prompts must be at least 1, got {args.eval_prompts}")
-    if not Path(args.pair).is_dir():
-        raise InvalidInputError(f"{args.pair}: planted pair folder not found")
-    with run_log(args, {"pair": {"sha256": folder_sha256(args.pair)}}) as log:
-        document = merge_eval(args.pair, threshold=args.threshold, eval_prompts=args.eval_prompts,
+    if not 0 < args.share <= 1:
+        raise InvalidInputError(f"--share must lie in (0, 1], got {args.share}")
+    if not Path(args.experts).is_dir():
+        raise InvalidInputError(f"{args.experts}: expert folder not found")
+    with run_log(args, {"experts": {"sha256": folder_sha256(args.experts)}}) as log:
+        document = merge_eval(args.experts, share=args.share, eval_prompts=args.eval_prompts,
                               progress=lambda combo: print(f"merged {combo}", flush=True),
                               log=log.task("merge-eval") if log else None)
         markdown = table(document)

@@ -50,7 +50,7 @@ from jaxpatch.prompts import Prompt, patch_where, prompt_buffer, token_roles
 from jaxpatch.rounding import jit
 from jaxpatch.runs.settings import Execution, execution_of
 
-__all__ = ["greedy_generate", "generate_under_patches"]
+__all__ = ["greedy_generate", "greedy_replies", "generate_under_patches"]
 
 
 @functools.partial(jit, static_argnums=(0, 4))
@@ -112,6 +112,36 @@ def greedy_generate(config: ModelConfig, params: Params, tokens: jax.Array, leng
 
     _, generated = jax.lax.scan(step, (first, caches), jnp.arange(n_tokens))
     return generated.T
+
+
+def greedy_replies(config: ModelConfig, params: Params, prompts: Sequence[Prompt], n_tokens: int,
+                   batch: int = 32) -> list[list[int]]:
+    """Greedy continuations of many prompts by one model (`greedy_generate`), in batches of
+    `batch` padded to one width: one compiled program for the whole set.
+
+    Arguments:
+        config, params: the model.
+        prompts: the prompts.
+        n_tokens: tokens generated per prompt.
+        batch: prompts per batch (the last batch is padded with repeats of its last prompt).
+
+    Returns:
+        Per prompt, its `n_tokens` generated token ids.
+
+    Example:
+        >>> out = greedy_replies(cfg, base.params, [Prompt((1, 2, 3)), Prompt((4,))], 3)
+        >>> [len(o) for o in out]
+        [3, 3]
+    """
+    tokens, lengths = prompt_buffer(config, prompts, n_tokens)
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch):
+        rows = min(batch, len(prompts) - start)
+        take = np.minimum(np.arange(start, start + batch), start + rows - 1)
+        new = greedy_generate(config, params, jnp.asarray(tokens[take]),
+                              jnp.asarray(lengths[take]), n_tokens)
+        out += np.asarray(new)[:rows].tolist()
+    return out
 
 
 def generate_under_patches(pair: PreparedPair, patches: Mapping[str, Patch],

@@ -1,213 +1,295 @@
-"""Merging evaluated on a planted pair's experts: does knowing where each capability lives beat
-merges that look at no data?
+"""Merging evaluated on a set of experts fine-tuned from one base: does knowing where each
+capability lives beat merges that look at no data?
 
-A planted pair folder with experts (`jaxpatch/studies/pairs/default`: the `map` donor and the
-`reverse` and `sort` experts, all trained from one drifted model, with overlapping and disjoint
-planted sets) is merged, every pair of experts and all three, by:
+An expert set (`jaxpatch.studies.expert_set`: a planted pair with experts, or the real experts
+of `python -m experiments.experts`) is merged, every pair, triple, ... of its experts, by:
 
-    data-free      linear (equal weights), task_arithmetic, ties, dare_linear, dare_ties, each
-                   over a small grid of its parameters (`GRID`); the best setting by average
+    data-free      linear (equal weights), task_arithmetic, ties, dare_linear, dare_ties,
+                   breadcrumbs, breadcrumbs_ties, model_stock, consensus_ta, each over a small
+                   grid of its parameters (`GRID`); the best setting by average normalized
                    accuracy is reported (which favors them)
-    weight_patching (winner, score_weighted)
-                   score-guided (`jaxpatch.merge.guided`): each expert localized by an exact
-                   noise-direction sweep of its modules (log-probability of its answers on its
-                   own patching prompts), a module carrying a capability when its effect reaches
-                   `threshold`; the rest stays the base
+    weight_patching (granularity, conflict)
+                   score-guided (`jaxpatch.merge.guided.stitch`): each expert localized by an
+                   exact noise-direction sweep on its own localization prompts (at neuron
+                   granularity of a model with more than `EXHAUSTIVE_NEURONS` neurons, integrated
+                   gradients); the components an expert carries are its top `share` by effect
+                   (positive effects only); conflicts by `winner`, `score_weighted` or
+                   `source_set`; the uncarried rest from the base or a data-free merge (`REST`,
+                   the best reported)
     localize-and-stitch
                    the literature's localization-based merge that uses the same data (He et
                    al., 2024): per expert a sparse mask learned on its task (`learn_patch`,
                    denoise, module granularity), the masked deltas stitched with overlaps
                    averaged
+    tall_masks     TALL masks (Wang et al., 2024): task arithmetic's merged vector, and per task
+                   the mask of the elements where that expert's task vector outweighs the others'
+                   (`jaxpatch.merge.methods.tall_masks`, lambda `TALL_LAMBDA`): each task is
+                   judged on its own masked model (one stored mask per task, not one model)
 
-and each merged model's exact-match accuracy is measured on every merged expert's held-out
-eval prompts.
+and each merged model is judged on every merged expert's held-out set. Accuracy is reported
+raw and normalized by the expert's own accuracy (as merging papers report it), with the average
+and the worst task, and the merged model's general language-modeling loss where the set has
+general text.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxpatch._tree import flatten_params, unflatten_dotted
+from jaxpatch.attribution import attribute
 from jaxpatch.engine import prepare, sweep
 from jaxpatch.learned import GateTraining, learn_patch
-from jaxpatch.merge.config import MergeConfig, ModelEntry
-from jaxpatch.merge.guided import stitch
+from jaxpatch.merge.config import PARAMETERS, MergeConfig, ModelEntry
+from jaxpatch.merge.guided import Conflict, stitch
+from jaxpatch.merge.methods import tall_masks
 from jaxpatch.merge.run import merge_models_in_memory
 from jaxpatch.metrics import LogProb
+from jaxpatch.models.config import ModelConfig
 from jaxpatch.models.model import Model
-from jaxpatch.prompts import make_batch, read_prompts
+from jaxpatch.modes import SCORED_GRANULARITIES
 from jaxpatch.runs.log import TaskLog, memo
 from jaxpatch.runs.settings import Execution
-from jaxpatch.studies.evaluate import PlantedPair, load_planted, task_accuracy
+from jaxpatch.studies.evaluate import EXHAUSTIVE_NEURONS
+from jaxpatch.studies.expert_set import ExpertSet, load_expert_set
 
-__all__ = ["GRID", "MERGE_EVAL_FORMAT", "experts_of", "localize_experts", "merge_eval", "table"]
+__all__ = ["GRID", "REST", "CONFLICTS", "TALL_LAMBDA", "MERGE_EVAL_FORMAT", "localize_experts",
+           "carried", "merge_eval", "table"]
 
-MERGE_EVAL_FORMAT = "jaxpatch.merge-eval/1"
+MERGE_EVAL_FORMAT = "jaxpatch.merge-eval/2"
 GRID: dict[str, list[dict[str, Any]]] = {
     "linear": [{}],
     "task_arithmetic": [{"lambda": 0.5}, {"lambda": 1.0}],
     "ties": [{"density": d} for d in (0.2, 0.5, 0.8)],
     "dare_linear": [{"density": d} for d in (0.5, 0.8)],
     "dare_ties": [{"density": d} for d in (0.5, 0.8)],
+    "breadcrumbs": [{"density": 0.8, "gamma": 0.01}],
+    "breadcrumbs_ties": [{"density": 0.8, "gamma": 0.01}],
+    "model_stock": [{}],
+    "consensus_ta": [{"k": 2, "mask_lambda": 0.4}],
 }
-"""The data-free methods' parameter grids (weight 1 for every expert)."""
+"""The data-free methods' parameter grids (weight 1 for every expert where a method has one)."""
+REST: tuple[str, ...] = ("base", "task_arithmetic")
+"""Where the score-guided merges take what no expert carries (each one a setting)."""
+CONFLICTS: tuple[Conflict, ...] = ("winner", "score_weighted", "source_set")
+TALL_LAMBDA = 0.4
 
 
-def experts_of(pair: PlantedPair) -> dict[str, Model]:
-    """The pair's experts by task: the donor, and every model under `experts/`.
-
-    Example:
-        >>> from jaxpatch.studies.evaluate import default_pair_dir
-        >>> sorted(experts_of(load_planted(default_pair_dir())))
-        ['map', 'reverse', 'sort']
-    """
-    from jaxpatch.io import load
-
-    out = {pair.task: pair.donor}
-    for key, record in pair.record.get("models", {}).items():
-        if key.startswith("experts/"):
-            out[str(record["task"])] = load(pair.folder / key)
-    return out
-
-
-def localize_experts(pair: PlantedPair, experts: dict[str, Model], *, learned_steps: int = 200,
+def localize_experts(experts: ExpertSet, *, learned_steps: int = 200,
                      learned_sparsity: float = 0.01,
                      log: TaskLog | None = None) -> dict[str, dict[str, Any]]:
-    """Each expert's localization: noise-direction sweep effects per module, and the modules of
-    a learned denoise patch.
+    """Each expert's localization: its noise-direction effect per module, head and neuron, and
+    the modules of a learned denoise patch.
 
     Arguments:
-        pair: the planted pair (its base, and its prompts folder).
-        experts: the experts by task.
+        experts: the set.
         learned_steps, learned_sparsity: the learned patch's optimizer steps and penalty.
         log: a resumable run's log: each expert's localization is recorded once finished.
 
     Returns:
-        task -> {"effects": module -> effect, "learned": [module, ...]}.
+        task -> {"effects": {granularity: {component: effect}}, "learned": [module, ...],
+        "methods": {granularity: how it was scored}}.
     """
-    def localized(task: str, expert: Model) -> dict[str, Any]:
-        prompts = read_prompts(pair.folder / "prompts" / f"{task}.jsonl")
-        batch = make_batch(pair.base.config, prompts, "targets")
-        prepared = prepare(pair.base, expert, batch, positions="targets")
-        result = sweep(prepared, LogProb(), direction="noise", execution=Execution(progress=False))
+    def localized(task: str) -> dict[str, Any]:
+        t = experts.tasks[task]
+        prepared = prepare(experts.base, t.expert, t.localize, positions="targets")
+        quiet = Execution(progress=False)
+        effects, methods = {}, {}
+        for granularity in SCORED_GRANULARITIES:
+            if granularity == "neuron" and _neurons(experts.base.config) > EXHAUSTIVE_NEURONS:
+                result = attribute(prepared, LogProb(), granularity="neuron", direction="noise",
+                                   method="integrated-gradients", steps=8, execution=quiet)
+                methods[granularity] = "integrated-gradients (noise, 8 steps)"
+            else:
+                result = sweep(prepared, LogProb(), granularity=granularity, direction="noise",
+                               execution=quiet)
+                methods[granularity] = "exact (noise)"
+            effects[granularity] = dict(zip(result.names, result.effect.tolist()))
         learned = learn_patch(prepared, LogProb(), sparsity=learned_sparsity,
                               training=GateTraining(steps=learned_steps))
-        return {"effects": dict(zip(result.names, result.effect.tolist())),
-                "learned": learned.selected}
+        return {"effects": effects, "learned": learned.selected, "methods": methods}
 
-    return {task: memo(log, f"localized {task}", lambda t=task, e=expert: localized(t, e))
-            for task, expert in experts.items()}
+    return {task: memo(log, f"localized {task}", lambda t=task: localized(t))
+            for task in experts.tasks}
 
+
+def _neurons(config: ModelConfig) -> int:
+    return config.n_layers * config.d_ff
+
+
+def carried(effects: dict[str, float], share: float) -> dict[str, float]:
+    """The components an expert carries: the top `share` of its components by effect, among
+    those with a positive effect (at least one when any is positive).
+
+    Example:
+        >>> carried({"a": 0.5, "b": 0.2, "c": 0.1, "d": -0.3}, 0.5)
+        {'a': 0.5, 'b': 0.2}
+    """
+    order = sorted((n for n, e in effects.items() if e > 0), key=lambda n: -effects[n])
+    keep = max(1, round(share * len(effects))) if order else 0
+    return {n: effects[n] for n in order[:keep]}
 
 
 def _data_free(method: str, params: dict[str, Any], base: Model, chosen: list[Model],
                names: list[str]) -> Model:
-    per_model = {k: v for k, v in params.items() if k == "density"}
-    shared = {k: v for k, v in params.items() if k != "density"}
+    spec = PARAMETERS[method]
+    per_model = {k: v for k, v in params.items() if spec[k][0] == "model"}
+    if "weight" in spec:
+        per_model["weight"] = 1.0
+    shared = {k: v for k, v in params.items() if spec[k][0] == "shared"}
     config = MergeConfig(method, None if method == "linear" else Path("base"),  # type: ignore[arg-type]
-                         tuple(ModelEntry(Path(n), {"weight": 1.0, **per_model}) for n in names),
+                         tuple(ModelEntry(Path(n), per_model) for n in names),
                          shared, None, "merge-eval")
     return merge_models_in_memory(config, None if method == "linear" else base, chosen)
 
 
-def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int = 128,
+def _tall_mask_models(base: Model, chosen: list[Model]) -> list[Model]:
+    """Per expert, the base plus task arithmetic's merged vector under that expert's TALL mask."""
+    flat_base = flatten_params(base.params)
+    flats = [flatten_params(m.params) for m in chosen]
+    out: list[dict[str, jax.Array]] = [{} for _ in chosen]
+    for name, leaf in flat_base.items():
+        tensors = jnp.stack([f[name] for f in flats])
+        masks = tall_masks(leaf, tensors, TALL_LAMBDA)
+        merged = jnp.sum(tensors.astype(jnp.float32) - leaf.astype(jnp.float32), axis=0)
+        for i in range(len(chosen)):
+            out[i][name] = (leaf.astype(jnp.float32) + masks[i] * merged).astype(leaf.dtype)
+    return [dataclasses.replace(base, params=unflatten_dotted(f), source=None) for f in out]
+
+
+def merge_eval(folder: str | Path, *, share: float = 0.25, eval_prompts: int | None = 128,
                learned_steps: int = 200, progress: Callable[[str], Any] | None = None,
                log: TaskLog | None = None) -> dict[str, Any]:
-    """Merges every pair of the folder's experts and all of them with every method, and
-    measures each merged model's accuracy on every merged task.
+    """Merges every combination of two or more of the set's experts with every method and
+    judges each merged model on every merged task.
 
     Arguments:
-        folder: a planted pair folder with experts.
-        threshold: the score-guided merges' effect threshold.
-        eval_prompts: accuracy prompts per task (the first of each task's eval file).
+        folder: an expert set (`jaxpatch.studies.expert_set.load_expert_set`).
+        share: the share of its components by effect each expert carries in score-guided
+            merges (`carried`).
+        eval_prompts: held-out items per task (the first of each task's file; None: all).
         learned_steps: steps of the learned masks (localize-and-stitch).
         progress: called with a line per finished combination.
         log: a resumable run's log: localizations and finished combinations are recorded
             and read back instead of recomputed.
 
     Returns:
-        The `merge_eval.json` document: per combination, per method, the accuracy per task,
-        the average and the chosen setting; each expert's own accuracy, and that of its
-        localized modules alone patched into the base; the localizations; timing.
+        The `merge_eval.json` document: per combination, per method, the accuracy and the
+        normalized accuracy per task, their average and worst, the general text loss and the
+        chosen setting; each expert's own accuracy and that of its carried modules alone
+        patched into the base; the base's; the localizations; timing.
     """
     started = time.perf_counter()
-    pair = load_planted(folder)
-    experts = experts_of(pair)
-    evals = {t: read_prompts(pair.folder / "prompts" / f"{t}-eval.jsonl")[:eval_prompts]
-             for t in experts}
-    located = localize_experts(pair, experts, learned_steps=learned_steps, log=log)
-    config = pair.base.config
+    experts = load_expert_set(folder, eval_prompts)
+    base = experts.base
+    located = localize_experts(experts, learned_steps=learned_steps, log=log)
+    sets = {t: {g: carried(v["effects"][g], share) for g in SCORED_GRANULARITIES}
+            for t, v in located.items()}
+    own = memo(log, "expert accuracy", lambda: {
+        t: experts.tasks[t].accuracy(task.expert) for t, task in experts.tasks.items()})
 
-    def accuracy(model: Model, tasks: tuple[str, ...]) -> dict[str, float]:
-        return {t: task_accuracy(config, model.params, evals[t]) for t in tasks}
+    def judged(model: Model, tasks: tuple[str, ...], setting: dict[str, Any]) -> dict[str, Any]:
+        return _row({t: experts.tasks[t].accuracy(model) for t in tasks}, own, setting,
+                    experts.text_loss(model) if experts.text_loss else None)
 
-    combos = [c for k in range(2, len(experts) + 1) for c in itertools.combinations(experts, k)]
+    combos = [c for k in range(2, len(experts.tasks) + 1)
+              for c in itertools.combinations(experts.tasks, k)]
 
     def merged_combination(combo: tuple[str, ...]) -> dict[str, Any]:
-        chosen = [experts[t] for t in combo]
+        chosen = [experts.tasks[t].expert for t in combo]
         methods: dict[str, Any] = {}
+        rests: dict[str, Model | None] = {"base": None}
         for method, grid in GRID.items():
-            best = None
-            for params in grid:
-                acc = accuracy(_data_free(method, params, pair.base, chosen, list(combo)), combo)
-                row = {"accuracy": acc, "average": float(np.mean(list(acc.values()))),
-                       "setting": params}
-                if best is None or row["average"] > best["average"]:
-                    best = row
-            methods[method] = best
-        for conflict in ("winner", "score_weighted"):
-            merged = stitch(pair.base, chosen, [located[t]["effects"] for t in combo],
-                            [1.0] * len(combo), threshold, conflict)
-            acc = accuracy(merged, combo)
-            methods[f"weight_patching ({conflict})"] = {
-                "accuracy": acc, "average": float(np.mean(list(acc.values()))),
-                "setting": {"threshold": threshold, "conflict": conflict}}
+            models = [_data_free(method, params, base, chosen, list(combo)) for params in grid]
+            rows = [judged(model, combo, params) for model, params in zip(models, grid)]
+            methods[method] = _best(rows)
+            if method in REST:  # its best setting takes what no expert carries
+                rests[method] = models[rows.index(methods[method])]
+        for granularity in SCORED_GRANULARITIES:
+            for conflict in CONFLICTS:
+                rows = [judged(stitch(base, chosen, [sets[t][granularity] for t in combo],
+                                      [1.0] * len(combo), 0.0, conflict, rests[rest]), combo,
+                               {"share": share, "rest": rest})
+                        for rest in REST]
+                methods[f"weight_patching ({granularity}, {conflict})"] = _best(rows)
         masks = [{m: 1.0 for m in located[t]["learned"]} for t in combo]
-        merged = stitch(pair.base, chosen, masks, [1.0] * len(combo), 0.5, "score_weighted")
-        acc = accuracy(merged, combo)
-        methods["localize-and-stitch"] = {"accuracy": acc,
-                                          "average": float(np.mean(list(acc.values()))),
-                                          "setting": {"learned_steps": learned_steps}}
-        return {"methods": methods}
+        methods["localize-and-stitch"] = judged(
+            stitch(base, chosen, masks, [1.0] * len(combo), 0.5, "score_weighted"), combo,
+            {"learned_steps": learned_steps})
+        per_task = _tall_mask_models(base, chosen)
+        accuracy = {t: experts.tasks[t].accuracy(m) for t, m in zip(combo, per_task)}
+        methods["tall_masks"] = _row(accuracy, own, {"mask_lambda": TALL_LAMBDA}, None)
+        overlap = [_jaccard(sets[a]["module"], sets[b]["module"])
+                   for a, b in itertools.combinations(combo, 2)]
+        return {"methods": methods, "source_overlap": float(np.mean(overlap))}
 
     results: dict[str, Any] = {}
     for combo in combos:
-        results["+".join(combo)] = memo(log, "+".join(combo),
-                                         lambda c=combo: merged_combination(c))
+        key = "+".join(combo)
+        results[key] = memo(log, key, lambda c=combo: merged_combination(c))
         if progress:
-            progress("+".join(combo))
-    experts_accuracy = {t: task_accuracy(config, m.params, evals[t]) for t, m in experts.items()}
-    alone = {t: {"weight_patching": accuracy(stitch(pair.base, [m], [located[t]["effects"]], [1.0],
-                                                    threshold, "winner"), (t,))[t],
-                 "localize-and-stitch": accuracy(stitch(
-                     pair.base, [m], [{n: 1.0 for n in located[t]["learned"]}], [1.0], 0.5,
-                     "winner"), (t,))[t]}
-             for t, m in experts.items()}
-    return {"format": MERGE_EVAL_FORMAT, "pair": str(pair.folder),
-            "experts": sorted(experts), "expert_accuracy": experts_accuracy,
-            "localized_alone": alone,
-            "localization": {t: {"selected_by_threshold": sorted(
-                m for m, e in v["effects"].items() if e >= threshold), "learned": v["learned"]}
-                for t, v in located.items()},
-            "grid": GRID, "threshold": threshold, "eval_prompts": eval_prompts,
+            progress(key)
+    alone = memo(log, "carried alone", lambda: {
+        t: {g: experts.tasks[t].accuracy(stitch(base, [experts.tasks[t].expert], [sets[t][g]],
+                                                [1.0], 0.0, "winner"))
+            for g in SCORED_GRANULARITIES} for t in experts.tasks})
+    base_row = memo(log, "base", lambda: _row(
+        {t: task.accuracy(base) for t, task in experts.tasks.items()}, own, {},
+        experts.text_loss(base) if experts.text_loss else None))
+    return {"format": MERGE_EVAL_FORMAT, "set": str(experts.folder), "experts": list(experts.tasks),
+            "expert_accuracy": own, "base": base_row,
+            "expert_text_loss": {t: experts.text_loss(task.expert) for t, task in
+                                 experts.tasks.items()} if experts.text_loss else None,
+            "carried_alone": alone,
+            "localization": {t: {"methods": v["methods"], "learned": v["learned"],
+                                 "carried": {g: sorted(sets[t][g]) for g in ("module", "head")},
+                                 "carried_neurons": len(sets[t]["neuron"])}
+                             for t, v in located.items()},
+            "grid": GRID, "rest": list(REST), "share": share, "eval_prompts": eval_prompts,
             "combinations": results, "seconds": round(time.perf_counter() - started, 1)}
 
 
+def _row(accuracy: dict[str, float], own: dict[str, float], setting: dict[str, Any],
+         text_loss: float | None) -> dict[str, Any]:
+    """A merged model's judgment: accuracy per task, normalized by the expert's own (None
+    where the expert scores 0), their average and worst, the text loss and the setting."""
+    normalized = {t: a / own[t] if own[t] > 0 else None for t, a in accuracy.items()}
+    known = [v for v in normalized.values() if v is not None]
+    return {"accuracy": accuracy, "normalized": normalized,
+            "average": float(np.mean(known)) if known else 0.0,
+            "worst": float(min(known)) if known else 0.0,
+            "text_loss": text_loss, "setting": setting}
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row with the highest average normalized accuracy (the first among equals)."""
+    return max(rows, key=lambda r: r["average"])
+
+
+def _jaccard(a: dict[str, float], b: dict[str, float]) -> float:
+    union = set(a) | set(b)
+    return len(set(a) & set(b)) / len(union) if union else 0.0
+
+
 def table(document: dict[str, Any]) -> str:
-    """The markdown table of a `merge_eval` document: average accuracy per method and
-    combination (per-task accuracies in parentheses).
+    """The markdown table of a `merge_eval` document: average normalized accuracy per method
+    and combination, with the worst task and the setting.
 
     Example:
-        >>> doc = {"combinations": {"a+b": {"methods": {"ties": {"average": 0.5,
-        ...        "accuracy": {"a": 1.0, "b": 0.0}, "setting": {"density": 0.5}}}}}}
+        >>> doc = {"combinations": {"a+b": {"methods": {"ties": {"average": 0.5, "worst": 0.0,
+        ...        "setting": {"density": 0.5}}}}}}
         >>> print(table(doc))
         | method | a+b |
         |---|---|
-        | ties | **0.50** (a 1.00, b 0.00; density 0.5) |
+        | ties | **0.50** (worst 0.00; density 0.5) |
     """
     combos = list(document["combinations"])
     methods = list(next(iter(document["combinations"].values()))["methods"])
@@ -218,12 +300,11 @@ def table(document: dict[str, Any]) -> str:
         cells = []
         for c in combos:
             row = document["combinations"][c]["methods"][method]
-            accs = ", ".join(f"{t} {a:.2f}" for t, a in row["accuracy"].items())
             setting = ", ".join(f"{k} {v}" for k, v in row["setting"].items()
-                                if k in ("density", "lambda"))
+                                if k in ("density", "lambda", "rest"))
             average = f"{row['average']:.2f}"
             if row["average"] == best[c]:
                 average = f"**{average}**"
-            cells.append(f"{average} ({accs}{'; ' + setting if setting else ''})")
+            cells.append(f"{average} (worst {row['worst']:.2f}{'; ' + setting if setting else ''})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""Expert sets (`jaxpatch.studies.expert_set`) and merge-eval on one: a manifest of a base and
+fine-tuned experts, judged by generated replies (answers and verifiers)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from test_instruct_pair import tiny_base
+
+import jaxpatch
+from experiments.instruct_pair import gemma3_chat_template
+from jaxpatch.engine.generation import greedy_replies
+from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
+from jaxpatch.prompts import read_prompts
+from jaxpatch.studies.expert_set import EXPERT_SET_FORMAT, load_expert_set
+from jaxpatch.verifiers import reply_text
+
+QUESTIONS = ["Name a river.", "Name a city.", "Name a colour.", "Name a tree."]
+
+
+def _perturbed(base: jaxpatch.Model, layer: int, part: str, module: str, seed: int) -> jaxpatch.Model:
+    """The base with one module's weight moved (an expert whose change is that module)."""
+    params = jax.tree_util.tree_map(lambda x: x, base.params)
+    leaf = params["layers"][layer][part][module]
+    noise = jax.random.normal(jax.random.key(seed), leaf["weight"].shape) * 0.5
+    params["layers"][layer][part][module] = {**leaf, "weight": leaf["weight"] + noise}
+    return dataclasses.replace(base, params=params)
+
+
+def _expert_set(folder: Path) -> dict[str, jaxpatch.Model]:
+    """A base and two experts changed in different modules, each judged on its own replies (so
+    it scores 1) and one line by a verifier."""
+    base = dataclasses.replace(tiny_base(), chat_template=gemma3_chat_template())
+    experts = {"river": _perturbed(base, 0, "mlp", "down_proj", 1),
+               "city": _perturbed(base, 1, "self_attn", "o_proj", 2)}
+    jaxpatch.save(base, folder / "base")
+    entries = {}
+    for name, expert in experts.items():
+        jaxpatch.save(expert, folder / name / "donor")
+        lines = [{"instruction": q} for q in QUESTIONS]
+        (folder / name / "localize.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        prompts = read_prompts(folder / name / "localize.jsonl", expert.tokenizer, expert.chat_template)
+        replies = [reply_text(expert.tokenizer, r)
+                   for r in greedy_replies(expert.config, expert.params, prompts, 4)]
+        held = [{"instruction": q, "answer": r} for q, r in zip(QUESTIONS, replies)]
+        held.append({"instruction": QUESTIONS[0], "verifier": "words:0-"})  # any reply passes
+        (folder / name / "held_out.jsonl").write_text("".join(json.dumps(x) + "\n" for x in held))
+        entries[name] = {"model": f"{name}/donor", "held_out": f"{name}/held_out.jsonl",
+                         "localize": f"{name}/localize.jsonl", "reply_tokens": 4}
+    (folder / "general.jsonl").write_text(json.dumps({"text": "A river runs to the sea."}) + "\n")
+    (folder / "expert_set.json").write_text(json.dumps({
+        "format": EXPERT_SET_FORMAT, "base": "base", "general_text": "general.jsonl",
+        "experts": entries}))
+    return {"base": base, **experts}
+
+
+@pytest.mark.slow
+def test_an_expert_set_judges_replies_and_merge_eval_runs_on_it(tmp_path: Path) -> None:
+    from jaxpatch.studies.merge_eval import merge_eval
+
+    models = _expert_set(tmp_path)
+    loaded = load_expert_set(tmp_path)
+    assert list(loaded.tasks) == ["river", "city"]
+    for name in ("river", "city"):
+        assert loaded.tasks[name].accuracy(models[name]) == 1.0  # its own replies, verbatim
+    assert loaded.text_loss is not None and loaded.text_loss(models["base"]) > 0
+    assert load_expert_set(tmp_path, held_out=2).tasks["river"].accuracy(models["river"]) == 1.0
+    document = merge_eval(tmp_path, eval_prompts=None, learned_steps=2)
+    assert document["expert_accuracy"] == {"river": 1.0, "city": 1.0}
+    # Each expert's noise sweep finds the module it changed first.
+    carried = {t: v["carried"]["module"] for t, v in document["localization"].items()}
+    assert "layers.0.mlp.down_proj" in carried["river"] and "layers.1.self_attn.o_proj" in carried["city"]
+    row = document["combinations"]["river+city"]["methods"]["weight_patching (module, winner)"]
+    assert set(row["accuracy"]) == {"river", "city"} and row["text_loss"] > 0
+    assert document["base"]["text_loss"] == pytest.approx(loaded.text_loss(models["base"]))
+    # Two experts changed in disjoint modules: task arithmetic at lambda 1 is both experts at
+    # once, and each carried-module merge gives each expert's module to its own expert.
+    assert 0 <= document["combinations"]["river+city"]["source_overlap"] < 1
+
+
+def test_an_expert_set_names_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointNotFoundError, match="neither planted.json nor expert_set.json"):
+        load_expert_set(tmp_path)
+    (tmp_path / "expert_set.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(InvalidInputError, match="not an expert set"):
+        load_expert_set(tmp_path)
+    (tmp_path / "expert_set.json").write_text(json.dumps({
+        "format": EXPERT_SET_FORMAT, "base": "base", "experts": {"a": {}, "b": {}}}))
+    with pytest.raises(CheckpointNotFoundError, match="base .*base not found"):
+        load_expert_set(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_held_out_line_needs_an_answer_or_a_verifier(tmp_path: Path) -> None:
+    from jaxpatch.studies.expert_set import held_out_judge
+
+    base = dataclasses.replace(tiny_base(), chat_template=gemma3_chat_template())
+    path = tmp_path / "held.jsonl"
+    path.write_text(json.dumps({"instruction": "Hi"}) + "\n")
+    with pytest.raises(InvalidInputError, match="held.jsonl:1: give an 'answer' or a 'verifier'"):
+        held_out_judge(path, base, 2)
+    path.write_text(json.dumps({"instruction": "Hi", "verifier": "rhymes"}) + "\n")
+    with pytest.raises(InvalidInputError, match="held.jsonl:1: verifier 'rhymes' is not understood"):
+        held_out_judge(path, base, 2)
+    path.write_text(json.dumps({"instruction": "Hi", "verifier": "words:0-"}) + "\n"
+                    + json.dumps({"instruction": "Hi", "answer": "\u2603 no model says this"}) + "\n")
+    assert held_out_judge(path, base, 2)(base) == 0.5
+    assert np.isfinite(held_out_judge(path, base, 2, limit=1)(base))
