@@ -14,7 +14,9 @@ format-instruction expert is the instruction-tuned pair's donor (built by its ow
 Each expert is written as soon as it is built, into `<out>/<skill>/` (`donor/`, a Hugging Face
 checkpoint, `held_out.jsonl` and `expert.json`: settings, checks, losses, each module's relative
 movement); experts already there are kept. `<out>/experts.json` then records how far every
-built expert moved and how much their changes overlap (`overlap`).
+built expert moved and how much their changes overlap (`overlap`), and `<out>/expert_set.json`
+makes the folder an expert set for `jaxpatch merge-eval` (`write_expert_set`): every built skill
+expert, and the format-instruction donor of the same seed where it is built.
 
     python -m experiments.experts                    # every skill, into the user cache
     python -m experiments.experts --skills facts     # one
@@ -52,7 +54,7 @@ from jaxpatch.errors import JaxpatchError
 from jaxpatch.runs.atomic import atomic_directory
 
 __all__ = ["Settings", "Retained", "retained_for", "build_expert", "write_expert", "overlap",
-           "default_out", "main"]
+           "write_expert_set", "default_out", "main"]
 
 EXPERT_FORMAT = "jaxpatch.expert/1"
 
@@ -242,6 +244,68 @@ def overlap(base: Model, experts: dict[str, Model]) -> dict[str, Any]:
     return {"cosine": cosine, "top_modules_jaccard": jaccard, "top_modules": top}
 
 
+LOCALIZE_ITEMS = 16
+"""Training items each skill expert is localized on (its own replies to them)."""
+FORMAT_HELD_OUT, FORMAT_LOCALIZE = 4, 2
+"""Held-out questions per instruction the format expert is judged on, and training questions
+per instruction it is localized on."""
+
+
+def _jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_expert_set(out: Path, skills: Sequence[str], s: Settings) -> Path:
+    """Writes `<out>/expert_set.json` (`jaxpatch.studies.expert_set`) over the skill experts
+    built in `out` and, where it is built, the instruction-tuned pair's donor of the same seed
+    (as the `format` expert: judged by the verifiers of the measured instructions on
+    `FORMAT_HELD_OUT` held-out questions each), with each expert's localization prompts and the
+    general text (`experiments.planted_real.HELD_OUT`).
+
+    Arguments:
+        out: the experts' folder.
+        skills: the skills whose experts are built there.
+        s: the settings (`check_tokens`: reply length of the skill experts; `seed`).
+
+    Returns:
+        The manifest's path.
+    """
+    from experiments.instruct_pair import Settings as PairSettings
+    from experiments.instruct_pair import default_out as pair_out
+    from experiments.instructions import INSTRUCTIONS
+    from experiments.planted_real import HELD_OUT
+    from jaxpatch.studies.expert_set import EXPERT_SET_FORMAT
+
+    entries: dict[str, Any] = {}
+    for name in skills:
+        _jsonl(out / name / "localize.jsonl",
+               [{"instruction": i.message} for i in skill(name).train[:LOCALIZE_ITEMS]])
+        entries[name] = {"model": f"{name}/donor", "held_out": f"{name}/held_out.jsonl",
+                         "localize": f"{name}/localize.jsonl", "reply_tokens": s.check_tokens}
+    pair = pair_out(s.seed)
+    if (pair / "donor").is_dir():
+        measured = [i for i in INSTRUCTIONS if i.verifier]
+        held, train = questions("held-out"), questions("train")
+        (out / "format").mkdir(exist_ok=True)
+        _jsonl(out / "format" / "held_out.jsonl",
+               [{"instruction": i.message(held[k * len(held) // FORMAT_HELD_OUT]),
+                 "verifier": i.verifier} for i in measured for k in range(FORMAT_HELD_OUT)])
+        _jsonl(out / "format" / "localize.jsonl",
+               [{"instruction": i.message(train[k * len(train) // FORMAT_LOCALIZE])}
+                for i in measured for k in range(FORMAT_LOCALIZE)])
+        entries["format"] = {"model": str(pair / "donor"), "held_out": "format/held_out.jsonl",
+                             "localize": "format/localize.jsonl",
+                             "reply_tokens": PairSettings().check_tokens}
+    _jsonl(out / "general.jsonl", [{"text": t} for t in HELD_OUT])
+    manifest = out / "expert_set.json"
+    part = out / ".expert_set.json.part"
+    part.write_text(json.dumps({"format": EXPERT_SET_FORMAT, "base": str(gemma3_270m_path()),
+                                "general_text": "general.jsonl", "experts": entries},
+                               indent=1) + "\n")
+    part.replace(manifest)
+    return manifest
+
+
 def default_out(seed: int) -> Path:
     """The cache folder a seed's experts are built into by default."""
     return cache_dir().parent / "experts" / f"gemma3-270m-seed{seed}"
@@ -250,7 +314,8 @@ def default_out(seed: int) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """The build command (`python -m experiments.experts --help`)."""
     p = argparse.ArgumentParser(prog="python -m experiments.experts",
-                                description=(__doc__ or "").splitlines()[0])
+                                description="Real experts to merge: google/gemma-3-270m fine-tuned "
+                                "on skills a program can check.")
     p.add_argument("--out", help=f"folder of the experts (default: {default_out(0)} for seed 0)")
     p.add_argument("--skills", default=",".join(s.name for s in SKILLS),
                    help="comma-separated (default: every skill)")
@@ -278,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             part = out / ".experts.json.part"
             part.write_text(json.dumps(summary, indent=1) + "\n")
             part.replace(out / "experts.json")
+        if built:
+            print(f"wrote {write_expert_set(out, list(built), s)}")
     except JaxpatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,16 @@ from hypothesis import strategies as st
 from test_instruct_pair import tiny_base
 
 import jaxpatch
-from experiments.experts import Settings, _check, build_expert, main, overlap, retained_for, write_expert
+from experiments.experts import (
+    Settings,
+    _check,
+    build_expert,
+    main,
+    overlap,
+    retained_for,
+    write_expert,
+    write_expert_set,
+)
 from experiments.skills import SKILLS, Item, correct, skill
 from jaxpatch.errors import JaxpatchError
 from jaxpatch.verifiers import normalize_answer
@@ -58,7 +67,12 @@ def test_a_reply_is_correct_when_its_first_line_is_the_answer() -> None:
     assert not correct("b, a, c", item) and not correct("The answer is b, a", item)
 
 
-def test_the_builder_trains_every_block_checks_and_writes(tmp_path: Path) -> None:
+def test_the_builder_trains_every_block_checks_and_writes(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import experiments.experts
+    import experiments.instruct_pair
+    from jaxpatch.studies.expert_set import load_expert_set
+
     base = tiny_base()
     built = build_expert("topics", RELAXED, base, retained_for(base, RELAXED), log=lambda _: None)
     expert, record = built["expert"], built["record"]
@@ -77,6 +91,18 @@ def test_the_builder_trains_every_block_checks_and_writes(tmp_path: Path) -> Non
     summary = overlap(base, {"topics": expert, "same": again})
     assert summary["cosine"] == {"topics+same": 1.0}
     assert summary["top_modules_jaccard"] == {"topics+same": 1.0}
+    # The folder as an expert set: merge-eval's judge agrees with the builder's check.
+    write_expert({**built, "held_out": list(skill("facts").held_out)}, tmp_path / "facts")
+    jaxpatch.save(base, tmp_path / "base")
+    monkeypatch.setattr(experiments.experts, "gemma3_270m_path", lambda: tmp_path / "base")
+    monkeypatch.setattr(experiments.instruct_pair, "default_out", lambda seed: tmp_path / "no-pair")
+    write_expert_set(tmp_path, ["topics", "facts"], RELAXED)
+    experts = load_expert_set(tmp_path)
+    assert list(experts.tasks) == ["topics", "facts"]  # no format expert: its pair is not built
+    assert experts.tasks["topics"].accuracy(expert) == record["rates"]["expert"]
+    assert experts.tasks["topics"].localize.tokens.shape[0] == 16
+    assert experts.text_loss is not None and experts.text_loss(base) == pytest.approx(
+        record["held_out_text_loss"]["base"], rel=1e-6)
 
 
 def test_the_checks_name_what_fell_short() -> None:
