@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from golden import FIXTURES
@@ -369,3 +370,25 @@ def test_source_set_conflict_gives_every_contested_coefficient_to_the_strongest_
     alone, _ = guided_coefficients([np.array([0.5, 0.0]), np.array([0.0, 0.3])], [1.0, 1.0],
                                    0.1, "source_set", [0.1, 9.0])
     assert alone.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def _ranked_mask(delta: np.ndarray, k: int, skip: int) -> np.ndarray:
+    """The definition: ranks of a stable sort by |delta| descending, kept in [skip, skip + k)."""
+    order = np.argsort(-np.abs(delta), kind="stable")
+    ranks = np.empty(delta.size, np.int64)
+    ranks[order] = np.arange(delta.size)
+    return ((ranks >= skip) & (ranks < skip + k)).astype(np.float32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, -2.0, 3.0, 1e-30, float("inf")]),
+                min_size=1, max_size=30), st.data())
+def test_magnitude_mask_keeps_the_ranks_of_a_stable_sort(values: list[float],
+                                                          data: st.DataObject) -> None:
+    from jaxpatch.merge.methods import magnitude_mask
+
+    delta = np.asarray(values, np.float32)
+    k = data.draw(st.integers(0, delta.size))
+    skip = data.draw(st.integers(0, delta.size - k))
+    got = np.asarray(magnitude_mask(jnp.asarray(delta), jnp.int32(k), jnp.int32(skip)))
+    np.testing.assert_array_equal(got, _ranked_mask(delta, k, skip))

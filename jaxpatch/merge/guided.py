@@ -36,6 +36,7 @@ from jaxpatch._tree import flatten_params, unflatten_dotted
 from jaxpatch.components import Component, components
 from jaxpatch.errors import InvalidInputError
 from jaxpatch.merge.config import PARAMETERS, MergeConfig, resolve
+from jaxpatch.merge.methods import sum_models
 from jaxpatch.models.config import ModelConfig
 from jaxpatch.models.model import Model
 from jaxpatch.modes import SCORED_GRANULARITIES
@@ -230,5 +231,5 @@ def _mix(base: jax.Array, experts: jax.Array, coefficients: jax.Array, covered: 
     """`base + sum_e c_e (expert_e - base)` where covered, `rest` elsewhere (coefficients
     broadcast from the patch layout to the leaf)."""
     deltas = experts.astype(jnp.float32) - base.astype(jnp.float32)
-    guided = base.astype(jnp.float32) + jnp.sum(coefficients * deltas, axis=0)
+    guided = base.astype(jnp.float32) + sum_models(coefficients * deltas)
     return jnp.where(covered, guided, rest.astype(jnp.float32)).astype(base.dtype)

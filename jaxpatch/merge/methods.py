@@ -40,9 +40,25 @@ from jaxpatch.rounding import jit
 
 __all__ = ["linear", "task_arithmetic", "slerp", "model_stock", "tall_masks", "consensus_ta",
            "keep_count", "outlier_window", "magnitude_mask", "random_mask", "rescale_l1", "consensus_mask",
-           "generalized_task_arithmetic"]
+           "generalized_task_arithmetic", "sum_models"]
 
 Array = jax.Array
+
+
+def sum_models(x: Array) -> Array:
+    """The sum over the leading (models) axis, added one model at a time. XLA on CPU runs a
+    leading-axis `sum` fused with the elementwise work before it several hundred times slower
+    than these adds (0.5 s against 1 ms for two 2048 x 640 deltas), and merges are made of such
+    sums; the adds run in the same order as a sequential reduction.
+
+    Example:
+        >>> sum_models(jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])).tolist()
+        [9.0, 12.0]
+    """
+    total = x[0]
+    for i in range(1, x.shape[0]):
+        total = total + x[i]
+    return total
 
 
 def _work_dtype(x: Array) -> jnp.dtype:
@@ -59,7 +75,7 @@ def linear(tensors: Array, weights: Array, normalize: bool = True) -> Array:
     """
     dtype = _work_dtype(tensors)
     w = weights.astype(dtype).reshape((-1,) + (1,) * (tensors.ndim - 1))
-    out = jnp.sum(tensors.astype(dtype) * w, axis=0)
+    out = sum_models(tensors.astype(dtype) * w)
     if normalize:
         out = out / jnp.sum(weights.astype(dtype))
     return out.astype(tensors.dtype)
@@ -115,16 +131,37 @@ def magnitude_mask(delta: Array, k: Array, skip: Array | int = 0) -> Array:
     """1 on the `k` elements of largest |delta| after the `skip` largest (ties: the earlier
     element first), 0 elsewhere.
 
+    The ranks are those of a stable sort by |delta|, descending, found without sorting (XLA's
+    sort on CPU takes 0.4 s for a 2048 x 640 matrix): the top `m` elements are those above the
+    m-th largest magnitude, found by bisection over the magnitudes' bit patterns (ordered as
+    the non-negative floats they encode), and the earliest of those equal to it.
+
     Example:
         >>> magnitude_mask(jnp.array([0.1, -3.0, 2.0, 0.5]), jnp.int32(2)).tolist()
         [0.0, 1.0, 1.0, 0.0]
         >>> magnitude_mask(jnp.array([0.1, -3.0, 2.0, 0.5]), jnp.int32(2), jnp.int32(1)).tolist()
         [0.0, 0.0, 1.0, 1.0]
     """
-    flat = jnp.abs(delta.reshape(-1)).astype(jnp.float32)
-    order = jnp.argsort(-flat, stable=True)
-    ranks = jnp.zeros(flat.size, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
-    return ((ranks >= skip) & (ranks < skip + k)).astype(delta.dtype).reshape(delta.shape)
+    bits = jax.lax.bitcast_convert_type(jnp.abs(delta.reshape(-1)).astype(jnp.float32), jnp.int32)
+    skip = jnp.asarray(skip, jnp.int32)
+    kept = _top(bits, skip + jnp.asarray(k, jnp.int32)) & ~_top(bits, skip)
+    return kept.astype(delta.dtype).reshape(delta.shape)
+
+
+def _top(bits: Array, m: Array) -> Array:
+    """The `m` elements ranked first by (bit pattern descending, index ascending)."""
+    def halve(_: int, bounds: tuple[Array, Array]) -> tuple[Array, Array]:
+        low, high = bounds  # count(bits >= low) >= m > count(bits > high)
+        middle = low + (high - low + 1) // 2
+        enough = jnp.sum(bits >= middle) >= m
+        return jnp.where(enough, middle, low), jnp.where(enough, high, middle - 1)
+
+    infinity = 0x7F800000  # the largest magnitude's bits (NaN aside)
+    edge, _ = jax.lax.fori_loop(0, 32, halve, (jnp.int32(0), jnp.int32(infinity)))
+    above = bits > edge
+    equal = bits == edge
+    earliest = equal & (jnp.cumsum(equal.astype(jnp.int32)) <= m - jnp.sum(above))
+    return (above | earliest) & (m > 0)
 
 
 def random_mask(delta: Array, density: Array, key: Array) -> Array:
@@ -161,7 +198,7 @@ def consensus_mask(deltas: Array) -> Array:
         >>> consensus_mask(jnp.array([[1.0, -2.0], [-0.5, 1.0]])).tolist()
         [[1.0, 1.0], [0.0, 0.0]]
     """
-    majority = jnp.where(deltas.sum(axis=0) >= 0, 1.0, -1.0).astype(deltas.dtype)
+    majority = jnp.where(sum_models(deltas) >= 0, 1.0, -1.0).astype(deltas.dtype)
     return (jnp.sign(deltas) == majority).astype(deltas.dtype)
 
 
@@ -213,12 +250,12 @@ def generalized_task_arithmetic(base: Array, tensors: Array, weights: Array, den
     deltas = deltas * w
     if consensus is not None:
         mask = consensus_mask(deltas)
-        mixed = (deltas * mask).sum(axis=0)
-        divisor = (w * mask).sum(axis=0)
+        mixed = sum_models(deltas * mask)
+        divisor = sum_models(w * mask)
         divisor = jnp.where(divisor == 0, 1, divisor)
     else:
-        mixed = deltas.sum(axis=0)
-        divisor = w.sum(axis=0)
+        mixed = sum_models(deltas)
+        divisor = sum_models(w)
         divisor = jnp.where(jnp.abs(divisor) < 1e-8, 1, divisor)
     if normalize:
         mixed = mixed / divisor
@@ -264,7 +301,7 @@ def model_stock(base: Array, tensors: Array, filter_wise: bool = False) -> Array
     denominator = 1 + (n - 1) * cos
     singular = jnp.abs(denominator) < 1e-6
     t = jnp.where(singular, 0, n * cos / jnp.where(singular, 1, denominator))
-    merged = t * (ws.sum(axis=0) / n) + (1 - t) * w0
+    merged = t * (sum_models(ws) / n) + (1 - t) * w0
     return merged.reshape(base.shape).astype(base.dtype)
 
 
@@ -287,7 +324,7 @@ def tall_masks(base: Array, tensors: Array, mask_lambda: float) -> Array:
     """
     dtype = _work_dtype(base)
     deltas = tensors.astype(dtype) - base.astype(dtype)
-    total = deltas.sum(axis=0)
+    total = sum_models(deltas)
     return (jnp.abs(deltas) > mask_lambda * jnp.abs(total - deltas)).astype(dtype)
 
 
@@ -315,9 +352,9 @@ def consensus_ta(base: Array, tensors: Array, weights: Array, lam: float, mask_l
     """
     dtype = _work_dtype(base)
     deltas = tensors.astype(dtype) - base.astype(dtype)
-    kept = tall_masks(base, tensors, mask_lambda).sum(axis=0) >= k
+    kept = sum_models(tall_masks(base, tensors, mask_lambda)) >= k
     w = weights.astype(dtype).reshape((-1,) + (1,) * (deltas.ndim - 1))
-    merged = base.astype(dtype) + jnp.asarray(lam, dtype) * jnp.where(kept, (deltas * w).sum(0), 0)
+    merged = base.astype(dtype) + jnp.asarray(lam, dtype) * jnp.where(kept, sum_models(deltas * w), 0)
     return merged.astype(base.dtype)
 
 

@@ -182,6 +182,12 @@ def _rest(config: MergeConfig, base: Model, experts: list[Model], seed: int) -> 
     return _merge_tensors(fallback, base, experts, seed, False)
 
 
+_UNMOVED_IS_BASE = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                              "breadcrumbs_ties", "model_stock", "consensus_ta"})
+"""Methods that return the base's tensor exactly where no model's tensor differs from it (their
+task vectors are all zero); linear and slerp average, which may round."""
+
+
 def _merge_tensors(config: MergeConfig, base: Model | None, others: list[Model], seed: int,
                    progress: bool) -> Model:
     """The standard merges: every tensor in Hugging Face's layout, parameters resolved for it."""
@@ -212,6 +218,11 @@ def _merge_tensors(config: MergeConfig, base: Model | None, others: list[Model],
         tensors = [rule.to_hf([np.asarray(f[leaf]) for leaf in rule.leaves]) for f in flats]
         base_tensor = (rule.to_hf([np.asarray(base_flat[leaf]) for leaf in rule.leaves])
                        if base_flat is not None else None)
-        out = merge_tensor(config.method, base_tensor, tensors, params, jax.random.fold_in(key, index))
+        if base_tensor is not None and config.method in _UNMOVED_IS_BASE and all(
+                np.array_equal(x, base_tensor) for x in tensors):
+            out = base_tensor  # no model moved it (a frozen embedding): each method gives the base
+        else:
+            out = merge_tensor(config.method, base_tensor, tensors, params,
+                               jax.random.fold_in(key, index))
         merged.update(zip(rule.leaves, (jnp.asarray(x) for x in rule.to_canonical(out))))
     return Model(model_config, unflatten_dotted(merged), tokenizer=reference.tokenizer)
