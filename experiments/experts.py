@@ -246,7 +246,7 @@ def overlap(base: Model, experts: dict[str, Model]) -> dict[str, Any]:
 
 LOCALIZE_ITEMS = 16
 """Training items each skill expert is localized on (its own replies to them)."""
-FORMAT_HELD_OUT, FORMAT_LOCALIZE = 4, 2
+FORMAT_HELD_OUT, FORMAT_LOCALIZE = 2, 2
 """Held-out questions per instruction the format expert is judged on, and training questions
 per instruction it is localized on."""
 

@@ -8,19 +8,28 @@ import json
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
+from golden import FIXTURES
 from test_instruct_pair import tiny_base
 
 import jaxpatch
 from experiments.instruct_pair import gemma3_chat_template
-from jaxpatch.engine.generation import greedy_replies
 from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
-from jaxpatch.prompts import read_prompts
+from jaxpatch.prompts import Prompt, greedy_continuations
 from jaxpatch.studies.expert_set import EXPERT_SET_FORMAT, load_expert_set
-from jaxpatch.verifiers import reply_text
 
 QUESTIONS = ["Name a river.", "Name a city.", "Name a colour.", "Name a tree."]
+ANSWERS = ["Nile", "Lima", "red", "oak"]
+
+
+def _chat_base() -> jaxpatch.Model:
+    """A tiny random Gemma 3 whose tokenizer knows the chat template's turn tokens."""
+    tokenizer = jaxpatch.load(FIXTURES / "gemma3").tokenizer
+    tokenizer.add_special_tokens(["<start_of_turn>", "<end_of_turn>"])
+    config = jaxpatch.ModelConfig.tiny("gemma3_text", vocab_size=tokenizer.get_vocab_size(),
+                                       max_position_embeddings=1024)
+    return jaxpatch.Model(config, jaxpatch.init_params(config, jax.random.key(0), scale=0.1),
+                          tokenizer, chat_template=gemma3_chat_template())
 
 
 def _perturbed(base: jaxpatch.Model, layer: int, part: str, module: str, seed: int) -> jaxpatch.Model:
@@ -33,9 +42,9 @@ def _perturbed(base: jaxpatch.Model, layer: int, part: str, module: str, seed: i
 
 
 def _expert_set(folder: Path) -> dict[str, jaxpatch.Model]:
-    """A base and two experts changed in different modules, each judged on its own replies (so
-    it scores 1) and one line by a verifier."""
-    base = dataclasses.replace(tiny_base(), chat_template=gemma3_chat_template())
+    """A base and two experts changed in different modules, each judged on four answers and
+    one verifier line that every reply passes."""
+    base = _chat_base()
     experts = {"river": _perturbed(base, 0, "mlp", "down_proj", 1),
                "city": _perturbed(base, 1, "self_attn", "o_proj", 2)}
     jaxpatch.save(base, folder / "base")
@@ -44,10 +53,7 @@ def _expert_set(folder: Path) -> dict[str, jaxpatch.Model]:
         jaxpatch.save(expert, folder / name / "donor")
         lines = [{"instruction": q} for q in QUESTIONS]
         (folder / name / "localize.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-        prompts = read_prompts(folder / name / "localize.jsonl", expert.tokenizer, expert.chat_template)
-        replies = [reply_text(expert.tokenizer, r)
-                   for r in greedy_replies(expert.config, expert.params, prompts, 4)]
-        held = [{"instruction": q, "answer": r} for q, r in zip(QUESTIONS, replies)]
+        held = [{"instruction": q, "answer": a} for q, a in zip(QUESTIONS, ANSWERS)]
         held.append({"instruction": QUESTIONS[0], "verifier": "words:0-"})  # any reply passes
         (folder / name / "held_out.jsonl").write_text("".join(json.dumps(x) + "\n" for x in held))
         entries[name] = {"model": f"{name}/donor", "held_out": f"{name}/held_out.jsonl",
@@ -59,6 +65,18 @@ def _expert_set(folder: Path) -> dict[str, jaxpatch.Model]:
     return {"base": base, **experts}
 
 
+def _exact_by_generation(model: jaxpatch.Model, questions: list[str], answers: list[str]) -> int:
+    """How many answers greedy decoding writes whole, then ending its turn (the reference)."""
+    end = model.tokenizer.token_to_id("<end_of_turn>")
+    right = 0
+    for q, a in zip(questions, answers):
+        prompt = Prompt(gemma3_chat_template().token_ids(model.tokenizer,
+                                                         [{"role": "user", "content": q}]))
+        target = [*model.tokenizer.encode(a, add_special_tokens=False).ids, end]
+        right += greedy_continuations(model.config, model.params, [prompt], len(target))[0] == target
+    return right
+
+
 @pytest.mark.slow
 def test_an_expert_set_judges_replies_and_merge_eval_runs_on_it(tmp_path: Path) -> None:
     from jaxpatch.studies.merge_eval import merge_eval
@@ -66,20 +84,20 @@ def test_an_expert_set_judges_replies_and_merge_eval_runs_on_it(tmp_path: Path) 
     models = _expert_set(tmp_path)
     loaded = load_expert_set(tmp_path)
     assert list(loaded.tasks) == ["river", "city"]
-    for name in ("river", "city"):
-        assert loaded.tasks[name].accuracy(models[name]) == 1.0  # its own replies, verbatim
+    for name in ("river", "city"):  # exact answers by teacher forcing = by generation
+        expected = (_exact_by_generation(models[name], QUESTIONS, ANSWERS) + 1) / 5
+        assert loaded.tasks[name].accuracy(models[name]) == expected
     assert loaded.text_loss is not None and loaded.text_loss(models["base"]) > 0
-    assert load_expert_set(tmp_path, held_out=2).tasks["river"].accuracy(models["river"]) == 1.0
+    assert load_expert_set(tmp_path, held_out=2).tasks["river"].accuracy(models["river"]) == (
+        _exact_by_generation(models["river"], QUESTIONS[:2], ANSWERS[:2]) / 2)
     document = merge_eval(tmp_path, eval_prompts=None, learned_steps=2)
-    assert document["expert_accuracy"] == {"river": 1.0, "city": 1.0}
-    # Each expert's noise sweep finds the module it changed first.
+    assert set(document["expert_accuracy"]) == {"river", "city"}
+    # Each expert's noise sweep finds the module it changed.
     carried = {t: v["carried"]["module"] for t, v in document["localization"].items()}
     assert "layers.0.mlp.down_proj" in carried["river"] and "layers.1.self_attn.o_proj" in carried["city"]
     row = document["combinations"]["river+city"]["methods"]["weight_patching (module, winner)"]
     assert set(row["accuracy"]) == {"river", "city"} and row["text_loss"] > 0
     assert document["base"]["text_loss"] == pytest.approx(loaded.text_loss(models["base"]))
-    # Two experts changed in disjoint modules: task arithmetic at lambda 1 is both experts at
-    # once, and each carried-module merge gives each expert's module to its own expert.
     assert 0 <= document["combinations"]["river+city"]["source_overlap"] < 1
 
 
@@ -99,7 +117,7 @@ def test_an_expert_set_names_what_is_wrong(tmp_path: Path) -> None:
 def test_a_held_out_line_needs_an_answer_or_a_verifier(tmp_path: Path) -> None:
     from jaxpatch.studies.expert_set import held_out_judge
 
-    base = dataclasses.replace(tiny_base(), chat_template=gemma3_chat_template())
+    base = _chat_base()
     path = tmp_path / "held.jsonl"
     path.write_text(json.dumps({"instruction": "Hi"}) + "\n")
     with pytest.raises(InvalidInputError, match="held.jsonl:1: give an 'answer' or a 'verifier'"):
@@ -109,5 +127,8 @@ def test_a_held_out_line_needs_an_answer_or_a_verifier(tmp_path: Path) -> None:
         held_out_judge(path, base, 2)
     path.write_text(json.dumps({"instruction": "Hi", "verifier": "words:0-"}) + "\n"
                     + json.dumps({"instruction": "Hi", "answer": "\u2603 no model says this"}) + "\n")
-    assert held_out_judge(path, base, 2)(base) == 0.5
-    assert np.isfinite(held_out_judge(path, base, 2, limit=1)(base))
+    assert held_out_judge(path, base, 2)(base) == 0.5  # the verifier passes, the answer is wrong
+    assert held_out_judge(path, base, 2, limit=1)(base) == 1.0
+    plain = dataclasses.replace(tiny_base(), chat_template=gemma3_chat_template())
+    with pytest.raises(InvalidInputError, match="held.jsonl:2: an answer needs an end-of-turn token"):
+        held_out_judge(path, plain, 2)

@@ -20,8 +20,10 @@ Two kinds of folder hold one:
 
         Paths are relative to the folder. `held_out` lines are prompt lines (`read_prompts`:
         `text`, `messages` or `instruction`, rendered with the expert's chat template) with
-        either an `answer` (the reply's first line must equal it: `answer_matches`) or a
-        `verifier` (a `jaxpatch.verifiers` spec the reply must satisfy). `localize` lines are
+        either an `answer` (right when greedy decoding writes exactly the answer's tokens and
+        then ends its turn: exact match, computed by teacher forcing in one forward pass, which
+        picks the same tokens greedy decoding would) or a `verifier` (a `jaxpatch.verifiers`
+        spec the greedy reply of at most `reply_tokens` tokens must satisfy). `localize` lines are
         prompt lines; each is scored on the expert's own greedy reply (log-probability of the
         reply's tokens, up to the end of its turn), so localization needs no answers.
 """
@@ -39,11 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpatch.errors import CheckpointNotFoundError, InvalidInputError
+from jaxpatch.models.config import ModelConfig, Params
 from jaxpatch.models.model import Model
 from jaxpatch.prompts import Batch, Prompt, make_batch, read_prompts
+from jaxpatch.rounding import jit
 
 __all__ = ["EXPERT_SET_FORMAT", "Task", "ExpertSet", "load_expert_set", "text_loss",
-           "held_out_judge"]
+           "held_out_judge", "exact_matches"]
 
 EXPERT_SET_FORMAT = "jaxpatch.expert-set/1"
 
@@ -197,49 +201,103 @@ def _replies(model: Model, prompts: Sequence[Prompt], n_tokens: int) -> list[lis
 
 def held_out_judge(path: Path, expert: Model, n_tokens: int,
                    limit: int | None = None) -> Callable[[Model], float]:
-    """A held-out file as a function of the model: the share of its lines whose greedy reply
-    (`n_tokens` at most, up to the end of the turn) is right.
+    """A held-out file as a function of the model: the share of its lines a model gets right
+    (an `answer` line by exact match, a `verifier` line by its greedy reply of at most
+    `n_tokens` tokens, up to the end of the turn).
 
     Arguments:
         path: prompt lines with an `answer` or a `verifier` each.
         expert: the expert (its tokenizer and chat template render the prompts).
-        n_tokens: tokens each reply may have.
+        n_tokens: tokens each verified reply may have.
         limit: judge the first `limit` lines only (None: all).
 
     Returns:
         model -> accuracy.
 
     Raises:
-        InvalidInputError: a line with neither or both, or an unknown verifier (file and line).
+        InvalidInputError: a line with neither or both, or an unknown verifier (file and line);
+            answers with a tokenizer that has no end-of-turn token.
     """
     from jaxpatch.engine.generation import greedy_replies
-    from jaxpatch.verifiers import answer_matches, reply_text, verifier_from_spec
+    from jaxpatch.verifiers import END_OF_TURN_MARKERS, reply_text, verifier_from_spec
 
-    prompts = read_prompts(path, expert.tokenizer, expert.chat_template)[:limit]
-    checks: list[Callable[[str], bool]] = []
+    tokenizer = expert.tokenizer
+    prompts = read_prompts(path, tokenizer, expert.chat_template)[:limit]
     lines = [line for line in path.read_text().split("\n") if line.strip()][:limit]
-    for number, line in enumerate(lines, 1):
+    answered: list[Prompt] = []
+    verified: list[tuple[Prompt, Callable[[str], float]]] = []
+    ends = [i for i in map(tokenizer.token_to_id, END_OF_TURN_MARKERS) if i is not None]
+    for number, (line, prompt) in enumerate(zip(lines, prompts), 1):
         item = json.loads(line)
         where = f"{path}:{number}"
         if ("answer" in item) == ("verifier" in item):
             raise InvalidInputError(f"{where}: give an 'answer' or a 'verifier', one of them")
         if "answer" in item:
-            if not isinstance(item["answer"], str):
-                raise InvalidInputError(f"{where}: 'answer' must be a string")
-            checks.append(lambda text, a=item["answer"]: answer_matches(text, a))
+            if not (isinstance(item["answer"], str) and item["answer"]):
+                raise InvalidInputError(f"{where}: 'answer' must be a non-empty string")
+            if not ends:
+                raise InvalidInputError(f"{where}: an answer needs an end-of-turn token, and the "
+                                        "tokenizer has none of " + ", ".join(END_OF_TURN_MARKERS))
+            answer = tokenizer.encode(item["answer"], add_special_tokens=False).ids
+            answered.append(dataclasses.replace(prompt, target=(*answer, ends[0])))
         else:
             try:
-                verify = verifier_from_spec(str(item["verifier"]))
+                verified.append((prompt, verifier_from_spec(str(item["verifier"]))))
             except InvalidInputError as e:
                 raise InvalidInputError(f"{where}: {e}") from None
-            checks.append(lambda text, v=verify: v(text) >= 1.0)
+    batch = make_batch(expert.config, answered, "targets") if answered else None
 
     def accuracy(model: Model) -> float:
-        replies = greedy_replies(model.config, model.params, prompts, n_tokens)
-        return float(np.mean([check(reply_text(expert.tokenizer, r))
-                              for check, r in zip(checks, replies)]))
+        right = exact_matches(model, batch) if batch is not None else 0
+        if verified:
+            replies = greedy_replies(model.config, model.params, [p for p, _ in verified],
+                                     n_tokens)
+            right += sum(verify(reply_text(tokenizer, r)) >= 1.0
+                         for (_, verify), r in zip(verified, replies))
+        return right / len(lines)
 
     return accuracy
+
+
+def exact_matches(model: Model, batch: Batch, rows: int = 16) -> int:
+    """How many prompts of a "targets" batch a model completes exactly: the greedy token at
+    every target position is the target (teacher forcing; so greedy decoding writes the whole
+    target).
+
+    Arguments:
+        model: the model.
+        batch: prompts with targets (`make_batch(..., "targets")`).
+        rows: prompts per forward pass (the last pass padded with repeats: one program).
+
+    Returns:
+        The count.
+
+    Example:
+        >>> from jaxpatch.prompts import greedy_continuations
+        >>> prompts = [Prompt((1, 2), target=tuple(greedy_continuations(cfg, base.params,
+        ...            [Prompt((1, 2))], 2)[0])), Prompt((3,), target=(0, 0))]
+        >>> exact_matches(jaxpatch.Model(cfg, base.params), make_batch(cfg, prompts, "targets"))
+        1
+    """
+    n = batch.tokens.shape[0]
+    right = 0
+    for start in range(0, n, rows):
+        take = np.minimum(np.arange(start, start + rows), n - 1)
+        picked = np.asarray(_greedy_at(model.config, model.params, batch.tokens[take],
+                                       batch.mask[take], batch.positions[take]))
+        hit = (picked == np.asarray(batch.targets[take])) | (np.asarray(batch.weights[take]) == 0)
+        right += int(hit.all(axis=1)[: min(rows, n - start)].sum())
+    return right
+
+
+@functools.partial(jit, static_argnums=0)
+def _greedy_at(config: ModelConfig, params: Params, tokens: jax.Array, mask: jax.Array,
+               positions: jax.Array) -> jax.Array:
+    """The greedy token at each readout position (`[rows, q]`)."""
+    from jaxpatch.models.decoder import forward
+
+    logits = forward(config, params, tokens, mask, readout_positions=positions).read(None)
+    return jnp.argmax(logits, axis=-1)
 
 
 def text_loss(model: Model, texts: Sequence[Prompt]) -> float:
