@@ -23,13 +23,7 @@ ANSWERS = ["Nile", "Lima", "red", "oak"]
 
 
 def _chat_base() -> jaxpatch.Model:
-    """A tiny random Gemma 3 whose tokenizer knows the chat template's turn tokens."""
-    tokenizer = jaxpatch.load(FIXTURES / "gemma3").tokenizer
-    tokenizer.add_special_tokens(["<start_of_turn>", "<end_of_turn>"])
-    config = jaxpatch.ModelConfig.tiny("gemma3_text", vocab_size=tokenizer.get_vocab_size(),
-                                       max_position_embeddings=1024)
-    return jaxpatch.Model(config, jaxpatch.init_params(config, jax.random.key(0), scale=0.1),
-                          tokenizer, chat_template=gemma3_chat_template())
+    return dataclasses.replace(tiny_base(), chat_template=gemma3_chat_template())
 
 
 def _perturbed(base: jaxpatch.Model, layer: int, part: str, module: str, seed: int) -> jaxpatch.Model:
@@ -129,6 +123,6 @@ def test_a_held_out_line_needs_an_answer_or_a_verifier(tmp_path: Path) -> None:
                     + json.dumps({"instruction": "Hi", "answer": "\u2603 no model says this"}) + "\n")
     assert held_out_judge(path, base, 2)(base) == 0.5  # the verifier passes, the answer is wrong
     assert held_out_judge(path, base, 2, limit=1)(base) == 1.0
-    plain = dataclasses.replace(tiny_base(), chat_template=gemma3_chat_template())
+    no_turns = jaxpatch.load(FIXTURES / "gemma3").tokenizer  # no end-of-turn token
     with pytest.raises(InvalidInputError, match="held.jsonl:2: an answer needs an end-of-turn token"):
-        held_out_judge(path, plain, 2)
+        held_out_judge(path, dataclasses.replace(base, tokenizer=no_turns), 2)

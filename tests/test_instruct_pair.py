@@ -21,7 +21,10 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_base() -> jaxpatch.Model:
+    """A tiny random Gemma 3 with the fixture tokenizer and Gemma's turn tokens (special, as in
+    the real tokenizer)."""
     tokenizer = jaxpatch.load(FIXTURES / "gemma3").tokenizer
+    tokenizer.add_special_tokens(["<start_of_turn>", "<end_of_turn>"])
     config = jaxpatch.ModelConfig.tiny("gemma3_text", vocab_size=tokenizer.get_vocab_size(),
                                        max_position_embeddings=1024)
     return jaxpatch.Model(config, jaxpatch.init_params(config, jax.random.key(0), scale=0.1),
