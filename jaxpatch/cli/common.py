@@ -259,8 +259,8 @@ def run_settings(args: argparse.Namespace, inputs: Mapping[str, Any]) -> dict[st
     Example:
         >>> from jaxpatch.cli import build_parser
         >>> args = build_parser().parse_args(["merge-eval", "pair", "--out", "o"])
-        >>> run_settings(args, {"pair": {"sha256": "ab"}})["arguments"]["share"]
-        0.25
+        >>> run_settings(args, {"pair": {"sha256": "ab"}})["arguments"]["threshold"]
+        0.1
     """
     from jaxpatch.runs.fingerprint import versions
 

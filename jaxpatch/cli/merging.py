@@ -29,9 +29,9 @@ def register(command: Command) -> None:
                    "(jaxpatch/studies/pairs/default) or an expert set (expert_set.json)")
     p.add_argument("--out", required=True, help="folder for merge_eval.json and merge_eval.md "
                    "(progress recorded there; the same command resumes it)")
-    p.add_argument("--share", type=float, default=0.25,
-                   help="score-guided merges: the share of its components by effect each expert "
-                   "carries (default 0.25)")
+    p.add_argument("--threshold", type=float, default=0.1,
+                   help="score-guided merges: an expert carries the components whose effect "
+                   "reaches this share of its largest (default 0.1)")
     p.add_argument("--eval-prompts", type=int, default=128,
                    help="held-out items judged per task (default 128)")
     p.add_argument("--overwrite", action="store_true",
@@ -57,12 +57,12 @@ def _merge_eval(args: argparse.Namespace) -> None:
     RunLog.check_folder(args.out, args.overwrite)
     if args.eval_prompts < 1:
         raise InvalidInputError(f"--eval-prompts must be at least 1, got {args.eval_prompts}")
-    if not 0 < args.share <= 1:
-        raise InvalidInputError(f"--share must lie in (0, 1], got {args.share}")
+    if not 0 < args.threshold <= 1:
+        raise InvalidInputError(f"--threshold must lie in (0, 1], got {args.threshold}")
     if not Path(args.experts).is_dir():
         raise InvalidInputError(f"{args.experts}: expert folder not found")
     with run_log(args, {"experts": {"sha256": folder_sha256(args.experts)}}) as log:
-        document = merge_eval(args.experts, share=args.share, eval_prompts=args.eval_prompts,
+        document = merge_eval(args.experts, threshold=args.threshold, eval_prompts=args.eval_prompts,
                               progress=lambda combo: print(f"merged {combo}", flush=True),
                               log=log.task("merge-eval") if log else None)
         markdown = table(document)

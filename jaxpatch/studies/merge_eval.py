@@ -12,8 +12,8 @@ of `python -m experiments.experts`) is merged, every pair, triple, ... of its ex
                    score-guided (`jaxpatch.merge.guided.stitch`): each expert localized by an
                    exact noise-direction sweep on its own localization prompts (at neuron
                    granularity of a model with more than `EXHAUSTIVE_NEURONS` neurons, integrated
-                   gradients); the components an expert carries are its top `share` by effect
-                   (positive effects only); conflicts by `winner`, `score_weighted` or
+                   gradients); an expert carries the components whose effect reaches
+                   `threshold` times its largest (`carried`); conflicts by `winner`, `score_weighted` or
                    `source_set`; the uncarried rest from the base or a data-free merge (`REST`,
                    the best reported)
     localize-and-stitch
@@ -61,8 +61,8 @@ from jaxpatch.runs.settings import Execution
 from jaxpatch.studies.evaluate import EXHAUSTIVE_NEURONS
 from jaxpatch.studies.expert_set import ExpertSet, load_expert_set
 
-__all__ = ["GRID", "REST", "CONFLICTS", "TALL_LAMBDA", "MERGE_EVAL_FORMAT", "localize_experts",
-           "carried", "merge_eval", "table"]
+__all__ = ["GRID", "DATA_FREE", "REST", "CONFLICTS", "TALL_LAMBDA", "MERGE_EVAL_FORMAT",
+           "localize_experts", "carried", "merge_eval", "table", "summary"]
 
 MERGE_EVAL_FORMAT = "jaxpatch.merge-eval/2"
 GRID: dict[str, list[dict[str, Any]]] = {
@@ -125,17 +125,20 @@ def _neurons(config: ModelConfig) -> int:
     return config.n_layers * config.d_ff
 
 
-def carried(effects: dict[str, float], share: float) -> dict[str, float]:
-    """The components an expert carries: the top `share` of its components by effect, among
-    those with a positive effect (at least one when any is positive).
+def carried(effects: dict[str, float], threshold: float) -> dict[str, float]:
+    """The components an expert carries: those whose effect reaches `threshold` times its
+    largest effect (relative, so experts whose single effects are all small, as in a real
+    fine-tune that moved every weight, still carry their strongest components).
 
     Example:
-        >>> carried({"a": 0.5, "b": 0.2, "c": 0.1, "d": -0.3}, 0.5)
-        {'a': 0.5, 'b': 0.2}
+        >>> carried({"a": 0.5, "b": 0.06, "c": 0.04, "d": -0.3}, 0.1)
+        {'a': 0.5, 'b': 0.06}
     """
-    order = sorted((n for n, e in effects.items() if e > 0), key=lambda n: -effects[n])
-    keep = max(1, round(share * len(effects))) if order else 0
-    return {n: effects[n] for n in order[:keep]}
+    top = max(effects.values(), default=0.0)
+    if top <= 0:
+        return {}
+    return {n: e for n, e in sorted(effects.items(), key=lambda kv: -kv[1])
+            if e >= threshold * top}
 
 
 def _data_free(method: str, params: dict[str, Any], base: Model, chosen: list[Model],
@@ -165,7 +168,7 @@ def _tall_mask_models(base: Model, chosen: list[Model]) -> list[Model]:
     return [dataclasses.replace(base, params=unflatten_dotted(f), source=None) for f in out]
 
 
-def merge_eval(folder: str | Path, *, share: float = 0.25, eval_prompts: int | None = 128,
+def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int | None = 128,
                learned_steps: int = 200, progress: Callable[[str], Any] | None = None,
                log: TaskLog | None = None) -> dict[str, Any]:
     """Merges every combination of two or more of the set's experts with every method and
@@ -173,8 +176,8 @@ def merge_eval(folder: str | Path, *, share: float = 0.25, eval_prompts: int | N
 
     Arguments:
         folder: an expert set (`jaxpatch.studies.expert_set.load_expert_set`).
-        share: the share of its components by effect each expert carries in score-guided
-            merges (`carried`).
+        threshold: score-guided merges: an expert carries the components whose effect reaches
+            this share of its largest (`carried`).
         eval_prompts: held-out items per task (the first of each task's file; None: all).
         learned_steps: steps of the learned masks (localize-and-stitch).
         progress: called with a line per finished combination.
@@ -191,7 +194,7 @@ def merge_eval(folder: str | Path, *, share: float = 0.25, eval_prompts: int | N
     experts = load_expert_set(folder, eval_prompts)
     base = experts.base
     located = localize_experts(experts, learned_steps=learned_steps, log=log)
-    sets = {t: {g: carried(v["effects"][g], share) for g in SCORED_GRANULARITIES}
+    sets = {t: {g: carried(v["effects"][g], threshold) for g in SCORED_GRANULARITIES}
             for t, v in located.items()}
     own = memo(log, "expert accuracy", lambda: {
         t: experts.tasks[t].accuracy(task.expert) for t, task in experts.tasks.items()})
@@ -217,7 +220,7 @@ def merge_eval(folder: str | Path, *, share: float = 0.25, eval_prompts: int | N
             for conflict in CONFLICTS:
                 rows = [judged(stitch(base, chosen, [sets[t][granularity] for t in combo],
                                       [1.0] * len(combo), 0.0, conflict, rests[rest]), combo,
-                               {"share": share, "rest": rest})
+                               {"threshold": threshold, "rest": rest})
                         for rest in REST]
                 methods[f"weight_patching ({granularity}, {conflict})"] = _best(rows)
         masks = [{m: 1.0 for m in located[t]["learned"]} for t in combo]
@@ -253,7 +256,7 @@ def merge_eval(folder: str | Path, *, share: float = 0.25, eval_prompts: int | N
                                  "carried": {g: sorted(sets[t][g]) for g in ("module", "head")},
                                  "carried_neurons": len(sets[t]["neuron"])}
                              for t, v in located.items()},
-            "grid": GRID, "rest": list(REST), "share": share, "eval_prompts": eval_prompts,
+            "grid": GRID, "rest": list(REST), "threshold": threshold, "eval_prompts": eval_prompts,
             "combinations": results, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -308,3 +311,63 @@ def table(document: dict[str, Any]) -> str:
             cells.append(f"{average} (worst {row['worst']:.2f}{'; ' + setting if setting else ''})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+DATA_FREE = tuple(GRID)
+"""The data-free methods' names (the rows `summary` compares score-guided merges with)."""
+
+
+def summary(document: dict[str, Any]) -> dict[str, Any]:
+    """What a `merge_eval` document says about the issue's questions.
+
+    Returns:
+        `{"pairs_average": {method: mean over the pairs of its average normalized accuracy},
+        "best_data_free_on_pairs": (method, value), "combinations": {combo: {"best_data_free":
+        (method, average), "best_guided": (method, average), "margin": guided - data-free,
+        "source_overlap": ..., "interference": 1 - best data-free average}}, "guided_wins":
+        combos where the margin is at least 0.03, "overlap_interference_correlation": Pearson's
+        r over the pairs (None below three pairs), "carried_alone": {task: {granularity:
+        normalized accuracy of the carried components alone}}}`.
+
+    Example:
+        >>> row = lambda a: {"average": a, "worst": a, "setting": {}}
+        >>> doc = {"expert_accuracy": {"a": 1.0, "b": 0.5},
+        ...        "carried_alone": {"a": {"module": 0.5}, "b": {"module": 0.5}},
+        ...        "combinations": {"a+b": {"source_overlap": 0.2, "methods": {
+        ...            "ties": row(0.4), "weight_patching (module, winner)": row(0.5)}}}}
+        >>> s = summary(doc)
+        >>> s["best_data_free_on_pairs"], s["guided_wins"], s["carried_alone"]["b"]
+        (('ties', 0.4), ['a+b'], {'module': 1.0})
+    """
+    combos = document["combinations"]
+    pairs = [c for c in combos if c.count("+") == 1]
+    methods = next(iter(combos.values()))["methods"]
+    data_free = [m for m in methods if m in DATA_FREE]
+    guided = [m for m in methods if m.startswith("weight_patching")]
+    pairs_average = {m: float(np.mean([combos[c]["methods"][m]["average"] for c in pairs]))
+                     for m in data_free} if pairs else {}
+    per_combo = {}
+    for c, entry in combos.items():
+        rows = entry["methods"]
+        best_free = max(data_free, key=lambda m: rows[m]["average"])
+        best_guided = max(guided, key=lambda m: rows[m]["average"])
+        per_combo[c] = {"best_data_free": (best_free, rows[best_free]["average"]),
+                        "best_guided": (best_guided, rows[best_guided]["average"]),
+                        "margin": rows[best_guided]["average"] - rows[best_free]["average"],
+                        "source_overlap": entry["source_overlap"],
+                        "interference": 1 - rows[best_free]["average"]}
+    correlation = None
+    if len(pairs) >= 3:
+        x = [per_combo[c]["source_overlap"] for c in pairs]
+        y = [per_combo[c]["interference"] for c in pairs]
+        if np.std(x) > 0 and np.std(y) > 0:
+            correlation = float(np.corrcoef(x, y)[0, 1])
+    own = document["expert_accuracy"]
+    return {"pairs_average": pairs_average,
+            "best_data_free_on_pairs": max(pairs_average.items(), key=lambda kv: kv[1])
+            if pairs_average else None,
+            "combinations": per_combo,
+            "guided_wins": [c for c, v in per_combo.items() if v["margin"] >= 0.03],
+            "overlap_interference_correlation": correlation,
+            "carried_alone": {t: {g: a / own[t] if own[t] > 0 else None for g, a in v.items()}
+                              for t, v in document["carried_alone"].items()}}
