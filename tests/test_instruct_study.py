@@ -32,8 +32,9 @@ TINY = StudySettings(instructions=("capitals",), score_prompts=2, judge_prompts=
 def tiny_pair(tmp_path_factory) -> Path:
     """A tiny pair in the builder's folder format. A random tiny Gemma echoes its last token
     whatever three steps of training did; the donor's final norm is negated so that base and
-    donor write different text, and the judge checks an ending the donor's text has (on these
-    prompts: base "ients ients ients ients", donor "t a ar o")."""
+    donor write different text, and the judge checks an ending the donor's text has (on the
+    first three prompts: base "ients", "ed ed ed ed", "ed ed ed ed"; donor "ar t ge tree",
+    "ar nents ar ors", "ar t f fro")."""
     folder = tmp_path_factory.mktemp("instruct") / "pair"
     built = build(RELAXED, tiny_base(), log=lambda line: None)
     params = dict(built["donor"].params)
