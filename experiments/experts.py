@@ -45,6 +45,7 @@ from experiments.instruct_pair import (
     retained_texts,
     train_chat,
 )
+from experiments.instruct_pair import default_out as instruct_pair_out
 from experiments.instructions import plain_prompt, questions
 from experiments.planted_real import held_out_loss
 from experiments.real_model import cache_dir, gemma3_270m_path
@@ -271,7 +272,6 @@ def write_expert_set(out: Path, skills: Sequence[str], s: Settings) -> Path:
         The manifest's path.
     """
     from experiments.instruct_pair import Settings as PairSettings
-    from experiments.instruct_pair import default_out as pair_out
     from experiments.instructions import INSTRUCTIONS
     from experiments.planted_real import HELD_OUT
     from jaxpatch.studies.expert_set import EXPERT_SET_FORMAT
@@ -282,7 +282,7 @@ def write_expert_set(out: Path, skills: Sequence[str], s: Settings) -> Path:
                [{"instruction": i.message} for i in skill(name).train[:LOCALIZE_ITEMS]])
         entries[name] = {"model": f"{name}/donor", "held_out": f"{name}/held_out.jsonl",
                          "localize": f"{name}/localize.jsonl", "reply_tokens": s.check_tokens}
-    pair = pair_out(s.seed)
+    pair = instruct_pair_out(s.seed)
     if (pair / "donor").is_dir():
         measured = [i for i in INSTRUCTIONS if i.verifier]
         held, train = questions("held-out"), questions("train")
@@ -338,13 +338,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 write_expert(build_expert(name, s, base, retained), out / name, args.overwrite)
                 print(f"wrote {out / name}")
         built = {n: load(out / n / "donor") for n in names if (out / n / "expert.json").is_file()}
+        skills = list(built)
+        pair = instruct_pair_out(s.seed) / "donor"
+        if pair.is_dir():  # the format-instruction donor: the fourth expert
+            built["format"] = load(pair)
         if len(built) >= 2:
             summary = {"experts": sorted(built), "overlap": overlap(base, built)}
             part = out / ".experts.json.part"
             part.write_text(json.dumps(summary, indent=1) + "\n")
             part.replace(out / "experts.json")
         if built:
-            print(f"wrote {write_expert_set(out, list(built), s)}")
+            print(f"wrote {write_expert_set(out, skills, s)}")
     except JaxpatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -94,6 +96,32 @@ def section(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def movement(folder: Path) -> str:
+    """How far each real expert moved and how much their changes overlap (`experts.json` and
+    each `expert.json`)."""
+    lines = []
+    for record_file in sorted(folder.glob("*/expert.json")):
+        record = json.loads(record_file.read_text())
+        moved = record["movement"]
+        loss = record["held_out_text_loss"]
+        top = sorted(moved, key=lambda m: -moved[m])[:3]
+        lines.append(f"- {record['skill']}: built in {record['seconds'] / 60:.0f} min; its checks "
+                     f"(greedy replies, first line) {_pct(record['rates']['expert'])}, base "
+                     f"{_pct(record['rates']['base'])}; held-out text loss {loss['base']:.3f} -> "
+                     f"{loss['expert']:.3f}; relative movement: median "
+                     f"{float(np.median([v for v in moved.values() if v > 0])):.4f}, most "
+                     + ", ".join(f"{m} {moved[m]:.4f}" for m in top) + ".")
+    summary_file = folder / "experts.json"
+    if summary_file.is_file():
+        overlap = json.loads(summary_file.read_text())["overlap"]
+        lines.append("- Overlap of their changes (cosine of whole task vectors; Jaccard of the "
+                     "tenth of modules each moved most): " + "; ".join(
+                         f"{pair} {overlap['cosine'][pair]:+.3f} / "
+                         f"{overlap['top_modules_jaccard'][pair]:.2f}"
+                         for pair in overlap["cosine"]) + ".")
+    return "\n".join(lines)
+
+
 def write_section(name: str, text: str) -> None:
     doc = ROOT / "docs" / "merging.md"
     start, end = MARKERS[name]
@@ -123,8 +151,10 @@ def main() -> int:
         return 1
     real = run(folder, folder / "merge-eval", args.eval_prompts)
     real["set"] = "experiments.experts, seed 0"
+    if (folder / "experts.json").is_file():
+        real["overlap"] = json.loads((folder / "experts.json").read_text())["overlap"]
     (ROOT / "docs" / "merge_eval_real.json").write_text(json.dumps(real, indent=1) + "\n")
-    write_section("real", section(real))
+    write_section("real", movement(folder) + "\n\n" + section(real))
     return 0
 
 

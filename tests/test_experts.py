@@ -70,7 +70,6 @@ def test_a_reply_is_correct_when_its_first_line_is_the_answer() -> None:
 def test_the_builder_trains_every_block_checks_and_writes(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import experiments.experts
-    import experiments.instruct_pair
     from jaxpatch.studies.expert_set import load_expert_set
 
     base = tiny_base()
@@ -95,7 +94,7 @@ def test_the_builder_trains_every_block_checks_and_writes(tmp_path: Path,
     write_expert({**built, "held_out": list(skill("facts").held_out)}, tmp_path / "facts")
     jaxpatch.save(base, tmp_path / "base")
     monkeypatch.setattr(experiments.experts, "gemma3_270m_path", lambda: tmp_path / "base")
-    monkeypatch.setattr(experiments.instruct_pair, "default_out", lambda seed: tmp_path / "no-pair")
+    monkeypatch.setattr(experiments.experts, "instruct_pair_out", lambda seed: tmp_path / "no-pair")
     write_expert_set(tmp_path, ["topics", "facts"], RELAXED)
     experts = load_expert_set(tmp_path)
     assert list(experts.tasks) == ["topics", "facts"]  # no format expert: its pair is not built
