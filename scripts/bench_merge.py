@@ -80,10 +80,15 @@ def main() -> int:
     mergekit = shutil.which("mergekit-yaml")
     if mergekit is None:
         raise SystemExit("mergekit-yaml not found: pip install -e '.[reference]'")
-    print(f"{' + '.join(args.names)} into {base.name}, float32, whole process each:")
+    print(f"{' + '.join(args.names)} into their base, float32, whole process each:")
     print("| method | jaxpatch merge (s) | mergekit-yaml (s) | mergekit / jaxpatch | largest difference |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
+        if not base.is_dir():  # a GGUF file: both tools read the same Hugging Face folder
+            import jaxpatch
+
+            jaxpatch.save(jaxpatch.load(base), Path(tmp) / "base")
+            base = Path(tmp) / "base"
         for method in METHODS:
             yml = Path(tmp) / f"{method}.yml"
             yml.write_text(config(method, base, experts))
