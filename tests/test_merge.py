@@ -284,6 +284,7 @@ def test_merge_eval_covers_every_combination_and_method(tmp_path: Path,
     assert document["base"]["average"] == 0.0
     assert document["combinations"]["reverse+sort"]["methods"]["tall_masks"]["worst"] > 0.9
     assert "layers.2.self_attn.o_proj" in document["localization"]["sort"]["learned"]
+    assert document["localization"]["sort"]["method"] == "exact (noise)"
     assert (out / "merge_eval.md").read_text().startswith("| method | map+reverse |")
     # The same command again replays the recorded localizations and merges; others are refused.
     assert main(["merge-eval", str(default_pair_dir()), "--out", str(out),
