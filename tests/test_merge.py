@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -382,14 +383,14 @@ def _ranked_mask(delta: np.ndarray, k: int, skip: int) -> np.ndarray:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, -2.0, 3.0, 1e-30, float("inf")]),
-                min_size=1, max_size=30), st.data())
-def test_magnitude_mask_keeps_the_ranks_of_a_stable_sort(values: list[float],
-                                                          data: st.DataObject) -> None:
+@given(st.sampled_from([1, 5, 24]), st.data())
+def test_magnitude_mask_keeps_the_ranks_of_a_stable_sort(size: int, data: st.DataObject) -> None:
     from jaxpatch.merge.methods import magnitude_mask
 
-    delta = np.asarray(values, np.float32)
+    values = data.draw(st.lists(st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, -2.0, 3.0, 1e-30,
+                                                 float("inf")]), min_size=size, max_size=size))
+    delta = np.asarray(values, np.float32)  # three sizes: three compiled programs (jit caches)
     k = data.draw(st.integers(0, delta.size))
     skip = data.draw(st.integers(0, delta.size - k))
-    got = np.asarray(magnitude_mask(jnp.asarray(delta), jnp.int32(k), jnp.int32(skip)))
+    got = np.asarray(jax.jit(magnitude_mask)(jnp.asarray(delta), jnp.int32(k), jnp.int32(skip)))
     np.testing.assert_array_equal(got, _ranked_mask(delta, k, skip))
