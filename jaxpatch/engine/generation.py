@@ -123,7 +123,8 @@ def greedy_replies(config: ModelConfig, params: Params, prompts: Sequence[Prompt
         config, params: the model.
         prompts: the prompts.
         n_tokens: tokens generated per prompt.
-        batch: prompts per batch (the last batch is padded with repeats of its last prompt).
+        batch: at most this many prompts per pass (the last pass padded with repeats of its
+            last prompt, so every pass runs one program).
 
     Returns:
         Per prompt, its `n_tokens` generated token ids.
@@ -134,6 +135,7 @@ def greedy_replies(config: ModelConfig, params: Params, prompts: Sequence[Prompt
         [3, 3]
     """
     tokens, lengths = prompt_buffer(config, prompts, n_tokens)
+    batch = min(batch, len(prompts))  # a small set is not padded up to `batch`
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch):
         rows = min(batch, len(prompts) - start)
