@@ -8,7 +8,8 @@ pair's experts (the hard case).
 Each set's section of docs/merging.md (between its markers) is written from the merge-eval
 document: the experts, the table, the best setting per method, the targets and what the scores
 predicted; the documents go to docs/merge_eval.json (planted) and docs/merge_eval_real.json.
-The real set's run is recorded in `<experts>/merge-eval/` and resumed there when interrupted.
+The real set's run is recorded in `<experts>-merge-eval/` beside the expert folder and resumed
+there when interrupted.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def main() -> int:
     if not (folder / "expert_set.json").is_file():
         print(f"{folder}: no expert set (python -m experiments.experts builds it)")
         return 1
-    real = run(folder, folder / "merge-eval", args.eval_prompts)
+    real = run(folder, folder.parent / f"{folder.name}-merge-eval", args.eval_prompts)
     real["set"] = "experiments.experts, seed 0"
     if (folder / "experts.json").is_file():
         real["overlap"] = json.loads((folder / "experts.json").read_text())["overlap"]

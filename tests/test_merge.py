@@ -298,6 +298,15 @@ def test_merge_eval_covers_every_combination_and_method(tmp_path: Path,
     assert "eval_prompts is 128 (the recorded run had 8)" in capsys.readouterr().err
 
 
+def test_merge_eval_refuses_to_write_into_its_experts(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "experts").mkdir()
+    assert main(["merge-eval", str(tmp_path / "experts"), "--out",
+                 str(tmp_path / "experts" / "run")]) == 2
+    assert "lies inside the expert folder" in capsys.readouterr().err
+    assert list((tmp_path / "experts").iterdir()) == []
+
+
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True),
                      st.text(max_size=6), st.sampled_from(["ties", "slerp", "linear", "weight",
                                                            "density", "mlp", "base", "e"]))

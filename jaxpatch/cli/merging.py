@@ -61,6 +61,10 @@ def _merge_eval(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--threshold must lie in (0, 1], got {args.threshold}")
     if not Path(args.experts).is_dir():
         raise InvalidInputError(f"{args.experts}: expert folder not found")
+    experts, out = Path(args.experts).resolve(), Path(args.out).resolve()
+    if out == experts or experts in out.parents:
+        raise InvalidInputError(f"--out {args.out} lies inside the expert folder {args.experts}, "
+                                "which is read, never written: give a folder outside it")
     with run_log(args, {"experts": {"sha256": folder_sha256(args.experts)}}) as log:
         document = merge_eval(args.experts, threshold=args.threshold, eval_prompts=args.eval_prompts,
                               progress=lambda combo: print(f"merged {combo}", flush=True),
