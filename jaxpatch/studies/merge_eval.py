@@ -49,7 +49,7 @@ from jaxpatch.engine import prepare, sweep
 from jaxpatch.learned import GateTraining, learn_patch
 from jaxpatch.merge.config import PARAMETERS, MergeConfig, ModelEntry
 from jaxpatch.merge.guided import Conflict, stitch
-from jaxpatch.merge.methods import tall_masks
+from jaxpatch.merge.methods import sum_models, tall_masks
 from jaxpatch.merge.run import merge_models_in_memory
 from jaxpatch.metrics import LogProb
 from jaxpatch.models.model import Model
@@ -168,7 +168,7 @@ def _tall_mask_models(base: Model, chosen: list[Model]) -> list[Model]:
     for name, leaf in flat_base.items():
         tensors = jnp.stack([f[name] for f in flats])
         masks = tall_masks(leaf, tensors, TALL_LAMBDA)
-        merged = jnp.sum(tensors.astype(jnp.float32) - leaf.astype(jnp.float32), axis=0)
+        merged = sum_models(tensors.astype(jnp.float32) - leaf.astype(jnp.float32))
         for i in range(len(chosen)):
             out[i][name] = (leaf.astype(jnp.float32) + masks[i] * merged).astype(leaf.dtype)
     return [dataclasses.replace(base, params=unflatten_dotted(f), source=None) for f in out]
