@@ -45,3 +45,14 @@ def donor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("donor") / "donor"
     jaxpatch.save(dataclasses.replace(base, params=jax.tree_util.tree_unflatten(treedef, moved)), folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_instruct_build() -> dict[str, Any]:
+    """The instruction-pair builder's result on a tiny random Gemma 3 (`tiny_chat`): three
+    training steps, built once for the tests that read it (do not modify it)."""
+    from tiny_chat import RELAXED, tiny_base
+
+    from experiments.instruct_pair import build
+
+    return build(RELAXED, tiny_base(), log=lambda line: None)

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import pytest
 from golden import FIXTURES
-from test_instruct_pair import tiny_base
+from tiny_chat import tiny_base
 
 import jaxpatch
 from experiments.instruct_pair import gemma3_chat_template

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_instruct_pair import tiny_base
+from tiny_chat import tiny_base
 
 import jaxpatch
 from experiments.experts import (

@@ -8,36 +8,20 @@ import dataclasses
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from golden import FIXTURES
 
 import jaxpatch
-from experiments.instruct_pair import Settings, _check, build, examples, write
+from experiments.instruct_pair import Settings, _check, examples, write
 from jaxpatch.errors import JaxpatchError
 
 pytestmark = pytest.mark.slow
 
 
-def tiny_base() -> jaxpatch.Model:
-    """A tiny random Gemma 3 with the fixture tokenizer and Gemma's turn tokens (special, as in
-    the real tokenizer)."""
-    tokenizer = jaxpatch.load(FIXTURES / "gemma3").tokenizer
-    tokenizer.add_special_tokens(["<start_of_turn>", "<end_of_turn>"])
-    config = jaxpatch.ModelConfig.tiny("gemma3_text", vocab_size=tokenizer.get_vocab_size(),
-                                       max_position_embeddings=1024)
-    return jaxpatch.Model(config, jaxpatch.init_params(config, jax.random.key(0), scale=0.1),
-                          tokenizer)
-
-
-RELAXED = Settings(steps=3, batch=4, answer_tokens=4, check_tokens=4, check_questions=2,
-                   min_donor_rate=0.0, max_base_rate=1.0, max_text_loss_increase=1e9)
-
-
-def test_the_builder_trains_every_block_and_nothing_else(tmp_path: Path) -> None:
-    base = tiny_base()
-    built = build(RELAXED, base, log=lambda line: None)
+def test_the_builder_trains_every_block_and_nothing_else(tiny_instruct_build: dict,
+                                                        tmp_path: Path) -> None:
+    built = tiny_instruct_build
+    base = built["base"]
     donor = built["donor"]
     np.testing.assert_array_equal(donor.params["embed_tokens"]["weight"],
                                   base.params["embed_tokens"]["weight"])

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import pytest
-from test_instruct_pair import RELAXED, tiny_base
 
 import jaxpatch
-from experiments.instruct_pair import build, reply_text, write
+from experiments.instruct_pair import reply_text, write
 from experiments.instruct_study import StudySettings, _curves, instruction_prompts, load_pair, markdown, study
 from experiments.instruct_study import write as write_study
 from jaxpatch import prepare
@@ -29,14 +28,14 @@ TINY = StudySettings(instructions=("capitals",), score_prompts=2, judge_prompts=
 
 
 @pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory) -> Path:
+def tiny_pair(tmp_path_factory, tiny_instruct_build: dict) -> Path:
     """A tiny pair in the builder's folder format. A random tiny Gemma echoes its last token
     whatever three steps of training did; the donor's final norm is negated so that base and
     donor write different text, and the judge checks an ending the donor's text has (on the
     first three prompts: base "ients", "ed ed ed ed", "ed ed ed ed"; donor "ar t ge tree",
     "ar nents ar ors", "ar t f fro")."""
     folder = tmp_path_factory.mktemp("instruct") / "pair"
-    built = build(RELAXED, tiny_base(), log=lambda line: None)
+    built = tiny_instruct_build
     params = dict(built["donor"].params)
     params["norm"] = {"weight": jnp.full_like(params["norm"]["weight"], -2.0)}
     write({**built, "donor": dataclasses.replace(built["donor"], params=params)}, folder)

@@ -185,7 +185,7 @@ def _greedy_restricted(config, base, donor, patch, prompt: Prompt, n: int, patch
 @pytest.mark.slow
 @pytest.mark.parametrize("patch_at", ["prompt", "response", "marked"])
 def test_restricted_generation_picks_what_a_full_forward_of_the_restricted_patch_picks(patch_at):
-    base, donor = random_pair("gemma3_text", scale=0.6, n_layers=3)
+    base, donor = random_pair("gemma3_text", scale=0.6, n_layers=2)
     config = base.config
     prompts = [Prompt((5, 9, 2, 7, 1, 3), marked=(1, 2)), Prompt((4, 8), marked=(0,))]
     selectors = {"attention 0": "layers.0.self_attn", "everything": EVERYTHING}
