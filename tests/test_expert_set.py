@@ -126,3 +126,33 @@ def test_a_held_out_line_needs_an_answer_or_a_verifier(tmp_path: Path) -> None:
     no_turns = jaxpatch.load(FIXTURES / "gemma3").tokenizer  # no end-of-turn token
     with pytest.raises(InvalidInputError, match="held.jsonl:2: an answer needs an end-of-turn token"):
         held_out_judge(path, dataclasses.replace(base, tokenizer=no_turns), 2)
+
+
+def test_the_text_loss_is_each_texts_own_next_token_cross_entropy() -> None:
+    """Texts of different lengths, padded into rows and passes, against each text read alone
+    by a plain forward (the reference)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxpatch.examples import random_pair
+    from jaxpatch.models.decoder import forward
+    from jaxpatch.studies.expert_set import text_loss
+
+    model, _ = random_pair("gemma3_text")
+    rng = np.random.default_rng(0)
+    texts = [Prompt(tuple(rng.integers(0, model.config.vocab_size, 2 + 3 * i).tolist()))
+             for i in range(5)]
+    total, count = 0.0, 0
+    for text in texts:
+        ids = jnp.asarray([text.tokens])
+        logits = forward(model.config, model.params, ids[:, :-1]).read(None)
+        total -= float(jnp.take_along_axis(jax.nn.log_softmax(logits, -1), ids[:, 1:, None],
+                                           -1).sum())
+        count += len(text.tokens) - 1
+    assert text_loss(model, texts, rows=2) == pytest.approx(total / count, rel=1e-6)
+    assert text_loss(model, texts[:1]) == pytest.approx(
+        -float(jax.nn.log_softmax(forward(model.config, model.params,
+                                          jnp.asarray([texts[0].tokens[:1]])).read(None)[0, 0])
+               [texts[0].tokens[1]]), rel=1e-6)
+    with pytest.raises(InvalidInputError, match="text 2 has fewer than two tokens"):
+        text_loss(model, [texts[0], Prompt((3,))])

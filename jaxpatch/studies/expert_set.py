@@ -300,28 +300,51 @@ def _greedy_at(config: ModelConfig, params: Params, tokens: jax.Array, mask: jax
     return jnp.argmax(logits, axis=-1)
 
 
-def text_loss(model: Model, texts: Sequence[Prompt]) -> float:
+def text_loss(model: Model, texts: Sequence[Prompt], rows: int = 8) -> float:
     """Mean next-token cross-entropy in nats over every predicted token of the texts, each
-    text read alone.
+    text read alone (right-padded rows, one compiled program for the whole set).
 
     Arguments:
         model: the model.
-        texts: token-id prompts (`read_prompts` of `text` lines).
+        texts: token-id prompts (`read_prompts` of `text` lines), each of at least two tokens.
+        rows: texts per forward pass (the last pass padded with repeats: one program).
 
     Returns:
         The loss.
+
+    Raises:
+        InvalidInputError: a text of fewer than two tokens (nothing to predict).
 
     Example:
         >>> text_loss(jaxpatch.Model(cfg, base.params), [Prompt((1, 2, 3))]) > 0
         True
     """
+    short = [i for i, t in enumerate(texts, 1) if len(t.tokens) < 2]
+    if short:
+        raise InvalidInputError(f"text {short[0]} has fewer than two tokens: nothing to predict")
+    # The first token as the prompt and the rest as its target: a "targets" batch reads the
+    # positions that predict every later token.
+    batch = make_batch(model.config, [Prompt(t.tokens[:1], target=t.tokens[1:]) for t in texts],
+                       "targets")
+    n = batch.tokens.shape[0]
+    total, count = 0.0, 0.0
+    for start in range(0, n, rows):
+        take = np.minimum(np.arange(start, start + rows), n - 1)
+        real = (np.asarray(batch.weights[take]) > 0) & (np.arange(rows) < n - start)[:, None]
+        picked = np.asarray(_target_log_probs(model.config, model.params, batch.tokens[take],
+                                              batch.mask[take], batch.positions[take],
+                                              batch.targets[take]))
+        total -= float((picked * real).sum())
+        count += float(real.sum())
+    return total / max(count, 1.0)
+
+
+@functools.partial(jit, static_argnums=0)
+def _target_log_probs(config: ModelConfig, params: Params, tokens: jax.Array, mask: jax.Array,
+                      positions: jax.Array, targets: jax.Array) -> jax.Array:
+    """The log-probability of each target at its readout position (`[rows, q]`)."""
     from jaxpatch.models.decoder import forward
 
-    total, count = 0.0, 0
-    for text in texts:
-        ids = jnp.asarray([text.tokens])
-        logits = forward(model.config, model.params, ids[:, :-1]).read(None)
-        picked = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), ids[:, 1:, None], -1)
-        total -= float(picked.sum())
-        count += ids.shape[1] - 1
-    return total / max(count, 1)
+    logits = forward(config, params, tokens, mask, readout_positions=positions).read(None)
+    return jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1),
+                               targets[..., None], -1)[..., 0]
