@@ -92,9 +92,28 @@ def section(document: dict[str, Any]) -> str:
               "expert's carried components alone, patched into the base (normalized): " + "; ".join(
                   f"{t} " + ", ".join(f"{g} {_pct(a)}" for g, a in v.items())
                   for t, v in s["carried_alone"].items()) + ".",
-              "", f"Whole run: {document['seconds'] / 60:.1f} min on this machine (localizations "
-              "and every merge; a resumed run counts only its last part)."]
+              "", timing(document)]
     return "\n".join(lines)
+
+
+def timing(document: dict[str, Any]) -> str:
+    """The run's time from what each piece recorded (a resumed run's pieces were timed when
+    first computed)."""
+    located = {t: v.get("seconds") for t, v in document["localization"].items()}
+    combos = [v.get("seconds") for v in document["combinations"].values()]
+    known = [x for x in [*located.values(), *combos] if x is not None]
+    missing = [t for t, x in located.items() if x is None]
+    line = (f"Time on this machine: {sum(known) / 60:.1f} min for "
+            + ("the localizations and " if not missing else "")
+            + f"every merge and judgment ({len(combos)} combinations)")
+    if any(x is not None for x in located.values()):
+        line += ("; localizing each expert: " + ", ".join(
+            f"{t} {x / 60:.1f} min" for t, x in located.items() if x is not None))
+    if missing:
+        line += f" (the localizations of {', '.join(missing)} were recorded without their time)"
+    if None in combos:
+        line += f" ({combos.count(None)} combinations were recorded without their time)"
+    return line + f"; this call, replaying what was recorded: {document['seconds'] / 60:.1f} min."
 
 
 def movement(folder: Path) -> str:

@@ -113,6 +113,7 @@ def localize_experts(experts: ExpertSet, *, learned_steps: int = 200,
     method = "exact (noise)" if exact else f"integrated-gradients (noise, {IG_STEPS} steps)"
 
     def localized(task: str) -> dict[str, Any]:
+        started = time.perf_counter()
         t = experts.tasks[task]
         prepared = prepare(experts.base, t.expert, t.localize, positions="targets")
         quiet = Execution(progress=False)
@@ -125,7 +126,8 @@ def localize_experts(experts: ExpertSet, *, learned_steps: int = 200,
             effects[granularity] = dict(zip(result.names, result.effect.tolist()))
         learned = learn_patch(prepared, LogProb(), sparsity=learned_sparsity,
                               training=GateTraining(steps=learned_steps))
-        return {"effects": effects, "learned": learned.selected, "method": method}
+        return {"effects": effects, "learned": learned.selected, "method": method,
+                "seconds": round(time.perf_counter() - started, 1)}
 
     return {task: memo(log, f"localized {task}", lambda t=task: localized(t))
             for task in experts.tasks}
@@ -194,7 +196,8 @@ def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int 
         The `merge_eval.json` document: per combination, per method, the accuracy and the
         normalized accuracy per task, their average and worst, the general text loss and the
         chosen setting; each expert's own accuracy and that of its carried modules alone
-        patched into the base; the base's; the localizations; timing.
+        patched into the base; the base's; the localizations; timing (`seconds`: this call;
+        each localization and combination records its own, also when replayed from a log).
     """
     started = time.perf_counter()
     experts = load_expert_set(folder, eval_prompts)
@@ -213,6 +216,7 @@ def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int 
               for c in itertools.combinations(experts.tasks, k)]
 
     def merged_combination(combo: tuple[str, ...]) -> dict[str, Any]:
+        started = time.perf_counter()
         chosen = [experts.tasks[t].expert for t in combo]
         methods: dict[str, Any] = {}
         rests: dict[str, Model | None] = {"base": None}
@@ -238,7 +242,8 @@ def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int 
         methods["tall_masks"] = _row(accuracy, own, {"mask_lambda": TALL_LAMBDA}, None)
         overlap = [_jaccard(sets[a]["module"], sets[b]["module"])
                    for a, b in itertools.combinations(combo, 2)]
-        return {"methods": methods, "source_overlap": float(np.mean(overlap))}
+        return {"methods": methods, "source_overlap": float(np.mean(overlap)),
+                "seconds": round(time.perf_counter() - started, 1)}
 
     results: dict[str, Any] = {}
     for combo in combos:
@@ -260,7 +265,8 @@ def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int 
             "carried_alone": alone,
             "localization": {t: {"method": v["method"], "learned": v["learned"],
                                  "carried": {g: sorted(sets[t][g]) for g in ("module", "head")},
-                                 "carried_neurons": len(sets[t]["neuron"])}
+                                 "carried_neurons": len(sets[t]["neuron"]),
+                                 "seconds": v.get("seconds")}
                              for t, v in located.items()},
             "grid": GRID, "rest": list(REST), "threshold": threshold, "eval_prompts": eval_prompts,
             "combinations": results, "seconds": round(time.perf_counter() - started, 1)}
