@@ -5,9 +5,11 @@ their outputs agree.
     python scripts/bench_merge.py --experts DIR A B   # two experts of another expert folder
 
 Merges two experts fine-tuned from google/gemma-3-270m into their base with each method below
-(weight 1 each, float32), once with each tool, each in a fresh process (loading, merging and
-writing the safetensors folder), and prints the times, their ratio and the largest difference
-between the two merged models' tensors. DARE is left out: its random drops differ by design.
+(weight 1 each, float32), each in a fresh process (loading, merging and writing the
+safetensors folder): jaxpatch twice (cold, with an empty compilation cache, and warm), mergekit
+once; prints the times, their ratio, each process's peak memory and the largest difference
+between the two merged models' tensors. Merging is elementwise and memory-bound, so no FLOP rate
+is printed. DARE is left out: its random drops differ by design.
 Needs the `reference` extra (mergekit).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,10 +41,17 @@ def config(method: str, base: Path, experts: list[Path]) -> str:
     return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}dtype: float32\n"
 
 
-def timed(command: list[str]) -> float:
+def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """A command's whole-process wall time in seconds and its peak resident memory in GB."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed (exit status "
+                         f"{os.waitstatus_to_exitcode(status)})")
+    return seconds, usage.ru_maxrss / 2**20  # kilobytes on Linux
 
 
 def largest_difference(a: Path, b: Path) -> float:
@@ -80,9 +90,11 @@ def main() -> int:
     mergekit = shutil.which("mergekit-yaml")
     if mergekit is None:
         raise SystemExit("mergekit-yaml not found: pip install -e '.[reference]'")
-    print(f"{' + '.join(args.names)} into their base, float32, whole process each:")
-    print("| method | jaxpatch merge (s) | mergekit-yaml (s) | mergekit / jaxpatch | largest difference |")
-    print("|---|---|---|---|---|")
+    print(f"{' + '.join(args.names)} into their base, float32, whole process each (jaxpatch "
+          "cold: an empty compilation cache; warm: the same command again):")
+    print("| method | jaxpatch cold (s) | jaxpatch warm (s) | mergekit-yaml (s) | "
+          "mergekit / jaxpatch warm | peak memory jaxpatch / mergekit (GB) | largest difference |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         if not base.is_dir():  # a GGUF file: both tools read the same Hugging Face folder
             import jaxpatch
@@ -93,9 +105,13 @@ def main() -> int:
             yml = Path(tmp) / f"{method}.yml"
             yml.write_text(config(method, base, experts))
             ours, theirs = Path(tmp) / f"{method}-jaxpatch", Path(tmp) / f"{method}-mergekit"
-            t_ours = timed([*jaxpatch_cli, "merge", str(yml), str(ours)])
-            t_theirs = timed([mergekit, str(yml), str(theirs)])
-            print(f"| {method} | {t_ours:.1f} | {t_theirs:.1f} | {t_theirs / t_ours:.2f} | "
+            cache = {"JAXPATCH_COMPILE_CACHE": str(Path(tmp) / f"xla-{method}")}
+            cold, _ = timed([*jaxpatch_cli, "merge", str(yml), str(ours)], cache)
+            shutil.rmtree(ours)
+            warm, our_memory = timed([*jaxpatch_cli, "merge", str(yml), str(ours)], cache)
+            theirs_s, their_memory = timed([mergekit, str(yml), str(theirs)])
+            print(f"| {method} | {cold:.1f} | {warm:.1f} | {theirs_s:.1f} | {theirs_s / warm:.2f} | "
+                  f"{our_memory:.2f} / {their_memory:.2f} | "
                   f"{largest_difference(ours, theirs):.2e} |", flush=True)
             shutil.rmtree(ours)
             shutil.rmtree(theirs)
