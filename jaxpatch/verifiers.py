@@ -258,7 +258,7 @@ def verifier_from_spec(spec: str) -> Verifier:
     raise InvalidInputError(f"verifier {spec!r} is not understood; one of: {known}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # one judge is one key: its endpoints are kept per pair
 class TextJudge:
     """Scores models by what they write: greedy continuations of `prompts`, decoded with
     `decode`, each scored by `verifier`, averaged over the prompts.
@@ -306,7 +306,8 @@ class TextJudge:
                 for name, tokens in generated.items()}
 
     def endpoints(self, pair: PreparedPair, *, execution: Execution | None = None) -> tuple[float, float]:
-        """The base's and the donor's raw scores (recovery's 0 and 1).
+        """The base's and the donor's raw scores (recovery's 0 and 1), generated once per pair
+        (the pair keeps them: every faithfulness curve judged on it reuses them).
 
         Raises:
             InvalidInputError: base and donor score the same, so recovery is undefined.
@@ -318,13 +319,16 @@ class TextJudge:
             >>> base_score != donor_score
             True
         """
-        empty = Patch.from_components(pair.config, [], label="none")
-        raw = self.scores(pair, {"base": empty}, execution=execution)
-        raw.update(self.scores(pair, {"donor": empty}, direction="noise", execution=execution))
-        if raw["base"] == raw["donor"]:
-            raise InvalidInputError(f"base and donor score the same on the {self.name} judge "
-                                    f"({raw['base']}): recovery is undefined on these prompts")
-        return raw["base"], raw["donor"]
+        def score() -> tuple[float, float]:
+            empty = Patch.from_components(pair.config, [], label="none")
+            raw = self.scores(pair, {"base": empty}, execution=execution)
+            raw.update(self.scores(pair, {"donor": empty}, direction="noise", execution=execution))
+            if raw["base"] == raw["donor"]:
+                raise InvalidInputError(f"base and donor score the same on the {self.name} judge "
+                                        f"({raw['base']}): recovery is undefined on these prompts")
+            return raw["base"], raw["donor"]
+
+        return pair.judged_endpoints(self, score)
 
     def describe(self) -> dict[str, Any]:
         """What the judge is, as JSON data.

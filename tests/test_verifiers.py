@@ -94,3 +94,26 @@ def test_a_judged_curve_is_generating_with_the_top_k_alone_and_verifying() -> No
         same.endpoints(pair)
     with pytest.raises(InvalidInputError, match="has no prompts"):
         TextJudge("empty", no_commas, [], 2, decode).scores(pair, {"x": components["norm"]})
+
+
+def test_a_judges_endpoints_are_generated_once_per_pair() -> None:
+    """Every curve and set judged on one pair reuses the base's and donor's scores; another
+    pair, or another judge, generates its own."""
+    example = example_pair()
+    pair = prepare(example.base, example.donor, example.batch)
+    calls = []
+
+    def counted(text: str) -> float:
+        calls.append(text)
+        return float(len(text.split()) % 2)
+
+    prompts = [Prompt((1, 2, 3)), Prompt((7, 8))]
+    judge = TextJudge("counted", counted, prompts, 3,
+                      lambda ids: " ".join(map(str, ids[:ids[0] % 3 + 1])))
+    first = judge.endpoints(pair)
+    assert len(calls) == 2 * len(prompts)
+    faithfulness_curve(pair, judge, ["norm", "lm_head"], sizes=[1])
+    assert judge.endpoints(pair) == first
+    assert len(calls) == 2 * len(prompts) + 2 * len(prompts)  # only the curve's two sets
+    judge.endpoints(prepare(example.base, example.donor, example.batch))
+    assert len(calls) == 6 * len(prompts)

@@ -21,7 +21,7 @@ free them.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, NamedTuple
+from typing import Any, Callable, Literal, Mapping, NamedTuple
 
 import jax
 from jax.sharding import Mesh
@@ -93,6 +93,7 @@ class PreparedPair:
         self._prefix: dict[tuple[str, int | None], tuple[Any, jax.Array]] = {}
         self._stacked: tuple[str, Params] | None = None
         self._endpoints: dict[Metric, MetricEndpoints] = {}
+        self._judged: dict[Any, tuple[float, float]] = {}
         self._sources: dict[tuple[str, int | None], dict[str, jax.Array]] = {}
         self._batches: dict[tuple[str, ...], Batch] = {}
 
@@ -226,6 +227,21 @@ class PreparedPair:
             self.counts["metric_preparations"] += 1
             self._endpoints[metric] = MetricEndpoints(state, base_score, donor_score, readouts)
         return self._endpoints[metric]
+
+    def judged_endpoints(self, judge: Any,
+                         score: Callable[[], tuple[float, float]]) -> tuple[float, float]:
+        """A text judge's raw scores of the base and the donor (`TextJudge.endpoints`): `score()`
+        the first time this judge asks, the recorded pair after (they depend on no patch).
+
+        Example:
+            >>> pair.judged_endpoints("judge", lambda: (0.0, 1.0))
+            (0.0, 1.0)
+            >>> pair.judged_endpoints("judge", lambda: (5.0, 5.0))  # recorded: not called again
+            (0.0, 1.0)
+        """
+        if judge not in self._judged:
+            self._judged[judge] = score()
+        return self._judged[judge]
 
     def sources(self, which: Which, layer: int | None) -> dict[str, jax.Array]:
         """Every activation site's value in a clean run of a model up to block `layer`.
