@@ -82,10 +82,13 @@ def test_an_expert_set_judges_replies_and_merge_eval_runs_on_it(tmp_path: Path) 
         expected = (_exact_by_generation(models[name], QUESTIONS, ANSWERS) + 1) / 5
         assert loaded.tasks[name].accuracy(models[name]) == expected
     assert loaded.text_loss is not None and loaded.text_loss(models["base"]) > 0
-    assert load_expert_set(tmp_path, held_out=2).tasks["river"].accuracy(models["river"]) == (
+    first_two = load_expert_set(tmp_path, held_out=2).tasks["river"]
+    assert first_two.accuracy(models["river"]) == (
         _exact_by_generation(models["river"], QUESTIONS[:2], ANSWERS[:2]) / 2)
+    assert first_two.items == 2 and loaded.tasks["river"].items == 5
     document = merge_eval(tmp_path, eval_prompts=None, learned_steps=2)
     assert set(document["expert_accuracy"]) == {"river", "city"}
+    assert document["held_out_items"] == {"river": 5, "city": 5}
     # Each expert's noise sweep finds the module it changed.
     carried = {t: v["carried"]["module"] for t, v in document["localization"].items()}
     assert "layers.0.mlp.down_proj" in carried["river"] and "layers.1.self_attn.o_proj" in carried["city"]
@@ -121,8 +124,9 @@ def test_a_held_out_line_needs_an_answer_or_a_verifier(tmp_path: Path) -> None:
         held_out_judge(path, base, 2)
     path.write_text(json.dumps({"instruction": "Hi", "verifier": "words:0-"}) + "\n"
                     + json.dumps({"instruction": "Hi", "answer": "\u2603 no model says this"}) + "\n")
-    assert held_out_judge(path, base, 2)(base) == 0.5  # the verifier passes, the answer is wrong
-    assert held_out_judge(path, base, 2, limit=1)(base) == 1.0
+    accuracy, items = held_out_judge(path, base, 2)
+    assert accuracy(base) == 0.5 and items == 2  # the verifier passes, the answer is wrong
+    assert held_out_judge(path, base, 2, limit=1)[0](base) == 1.0
     no_turns = jaxpatch.load(FIXTURES / "gemma3").tokenizer  # no end-of-turn token
     with pytest.raises(InvalidInputError, match="held.jsonl:2: an answer needs an end-of-turn token"):
         held_out_judge(path, dataclasses.replace(base, tokenizer=no_turns), 2)

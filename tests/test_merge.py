@@ -275,6 +275,7 @@ def test_merge_eval_covers_every_combination_and_method(tmp_path: Path,
     assert set(methods["ties"]["accuracy"]) == {"map", "sort"}
     assert methods["ties"]["setting"]["density"] in (0.2, 0.5, 0.8)
     own = document["expert_accuracy"]
+    assert document["held_out_items"] == {"map": 8, "reverse": 8, "sort": 8}  # --eval-prompts
     for row in methods.values():  # normalized by each expert's own accuracy
         for task, accuracy in row["accuracy"].items():
             assert row["normalized"][task] == pytest.approx(accuracy / own[task])

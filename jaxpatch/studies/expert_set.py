@@ -61,11 +61,13 @@ class Task:
         localize: the batch its localization reads (`positions="targets"`: the tokens the
             expert should write are each prompt's target).
         accuracy: the share of the task's held-out items a model gets right.
+        items: how many held-out items it judges (one item is `1 / items` of accuracy).
     """
 
     expert: Model
     localize: Batch
     accuracy: Callable[[Model], float]
+    items: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +135,7 @@ def _planted_set(folder: Path, held_out: int | None) -> ExpertSet:
         prompts = read_prompts(folder / "prompts" / f"{name}.jsonl")
         evals = read_prompts(folder / "prompts" / f"{name}-eval.jsonl")[:held_out]
         return Task(expert, make_batch(config, prompts, "targets"),
-                    lambda model: task_accuracy(config, model.params, evals))
+                    lambda model: task_accuracy(config, model.params, evals), len(evals))
 
     return ExpertSet(folder, pair.base, {n: task(n, e) for n, e in experts.items()}, None)
 
@@ -168,9 +170,9 @@ def _manifest_set(manifest: Path, held_out: int | None) -> ExpertSet:
         localize = [dataclasses.replace(p, target=tuple(r))
                     for p, r in zip(localize, _replies(expert, localize, n_tokens))]
         batch = make_batch(base.config, localize, "targets")
-        judge = held_out_judge(_path(folder, entry, "held_out", where), expert, n_tokens,
-                               held_out)
-        tasks[str(name)] = Task(expert, batch, judge)
+        judge, items = held_out_judge(_path(folder, entry, "held_out", where), expert, n_tokens,
+                                      held_out)
+        tasks[str(name)] = Task(expert, batch, judge, items)
     general = record.get("general_text")
     loss = None
     if general is not None:
@@ -200,7 +202,7 @@ def _replies(model: Model, prompts: Sequence[Prompt], n_tokens: int) -> list[lis
 
 
 def held_out_judge(path: Path, expert: Model, n_tokens: int,
-                   limit: int | None = None) -> Callable[[Model], float]:
+                   limit: int | None = None) -> tuple[Callable[[Model], float], int]:
     """A held-out file as a function of the model: the share of its lines a model gets right
     (an `answer` line by exact match, a `verifier` line by its greedy reply of at most
     `n_tokens` tokens, up to the end of the turn).
@@ -212,7 +214,7 @@ def held_out_judge(path: Path, expert: Model, n_tokens: int,
         limit: judge the first `limit` lines only (None: all).
 
     Returns:
-        model -> accuracy.
+        `(model -> accuracy, the number of items judged)`.
 
     Raises:
         InvalidInputError: a line with neither or both, or an unknown verifier (file and line);
@@ -256,7 +258,7 @@ def held_out_judge(path: Path, expert: Model, n_tokens: int,
                          for (_, verify), r in zip(verified, replies))
         return right / len(lines)
 
-    return accuracy
+    return accuracy, len(lines)
 
 
 def exact_matches(model: Model, batch: Batch, rows: int = 16) -> int:

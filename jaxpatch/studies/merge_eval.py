@@ -259,7 +259,9 @@ def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int 
         {t: task.accuracy(base) for t, task in experts.tasks.items()}, own, {},
         experts.text_loss(base) if experts.text_loss else None))
     return {"format": MERGE_EVAL_FORMAT, "set": str(experts.folder), "experts": list(experts.tasks),
-            "expert_accuracy": own, "base": base_row,
+            "expert_accuracy": own, "held_out_items": {t: task.items for t, task in
+                                                       experts.tasks.items()},
+            "base": base_row,
             "expert_text_loss": {t: experts.text_loss(task.expert) for t, task in
                                  experts.tasks.items()} if experts.text_loss else None,
             "carried_alone": alone,
@@ -334,6 +336,8 @@ def summary(document: dict[str, Any]) -> dict[str, Any]:
 
     Returns:
         `{"pairs_average": {method: mean over the pairs of its average normalized accuracy},
+        "method_average": {method: mean over every combination of its average normalized
+        accuracy},
         "best_data_free_on_pairs": (method, value), "combinations": {combo: {"best_data_free":
         (method, average), "best_guided": (method, average), "margin": guided - data-free,
         "source_overlap": ..., "interference": 1 - best data-free average}}, "guided_wins":
@@ -350,6 +354,8 @@ def summary(document: dict[str, Any]) -> dict[str, Any]:
         >>> s = summary(doc)
         >>> s["best_data_free_on_pairs"], s["guided_wins"], s["carried_alone"]["b"]
         (('ties', 0.4), ['a+b'], {'module': 1.0})
+        >>> s["method_average"]
+        {'ties': 0.4, 'weight_patching (module, winner)': 0.5}
     """
     combos = document["combinations"]
     pairs = [c for c in combos if c.count("+") == 1]
@@ -375,7 +381,9 @@ def summary(document: dict[str, Any]) -> dict[str, Any]:
         if np.std(x) > 0 and np.std(y) > 0:
             correlation = float(np.corrcoef(x, y)[0, 1])
     own = document["expert_accuracy"]
-    return {"pairs_average": pairs_average,
+    method_average = {m: float(np.mean([combos[c]["methods"][m]["average"] for c in combos]))
+                      for m in methods}
+    return {"pairs_average": pairs_average, "method_average": method_average,
             "best_data_free_on_pairs": max(pairs_average.items(), key=lambda kv: kv[1])
             if pairs_average else None,
             "combinations": per_combo,
