@@ -57,6 +57,13 @@ def section(document: dict[str, Any]) -> str:
     if document.get("expert_text_loss"):
         lines.append("General text loss (nats/token): base " f"{base['text_loss']:.3f}, " + ", ".join(
             f"{t} {v:.3f}" for t, v in document["expert_text_loss"].items()) + ".")
+    items = document.get("held_out_items")
+    if items:
+        lines.append("Held-out items judged per task: " + ", ".join(
+            f"{t} {n}" for t, n in items.items()) + "; one item is " + ", ".join(
+            f"{100 / (n * own[t]):.0f}" for t, n in items.items() if own[t] > 0)
+            + " points of normalized accuracy respectively, so margins of a point or two are "
+            "one item, within noise.")
     lines += ["", "Average normalized accuracy (merged accuracy / the expert's own; worst task "
               "and chosen setting in parentheses; bold: the best of the column):", "",
               table(document), ""]
@@ -83,6 +90,9 @@ def section(document: dict[str, Any]) -> str:
         lines.append(f"| {c} | {v['best_data_free'][0]} {v['best_data_free'][1]:.2f} | "
                      f"{v['best_guided'][0]} {v['best_guided'][1]:.2f} | {v['margin']:+.2f} | "
                      f"{v['source_overlap']:.2f} |")
+    ranked = sorted(s["method_average"].items(), key=lambda kv: -kv[1])
+    lines += ["", "Each method's mean over every combination (its best setting per combination): "
+              + ", ".join(f"{m} {v:.2f}" for m, v in ranked) + "."]
     r = s["overlap_interference_correlation"]
     lines += ["", "Do experts whose sources overlap interfere more? Pearson's r between the "
               "module Jaccard overlap of two experts' carried sets and the interference "
@@ -103,17 +113,21 @@ def timing(document: dict[str, Any]) -> str:
     combos = [v.get("seconds") for v in document["combinations"].values()]
     known = [x for x in [*located.values(), *combos] if x is not None]
     missing = [t for t, x in located.items() if x is None]
-    line = (f"Time on this machine: {sum(known) / 60:.1f} min for "
+    line = (f"Time on this machine: {_duration(sum(known))} for "
             + ("the localizations and " if not missing else "")
             + f"every merge and judgment ({len(combos)} combinations)")
     if any(x is not None for x in located.values()):
         line += ("; localizing each expert: " + ", ".join(
-            f"{t} {x / 60:.1f} min" for t, x in located.items() if x is not None))
+            f"{t} {_duration(x)}" for t, x in located.items() if x is not None))
     if missing:
         line += f" (the localizations of {', '.join(missing)} were recorded without their time)"
     if None in combos:
         line += f" ({combos.count(None)} combinations were recorded without their time)"
-    return line + f"; this call, replaying what was recorded: {document['seconds'] / 60:.1f} min."
+    return line + f"; this call, replaying what was recorded: {_duration(document['seconds'])}."
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def movement(folder: Path) -> str:
