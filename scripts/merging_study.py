@@ -84,12 +84,15 @@ def section(document: dict[str, Any]) -> str:
     verdict = "met" if len(wins) * 3 >= 2 * len(combos) else "**missed**"
     lines.append(f"- Score-guided beats the best data-free merge by >= 3 points on at least two "
                  f"thirds of the combinations: {verdict} ({len(wins)} of {len(combos)}).")
-    lines += ["", "| combination | best data-free | best score-guided | margin | source overlap |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| combination | best data-free | best score-guided | margin | over its rest "
+              "| source overlap |", "|---|---|---|---|---|---|"]
     for c, v in combos.items():
+        rest, gain = v["over_rest"]
         lines.append(f"| {c} | {v['best_data_free'][0]} {v['best_data_free'][1]:.2f} | "
                      f"{v['best_guided'][0]} {v['best_guided'][1]:.2f} | {v['margin']:+.2f} | "
-                     f"{v['source_overlap']:.2f} |")
+                     f"{gain:+.2f} ({rest}) | {v['source_overlap']:.2f} |")
+    lines += ["", "(margin: the best score-guided merge minus the best data-free one; over its "
+              "rest: minus the merge its uncarried weights came from, the base scoring 0.)"]
     ranked = sorted(s["method_average"].items(), key=lambda kv: -kv[1])
     lines += ["", "Each method's mean over every combination (its best setting per combination): "
               + ", ".join(f"{m} {v:.2f}" for m, v in ranked) + "."]

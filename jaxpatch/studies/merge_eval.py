@@ -340,20 +340,25 @@ def summary(document: dict[str, Any]) -> dict[str, Any]:
         accuracy},
         "best_data_free_on_pairs": (method, value), "combinations": {combo: {"best_data_free":
         (method, average), "best_guided": (method, average), "margin": guided - data-free,
-        "source_overlap": ..., "interference": 1 - best data-free average}}, "guided_wins":
-        combos where the margin is at least 0.03, "overlap_interference_correlation": Pearson's
-        r over the pairs (None below three pairs), "carried_alone": {task: {granularity:
-        normalized accuracy of the carried components alone}}}`.
+        "over_rest": (what the guided merge's uncarried rest came from, guided - that merge's
+        average; the base's is 0), "source_overlap": ..., "interference": 1 - best data-free
+        average}}, "guided_wins": combos where the margin is at least 0.03,
+        "overlap_interference_correlation": Pearson's r over the pairs (None below three
+        pairs), "carried_alone": {task: {granularity: normalized accuracy of the carried
+        components alone}}}`.
 
     Example:
         >>> row = lambda a: {"average": a, "worst": a, "setting": {}}
         >>> doc = {"expert_accuracy": {"a": 1.0, "b": 0.5},
         ...        "carried_alone": {"a": {"module": 0.5}, "b": {"module": 0.5}},
         ...        "combinations": {"a+b": {"source_overlap": 0.2, "methods": {
-        ...            "ties": row(0.4), "weight_patching (module, winner)": row(0.5)}}}}
+        ...            "ties": row(0.4), "weight_patching (module, winner)": {
+        ...                **row(0.5), "setting": {"rest": "ties"}}}}}}
         >>> s = summary(doc)
         >>> s["best_data_free_on_pairs"], s["guided_wins"], s["carried_alone"]["b"]
         (('ties', 0.4), ['a+b'], {'module': 1.0})
+        >>> s["combinations"]["a+b"]["over_rest"]  # the guided merge over ties, its rest
+        ('ties', 0.09999999999999998)
         >>> s["method_average"]
         {'ties': 0.4, 'weight_patching (module, winner)': 0.5}
     """
@@ -369,9 +374,12 @@ def summary(document: dict[str, Any]) -> dict[str, Any]:
         rows = entry["methods"]
         best_free = max(data_free, key=lambda m: rows[m]["average"])
         best_guided = max(guided, key=lambda m: rows[m]["average"])
+        rest = rows[best_guided]["setting"].get("rest", "base")
+        rest_average = rows[rest]["average"] if rest in rows else 0.0  # the base keeps nothing
         per_combo[c] = {"best_data_free": (best_free, rows[best_free]["average"]),
                         "best_guided": (best_guided, rows[best_guided]["average"]),
                         "margin": rows[best_guided]["average"] - rows[best_free]["average"],
+                        "over_rest": (rest, rows[best_guided]["average"] - rest_average),
                         "source_overlap": entry["source_overlap"],
                         "interference": 1 - rows[best_free]["average"]}
     correlation = None
