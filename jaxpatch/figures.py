@@ -259,8 +259,9 @@ def heatmap_png(result: SweepResult, title: str | None = None,
 
     grid, rows, columns = heatmap_grid(result)
     many = len(columns) > 40
+    labels = 0.0 if many else 1.5  # room for the rotated column names below the cells
     fig, ax = plt.subplots(figsize=(min(14, 2 + 0.6 * len(columns)) if not many else 12,
-                                    1.5 + 0.4 * len(rows)))
+                                    1.5 + labels + 0.4 * len(rows)))
     limit = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
     image = ax.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto",
                       interpolation="nearest")
