@@ -162,18 +162,18 @@ def _data_free(method: str, params: dict[str, Any], base: Model, chosen: list[Mo
     return merge_models_in_memory(config, None if method == "linear" else base, chosen)
 
 
-def _tall_mask_models(base: Model, chosen: list[Model]) -> list[Model]:
-    """Per expert, the base plus task arithmetic's merged vector under that expert's TALL mask."""
+def _tall_mask_model(base: Model, chosen: list[Model], i: int) -> Model:
+    """The base plus task arithmetic's merged vector under expert `i`'s TALL mask (one model
+    at a time: a model per expert at once does not fit beside four real experts)."""
     flat_base = flatten_params(base.params)
     flats = [flatten_params(m.params) for m in chosen]
-    out: list[dict[str, jax.Array]] = [{} for _ in chosen]
+    out: dict[str, jax.Array] = {}
     for name, leaf in flat_base.items():
         tensors = jnp.stack([f[name] for f in flats])
-        masks = tall_masks(leaf, tensors, TALL_LAMBDA)
+        mask = tall_masks(leaf, tensors, TALL_LAMBDA)[i]
         merged = sum_models(tensors.astype(jnp.float32) - leaf.astype(jnp.float32))
-        for i in range(len(chosen)):
-            out[i][name] = (leaf.astype(jnp.float32) + masks[i] * merged).astype(leaf.dtype)
-    return [dataclasses.replace(base, params=unflatten_dotted(f), source=None) for f in out]
+        out[name] = (leaf.astype(jnp.float32) + mask * merged).astype(leaf.dtype)
+    return dataclasses.replace(base, params=unflatten_dotted(out), source=None)
 
 
 def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int | None = 128,
@@ -221,11 +221,17 @@ def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int 
         methods: dict[str, Any] = {}
         rests: dict[str, Model | None] = {"base": None}
         for method, grid in GRID.items():
-            models = [_data_free(method, params, base, chosen, list(combo)) for params in grid]
-            rows = [judged(model, combo, params) for model, params in zip(models, grid)]
-            methods[method] = _best(rows)
+            best: tuple[dict[str, Any], Model] | None = None
+            for params in grid:  # one merged model held at a time beside the best
+                model = _data_free(method, params, base, chosen, list(combo))
+                row = judged(model, combo, params)
+                if best is None or row["average"] > best[0]["average"]:
+                    best = (row, model)
+            assert best is not None
+            methods[method] = best[0]
             if method in REST:  # its best setting takes what no expert carries
-                rests[method] = models[rows.index(methods[method])]
+                rests[method] = best[1]
+            del best, model
         for granularity in SCORED_GRANULARITIES:
             for conflict in CONFLICTS:
                 rows = [judged(stitch(base, chosen, [sets[t][granularity] for t in combo],
@@ -237,8 +243,8 @@ def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int 
         methods["localize-and-stitch"] = judged(
             stitch(base, chosen, masks, [1.0] * len(combo), 0.5, "score_weighted"), combo,
             {"learned_steps": learned_steps})
-        per_task = _tall_mask_models(base, chosen)
-        accuracy = {t: experts.tasks[t].accuracy(m) for t, m in zip(combo, per_task)}
+        accuracy = {t: experts.tasks[t].accuracy(_tall_mask_model(base, chosen, i))
+                    for i, t in enumerate(combo)}
         methods["tall_masks"] = _row(accuracy, own, {"mask_lambda": TALL_LAMBDA}, None)
         overlap = [_jaccard(sets[a]["module"], sets[b]["module"])
                    for a, b in itertools.combinations(combo, 2)]
