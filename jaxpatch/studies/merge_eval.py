@@ -37,7 +37,7 @@ import dataclasses
 import itertools
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -162,18 +162,23 @@ def _data_free(method: str, params: dict[str, Any], base: Model, chosen: list[Mo
     return merge_models_in_memory(config, None if method == "linear" else base, chosen)
 
 
-def _tall_mask_model(base: Model, chosen: list[Model], i: int) -> Model:
-    """The base plus task arithmetic's merged vector under expert `i`'s TALL mask (one model
-    at a time: a model per expert at once does not fit beside four real experts)."""
+def _tall_mask_models(base: Model, chosen: list[Model]) -> Iterator[Model]:
+    """Per expert, in turn, the base plus task arithmetic's merged vector under that expert's
+    TALL mask. The masks (as booleans) and the merged vector are computed once; each task's
+    model is built when asked for, so one model is held at a time (a model per expert at once
+    does not fit beside four real experts)."""
     flat_base = flatten_params(base.params)
     flats = [flatten_params(m.params) for m in chosen]
-    out: dict[str, jax.Array] = {}
+    masks: dict[str, jax.Array] = {}
+    merged: dict[str, jax.Array] = {}
     for name, leaf in flat_base.items():
         tensors = jnp.stack([f[name] for f in flats])
-        mask = tall_masks(leaf, tensors, TALL_LAMBDA)[i]
-        merged = sum_models(tensors.astype(jnp.float32) - leaf.astype(jnp.float32))
-        out[name] = (leaf.astype(jnp.float32) + mask * merged).astype(leaf.dtype)
-    return dataclasses.replace(base, params=unflatten_dotted(out), source=None)
+        masks[name] = tall_masks(leaf, tensors, TALL_LAMBDA).astype(jnp.bool_)
+        merged[name] = sum_models(tensors.astype(jnp.float32) - leaf.astype(jnp.float32))
+    for i in range(len(chosen)):
+        out = {name: (leaf.astype(jnp.float32) + masks[name][i] * merged[name]).astype(leaf.dtype)
+               for name, leaf in flat_base.items()}
+        yield dataclasses.replace(base, params=unflatten_dotted(out), source=None)
 
 
 def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int | None = 128,
@@ -243,8 +248,8 @@ def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int 
         methods["localize-and-stitch"] = judged(
             stitch(base, chosen, masks, [1.0] * len(combo), 0.5, "score_weighted"), combo,
             {"learned_steps": learned_steps})
-        accuracy = {t: experts.tasks[t].accuracy(_tall_mask_model(base, chosen, i))
-                    for i, t in enumerate(combo)}
+        accuracy = {t: experts.tasks[t].accuracy(m)
+                    for t, m in zip(combo, _tall_mask_models(base, chosen))}
         methods["tall_masks"] = _row(accuracy, own, {"mask_lambda": TALL_LAMBDA}, None)
         overlap = [_jaccard(sets[a]["module"], sets[b]["module"])
                    for a, b in itertools.combinations(combo, 2)]
