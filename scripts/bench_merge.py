@@ -3,13 +3,17 @@ their outputs agree.
 
     python scripts/bench_merge.py                     # the real experts (experiments.experts)
     python scripts/bench_merge.py --experts DIR A B   # two experts of another expert folder
+    python scripts/bench_merge.py --pair DIR          # a pair's donor alone (instruct_pair)
 
-Merges two experts fine-tuned from google/gemma-3-270m into their base with each method below
+Merges experts fine-tuned from google/gemma-3-270m into their base with each method below
 (weight 1 each, float32), each in a fresh process (loading, merging and writing the
 safetensors folder): jaxpatch twice (cold, with an empty compilation cache, and warm), mergekit
 once; prints the times, their ratio, each process's peak memory and the largest difference
-between the two merged models' tensors. Merging is elementwise and memory-bound, so no FLOP rate
-is printed. DARE is left out: its random drops differ by design.
+between the two merged models' tensors: against mergekit as it is, and against mergekit with
+stable sorts (`scripts/mergekit_stable.py`; its own sorts leave the order among equal
+magnitudes to torch, and a real task vector has many equal magnitudes at TIES' and
+breadcrumbs' cuts). Merging is elementwise and memory-bound, so no FLOP rate is printed. DARE
+is left out: its random drops differ by design.
 Needs the `reference` extra (mergekit).
 """
 
@@ -75,26 +79,32 @@ def largest_difference(a: Path, b: Path) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--experts", help="an expert folder (default: experiments.experts' seed 0)")
-    p.add_argument("names", nargs="*", default=["facts", "reverse"], help="two experts")
+    p.add_argument("--pair", help="a pair folder (base/, donor/): its donor merged alone")
+    p.add_argument("names", nargs="*", default=["facts", "reverse"], help="the experts")
     args = p.parse_args()
-    if args.experts:
-        folder = Path(args.experts)
+    if args.pair:
+        base, experts, label = Path(args.pair) / "base", [Path(args.pair) / "donor"], "donor"
     else:
-        from experiments.experts import default_out
+        if args.experts:
+            folder = Path(args.experts)
+        else:
+            from experiments.experts import default_out
 
-        folder = default_out(0)
-    base = Path(json.loads((folder / "expert_set.json").read_text())["base"])
-    experts = [folder / n / "donor" for n in args.names]
+            folder = default_out(0)
+        base = Path(json.loads((folder / "expert_set.json").read_text())["base"])
+        experts, label = [folder / n / "donor" for n in args.names], " + ".join(args.names)
     jaxpatch_cli = [sys.executable, "-c", "import sys; from jaxpatch.cli import main; "
                     "sys.exit(main())"]
     mergekit = shutil.which("mergekit-yaml")
     if mergekit is None:
         raise SystemExit("mergekit-yaml not found: pip install -e '.[reference]'")
-    print(f"{' + '.join(args.names)} into their base, float32, whole process each (jaxpatch "
-          "cold: an empty compilation cache; warm: the same command again):")
+    stable = [sys.executable, str(ROOT / "scripts" / "mergekit_stable.py")]
+    print(f"{label} into the base, float32, whole process each (jaxpatch cold: an empty "
+          "compilation cache; warm: the same command again):")
     print("| method | jaxpatch cold (s) | jaxpatch warm (s) | mergekit-yaml (s) | "
-          "mergekit / jaxpatch warm | peak memory jaxpatch / mergekit (GB) | largest difference |")
-    print("|---|---|---|---|---|---|---|")
+          "mergekit / jaxpatch warm | peak memory jaxpatch / mergekit (GB) | largest difference "
+          "from mergekit | from mergekit with stable sorts |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         if not base.is_dir():  # a GGUF file: both tools read the same Hugging Face folder
             import jaxpatch
@@ -110,11 +120,14 @@ def main() -> int:
             shutil.rmtree(ours)
             warm, our_memory = timed([*jaxpatch_cli, "merge", str(yml), str(ours)], cache)
             theirs_s, their_memory = timed([mergekit, str(yml), str(theirs)])
+            theirs_stable = Path(tmp) / f"{method}-mergekit-stable"
+            timed([*stable, str(yml), str(theirs_stable)])
             print(f"| {method} | {cold:.1f} | {warm:.1f} | {theirs_s:.1f} | {theirs_s / warm:.2f} | "
                   f"{our_memory:.2f} / {their_memory:.2f} | "
-                  f"{largest_difference(ours, theirs):.2e} |", flush=True)
-            shutil.rmtree(ours)
-            shutil.rmtree(theirs)
+                  f"{largest_difference(ours, theirs):.2e} | "
+                  f"{largest_difference(ours, theirs_stable):.2e} |", flush=True)
+            for folder in (ours, theirs, theirs_stable):
+                shutil.rmtree(folder)
     return 0
 
 

@@ -2,9 +2,12 @@
 
 Builds tiny random checkpoints (a base and three experts fine-tuned from it, for a Llama-style
 and a GPT-2 model: GPT-2 stores q, k and v fused in one tensor, where the methods that pick
-elements by magnitude see them together), writes one mergekit YAML per case, runs
-`mergekit-yaml` on each, and keeps the merged tensors as `<case>.safetensors`. The default test
-suite merges the same YAML files with jaxpatch and compares, so it needs no mergekit.
+elements by magnitude see them together; and `llama-ties`, whose experts move by multiples of
+1/64, so that TIES' and Model Breadcrumbs' cuts fall among equal magnitudes), writes one
+mergekit YAML per case, runs mergekit on each (with stable sorts, `scripts/mergekit_stable.py`:
+mergekit's own order among equal magnitudes is torch's unspecified one), and keeps the merged
+tensors as `<case>.safetensors`. The default test suite merges the same YAML files with
+jaxpatch and compares, so it needs no mergekit.
 
 Needs the `reference` extra (mergekit, torch, transformers):  pip install -e ".[reference]"
 Run:                                           python scripts/make_merge_fixtures.py
@@ -22,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -147,16 +151,30 @@ parameters: {filter_wise: true}
 dtype: float32
 """,
 }
+# The cases whose result depends on which of equal magnitudes a cut keeps.
+TIED_CASES = ("ties", "ties_unnormalized", "breadcrumbs", "breadcrumbs_ties")
+FAMILIES: dict[str, tuple[ModelConfig, bool, tuple[str, ...]]] = {
+    "llama": (MODELS["llama"], False, tuple(CASES)),
+    "gpt2": (MODELS["gpt2"], False, tuple(CASES)),
+    "llama-ties": (MODELS["llama"], True, TIED_CASES),
+}
 
 
-def build_models(config: ModelConfig, out: Path) -> None:
-    """A base with random weights and three experts: the base plus small independent noise."""
+def build_models(config: ModelConfig, out: Path, tied: bool = False) -> None:
+    """A base with random weights and three experts: the base plus small independent noise
+    (`tied`: the base on a grid of 1/1024 and the noise in multiples of 1/64, so every sum
+    and difference is exact and many deltas have equal magnitudes)."""
     base = init_params(config, jax.random.key(0), scale=0.2)
+    if tied:
+        base = jax.tree_util.tree_map(lambda x: jnp.round(x * 1024) / 1024, base)
     jaxpatch.save(jaxpatch.Model(config, base), out / "base")
     leaves, treedef = jax.tree_util.tree_flatten(base)
     for i in (1, 2, 3):
         keys = jax.random.split(jax.random.key(10 + i), len(leaves))
-        expert = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+        noise = [0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+        if tied:
+            noise = [jnp.round(n * 64) / 64 for n in noise]
+        expert = [x + n for x, n in zip(leaves, noise)]
         jaxpatch.save(jaxpatch.Model(config, jax.tree_util.tree_unflatten(treedef, expert)),
                       out / f"expert{i}")
 
@@ -170,13 +188,14 @@ def main() -> int:
     if out.exists():
         shutil.rmtree(out)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # local folders only
-    for family, config in MODELS.items():
+    for family, (config, tied, cases) in FAMILIES.items():
         folder = out / family
-        build_models(config, folder)
-        for case, text in CASES.items():
-            (folder / f"{case}.yml").write_text(text)
+        build_models(config, folder, tied)
+        for case in cases:
+            (folder / f"{case}.yml").write_text(CASES[case])
             with tempfile.TemporaryDirectory() as tmp:
-                subprocess.run(["mergekit-yaml", str(folder / f"{case}.yml"), tmp + "/merged",
+                subprocess.run([sys.executable, str(ROOT / "scripts" / "mergekit_stable.py"),
+                                str(folder / f"{case}.yml"), tmp + "/merged",
                                 "--allow-crimes", "--no-write-model-card", "--no-copy-tokenizer",
                                 "--random-seed", str(args.seed)],
                                check=True, env=env, cwd=folder, capture_output=True)
@@ -186,7 +205,8 @@ def main() -> int:
     from importlib.metadata import version
 
     versions = {name: version(name) for name in ("mergekit", "torch", "transformers")}
-    (out / "VERSIONS.json").write_text(json.dumps({**versions, "seed": args.seed}, indent=1) + "\n")
+    (out / "VERSIONS.json").write_text(json.dumps({**versions, "seed": args.seed,
+                                                   "sorts": "stable"}, indent=1) + "\n")
     return 0
 
 

@@ -38,8 +38,14 @@ def hf_tensors(model: jaxpatch.Model) -> dict[str, np.ndarray]:
             for rule in tensor_rules(model.config)}
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("case", DETERMINISTIC)
+# llama-ties: experts moved by multiples of 1/64, so cuts fall among equal magnitudes
+# (mergekit run with stable sorts, scripts/mergekit_stable.py).
+TIED = ("ties", "ties_unnormalized", "breadcrumbs", "breadcrumbs_ties")
+
+
+@pytest.mark.parametrize(("family", "case"), [(family, case) for family in ("llama", "gpt2")
+                                              for case in DETERMINISTIC]
+                         + [("llama-ties", case) for case in TIED])
 def test_equal_to_mergekit(family: str, case: str) -> None:
     ours = hf_tensors(merge_models(read_config(MERGE / family / f"{case}.yml")))
     reference = load_file(MERGE / family / f"{case}.safetensors")
@@ -384,23 +390,32 @@ def test_source_set_conflict_gives_every_contested_coefficient_to_the_strongest_
     assert alone.tolist() == [[1.0, 0.0], [0.0, 1.0]]
 
 
-def _ranked_mask(delta: np.ndarray, k: int, skip: int) -> np.ndarray:
-    """The definition: ranks of a stable sort by |delta| descending, kept in [skip, skip + k)."""
-    order = np.argsort(-np.abs(delta), kind="stable")
+def _ranked_mask(delta: np.ndarray, k: int, skip: int, ties: str) -> np.ndarray:
+    """The definition, as mergekit's sorts would rank with a stable sort: TIES' descending
+    sort keeps ranks [skip, skip + k) ("earlier"); Model Breadcrumbs' ascending sort keeps
+    ranks [size - skip - k, size - skip) ("later")."""
+    if ties == "earlier":
+        order = np.argsort(-np.abs(delta), kind="stable")
+        low = skip
+    else:
+        order = np.argsort(np.abs(delta), kind="stable")
+        low = delta.size - skip - k
     ranks = np.empty(delta.size, np.int64)
     ranks[order] = np.arange(delta.size)
-    return ((ranks >= skip) & (ranks < skip + k)).astype(np.float32)
+    return ((ranks >= low) & (ranks < low + k)).astype(np.float32)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from([1, 5, 24]), st.data())
-def test_magnitude_mask_keeps_the_ranks_of_a_stable_sort(size: int, data: st.DataObject) -> None:
+@given(st.sampled_from([1, 5, 24]), st.sampled_from(["earlier", "later"]), st.data())
+def test_magnitude_mask_keeps_the_ranks_of_a_stable_sort(size: int, ties: str,
+                                                          data: st.DataObject) -> None:
     from jaxpatch.merge.methods import magnitude_mask
 
     values = data.draw(st.lists(st.sampled_from([0.0, -0.0, 0.5, -0.5, 1.0, -2.0, 3.0, 1e-30,
                                                  float("inf")]), min_size=size, max_size=size))
-    delta = np.asarray(values, np.float32)  # three sizes: three compiled programs (jit caches)
+    delta = np.asarray(values, np.float32)  # sizes x tie rules: six compiled programs (jit caches)
     k = data.draw(st.integers(0, delta.size))
     skip = data.draw(st.integers(0, delta.size - k))
-    got = np.asarray(jax.jit(magnitude_mask)(jnp.asarray(delta), jnp.int32(k), jnp.int32(skip)))
-    np.testing.assert_array_equal(got, _ranked_mask(delta, k, skip))
+    got = np.asarray(jax.jit(magnitude_mask, static_argnames="ties")(
+        jnp.asarray(delta), jnp.int32(k), jnp.int32(skip), ties=ties))
+    np.testing.assert_array_equal(got, _ranked_mask(delta, k, skip, ties))

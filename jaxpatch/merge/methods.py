@@ -32,10 +32,12 @@ rescaling as mergekit, not the same draws as torch's generator.
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
+from jaxpatch.modes import check_mode
 from jaxpatch.rounding import jit
 
 __all__ = ["linear", "task_arithmetic", "slerp", "model_stock", "tall_masks", "consensus_ta",
@@ -43,6 +45,7 @@ __all__ = ["linear", "task_arithmetic", "slerp", "model_stock", "tall_masks", "c
            "generalized_task_arithmetic", "sum_models"]
 
 Array = jax.Array
+Sparsify = Literal["magnitude", "magnitude_outliers", "random"]
 
 
 def sum_models(x: Array) -> Array:
@@ -127,24 +130,37 @@ def outlier_window(density: float, gamma: float, size: int) -> tuple[int, int]:
     return keep, min(int(gamma * size), size - keep)
 
 
-def magnitude_mask(delta: Array, k: Array, skip: Array | int = 0) -> Array:
-    """1 on the `k` elements of largest |delta| after the `skip` largest (ties: the earlier
-    element first), 0 elsewhere.
+def magnitude_mask(delta: Array, k: Array, skip: Array | int = 0,
+                   ties: Literal["earlier", "later"] = "earlier") -> Array:
+    """1 on the `k` elements of largest |delta| after the `skip` largest, 0 elsewhere; among
+    equal magnitudes the earlier element ranks first (`ties="earlier"`) or the later one
+    (`"later"`).
 
-    The ranks are those of a stable sort by |delta|, descending, found without sorting (XLA's
-    sort on CPU takes 0.4 s for a 2048 x 640 matrix): the top `m` elements are those above the
-    m-th largest magnitude, found by bisection over the magnitudes' bit patterns (ordered as
-    the non-negative floats they encode), and the earliest of those equal to it.
+    The ranks are those of a stable sort by |delta|: descending (`"earlier"`, as TIES'
+    `argsort(descending=True)` would rank with a stable sort) or the reverse of ascending
+    (`"later"`, as Model Breadcrumbs' ascending sort would with a stable sort); mergekit's own
+    sorts are not stable, so it may pick other elements of equal magnitude at a cut. Found
+    without sorting (XLA's sort on CPU takes 0.4 s for a 2048 x 640 matrix): the top `m`
+    elements are those above the m-th largest magnitude, found by bisection over the
+    magnitudes' bit patterns (ordered as the non-negative floats they encode), and the first
+    of those equal to it.
 
     Example:
         >>> magnitude_mask(jnp.array([0.1, -3.0, 2.0, 0.5]), jnp.int32(2)).tolist()
         [0.0, 1.0, 1.0, 0.0]
         >>> magnitude_mask(jnp.array([0.1, -3.0, 2.0, 0.5]), jnp.int32(2), jnp.int32(1)).tolist()
         [0.0, 0.0, 1.0, 1.0]
+        >>> magnitude_mask(jnp.array([1.0, -1.0, 1.0]), jnp.int32(1), ties="later").tolist()
+        [0.0, 0.0, 1.0]
     """
+    check_mode("magnitude_mask ties", ties, ("earlier", "later"), ValueError)
     bits = jax.lax.bitcast_convert_type(jnp.abs(delta.reshape(-1)).astype(jnp.float32), jnp.int32)
+    if ties == "later":
+        bits = bits[::-1]
     skip = jnp.asarray(skip, jnp.int32)
     kept = _top(bits, skip + jnp.asarray(k, jnp.int32)) & ~_top(bits, skip)
+    if ties == "later":
+        kept = kept[::-1]
     return kept.astype(delta.dtype).reshape(delta.shape)
 
 
@@ -204,7 +220,7 @@ def consensus_mask(deltas: Array) -> Array:
 
 @functools.partial(jit, static_argnames=("sparsify", "consensus", "normalize", "rescale"))
 def generalized_task_arithmetic(base: Array, tensors: Array, weights: Array, densities: Array,
-                                keeps: Array, sparsify: str | None, consensus: str | None,
+                                keeps: Array, sparsify: Sparsify | None, consensus: str | None,
                                 normalize: bool, rescale: bool, lam: float, key: Array,
                                 skips: Array | None = None) -> Array:
     """Task arithmetic with optional sparsification and sign consensus (mergekit's
@@ -217,13 +233,16 @@ def generalized_task_arithmetic(base: Array, tensors: Array, weights: Array, den
         weights, densities: per expert `[n]`.
         keeps: per expert `[n]`, how many elements magnitude sparsification keeps
             (`keep_count`, or `outlier_window`'s keep).
-        sparsify: None, "magnitude" (TIES and Model Breadcrumbs) or "random" (DARE).
+        sparsify: None, "magnitude" (TIES: the `keeps` largest |delta|, equal ones earlier
+            first), "magnitude_outliers" (Model Breadcrumbs: the `keeps` after the `skips`
+            largest, equal ones later first) or "random" (DARE); the tie rules are mergekit's
+            sorts made stable (`magnitude_mask`).
         consensus: None or "sum" (TIES' sign election).
         normalize: divide by the (agreeing) weights' sum.
         rescale: rescale each sparsified delta to its L1 norm.
         lam: scale of the merged delta.
         key: the random key of "random" sparsification.
-        skips: per expert `[n]`, how many of the largest elements magnitude sparsification
+        skips: per expert `[n]`, how many of the largest elements "magnitude_outliers"
             drops before keeping (`outlier_window`'s skip; default none).
 
     Returns:
@@ -242,8 +261,9 @@ def generalized_task_arithmetic(base: Array, tensors: Array, weights: Array, den
         skip = jnp.zeros_like(keeps) if skips is None else skips
         masks = []
         for i in range(tensors.shape[0]):
-            mask = (magnitude_mask(deltas[i], keeps[i], skip[i]) if sparsify == "magnitude"
-                    else random_mask(deltas[i], densities[i], keys[i]))
+            mask = (random_mask(deltas[i], densities[i], keys[i]) if sparsify == "random"
+                    else magnitude_mask(deltas[i], keeps[i], skip[i],
+                                        "later" if sparsify == "magnitude_outliers" else "earlier"))
             masks.append(rescale_l1(deltas[i], mask) if rescale else deltas[i] * mask)
         deltas = jnp.stack(masks)
     w = weights.astype(dtype).reshape((-1,) + (1,) * (deltas.ndim - 1))

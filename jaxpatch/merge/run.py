@@ -29,6 +29,10 @@ from jaxpatch.patch import check_compatible
 __all__ = ["block_fraction", "merge_tensor", "merge_models", "merge_models_in_memory"]
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+# How each method of mergekit's generalized task arithmetic sparsifies its deltas.
+SPARSIFY: dict[str, methods.Sparsify] = {
+    "ties": "magnitude", "dare_linear": "random", "dare_ties": "random",
+    "breadcrumbs": "magnitude_outliers", "breadcrumbs_ties": "magnitude_outliers"}
 
 
 def block_fraction(hf_name: str, n_layers: int) -> float:
@@ -79,8 +83,7 @@ def merge_tensor(method: str, base: np.ndarray | None, tensors: Sequence[np.ndar
     if method == "model_stock":
         return np.asarray(methods.model_stock(jnp.asarray(base), stacked,
                                               filter_wise=bool(params["filter_wise"])))
-    sparsify = {"ties": "magnitude", "dare_linear": "random", "dare_ties": "random",
-                "breadcrumbs": "magnitude", "breadcrumbs_ties": "magnitude"}.get(method)
+    sparsify = SPARSIFY.get(method)
     consensus = "sum" if method in ("ties", "dare_ties", "breadcrumbs_ties") else None
     densities = [float(d) for d in params["density"]]
     if method.startswith("breadcrumbs"):
