@@ -271,10 +271,10 @@ def _curves(pair: Any, judge: TextJudge, rankings: dict[str, list[str]], granula
             execution=QUIET)["all"][1])
         curves = {}
         if whole >= s.min_whole:
-            curves = _timed(timings, f"{granularity} {direction} curves", lambda d=direction: {
+            curves = _timed(timings, f"{granularity} {direction} curves", lambda d=direction, w=whole: {
                 label: c.to_dict() for label, c in faithfulness_curves(
                     pair, judge, {**rankings, **shuffles}, granularity=granularity, direction=d,
-                    sizes=sizes, execution=QUIET).items()})
+                    sizes=sizes, whole=w, execution=QUIET).items()})
         out[direction] = {"whole": whole, "curves": curves}
     return out
 

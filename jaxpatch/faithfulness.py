@@ -162,7 +162,7 @@ def ranking(result: SweepResult | Mapping[str, float], by: RankBy = "effect") ->
 def faithfulness_curves(pair: PreparedPair, metric: Metric | TextJudge,
                         rankings: Mapping[str, Sequence[str]], *,
                         granularity: Granularity = "module", direction: PairDirection = "denoise",
-                        sizes: Sequence[int] | None = None,
+                        sizes: Sequence[int] | None = None, whole: float | None = None,
                         execution: Execution | None = None) -> dict[str, FaithfulnessCurve]:
     """The faithfulness curves of several rankings: each one's top k components patched
     together, for each k; a set that several rankings share (every ranking's top n, a common
@@ -181,6 +181,9 @@ def faithfulness_curves(pair: PreparedPair, metric: Metric | TextJudge,
             base into the donor).
         sizes: the k to measure (default `size_ladder(n)`); 0 and n are added when missing,
             so the summaries cover x = 0..1.
+        whole: f of every component of the granularity together, where the caller has
+            measured it already (`set_points`): a ranking's top n that is the whole
+            granularity takes it instead of being scored again.
         execution: as for `sweep`.
 
     Returns:
@@ -200,6 +203,7 @@ def faithfulness_curves(pair: PreparedPair, metric: Metric | TextJudge,
     by_name = {c.name: c for c in select(pair.config, None, granularity)}
     ladders: dict[str, list[int]] = {}
     patches: dict[frozenset[str], Patch] = {}
+    effects: dict[frozenset[str], float] = {} if whole is None else {frozenset(by_name): whole}
     for label, order in rankings.items():
         unknown = [n for n in order if n not in by_name]
         if unknown:
@@ -215,14 +219,13 @@ def faithfulness_curves(pair: PreparedPair, metric: Metric | TextJudge,
         ladders[label] = ks
         for k in ks[1:]:
             key = frozenset(order[:k])
-            if key not in patches:
+            if key not in patches and key not in effects:
                 patches[key] = Patch.from_components(pair.config, [by_name[x] for x in order[:k]],
                                                      label=f"set {len(patches)}")
-    effects: dict[frozenset[str], float] = {}
     if patches:
         scored = _effects(pair, metric, {p.label: p for p in patches.values()}, direction,
                           execution)
-        effects = dict(zip(patches, scored))
+        effects.update(zip(patches, scored))
     return {label: FaithfulnessCurve(  # the empty set is the start model itself: f(0) = 0
         label=label, direction=direction, order=list(order), sizes=ladders[label],
         faithfulness=np.asarray([0.0] + [effects[frozenset(order[:k])] for k in ladders[label][1:]],

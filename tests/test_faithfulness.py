@@ -121,6 +121,13 @@ def test_several_rankings_share_their_sets_and_equal_one_ranking_at_a_time(monke
         assert together[label].sizes == alone.sizes and together[label].label == label
         np.testing.assert_allclose(together[label].faithfulness, alone.faithfulness, atol=1e-5)
     assert together["given"].at(1) == together["swapped"].at(1)
+    whole = together["given"].at(len(order))  # measured already: not scored again
+    again = faithfulness.faithfulness_curves(pair, metric, rankings, direction="noise",
+                                             whole=whole, execution=QUIET)
+    assert scored[-1] == scored[0] - 1
+    for label in rankings:
+        np.testing.assert_allclose(again[label].faithfulness, together[label].faithfulness,
+                                   atol=1e-5)  # other sets in a sweep: other batches
     with pytest.raises(InvalidInputError, match="ranking 'bad'"):
         faithfulness.faithfulness_curves(pair, metric, {"good": order, "bad": ["layers.9.mlp"]})
 
