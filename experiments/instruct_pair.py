@@ -93,7 +93,7 @@ class Settings:
 
     seed: int = 0
     steps: int = 300
-    lr: float = 5e-5
+    lr: float = 2e-5
     batch: int = 8
     trainable: str = "layers"
     answer_tokens: int = 32

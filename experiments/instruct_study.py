@@ -79,7 +79,9 @@ class StudySettings:
     """What the study measures (every field has a working default).
 
     Attributes:
-        instructions: the instructions studied.
+        instructions: the instructions studied (capitals, which the issue names, and two whose
+            verifier the base almost never satisfies in `new_tokens` tokens: no-commas, with
+            a base rate of 0.20 there, let random rankings score as well as any).
         score_prompts: held-out questions the vector anchor is fitted and scored on.
         judge_prompts: other held-out questions the text judge generates from.
         new_tokens: tokens generated per judged prompt.
@@ -98,7 +100,7 @@ class StudySettings:
         seed: the random rankings' seed.
     """
 
-    instructions: tuple[str, ...] = ("capitals", "lowercase", "no-commas")
+    instructions: tuple[str, ...] = ("capitals", "lowercase", "title")
     score_prompts: int = 8
     judge_prompts: int = 10
     new_tokens: int = 16
