@@ -21,7 +21,7 @@ from typing import Any
 
 def stable_sorts() -> None:
     """Makes `torch.sort` and `torch.argsort` stable for the rest of this process."""
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]  (the reference extra)
 
     sort = torch.sort
 
@@ -39,7 +39,7 @@ def stable_sorts() -> None:
 
 if __name__ == "__main__":
     stable_sorts()
-    from mergekit.scripts.run_yaml import main
+    from mergekit.scripts.run_yaml import main  # pyright: ignore[reportMissingImports]
 
     sys.argv[0] = "mergekit-yaml"
     sys.exit(main())
