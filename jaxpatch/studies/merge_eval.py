@@ -37,7 +37,7 @@ import dataclasses
 import itertools
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -225,25 +225,27 @@ def merge_eval(folder: str | Path, *, threshold: float = 0.1, eval_prompts: int 
         chosen = [experts.tasks[t].expert for t in combo]
         methods: dict[str, Any] = {}
         rests: dict[str, Model | None] = {"base": None}
-        for method, grid in GRID.items():
-            best: tuple[dict[str, Any], Model] | None = None
-            for params in grid:  # one merged model held at a time beside the best
+
+        def graded(method: str, grid: list[dict[str, Any]]
+                   ) -> Iterator[tuple[dict[str, Any], Model]]:
+            """Each setting's judgment and merged model, built lazily: `_best` then holds one
+            merged model at a time beside the best."""
+            for params in grid:
                 model = _data_free(method, params, base, chosen, list(combo))
-                row = judged(model, combo, params)
-                if best is None or row["average"] > best[0]["average"]:
-                    best = (row, model)
-            assert best is not None
-            methods[method] = best[0]
+                yield judged(model, combo, params), model
+
+        for method, grid in GRID.items():
+            methods[method], model = _best(graded(method, grid))
             if method in REST:  # its best setting takes what no expert carries
-                rests[method] = best[1]
-            del best, model
+                rests[method] = model
+            del model
         for granularity in SCORED_GRANULARITIES:
             for conflict in CONFLICTS:
-                rows = [judged(stitch(base, chosen, [sets[t][granularity] for t in combo],
-                                      [1.0] * len(combo), 0.0, conflict, rests[rest]), combo,
-                               {"threshold": threshold, "rest": rest})
-                        for rest in REST]
-                methods[f"weight_patching ({granularity}, {conflict})"] = _best(rows)
+                rows = ((judged(stitch(base, chosen, [sets[t][granularity] for t in combo],
+                                       [1.0] * len(combo), 0.0, conflict, rests[rest]), combo,
+                                {"threshold": threshold, "rest": rest}), None)
+                        for rest in REST)
+                methods[f"weight_patching ({granularity}, {conflict})"] = _best(rows)[0]
         masks = [{m: 1.0 for m in located[t]["learned"]} for t in combo]
         methods["localize-and-stitch"] = judged(
             stitch(base, chosen, masks, [1.0] * len(combo), 0.5, "score_weighted"), combo,
@@ -297,9 +299,13 @@ def _row(accuracy: dict[str, float], own: dict[str, float], setting: dict[str, A
             "text_loss": text_loss, "setting": setting}
 
 
-def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The row with the highest average normalized accuracy (the first among equals)."""
-    return max(rows, key=lambda r: r["average"])
+T = TypeVar("T")
+
+
+def _best(candidates: Iterable[tuple[dict[str, Any], T]]) -> tuple[dict[str, Any], T]:
+    """The (row, payload) whose row has the highest average normalized accuracy (the first
+    among equals). A lazy iterable keeps only the best and the current payload alive."""
+    return max(candidates, key=lambda c: c[0]["average"])
 
 
 def _jaccard(a: dict[str, float], b: dict[str, float]) -> float:
