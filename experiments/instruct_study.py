@@ -466,6 +466,35 @@ def _margins(curves: dict[str, Any]) -> dict[str, Any]:
             "above_random": bool(band) and methods[best] > max(band)}
 
 
+def _half_way(curve: dict[str, Any]) -> int | None:
+    """The smallest measured k whose top-k set covers at least half the behavior (f >= 0.5)."""
+    return next((k for k, f in zip(curve["sizes"], curve["faithfulness"]) if f >= 0.5), None)
+
+
+def _why_close(curves: dict[str, Any], best: str) -> str:
+    """Why a ranking does not pull ahead of |dW|, read off the curves: where each first covers
+    half the behavior, and whether the size ladder can tell them apart there."""
+    n = curves["|dW|"]["components"]
+    k_best, k_dw = _half_way(curves[best]), _half_way(curves["|dW|"])
+    early = [k for k in (_half_way(c) for c in curves.values()) if k is not None]
+    if not early:
+        return f"No ranking's top k covers half the behavior, not even all {n} together."
+    fewest = (f"no ranking (random ones included) does with fewer than {min(early)}"
+              if min(early) > 1 else "")
+    if k_best is not None and k_best == k_dw:
+        sizes = curves["|dW|"]["sizes"]
+        below = sizes[sizes.index(k_best) - 1]
+        return (f"Both first cover half the behavior at their top {k_best} of {n}"
+                + (f", and {fewest}" if fewest else "")
+                + f"; between the measured sizes {below} and {k_best} the curves cannot tell "
+                "the rankings apart.")
+
+    def at(k: int | None) -> str:
+        return f"at its top {k}" if k is not None else "not before all of them"
+    return (f"{best} first covers half the behavior {at(k_best)}, |dW| {at(k_dw)} of {n}"
+            + (f"; {fewest}" if fewest else "") + ".")
+
+
 def _drawn(result: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """(granularity, direction, curves) for every set of curves one instruction drew."""
     return [(g, d, v["curves"]) for g, r in result["granularities"].items()
@@ -495,6 +524,8 @@ def findings(document: dict[str, Any]) -> list[str]:
                          f"{m['margin_over_dw']:+.3f} ("
                          f"{'at least' if m['margin_over_dw'] >= 0.1 else 'short of'} the 0.1 "
                          "asked for). ")
+            if m["margin_over_dw"] < 0.1:
+                sentence += _why_close(module, m["best"]) + " "
         drawn = _drawn(r)
         above = [f"{g} {d}" for g, d, c in drawn if _margins(c)["above_random"]]
         below = [f"{g} {d}" for g, d, c in drawn if not _margins(c)["above_random"]]
