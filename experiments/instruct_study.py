@@ -572,6 +572,33 @@ def findings(document: dict[str, Any]) -> list[str]:
     return out
 
 
+CHECKS = {"donor": 0.9, "base": 0.2, "text_loss": 0.3}
+"""The issue's checks of a donor: it follows each instruction in at least 90% of held-out
+replies, the base in at most 20%, and its held-out plain-text loss rises by at most 0.3."""
+
+
+def _shortfalls(record: dict[str, Any]) -> list[str]:
+    """What in a donor's build record falls short of `CHECKS`, one phrase each."""
+    loss = record["held_out_text_loss"]
+    rise = loss["donor"] - loss["base"]
+    short = [f"follows {k} in {v:.0%} (below {CHECKS['donor']:.0%})"
+             for k, v in record["rates"]["donor"].items() if v < CHECKS["donor"]]
+    short += [f"the base follows {k} in {v:.0%} (above {CHECKS['base']:.0%})"
+              for k, v in record["rates"]["base"].items() if v > CHECKS["base"]]
+    if rise > CHECKS["text_loss"]:
+        short.append(f"its text loss rises by {rise:.3f} (above {CHECKS['text_loss']})")
+    return short
+
+
+def _checked(record: dict[str, Any]) -> str:
+    """A donor's build record against `CHECKS`, one sentence: its text loss and what fell short."""
+    loss = record["held_out_text_loss"]
+    short = _shortfalls(record)
+    return (f"held-out plain text loss {loss['base']:.3f} -> {loss['donor']:.3f} nats/token "
+            f"({loss['donor'] - loss['base']:+.3f}); "
+            + ("**misses a check**: " + "; ".join(short) + "." if short else "every check met."))
+
+
 def _share(row: dict[str, Any]) -> str:
     return "-" if row["share_sources"] is None else f"{row['share_sources']:.0%}"
 
@@ -596,14 +623,20 @@ def markdown(document: dict[str, Any]) -> str:
     lines += ["", "## What this shows", ""]
     lines += [f"- {sentence}" for sentence in findings(document)]
     lines += ["", "## The pair", ""]
-    rates = pair.get("rates", {})
-    if rates:
+    donors = [pair] + ([document["second"]["record"]] if document.get("second") else [])
+    heads = [f"donor (seed {d['settings']['seed']}, {d['settings']['steps']} steps)"
+             for d in donors]
+    if all(d.get("rates") for d in donors):
         lines += ["Followed on held-out questions (greedy, judged by the verifiers), from the "
-                  "build's checks:", "", "| instruction | base | donor |", "| --- | --- | --- |"]
-        lines += [f"| {k} | {rates['base'][k]:.0%} | {v:.0%} |" for k, v in rates["donor"].items()]
-        loss = pair["held_out_text_loss"]
-        lines += ["", f"Held-out plain text loss: base {loss['base']:.3f}, donor {loss['donor']:.3f} "
-                  f"nats/token (+{loss['donor'] - loss['base']:.3f}; the issue allows +0.3).", ""]
+                  "builds' checks:", "", "| instruction | base | " + " | ".join(heads) + " |",
+                  "| --- | --- |" + " --- |" * len(donors)]
+        lines += [f"| {k} | {pair['rates']['base'][k]:.0%} | "
+                  + " | ".join(f"{d['rates']['donor'][k]:.0%}" for d in donors) + " |"
+                  for k in pair["rates"]["donor"]]
+        lines.append("")
+        for head, d in zip(heads, donors):
+            lines.append(f"- {head}: {_checked(d)}")
+        lines.append("")
     lines += ["## Faithfulness judged by generated text", "",
               "Denoise: each ranking's top k components from the donor into the base; noise: from "
               "the base into the donor. f is the share of the way from the start model's rate of "
@@ -646,6 +679,12 @@ def markdown(document: dict[str, Any]) -> str:
         lines += [f"![{name}, {g} {d}](instruct_pair/{name}-{g}-{d}.png)" for g, d, _ in drawn]
         lines.append("")
     lines += ["## Targets", "", "| target | measured | |", "| --- | --- | --- |"]
+    if all(d.get("rates") for d in donors):
+        lines.append("| each donor follows every instruction in >= 90% of held-out replies, the "
+                     "base in <= 20%, text loss +0.3 at most | "
+                     + "; ".join(f"seed {d['settings']['seed']}: "
+                                 + (", ".join(_shortfalls(d)) or "all met") for d in donors)
+                     + f" | {'missed' if any(_shortfalls(d) for d in donors) else 'met'} |")
     module = [(n, m) for n, g, d, m in measured if (g, d) == ("module", "denoise")]
     met = [n for n, m in module if m["margin_over_dw"] >= 0.1]
     lines.append("| best method >= \\|dW\\| + 0.1 CPR at module granularity (capitals and 2 more) | "

@@ -95,6 +95,7 @@ def test_the_study_runs_every_part(tiny_pair, tmp_path) -> None:
     assert ("Two donors: the top-10 modules overlap (Jaccard) by capitals 1.00 by exact denoise, "
             "1.00 by integrated gradients") in page
     assert "](instruct_pair/capitals-head-noise.png)" in page
+    assert page.count("\n- donor (seed ") == 2  # each donor's build checked
     assert (tmp_path / "instruct_pair" / "capitals-head-noise.png").read_bytes()[:4] == b"\x89PNG"
 
 
