@@ -54,6 +54,7 @@ import jax
 import numpy as np
 
 import jaxpatch
+from experiments.instruct_pair import Settings as PairSettings
 from experiments.instruct_pair import default_out, reply_text
 from jaxpatch import Execution, GateTraining, Prompt, TraceSearch, VectorAnchor, prepare
 from jaxpatch.chat import ChatTemplate
@@ -572,21 +573,22 @@ def findings(document: dict[str, Any]) -> list[str]:
     return out
 
 
-CHECKS = {"donor": 0.9, "base": 0.2, "text_loss": 0.3}
-"""The issue's checks of a donor: it follows each instruction in at least 90% of held-out
-replies, the base in at most 20%, and its held-out plain-text loss rises by at most 0.3."""
+CHECKS = PairSettings()
+"""The issue's checks of a donor are the builder's defaults: it follows each instruction in at
+least 90% of held-out replies, the base in at most 20%, and its held-out plain-text loss rises by
+at most 0.3 (a donor built with loosened settings is still judged by these)."""
 
 
 def _shortfalls(record: dict[str, Any]) -> list[str]:
     """What in a donor's build record falls short of `CHECKS`, one phrase each."""
     loss = record["held_out_text_loss"]
     rise = loss["donor"] - loss["base"]
-    short = [f"follows {k} in {v:.0%} (below {CHECKS['donor']:.0%})"
-             for k, v in record["rates"]["donor"].items() if v < CHECKS["donor"]]
-    short += [f"the base follows {k} in {v:.0%} (above {CHECKS['base']:.0%})"
-              for k, v in record["rates"]["base"].items() if v > CHECKS["base"]]
-    if rise > CHECKS["text_loss"]:
-        short.append(f"its text loss rises by {rise:.3f} (above {CHECKS['text_loss']})")
+    short = [f"follows {k} in {v:.0%} (below {CHECKS.min_donor_rate:.0%})"
+             for k, v in record["rates"]["donor"].items() if v < CHECKS.min_donor_rate]
+    short += [f"the base follows {k} in {v:.0%} (above {CHECKS.max_base_rate:.0%})"
+              for k, v in record["rates"]["base"].items() if v > CHECKS.max_base_rate]
+    if rise > CHECKS.max_text_loss_increase:
+        short.append(f"its text loss rises by {rise:.3f} (above {CHECKS.max_text_loss_increase})")
     return short
 
 
